@@ -1,0 +1,615 @@
+//! The embedded log: append-only segment files in `<data-dir>/log/`, written by one thread.
+//!
+//! Layout: `<first_position:020>.seg` files, each a sequence of frames (see [`crate::record`]),
+//! positions dense and increasing across files. Invariants:
+//! - One writer thread owns the active segment. It takes every queued append (up to
+//!   [`GROUP_MAX_BYTES`]), writes them with one `write`, covers them with one `fdatasync`
+//!   (group commit), and only then dispatches the frames to the shards, in position order.
+//! - A failed write is cut back off the file and its appends fail as *unavailable*; a failed
+//!   `fdatasync` leaves the file in an unknown state, so the log refuses every later write.
+//! - On open, every frame is checked (length, CRC32C, position continuity). A bad or partial
+//!   frame at the end of the newest segment is a torn write: the tail is cut and the number of
+//!   bytes dropped is logged. Damage anywhere else is corruption and the log refuses to open.
+//! - Segments roll at `segment_bytes`; whole segments are dropped by [`Log::compact`] once a
+//!   snapshot covers them and their newest record is past retention. The active one never is.
+
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::log::{Barrier, Log, LogError};
+use crate::record::{
+    DecodeError, FRAME_PREFIX_BYTES, Frame, FrameRead, LogPosition, RecordBatch, decode_frame,
+    encode_frame,
+};
+use crate::shard::{Completion, Dispatcher, shard_of};
+
+/// Appends queued for the writer before producers wait (backpressure).
+pub const WRITER_QUEUE_CAPACITY: usize = 4096;
+/// Most bytes of frames one group commit writes before it syncs.
+pub const GROUP_MAX_BYTES: usize = 16 << 20;
+/// A sparse index entry is kept at least every this many bytes of a segment.
+const INDEX_STRIDE_BYTES: u64 = 64 << 10;
+
+/// Tuning of the local log.
+#[derive(Debug, Clone)]
+pub struct LocalLogOptions {
+    /// A segment is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+}
+
+impl Default for LocalLogOptions {
+    fn default() -> Self {
+        LocalLogOptions {
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What [`LocalLog::open`] found.
+#[derive(Debug, Default, Clone)]
+pub struct OpenSummary {
+    pub segments: usize,
+    pub frames: u64,
+    pub records: u64,
+    /// Bytes cut from a torn tail.
+    pub dropped_bytes: u64,
+}
+
+struct Segment {
+    first_position: LogPosition,
+    path: PathBuf,
+    file: Arc<File>,
+    /// Bytes of whole, durable frames.
+    len: u64,
+    last_accept_ms: u64,
+    /// `(first position of a frame, its byte offset)`, sparse, ascending.
+    index: Vec<(LogPosition, u64)>,
+}
+
+impl Segment {
+    fn note_frame(&mut self, first_position: LogPosition, offset: u64, accept_ms: u64) {
+        let due = self
+            .index
+            .last()
+            .is_none_or(|&(_, o)| offset - o >= INDEX_STRIDE_BYTES);
+        if due {
+            self.index.push((first_position, offset));
+        }
+        self.last_accept_ms = self.last_accept_ms.max(accept_ms);
+    }
+}
+
+struct Shared {
+    dir: PathBuf,
+    segments: RwLock<Vec<Segment>>,
+    /// Position of the next record; everything below it is durable.
+    next_position: AtomicU64,
+    failure: Mutex<Option<String>>,
+}
+
+enum WriterMsg {
+    Append {
+        batch: RecordBatch,
+        completion: Arc<Completion>,
+    },
+    Barrier(Barrier),
+}
+
+/// The embedded, file-backed [`Log`].
+pub struct LocalLog {
+    shared: Arc<Shared>,
+    queue: RwLock<Option<flume::Sender<WriterMsg>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pending: Mutex<Option<(flume::Receiver<WriterMsg>, File, LocalLogOptions)>>,
+}
+
+fn segment_path(dir: &Path, first_position: LogPosition) -> PathBuf {
+    dir.join(format!("{first_position:020}.seg"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl LocalLog {
+    /// Opens (or creates) the log in `dir`, checking every frame and cutting a torn tail.
+    /// `visit` sees every stored frame in order, for replay.
+    pub fn open(
+        dir: &Path,
+        options: LocalLogOptions,
+        visit: &mut dyn FnMut(Frame),
+    ) -> Result<(LocalLog, OpenSummary), LogError> {
+        fs::create_dir_all(dir)?;
+        let mut starts: Vec<LogPosition> = fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+            .collect();
+        starts.sort_unstable();
+        if starts.is_empty() {
+            File::create(segment_path(dir, 1))?;
+            File::open(dir)?.sync_all()?;
+            starts.push(1);
+        }
+        let mut summary = OpenSummary {
+            segments: starts.len(),
+            ..OpenSummary::default()
+        };
+        let mut segments = Vec::with_capacity(starts.len());
+        let mut expected = starts[0];
+        for (i, &start) in starts.iter().enumerate() {
+            let path = segment_path(dir, start);
+            let is_last = i + 1 == starts.len();
+            if start != expected {
+                return Err(LogError::Corrupt(format!(
+                    "{} starts at position {start}, expected {expected}",
+                    path.display()
+                )));
+            }
+            let data = fs::read(&path)?;
+            let mut segment = Segment {
+                first_position: start,
+                path: path.clone(),
+                file: Arc::new(File::open(&path)?),
+                len: 0,
+                last_accept_ms: 0,
+                index: Vec::new(),
+            };
+            let mut offset = 0usize;
+            let damage: Option<String> = loop {
+                if offset == data.len() {
+                    break None;
+                }
+                match decode_frame(&data[offset..]) {
+                    Ok(FrameRead::Frame(frame, used)) => {
+                        if frame.first_position != expected {
+                            break Some(format!(
+                                "frame at offset {offset} has position {}, expected {expected}",
+                                frame.first_position
+                            ));
+                        }
+                        segment.note_frame(
+                            frame.first_position,
+                            offset as u64,
+                            frame.accept_time_ms,
+                        );
+                        expected += frame.len() as u64;
+                        summary.frames += 1;
+                        summary.records += frame.len() as u64;
+                        offset += used;
+                        visit(frame);
+                    }
+                    Ok(FrameRead::Incomplete { needed }) => {
+                        break Some(format!(
+                            "partial frame at offset {offset} (needs {needed} bytes)"
+                        ));
+                    }
+                    Err(error) => break Some(format!("bad frame at offset {offset}: {error}")),
+                }
+            };
+            if let Some(reason) = damage {
+                if !is_last {
+                    return Err(LogError::Corrupt(format!("{}: {reason}", path.display())));
+                }
+                let dropped = (data.len() - offset) as u64;
+                let file = OpenOptions::new().write(true).open(&path)?;
+                file.set_len(offset as u64)?;
+                file.sync_all()?;
+                summary.dropped_bytes = dropped;
+                tracing::warn!(
+                    segment = %path.display(), %reason, dropped_bytes = dropped,
+                    "cut torn tail of the log: dropped {dropped} bytes"
+                );
+            }
+            segment.len = offset as u64;
+            segments.push(segment);
+        }
+        let active_path = segments
+            .last()
+            .map(|s| s.path.clone())
+            .expect("one segment at least");
+        let active = OpenOptions::new().append(true).open(&active_path)?;
+        let (tx, rx) = flume::bounded(WRITER_QUEUE_CAPACITY);
+        let log = LocalLog {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                segments: RwLock::new(segments),
+                next_position: AtomicU64::new(expected),
+                failure: Mutex::new(None),
+            }),
+            queue: RwLock::new(Some(tx)),
+            writer: Mutex::new(None),
+            pending: Mutex::new(Some((rx, active, options))),
+        };
+        Ok((log, summary))
+    }
+
+    /// Makes the next record's position at least `position` (a snapshot is ahead of a log
+    /// that lost its tail): starts a fresh segment there. Call before [`LocalLog::start`].
+    pub fn skip_to(&self, position: LogPosition) -> Result<(), LogError> {
+        if self.shared.next_position.load(Ordering::Acquire) >= position {
+            return Ok(());
+        }
+        let path = segment_path(&self.shared.dir, position);
+        File::create(&path)?;
+        File::open(&self.shared.dir)?.sync_all()?;
+        let file = Arc::new(File::open(&path)?);
+        let active = OpenOptions::new().append(true).open(&path)?;
+        self.shared
+            .segments
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Segment {
+                first_position: position,
+                path,
+                file,
+                len: 0,
+                last_accept_ms: 0,
+                index: Vec::new(),
+            });
+        self.shared.next_position.store(position, Ordering::Release);
+        if let Some(pending) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            pending.1 = active;
+        }
+        tracing::warn!(
+            position,
+            "log ends before the snapshot; continuing at the snapshot position"
+        );
+        Ok(())
+    }
+
+    /// Starts the writer thread, which dispatches durable frames through `dispatcher`.
+    pub fn start(&self, dispatcher: Dispatcher) -> std::io::Result<()> {
+        let Some((rx, active, options)) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return Ok(());
+        };
+        let shared = self.shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("flux-log-writer".into())
+            .spawn(move || {
+                Writer {
+                    shared,
+                    active,
+                    options,
+                    dispatcher,
+                    buf: Vec::with_capacity(1 << 20),
+                    last_accept_ms: 0,
+                }
+                .run(rx)
+            })?;
+        *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    fn sender(&self) -> Option<flume::Sender<WriterMsg>> {
+        self.queue.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Shard owners of every record of a frame read back from disk.
+pub fn owners_of(frame: &Frame, shards: usize) -> Vec<u16> {
+    (0..frame.len())
+        .map(|i| {
+            frame
+                .record(i)
+                .map_or(0, |r| shard_of(r.fields.entity_id, shards))
+        })
+        .collect()
+}
+
+impl Log for LocalLog {
+    fn append(
+        &self,
+        batch: RecordBatch,
+        completion: Arc<Completion>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), LogError>> + Send + '_>> {
+        Box::pin(async move {
+            if let Some(reason) = self.unavailable_reason() {
+                return Err(LogError::Unavailable(reason));
+            }
+            let sender = self
+                .sender()
+                .ok_or_else(|| LogError::Unavailable("shutting down".into()))?;
+            sender
+                .send_async(WriterMsg::Append { batch, completion })
+                .await
+                .map_err(|_| LogError::Unavailable("log writer stopped".into()))
+        })
+    }
+
+    fn barrier(&self, barrier: Barrier) -> Result<(), LogError> {
+        let sender = self
+            .sender()
+            .ok_or_else(|| LogError::Unavailable("shutting down".into()))?;
+        sender
+            .send(WriterMsg::Barrier(barrier))
+            .map_err(|_| LogError::Unavailable("log writer stopped".into()))
+    }
+
+    fn read_frame(&self, position: LogPosition) -> Result<Option<Arc<Frame>>, LogError> {
+        if position == 0 || position >= self.next_position() {
+            return Ok(None);
+        }
+        let (file, mut offset, end) = {
+            let segments = self
+                .shared
+                .segments
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            let i = segments.partition_point(|s| s.first_position <= position);
+            let Some(segment) = i.checked_sub(1).map(|i| &segments[i]) else {
+                return Ok(None);
+            };
+            let j = segment.index.partition_point(|&(p, _)| p <= position);
+            let Some(&(_, offset)) = j.checked_sub(1).map(|j| &segment.index[j]) else {
+                return Ok(None);
+            };
+            (segment.file.clone(), offset, segment.len)
+        };
+        let mut prefix = [0u8; FRAME_PREFIX_BYTES];
+        while offset < end {
+            file.read_exact_at(&mut prefix, offset)?;
+            let body_len = u32::from_le_bytes(prefix[0..4].try_into().expect("4 bytes")) as u64;
+            let total = FRAME_PREFIX_BYTES as u64 + body_len;
+            let mut buf = vec![0u8; total as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            match decode_frame(&buf) {
+                Ok(FrameRead::Frame(frame, _)) if frame.last_position() >= position => {
+                    return Ok(Some(Arc::new(frame)));
+                }
+                Ok(FrameRead::Frame(..)) => offset += total,
+                Ok(FrameRead::Incomplete { .. }) | Err(DecodeError::Truncated { .. }) => {
+                    return Err(LogError::Corrupt(format!("short frame at offset {offset}")));
+                }
+                Err(error) => {
+                    return Err(LogError::Corrupt(format!(
+                        "frame at offset {offset}: {error}"
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn first_position(&self) -> LogPosition {
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        segments.first().map_or(1, |s| s.first_position)
+    }
+
+    fn next_position(&self) -> LogPosition {
+        self.shared.next_position.load(Ordering::Acquire)
+    }
+
+    fn compact(&self, covered: LogPosition, older_than_ms: u64) -> Result<usize, LogError> {
+        let mut segments = self
+            .shared
+            .segments
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut dropped = 0;
+        while segments.len() > 1
+            && segments[1].first_position - 1 <= covered
+            && segments[0].last_accept_ms < older_than_ms
+        {
+            let segment = segments.remove(0);
+            fs::remove_file(&segment.path)?;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            File::open(&self.shared.dir)?.sync_all()?;
+        }
+        Ok(dropped)
+    }
+
+    fn unavailable_reason(&self) -> Option<String> {
+        if let Some(failure) = self
+            .shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Some(failure);
+        }
+        self.queue
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+            .then(|| "shutting down".into())
+    }
+
+    fn close(&self) {
+        self.queue.write().unwrap_or_else(|e| e.into_inner()).take();
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    active: File,
+    options: LocalLogOptions,
+    dispatcher: Dispatcher,
+    buf: Vec<u8>,
+    last_accept_ms: u64,
+}
+
+impl Writer {
+    fn run(mut self, rx: flume::Receiver<WriterMsg>) {
+        let mut group: Vec<(RecordBatch, Arc<Completion>)> = Vec::new();
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
+            let mut bytes = 0;
+            let mut barrier = None;
+            while let Some(msg) = next.take() {
+                match msg {
+                    WriterMsg::Append { batch, completion } => {
+                        bytes += batch.encoded_bytes();
+                        group.push((batch, completion));
+                    }
+                    WriterMsg::Barrier(b) => {
+                        barrier = Some(b);
+                        break;
+                    }
+                }
+                if bytes < GROUP_MAX_BYTES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit(&mut group);
+            }
+            if let Some(barrier) = barrier {
+                let last = self.shared.next_position.load(Ordering::Acquire) - 1;
+                barrier(last, &self.dispatcher);
+            }
+        }
+        let _ = self.active.sync_data();
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Writes, syncs and dispatches one group of appends.
+    fn commit(&mut self, group: &mut Vec<(RecordBatch, Arc<Completion>)>) {
+        if let Some(reason) = self.failure() {
+            for (_, completion) in group.drain(..) {
+                completion.fail(reason.clone());
+            }
+            return;
+        }
+        let accept_ms = now_ms().max(self.last_accept_ms);
+        let first = self.shared.next_position.load(Ordering::Acquire);
+        let base = self.segment_len();
+        self.buf.clear();
+        let mut frames = Vec::with_capacity(group.len());
+        let mut position = first;
+        for (batch, _) in group.iter() {
+            frames.push((position, base + self.buf.len() as u64));
+            encode_frame(&mut self.buf, position, accept_ms, batch);
+            position += batch.len() as u64;
+        }
+        if let Err(error) = self.write_and_sync(base) {
+            let reason = format!("log write failed: {error}");
+            tracing::error!(%reason);
+            for (_, completion) in group.drain(..) {
+                completion.fail(reason.clone());
+            }
+            return;
+        }
+        self.last_accept_ms = accept_ms;
+        {
+            let mut segments = self
+                .shared
+                .segments
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(segment) = segments.last_mut() {
+                for &(p, offset) in &frames {
+                    segment.note_frame(p, offset, accept_ms);
+                }
+                segment.len = base + self.buf.len() as u64;
+            }
+        }
+        self.shared.next_position.store(position, Ordering::Release);
+        for ((mut batch, completion), (p, _)) in group.drain(..).zip(frames) {
+            let owners = std::mem::take(&mut batch.shards);
+            let frame = Arc::new(Frame::from_batch(p, accept_ms, batch));
+            self.dispatcher.dispatch(frame, &owners, Some(completion));
+        }
+        if self.segment_len() >= self.options.segment_bytes
+            && let Err(error) = self.roll(position)
+        {
+            self.set_failure(format!("starting a new log segment failed: {error}"));
+        }
+    }
+
+    fn segment_len(&self) -> u64 {
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        segments.last().map_or(0, |s| s.len)
+    }
+
+    fn write_and_sync(&mut self, base: u64) -> std::io::Result<()> {
+        if let Err(error) = self.active.write_all(&self.buf) {
+            // Cut the partial write so the file ends on a frame boundary again.
+            if let Err(cut) = self.active.set_len(base) {
+                self.set_failure(format!(
+                    "write failed ({error}) and could not be undone ({cut})"
+                ));
+            }
+            return Err(error);
+        }
+        if let Err(error) = self.active.sync_data() {
+            // After a failed fsync the page cache may have dropped the data: stop writing.
+            self.set_failure(format!("fdatasync failed: {error}"));
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    fn set_failure(&self, reason: String) {
+        tracing::error!(%reason, "the log stops taking writes");
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(reason);
+    }
+
+    fn roll(&mut self, next_position: LogPosition) -> std::io::Result<()> {
+        let path = segment_path(&self.shared.dir, next_position);
+        let active = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
+        File::open(&self.shared.dir)?.sync_all()?;
+        let file = Arc::new(File::open(&path)?);
+        self.active = active;
+        self.shared
+            .segments
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Segment {
+                first_position: next_position,
+                path,
+                file,
+                len: 0,
+                last_accept_ms: 0,
+                index: Vec::new(),
+            });
+        Ok(())
+    }
+}

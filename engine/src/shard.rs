@@ -1,0 +1,377 @@
+//! Shard workers: each runs on its own thread and alone owns the entities routed to it.
+//!
+//! Invariants:
+//! - An entity lives in exactly one shard, chosen by [`shard_of`] (a hash of its id); nothing
+//!   else reads or writes a shard's maps — other threads send [`ShardWork`] and await replies.
+//! - Records are applied in log order: the log dispatches frames from one thread and every
+//!   inbox is FIFO. `last_updated_ms` is the record's accept time, `revision` its position.
+//! - Records at or below `covered` (the snapshot the shard was loaded from) only feed the
+//!   history index; their effect on state is already in the snapshot.
+//! - Inboxes are bounded ([`SHARD_INBOX_CAPACITY`]); a full inbox makes the sender wait.
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hashbrown::HashMap;
+use tokio::sync::oneshot;
+
+use crate::entity::Entity;
+use crate::record::{Frame, LogPosition};
+use crate::snapshot::SnapshotJob;
+
+/// Messages a shard's inbox holds before senders wait (backpressure, never dropped).
+pub const SHARD_INBOX_CAPACITY: usize = 1024;
+
+/// The shard that owns `entity_id` among `shards` shards.
+pub fn shard_of(entity_id: &str, shards: usize) -> u16 {
+    // CRC32C runs in hardware and spreads ids evenly enough for routing.
+    (crc32c::crc32c(entity_id.as_bytes()) as usize % shards) as u16
+}
+
+/// Fires once every shard that received part of an append has applied it.
+pub struct Completion {
+    remaining: AtomicUsize,
+    first_position: AtomicU64,
+    sender: Mutex<Option<oneshot::Sender<Result<LogPosition, String>>>>,
+}
+
+impl Completion {
+    /// A completion and the receiver its result arrives on (first position, or why not).
+    pub fn new() -> (Arc<Self>, oneshot::Receiver<Result<LogPosition, String>>) {
+        let (tx, rx) = oneshot::channel();
+        let completion = Completion {
+            remaining: AtomicUsize::new(0),
+            first_position: AtomicU64::new(0),
+            sender: Mutex::new(Some(tx)),
+        };
+        (Arc::new(completion), rx)
+    }
+
+    /// Reports failure; nothing of the append was dispatched.
+    pub fn fail(&self, reason: String) {
+        self.send(Err(reason));
+    }
+
+    fn send(&self, result: Result<LogPosition, String>) {
+        let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(sender) = sender {
+            let _ = sender.send(result);
+        }
+    }
+
+    fn part_done(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.send(Ok(self.first_position.load(Ordering::Acquire)));
+        }
+    }
+}
+
+/// One entity in a page of a listing: its id and its rendered JSON object.
+pub type ListedEntity = (Arc<str>, Vec<u8>);
+
+/// Entities whose id starts with `prefix` and sorts after `after`, at most `limit` of them.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub prefix: Box<str>,
+    pub after: Option<Box<str>>,
+    pub limit: usize,
+}
+
+/// Counters a shard reports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShardStats {
+    pub entities: usize,
+    pub applied_through: LogPosition,
+}
+
+/// Everything a shard can be asked to do.
+pub enum ShardWork {
+    /// Apply records `indexes` of `frame` (all owned by this shard), then signal `completion`.
+    Apply {
+        frame: Arc<Frame>,
+        indexes: Vec<u32>,
+        completion: Option<Arc<Completion>>,
+    },
+    /// Install entities read from a snapshot covering positions up to `covered`.
+    Load {
+        entities: Vec<(Box<str>, Entity)>,
+        covered: LogPosition,
+    },
+    Get {
+        id: Box<str>,
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
+    List {
+        query: ListQuery,
+        reply: oneshot::Sender<Vec<ListedEntity>>,
+    },
+    /// Ids of existing entities matching `query` (no rendering), for batch deletes.
+    Ids {
+        query: ListQuery,
+        reply: oneshot::Sender<Vec<Arc<str>>>,
+    },
+    /// Which of `ids` exist.
+    Contains {
+        ids: Vec<Box<str>>,
+        reply: oneshot::Sender<Vec<bool>>,
+    },
+    /// Log positions of the entity's newest `limit` events, newest first.
+    History {
+        id: Box<str>,
+        limit: usize,
+        reply: oneshot::Sender<Vec<LogPosition>>,
+    },
+    /// Write this shard's part of a snapshot; history below `forget_before` is dropped.
+    Snapshot {
+        job: Arc<SnapshotJob>,
+        forget_before: LogPosition,
+    },
+    Stats {
+        reply: oneshot::Sender<ShardStats>,
+    },
+}
+
+/// Sends work to the shards; the log holds one to dispatch frames in order.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inboxes: Vec<flume::Sender<ShardWork>>,
+}
+
+impl Dispatcher {
+    pub fn shard_count(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// Sends each shard its records of `frame`; `owners[i]` is the shard of record `i`.
+    pub fn dispatch(&self, frame: Arc<Frame>, owners: &[u16], completion: Option<Arc<Completion>>) {
+        let mut parts: Vec<Vec<u32>> = vec![Vec::new(); self.inboxes.len()];
+        for (index, &shard) in owners.iter().enumerate() {
+            parts[shard as usize].push(index as u32);
+        }
+        let involved = parts.iter().filter(|p| !p.is_empty()).count();
+        if let Some(c) = &completion {
+            c.first_position
+                .store(frame.first_position, Ordering::Release);
+            c.remaining.store(involved, Ordering::Release);
+            if involved == 0 {
+                c.send(Ok(frame.first_position));
+            }
+        }
+        for (shard, indexes) in parts.into_iter().enumerate() {
+            if indexes.is_empty() {
+                continue;
+            }
+            let work = ShardWork::Apply {
+                frame: frame.clone(),
+                indexes,
+                completion: completion.clone(),
+            };
+            self.send(shard, work);
+        }
+    }
+
+    /// Sends `work` to `shard`, blocking while its inbox is full. For threads, not async tasks.
+    pub fn send(&self, shard: usize, work: ShardWork) {
+        // A closed inbox means the engine is shutting down; the work is moot.
+        let _ = self.inboxes[shard].send(work);
+    }
+
+    /// Sends `work` to `shard`, waiting asynchronously while its inbox is full.
+    pub async fn send_async(&self, shard: usize, work: ShardWork) {
+        let _ = self.inboxes[shard].send_async(work).await;
+    }
+}
+
+/// Starts `count` shard threads; returns the dispatcher and their join handles.
+pub fn start_shards(
+    count: usize,
+) -> std::io::Result<(Dispatcher, Vec<std::thread::JoinHandle<()>>)> {
+    let mut inboxes = Vec::with_capacity(count);
+    let mut threads = Vec::with_capacity(count);
+    for index in 0..count {
+        let (tx, rx) = flume::bounded(SHARD_INBOX_CAPACITY);
+        inboxes.push(tx);
+        let shard = Shard {
+            index,
+            ..Shard::default()
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("flux-shard-{index}"))
+            .spawn(move || shard.run(rx))?;
+        threads.push(handle);
+    }
+    Ok((Dispatcher { inboxes }, threads))
+}
+
+#[derive(Default)]
+struct Shard {
+    index: usize,
+    entities: HashMap<Arc<str>, Entity>,
+    /// The ids of `entities`, sorted, for listings and prefix scans.
+    order: BTreeSet<Arc<str>>,
+    /// Positions of each id's events still in the log, oldest first (deleted entities too).
+    history: HashMap<Arc<str>, Vec<LogPosition>>,
+    /// State already includes every record at or below this position (from a snapshot).
+    covered: LogPosition,
+    applied_through: LogPosition,
+}
+
+impl Shard {
+    fn run(mut self, inbox: flume::Receiver<ShardWork>) {
+        while let Ok(work) = inbox.recv() {
+            self.handle(work);
+        }
+    }
+
+    fn handle(&mut self, work: ShardWork) {
+        match work {
+            ShardWork::Apply {
+                frame,
+                indexes,
+                completion,
+            } => {
+                self.apply(&frame, &indexes);
+                if let Some(c) = completion {
+                    c.part_done();
+                }
+            }
+            ShardWork::Load { entities, covered } => {
+                self.covered = self.covered.max(covered);
+                self.applied_through = self.applied_through.max(covered);
+                for (id, entity) in entities {
+                    let id = self.intern(&id);
+                    self.order.insert(id.clone());
+                    self.entities.insert(id, entity);
+                }
+            }
+            ShardWork::Get { id, reply } => {
+                let json = self.entities.get(&*id).map(|e| {
+                    let mut out = Vec::with_capacity(128);
+                    e.write_json(&mut out, &id);
+                    out
+                });
+                let _ = reply.send(json);
+            }
+            ShardWork::List { query, reply } => {
+                let page = self
+                    .matching(&query)
+                    .map(|id| {
+                        let mut out = Vec::with_capacity(128);
+                        if let Some(e) = self.entities.get(id) {
+                            e.write_json(&mut out, id);
+                        }
+                        (id.clone(), out)
+                    })
+                    .collect();
+                let _ = reply.send(page);
+            }
+            ShardWork::Ids { query, reply } => {
+                let _ = reply.send(self.matching(&query).cloned().collect());
+            }
+            ShardWork::Contains { ids, reply } => {
+                let _ = reply.send(
+                    ids.iter()
+                        .map(|id| self.entities.contains_key(&**id))
+                        .collect(),
+                );
+            }
+            ShardWork::History { id, limit, reply } => {
+                let positions = self
+                    .history
+                    .get(&*id)
+                    .map(|p| p.iter().rev().take(limit).copied().collect())
+                    .unwrap_or_default();
+                let _ = reply.send(positions);
+            }
+            ShardWork::Snapshot { job, forget_before } => {
+                self.forget_history_before(forget_before);
+                let entities = self
+                    .order
+                    .iter()
+                    .filter_map(|id| Some((&**id, self.entities.get(id)?)));
+                job.write_part(self.index, self.applied_through, entities);
+            }
+            ShardWork::Stats { reply } => {
+                let stats = ShardStats {
+                    entities: self.entities.len(),
+                    applied_through: self.applied_through,
+                };
+                let _ = reply.send(stats);
+            }
+        }
+    }
+
+    fn matching<'a>(&'a self, query: &'a ListQuery) -> impl Iterator<Item = &'a Arc<str>> + 'a {
+        let prefix: &str = &query.prefix;
+        let start = match query.after.as_deref() {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        self.order
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(move |id| id.starts_with(prefix))
+            .take(query.limit)
+    }
+
+    /// The shared `Arc<str>` for `id`, creating its history entry if needed.
+    fn intern(&mut self, id: &str) -> Arc<str> {
+        if let Some((key, _)) = self.history.get_key_value(id) {
+            return key.clone();
+        }
+        let key: Arc<str> = Arc::from(id);
+        self.history.insert(key.clone(), Vec::new());
+        key
+    }
+
+    fn apply(&mut self, frame: &Frame, indexes: &[u32]) {
+        for &index in indexes {
+            let position = frame.first_position + u64::from(index);
+            let record = match frame.record(index as usize) {
+                Ok(record) => record,
+                Err(error) => {
+                    // The frame passed its checksum, so this is a bug, not bad input.
+                    tracing::error!(position, %error, shard = self.index, "undecodable record skipped");
+                    continue;
+                }
+            };
+            let id = record.fields.entity_id;
+            let key = self.intern(id);
+            if let Some(positions) = self.history.get_mut(&key) {
+                positions.push(position);
+            }
+            self.applied_through = self.applied_through.max(position);
+            if position <= self.covered {
+                continue;
+            }
+            if record.is_tombstone() {
+                if self.entities.remove(id).is_some() {
+                    self.order.remove(id);
+                }
+                continue;
+            }
+            let entity = match self.entities.get_mut(id) {
+                Some(entity) => entity,
+                None => {
+                    self.order.insert(key.clone());
+                    self.entities
+                        .entry(key)
+                        .or_insert_with(|| Entity::new(0, 0))
+                }
+            };
+            entity.merge_properties(record.properties());
+            entity.last_updated_ms = frame.accept_time_ms;
+            entity.revision = position;
+        }
+    }
+
+    fn forget_history_before(&mut self, first_kept: LogPosition) {
+        let entities = &self.entities;
+        self.history.retain(|id, positions| {
+            let cut = positions.partition_point(|&p| p < first_kept);
+            positions.drain(..cut);
+            !positions.is_empty() || entities.contains_key(id)
+        });
+    }
+}

@@ -1,0 +1,402 @@
+//! Request handlers of the HTTP API (SPEC "Events", "State", "Operations").
+//!
+//! Every handler returns `Result<Response, ApiError>`; the router adds CORS headers and renders
+//! errors. Writes reply only after the engine reports the records durable *and* applied.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use flux_engine::{Engine, RecordBatch, json};
+use futures::stream;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::StatusCode;
+use hyper::body::Frame;
+use serde_json::value::RawValue;
+
+use crate::error::{ApiError, json_response};
+use crate::event::{self, ValidEvent};
+use crate::http::{Request, Response, param, query_params, read_body};
+
+/// Largest number of entities one batch delete may remove (`max_batch_delete`).
+pub const MAX_BATCH_DELETE: usize = 10_000;
+/// History: events returned when no `limit` is given, and the most ever returned.
+pub const HISTORY_DEFAULT_LIMIT: usize = 100;
+pub const HISTORY_MAX_LIMIT: usize = 500;
+/// History: how far back `since` defaults to.
+const HISTORY_DEFAULT_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
+/// A streamed listing sends chunks of about this many bytes.
+const LIST_CHUNK_BYTES: usize = 64 << 10;
+/// The stream and source recorded for deletes made through the state API.
+const DELETE_STREAM: &str = "flux.delete";
+const DELETE_SOURCE: &str = "flux-api";
+
+/// Request body limits; runtime-changeable (admin config), hence atomics.
+#[derive(Debug)]
+pub struct Limits {
+    pub single_body_bytes: AtomicUsize,
+    pub batch_body_bytes: AtomicUsize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            single_body_bytes: AtomicUsize::new(1_048_576),
+            batch_body_bytes: AtomicUsize::new(10_485_760),
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct Api {
+    pub engine: Engine,
+    pub limits: Arc<Limits>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn new_event_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn body_str(body: &Bytes) -> Result<&str, ApiError> {
+    std::str::from_utf8(body).map_err(|_| ApiError::bad_request("invalid JSON: body is not UTF-8"))
+}
+
+fn write_ack(out: &mut Vec<u8>, event: &ValidEvent<'_>) {
+    out.extend_from_slice(b"{\"eventId\":");
+    json::write_str(out, &event.event_id);
+    out.extend_from_slice(b",\"stream\":");
+    json::write_str(out, &event.stream);
+    out.push(b'}');
+}
+
+impl Api {
+    /// `POST /api/events`
+    pub async fn publish(&self, request: Request) -> Result<Response, ApiError> {
+        let limit = self.limits.single_body_bytes.load(Ordering::Relaxed);
+        let body = read_body(request, limit).await?;
+        let event =
+            event::validate(body_str(&body)?, new_event_id).map_err(ApiError::bad_request)?;
+        let mut batch = RecordBatch::default();
+        event.push_to(&mut batch, self.engine.shard_of(&event.entity_id));
+        self.engine.append(batch).await?;
+        let mut out = Vec::with_capacity(96);
+        write_ack(&mut out, &event);
+        Ok(json_response(StatusCode::OK, out))
+    }
+
+    /// `POST /api/events/batch`
+    pub async fn publish_batch(&self, request: Request) -> Result<Response, ApiError> {
+        let limit = self.limits.batch_body_bytes.load(Ordering::Relaxed);
+        let body = read_body(request, limit).await?;
+        let items = event::split_batch(body_str(&body)?).map_err(ApiError::bad_request)?;
+        let mut batch = RecordBatch::default();
+        let mut results: Vec<Result<ValidEvent<'_>, String>> = Vec::with_capacity(items.len());
+        for item in &items {
+            let result = event::validate(item.get(), new_event_id);
+            if let Ok(event) = &result {
+                event.push_to(&mut batch, self.engine.shard_of(&event.entity_id));
+            }
+            results.push(result);
+        }
+        let successful = batch.len();
+        self.engine.append(batch).await?;
+        let mut out = Vec::with_capacity(64 + 80 * results.len());
+        out.extend_from_slice(b"{\"successful\":");
+        json::write_u64(&mut out, successful as u64);
+        out.extend_from_slice(b",\"failed\":");
+        json::write_u64(&mut out, (results.len() - successful) as u64);
+        out.extend_from_slice(b",\"results\":[");
+        for (i, result) in results.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            match result {
+                Ok(event) => write_ack(&mut out, event),
+                Err(message) => out.extend_from_slice(&crate::error::error_body(message)),
+            }
+        }
+        out.extend_from_slice(b"]}");
+        Ok(json_response(StatusCode::OK, out))
+    }
+
+    /// `GET /api/events?entity=&since=&limit=`
+    pub async fn history(&self, request: Request) -> Result<Response, ApiError> {
+        let params = query_params(&request);
+        let entity = param(&params, "entity")
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| ApiError::bad_request("entity query parameter is required"))?;
+        let limit = match param(&params, "limit") {
+            None => HISTORY_DEFAULT_LIMIT,
+            Some(raw) => match raw.parse::<usize>() {
+                Ok(n) if n > 0 => n.min(HISTORY_MAX_LIMIT),
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "limit must be an integer from 1 to {HISTORY_MAX_LIMIT}"
+                    )));
+                }
+            },
+        };
+        let since_ms = match param(&params, "since") {
+            None => now_ms().saturating_sub(HISTORY_DEFAULT_WINDOW_MS),
+            Some(raw) => parse_time_ms(raw).ok_or_else(|| {
+                ApiError::bad_request(
+                    "since must be an ISO-8601 time like 2026-02-23T10:30:45.123Z (or epoch ms)",
+                )
+            })?,
+        };
+        let body = self.engine.history(entity, since_ms, limit).await?;
+        Ok(json_response(StatusCode::OK, body))
+    }
+
+    /// `GET /api/state/entities[?prefix=|namespace=][&limit=&after=]`, streamed.
+    pub fn list(&self, request: &Request) -> Result<Response, ApiError> {
+        let params = query_params(request);
+        let prefix = match (param(&params, "prefix"), param(&params, "namespace")) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "give either prefix or namespace, not both",
+                ));
+            }
+            (Some(prefix), None) => prefix.to_string(),
+            (None, Some(namespace)) if namespace.is_empty() || namespace.contains('/') => {
+                return Err(ApiError::bad_request(
+                    "namespace must be non-empty and contain no '/'",
+                ));
+            }
+            (None, Some(namespace)) => format!("{namespace}/"),
+            (None, None) => String::new(),
+        };
+        let limit = match param(&params, "limit") {
+            None => usize::MAX,
+            Some(raw) => raw
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| ApiError::bad_request("limit must be a positive integer"))?,
+        };
+        let lister = self.engine.list(&prefix, param(&params, "after"), limit);
+        // Chunks of about LIST_CHUNK_BYTES; memory stays at one page per shard plus one chunk.
+        let chunks = stream::unfold(Some((lister, true)), |state| async move {
+            let (mut lister, first) = state?;
+            let mut out = Vec::with_capacity(LIST_CHUNK_BYTES + 4096);
+            if first {
+                out.push(b'[');
+            }
+            let more = lister.next_chunk(&mut out, LIST_CHUNK_BYTES).await;
+            if !more {
+                out.push(b']');
+            }
+            let frame = Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(out)));
+            Some((frame, more.then_some((lister, false))))
+        });
+        let mut response = hyper::Response::new(StreamBody::new(chunks).boxed_unsync());
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        Ok(response)
+    }
+
+    /// `GET /api/state/entities/<id>`
+    pub async fn get(&self, id: &str) -> Result<Response, ApiError> {
+        match self.engine.get(id).await {
+            Some(json) => Ok(json_response(StatusCode::OK, json)),
+            None => Err(ApiError::not_found("Entity not found")),
+        }
+    }
+
+    /// Appends one tombstone per id (all existing) as one durable batch; returns the event ids.
+    async fn delete_entities(&self, ids: &[&str]) -> Result<Vec<String>, ApiError> {
+        let mut batch = RecordBatch::default();
+        let mut event_ids = Vec::with_capacity(ids.len());
+        let timestamp = now_ms() as i64;
+        for id in ids {
+            let event_id = new_event_id();
+            let fields = flux_engine::EventFields {
+                event_id: &event_id,
+                stream: DELETE_STREAM,
+                source: DELETE_SOURCE,
+                timestamp,
+                entity_id: id,
+                key: None,
+                schema: None,
+            };
+            let tombstone = [(flux_engine::record::TOMBSTONE_KEY, "true")];
+            batch.push_event(self.engine.shard_of(id), &fields, tombstone.into_iter());
+            event_ids.push(event_id);
+        }
+        self.engine.append(batch).await?;
+        Ok(event_ids)
+    }
+
+    /// `DELETE /api/state/entities/<id>`
+    pub async fn delete(&self, id: &str) -> Result<Response, ApiError> {
+        if !self.engine.contains(&[id]).await[0] {
+            return Err(ApiError::not_found("Entity not found"));
+        }
+        let event_ids = self.delete_entities(&[id]).await?;
+        let mut out = Vec::with_capacity(128);
+        out.extend_from_slice(b"{\"entity_id\":");
+        json::write_str(&mut out, id);
+        out.extend_from_slice(b",\"eventId\":");
+        json::write_str(&mut out, &event_ids[0]);
+        out.push(b'}');
+        Ok(json_response(StatusCode::OK, out))
+    }
+
+    /// `POST /api/state/entities/delete` with exactly one of namespace, prefix, entity_ids.
+    pub async fn batch_delete(&self, request: Request) -> Result<Response, ApiError> {
+        #[derive(serde::Deserialize)]
+        struct Filter<'a> {
+            #[serde(borrow)]
+            namespace: Option<&'a RawValue>,
+            #[serde(borrow)]
+            prefix: Option<&'a RawValue>,
+            #[serde(borrow)]
+            entity_ids: Option<&'a RawValue>,
+        }
+        const ONE_FILTER: &str = "give exactly one of namespace, prefix, entity_ids";
+        let limit = self.limits.single_body_bytes.load(Ordering::Relaxed);
+        let body = read_body(request, limit).await?;
+        let filter: Filter<'_> = serde_json::from_str(body_str(&body)?).map_err(|e| {
+            if e.is_data() {
+                ApiError::bad_request(format!("body must be a JSON object: {ONE_FILTER}"))
+            } else {
+                ApiError::bad_request(format!("invalid JSON: {e}"))
+            }
+        })?;
+        let given = [
+            filter.namespace.is_some(),
+            filter.prefix.is_some(),
+            filter.entity_ids.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(ApiError::bad_request(ONE_FILTER));
+        }
+        let text = |raw: &RawValue, field: &str| -> Result<String, ApiError> {
+            serde_json::from_str::<String>(raw.get())
+                .ok()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| ApiError::bad_request(format!("{field} must be a non-empty string")))
+        };
+        let mut errors: Vec<(String, &str)> = Vec::new();
+        let targets: Vec<String> = if let Some(raw) = filter.entity_ids {
+            let ids: Vec<String> = serde_json::from_str(raw.get())
+                .map_err(|_| ApiError::bad_request("entity_ids must be an array of strings"))?;
+            if ids.len() > MAX_BATCH_DELETE {
+                return Err(ApiError::bad_request(format!(
+                    "entity_ids has {} ids; max_batch_delete is {MAX_BATCH_DELETE}",
+                    ids.len()
+                )));
+            }
+            let mut seen = std::collections::HashSet::with_capacity(ids.len());
+            let ids: Vec<String> = ids
+                .into_iter()
+                .filter(|id| seen.insert(id.clone()))
+                .collect();
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let exists = self.engine.contains(&refs).await;
+            let mut targets = Vec::with_capacity(ids.len());
+            for (id, exists) in ids.into_iter().zip(exists) {
+                if exists {
+                    targets.push(id);
+                } else {
+                    errors.push((id, "Entity not found"));
+                }
+            }
+            targets
+        } else {
+            let prefix = match (filter.namespace, filter.prefix) {
+                (Some(ns), _) => {
+                    let ns = text(ns, "namespace")?;
+                    if ns.contains('/') {
+                        return Err(ApiError::bad_request("namespace must not contain '/'"));
+                    }
+                    format!("{ns}/")
+                }
+                (_, Some(prefix)) => text(prefix, "prefix")?,
+                _ => return Err(ApiError::bad_request(ONE_FILTER)),
+            };
+            let ids = self.engine.ids_with_prefix(&prefix, MAX_BATCH_DELETE).await;
+            ids.iter().map(|id| id.to_string()).collect()
+        };
+        let refs: Vec<&str> = targets.iter().map(String::as_str).collect();
+        self.delete_entities(&refs).await?;
+        let mut out = Vec::with_capacity(64 + 64 * errors.len());
+        out.extend_from_slice(b"{\"deleted\":");
+        json::write_u64(&mut out, targets.len() as u64);
+        out.extend_from_slice(b",\"failed\":");
+        json::write_u64(&mut out, errors.len() as u64);
+        out.extend_from_slice(b",\"errors\":[");
+        for (i, (id, message)) in errors.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"entity_id\":");
+            json::write_str(&mut out, id);
+            out.extend_from_slice(b",\"error\":");
+            json::write_str(&mut out, message);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+        Ok(json_response(StatusCode::OK, out))
+    }
+
+    /// `GET /api/health`
+    pub async fn health(&self) -> Response {
+        let stats = self.engine.stats().await;
+        let mut out = Vec::with_capacity(128);
+        let status = match self.engine.unavailable_reason() {
+            None => {
+                out.extend_from_slice(b"{\"status\":\"ok\"");
+                StatusCode::OK
+            }
+            Some(reason) => {
+                out.extend_from_slice(b"{\"status\":\"unavailable\",\"error\":");
+                json::write_str(&mut out, &reason);
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        out.extend_from_slice(b",\"log\":\"local\",\"entities\":");
+        json::write_u64(&mut out, stats.entities as u64);
+        out.extend_from_slice(b",\"logPosition\":");
+        json::write_u64(&mut out, stats.next_position.saturating_sub(1));
+        out.push(b'}');
+        json_response(status, out)
+    }
+}
+
+/// Parses an RFC 3339 / ISO-8601 time, or integer epoch milliseconds, to epoch milliseconds.
+fn parse_time_ms(raw: &str) -> Option<u64> {
+    if let Ok(ms) = raw.parse::<u64>() {
+        return Some(ms);
+    }
+    let time = chrono::DateTime::parse_from_rfc3339(raw).ok()?;
+    u64::try_from(time.timestamp_millis()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time_ms;
+
+    #[test]
+    fn parses_iso_times() {
+        assert_eq!(
+            parse_time_ms("2026-02-23T10:30:45.123Z"),
+            Some(1_771_842_645_123)
+        );
+        assert_eq!(
+            parse_time_ms("2026-02-23T11:30:45.123+01:00"),
+            Some(1_771_842_645_123)
+        );
+        assert_eq!(parse_time_ms("1771842645123"), Some(1_771_842_645_123));
+        assert_eq!(parse_time_ms("yesterday"), None);
+    }
+}

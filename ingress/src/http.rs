@@ -1,0 +1,109 @@
+//! Body types and helpers shared by the handlers: response bodies, limited body reading, CORS,
+//! query strings and path decoding.
+//!
+//! Invariant: a request body is never read past its limit. A declared `Content-Length` over the
+//! limit is refused before any byte is read; a chunked body is refused as soon as it exceeds it.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+
+use crate::error::ApiError;
+
+/// Every response body: a full buffer or a stream, boxed.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub type Response = hyper::Response<Body>;
+pub type Request = hyper::Request<Incoming>;
+
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).boxed_unsync()
+}
+
+/// Reads the whole body of `request`, refusing with 413 once it exceeds `limit` bytes.
+pub async fn read_body(request: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::payload_too_large());
+    }
+    let mut body = request.into_body();
+    let mut buf = BytesMut::with_capacity(declared.map_or(8 << 10, |n| n as usize));
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::bad_request(format!("reading the body failed: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(ApiError::payload_too_large());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Adds the CORS headers every response carries.
+pub fn add_cors(response: &mut Response) {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Retry-After, Content-Type"),
+    );
+}
+
+/// The answer to a CORS preflight (`OPTIONS`).
+pub fn preflight() -> Response {
+    let mut response = hyper::Response::new(full(Bytes::new()));
+    *response.status_mut() = hyper::StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Authorization, Content-Type"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    response
+}
+
+/// Query parameters, decoded. Repeated keys: the last wins.
+pub fn query_params(request: &Request) -> Vec<(String, String)> {
+    let Some(query) = request.uri().query() else {
+        return Vec::new();
+    };
+    // A literal '+' in an ISO time ("+02:00") would decode as a space; keep it a '+'.
+    form_urlencoded::parse(query.replace('+', "%2B").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+pub fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Percent-decodes a path segment (`acme%2Fpump-01` → `acme/pump-01`).
+pub fn decode_path(raw: &str) -> Result<Cow<'_, str>, ApiError> {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_request("entity id in the path is not valid UTF-8"))
+}

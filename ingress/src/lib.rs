@@ -1,0 +1,145 @@
+//! Flux ingress: the HTTP/1.1 API on hyper and tokio.
+//!
+//! The path of a request: [`serve`] accepts a connection → [`route`] picks the handler by
+//! method and path → [`api::Api`] reads the body within its limit ([`http::read_body`]),
+//! parses and validates ([`event`]), appends to the engine, and answers. Errors are
+//! [`error::ApiError`]s, rendered once as `{"error": ...}`; every response carries CORS headers.
+//!
+//! Invariants: nothing here holds entity state (the engine's shards do); a write is answered
+//! only after the engine reports it durable and applied; bad input never yields a 500.
+
+pub mod api;
+pub mod error;
+pub mod event;
+pub mod http;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::Method;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+pub use api::{Api, Limits};
+use error::ApiError;
+use http::{Request, Response, add_cors, decode_path, preflight};
+
+/// How long shutdown waits for in-flight requests before closing connections anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// A client must send its request headers within this time.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+const ENTITIES: &str = "/api/state/entities";
+
+/// Routes one request to its handler.
+pub async fn route(api: Arc<Api>, request: Request) -> Response {
+    let mut response = dispatch(&api, request)
+        .await
+        .unwrap_or_else(ApiError::into_response);
+    add_cors(&mut response);
+    response
+}
+
+async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
+    let method = request.method().clone();
+    if method == Method::OPTIONS {
+        return Ok(preflight());
+    }
+    let path = request.uri().path().to_string();
+    match path.as_str() {
+        "/api/events" => match method {
+            Method::POST => api.publish(request).await,
+            Method::GET => api.history(request).await,
+            _ => Err(ApiError::method_not_allowed("GET, POST")),
+        },
+        "/api/events/batch" => match method {
+            Method::POST => api.publish_batch(request).await,
+            _ => Err(ApiError::method_not_allowed("POST")),
+        },
+        "/api/state/entities" | "/api/state/entities/" => match method {
+            Method::GET => api.list(&request),
+            _ => Err(ApiError::method_not_allowed("GET")),
+        },
+        "/api/state/entities/delete" if method == Method::POST => api.batch_delete(request).await,
+        "/api/health" => match method {
+            Method::GET => Ok(api.health().await),
+            _ => Err(ApiError::method_not_allowed("GET")),
+        },
+        _ => {
+            if let Some(raw_id) = path
+                .strip_prefix(ENTITIES)
+                .and_then(|p| p.strip_prefix('/'))
+            {
+                let id = decode_path(raw_id)?;
+                return match method {
+                    Method::GET => api.get(&id).await,
+                    Method::DELETE => api.delete(&id).await,
+                    _ => Err(ApiError::method_not_allowed("GET, DELETE")),
+                };
+            }
+            Err(ApiError::not_found(format!("no route for {method} {path}")))
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then stops accepting, lets in-flight
+/// requests finish (up to [`SHUTDOWN_GRACE`]) and returns.
+pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<Output = ()>) {
+    // Each connection task holds a clone of `alive`; when all are dropped, `drained` ends.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let (alive, mut drained) = tokio::sync::mpsc::channel::<()>(1);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let api = api.clone();
+        let service = service_fn(move |request| {
+            let api = api.clone();
+            async move { Ok::<_, std::convert::Infallible>(route(api, request).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let (alive, mut stopping) = (alive.clone(), stopping.clone());
+        tokio::spawn(async move {
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stopping.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(alive);
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    drop(alive);
+    tokio::select! {
+        _ = drained.recv() => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!("in-flight requests did not finish within the grace period");
+        }
+    }
+}

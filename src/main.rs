@@ -1,0 +1,174 @@
+//! The `flux` binary: flags and wiring only. `flux serve` opens the engine on the data
+//! directory, serves the HTTP API, and on SIGTERM/SIGINT drains requests, writes a final
+//! snapshot and exits 0.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use flux_engine::{Engine, EngineConfig};
+use flux_ingress::{Api, Limits};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "flux",
+    version,
+    about = "Flux: an event-sourced world-state engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the Flux server.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:3000, or 127.0.0.1:$PORT when PORT is set].
+    #[arg(long, env = "FLUX_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory for log segments, snapshots and the lock file.
+    #[arg(long, env = "FLUX_DATA_DIR", default_value = "./flux-data")]
+    data_dir: PathBuf,
+    /// The durable log: `local` (embedded, the default).
+    #[arg(long, env = "FLUX_LOG", default_value = "local")]
+    log: String,
+    /// How long log records (and so history) are kept, e.g. `7d`, `12h`.
+    #[arg(long, env = "FLUX_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// Shard worker threads [default: number of cores].
+    #[arg(long, env = "FLUX_SHARDS")]
+    shards: Option<usize>,
+    /// HTTP worker threads [default: number of cores].
+    #[arg(long, env = "FLUX_HTTP_WORKERS")]
+    http_workers: Option<usize>,
+    /// Time between periodic snapshots, e.g. `30s`.
+    #[arg(long, env = "FLUX_SNAPSHOT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    snapshot_interval: Duration,
+    /// Log segment size in bytes before a new segment starts.
+    #[arg(long, env = "FLUX_SEGMENT_BYTES", default_value_t = 64 << 20)]
+    segment_bytes: u64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLUX_LOG_LEVEL")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    if let Err(error) = result {
+        eprintln!("flux: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn listen_address(args: &ServeArgs) -> anyhow::Result<SocketAddr> {
+    if let Some(addr) = args.listen {
+        return Ok(addr);
+    }
+    match std::env::var("PORT") {
+        Ok(port) => {
+            let port: u16 = port
+                .parse()
+                .with_context(|| format!("PORT={port:?} is not a port"))?;
+            Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+        }
+        Err(_) => Ok(SocketAddr::from(([127, 0, 0, 1], 3000))),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.log != "local" {
+        bail!(
+            "--log {:?}: only the embedded `local` log is available in this build",
+            args.log
+        );
+    }
+    if args.segment_bytes < 4096 {
+        bail!("--segment-bytes must be at least 4096");
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let shards = args.shards.unwrap_or(cores).max(1);
+    let http_workers = args.http_workers.unwrap_or(cores).max(1);
+    let addr = listen_address(&args)?;
+    let config = EngineConfig {
+        data_dir: args.data_dir.clone(),
+        shards,
+        segment_bytes: args.segment_bytes,
+        retention: args.retention,
+        snapshot_interval: args.snapshot_interval,
+    };
+    let (engine, recovery) = Engine::open(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(http_workers)
+        .thread_name("flux-http")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    let mut stdout = std::io::stdout();
+    writeln!(
+        stdout,
+        "flux listening on http://{local} (log=local, data_dir={}, shards={shards}, \
+         http_workers={http_workers}, retention={}, snapshot_interval={}, segment_bytes={}; \
+         recovered snapshot={} with {} entities, {} log records, {} torn bytes dropped)",
+        args.data_dir.display(),
+        humantime::format_duration(args.retention),
+        humantime::format_duration(args.snapshot_interval),
+        args.segment_bytes,
+        recovery
+            .snapshot_position
+            .map_or("none".to_string(), |p| p.to_string()),
+        recovery.snapshot_entities,
+        recovery.log_records,
+        recovery.dropped_bytes,
+    )?;
+    stdout.flush()?;
+
+    let api = Arc::new(Api {
+        engine: engine.clone(),
+        limits: Arc::new(Limits::default()),
+    });
+    runtime.block_on(flux_ingress::serve(listener, api, shutdown_signal()));
+    tracing::info!("shutting down: writing the final snapshot");
+    engine.shutdown().context("final snapshot")?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
