@@ -427,28 +427,39 @@ impl Engine {
         let job = rx
             .recv()
             .map_err(|_| EngineError::Unavailable("log writer stopped".into()));
-        let Some(done) = job?.map_err(io_context("creating a snapshot"))? else {
-            return Ok(None);
+        let written = match job?.map_err(io_context("creating a snapshot"))? {
+            None => None,
+            Some(done) => {
+                let position = done
+                    .blocking_recv()
+                    .map_err(|_| EngineError::Unavailable("shards stopped".into()))?
+                    .map_err(|reason| EngineError::Io {
+                        context: "writing a snapshot".into(),
+                        source: std::io::Error::other(reason),
+                    })?;
+                inner.last_snapshot.store(position, Ordering::Release);
+                Some(position)
+            }
         };
-        let position = done
-            .blocking_recv()
-            .map_err(|_| EngineError::Unavailable("shards stopped".into()))?
-            .map_err(|reason| EngineError::Io {
-                context: "writing a snapshot".into(),
-                source: std::io::Error::other(reason),
-            })?;
-        inner.last_snapshot.store(position, Ordering::Release);
+        self.compact()?;
+        Ok(written)
+    }
+
+    /// Drops snapshots beyond the newest two, then log segments the older of those covers and
+    /// retention no longer needs. Runs after every snapshot attempt, so retention advances even
+    /// when no new events arrive.
+    fn compact(&self) -> Result<(), EngineError> {
+        let inner = &self.inner;
         let snapshots = inner.config.data_dir.join("snapshots");
-        if let Some(oldest_kept) =
-            snapshot::prune(&snapshots).map_err(io_context("pruning snapshots"))?
-        {
+        let oldest_kept = snapshot::prune(&snapshots).map_err(io_context("pruning snapshots"))?;
+        if let Some(oldest_kept) = oldest_kept {
             let cutoff = now_ms().saturating_sub(inner.config.retention.as_millis() as u64);
             let dropped = inner.log.compact(oldest_kept, cutoff)?;
             if dropped > 0 {
                 tracing::info!(dropped, "retention dropped old log segments");
             }
         }
-        Ok(Some(position))
+        Ok(())
     }
 
     fn start_snapshot_timer(&self) -> std::io::Result<()> {
