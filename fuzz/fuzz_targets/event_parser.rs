@@ -1,0 +1,37 @@
+//! Fuzzes the HTTP event parser: any body must yield a valid event or an error, never a panic,
+//! and a valid event must encode into a record that decodes back to the same fields.
+#![no_main]
+
+use flux_engine::RecordBatch;
+use flux_engine::record::{FrameRead, decode_frame, encode_frame};
+use flux_ingress::event::{split_batch, validate};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let mut batch = RecordBatch::default();
+    let mut expected = Vec::new();
+    let items: Vec<&str> = match split_batch(text) {
+        Ok(items) => items.iter().map(|raw| raw.get()).collect(),
+        Err(_) => vec![text],
+    };
+    for item in items {
+        if let Ok(event) = validate(item, || "generated".into()) {
+            event.push_to(&mut batch, 0);
+            expected.push((event.entity_id.to_string(), event.properties.0.len()));
+        }
+    }
+    if batch.is_empty() {
+        return;
+    }
+    let mut out = Vec::new();
+    encode_frame(&mut out, 1, 1, &batch);
+    let Ok(FrameRead::Frame(frame, _)) = decode_frame(&out) else {
+        panic!("an encoded frame must decode");
+    };
+    for (i, (entity_id, properties)) in expected.iter().enumerate() {
+        let record = frame.record(i).expect("record decodes");
+        assert_eq!(record.fields.entity_id, entity_id);
+        assert_eq!(record.properties().count(), *properties);
+    }
+});
