@@ -17,6 +17,35 @@ pub const MAX_STREAM_CHARS: usize = 128;
 pub const MAX_SOURCE_BYTES: usize = 256;
 pub const MAX_ENTITY_ID_BYTES: usize = 512;
 pub const MAX_EVENT_ID_BYTES: usize = 256;
+/// Deepest nesting of arrays/objects a property value may have: deeper values are refused, as
+/// common JSON clients (serde_json, Python) cannot read them back.
+pub const MAX_VALUE_DEPTH: usize = 100;
+
+/// Nesting depth of the JSON text `raw` (0 for scalars), counting only outside strings.
+fn nesting_depth(raw: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in raw.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
 
 #[derive(Deserialize)]
 struct RawEvent<'a> {
@@ -195,6 +224,15 @@ pub fn validate<'a>(
     }
     let properties: Properties<'a> = serde_json::from_str(properties_raw.get())
         .map_err(|e| format!("invalid payload.properties: {e}"))?;
+    for (name, value) in &properties.0 {
+        if matches!(value.get().as_bytes().first(), Some(b'[' | b'{'))
+            && nesting_depth(value.get()) > MAX_VALUE_DEPTH
+        {
+            return Err(format!(
+                "payload.properties.{name} nests deeper than {MAX_VALUE_DEPTH} levels"
+            ));
+        }
+    }
     let event_id = match optional_string(event.event_id, "eventId")? {
         Some(id) if id.is_empty() || id.len() > MAX_EVENT_ID_BYTES => {
             return Err(format!("eventId must be 1-{MAX_EVENT_ID_BYTES} bytes"));
@@ -282,14 +320,23 @@ mod tests {
             err(&OK.replace(r#""entity_id":"a/b""#, r#""entity_id":"a\u0001""#))
                 .contains("entity_id")
         );
-        assert!(
-            err(&OK
-                .replace(r#""properties":{"#, r#""properties":[{"#)
-                .replace("]}}}}", "]}]}}"))
-            .contains("properties")
+        let array_properties = OK.replace(
+            r#""properties":{"n":123456789012345678901234567890,"o":{"k": [1, null]}}"#,
+            r#""properties":[1]"#,
         );
+        assert!(err(&array_properties).contains("payload.properties must be an object"));
         assert!(err("[1]").contains("object"));
         assert!(err("{").contains("invalid JSON"));
+    }
+
+    #[test]
+    fn depth_counts_only_outside_strings() {
+        assert_eq!(nesting_depth("1"), 0);
+        assert_eq!(nesting_depth(r#"{"a":[1,{"b":"[[[["}]}"#), 3);
+        assert_eq!(nesting_depth(r#"["\\\"[["]"#), 1);
+        let deep = format!("{}{}", "[".repeat(101), "]".repeat(101));
+        let raw = OK.replace("123456789012345678901234567890", &deep);
+        assert!(err(&raw).contains("payload.properties.n"));
     }
 
     #[test]
