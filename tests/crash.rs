@@ -262,3 +262,31 @@ fn corrupt_snapshot_is_skipped_and_state_rebuilt_from_the_log() {
         server.stderr_text()
     );
 }
+
+#[test]
+fn a_missing_log_segment_that_no_snapshot_covers_refuses_start() {
+    let dir = DataDir::temp();
+    let args = ["--snapshot-interval", "1h", "--segment-bytes", "4096"];
+    let mut server = Server::start_with(options(&dir, &args));
+    for i in 0..60 {
+        server.put(&format!("gap/e{i}"), json!({"pad": "y".repeat(100)}));
+    }
+    server.kill9();
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 3, "expected several segments");
+    for missing in [&segs[1], &segs[0]] {
+        let saved = fs::read(missing).expect("read");
+        fs::remove_file(missing).expect("remove segment");
+        let failure = Server::try_start(options(&dir, &args))
+            .err()
+            .expect("must refuse to start");
+        assert!(
+            failure.stderr.contains("no snapshot covers"),
+            "{}",
+            failure.stderr
+        );
+        fs::write(missing, saved).expect("restore");
+    }
+    server.restart();
+    assert_eq!(server.list_ids("?prefix=gap/").len(), 60);
+}

@@ -160,6 +160,19 @@ impl Engine {
             let owners = owners_of(&frame, shards);
             dispatcher.dispatch(Arc::new(frame), &owners, None);
         })?;
+        let first = log.first_position();
+        if first > covered + 1 {
+            return Err(LogError::Corrupt(format!(
+                "the log starts at position {first} but no snapshot covers positions 1..{first}"
+            ))
+            .into());
+        }
+        if let Some(&(from, to)) = summary.gaps.iter().find(|&&(_, to)| to > covered + 1) {
+            return Err(LogError::Corrupt(format!(
+                "log positions {from}..{to} are missing and no snapshot covers them"
+            ))
+            .into());
+        }
         report.log_records = summary.records;
         report.dropped_bytes = summary.dropped_bytes;
         if covered > 0 {

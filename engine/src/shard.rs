@@ -49,6 +49,11 @@ impl Completion {
         (Arc::new(completion), rx)
     }
 
+    /// Reports success without dispatching anything (an empty append at `position`).
+    pub(crate) fn succeed(&self, position: LogPosition) {
+        self.send(Ok(position));
+    }
+
     /// Reports failure; nothing of the append was dispatched.
     pub fn fail(&self, reason: String) {
         self.send(Err(reason));

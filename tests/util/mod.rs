@@ -580,7 +580,10 @@ impl Client {
             .redirects(0)
             .max_idle_connections(0)
             .build();
-        Client { base: base.to_string(), agent }
+        Client {
+            base: base.to_string(),
+            agent,
+        }
     }
 
     /// POSTs JSON; `Ok((status, body text))` for any HTTP status, `Err` on transport errors.
@@ -591,6 +594,18 @@ impl Client {
             .set("Content-Type", "application/json")
             .send_string(&body.to_string());
         let resp = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(ureq::Error::Transport(t)) => return Err(t.to_string()),
+        };
+        let status = resp.status();
+        let text = resp.into_string().map_err(|e| e.to_string())?;
+        Ok((status, text))
+    }
+
+    /// GET; `Ok((status, body text))` for any HTTP status, `Err` on transport errors.
+    pub fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let resp = match self.agent.get(&format!("{}{}", self.base, path)).call() {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
             Err(ureq::Error::Transport(t)) => return Err(t.to_string()),
@@ -929,11 +944,17 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// Parses one complete HTTP/1.x response from `buf` (skipping 1xx responses); `eof` says the
 /// peer closed, which completes a body delimited by the connection's end.
 fn parse_response(buf: &[u8], eof: bool) -> Option<RawResponse> {
-    let mut buf = buf;
+    parse_response_len(buf, eof).map(|(r, _)| r)
+}
+
+/// Like `parse_response`, also returning how many bytes of `buf` the response took.
+fn parse_response_len(buf: &[u8], eof: bool) -> Option<(RawResponse, usize)> {
+    let mut offset = 0;
     loop {
-        let head_end = find(buf, b"\r\n\r\n")?;
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let rest = &buf[head_end + 4..];
+        let buf_here = &buf[offset..];
+        let head_end = find(buf_here, b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&buf_here[..head_end]).into_owned();
+        let rest = &buf_here[head_end + 4..];
         let mut lines = head.split("\r\n");
         let status_line = lines.next()?;
         let status: u16 = status_line.split_whitespace().nth(1)?.parse().ok()?;
@@ -942,7 +963,7 @@ fn parse_response(buf: &[u8], eof: bool) -> Option<RawResponse> {
             .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
             .collect();
         if (100..200).contains(&status) {
-            buf = rest;
+            offset += head_end + 4;
             continue;
         }
         let get = |n: &str| {
@@ -953,8 +974,8 @@ fn parse_response(buf: &[u8], eof: bool) -> Option<RawResponse> {
         };
         let chunked =
             get("transfer-encoding").is_some_and(|v| v.to_lowercase().contains("chunked"));
-        let body = if status == 204 || status == 304 {
-            Vec::new()
+        let (body, used) = if status == 204 || status == 304 {
+            (Vec::new(), 0)
         } else if chunked {
             decode_chunked(rest)?
         } else if let Some(len) = get("content-length") {
@@ -962,39 +983,132 @@ fn parse_response(buf: &[u8], eof: bool) -> Option<RawResponse> {
             if rest.len() < len {
                 return None;
             }
-            rest[..len].to_vec()
+            (rest[..len].to_vec(), len)
         } else if eof {
-            rest.to_vec()
+            (rest.to_vec(), rest.len())
         } else {
             return None;
         };
-        return Some(RawResponse {
-            status,
-            headers,
-            body,
-        });
+        let consumed = offset + head_end + 4 + used;
+        return Some((
+            RawResponse {
+                status,
+                headers,
+                body,
+            },
+            consumed,
+        ));
     }
 }
 
-fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
+/// Decodes a chunked body; returns it and the number of bytes it took.
+fn decode_chunked(data: &[u8]) -> Option<(Vec<u8>, usize)> {
     let mut out = Vec::new();
+    let mut pos = 0;
     loop {
-        let line_end = find(data, b"\r\n")?;
-        let size_text = String::from_utf8_lossy(&data[..line_end]).into_owned();
+        let line_end = find(&data[pos..], b"\r\n")?;
+        let size_text = String::from_utf8_lossy(&data[pos..pos + line_end]).into_owned();
         let size_text = size_text.split(';').next()?.trim().to_string();
         let size = usize::from_str_radix(&size_text, 16).ok()?;
-        data = &data[line_end + 2..];
+        pos += line_end + 2;
         if size == 0 {
             // Trailers end with an empty line.
-            find(data, b"\r\n")?;
-            return Some(out);
+            loop {
+                let end = find(&data[pos..], b"\r\n")?;
+                pos += end + 2;
+                if end == 0 {
+                    return Some((out, pos));
+                }
+            }
         }
-        if data.len() < size + 2 {
+        if data.len() < pos + size + 2 {
             return None;
         }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
+        out.extend_from_slice(&data[pos..pos + size]);
+        pos += size + 2;
     }
+}
+
+/// One kept-alive HTTP/1.1 connection, for sequential requests on the same socket.
+pub struct RawConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    pub fn connect(addr: &str) -> RawConn {
+        let stream = TcpStream::connect(addr).expect("connect to flux");
+        stream
+            .set_read_timeout(Some(REQUEST_TIMEOUT))
+            .expect("read timeout");
+        stream
+            .set_write_timeout(Some(REQUEST_TIMEOUT))
+            .expect("write timeout");
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, request: &[u8]) {
+        self.stream.write_all(request).expect("write request");
+    }
+
+    /// Reads the next response (bounded by the read timeout); `None` when the connection
+    /// ends first.
+    pub fn read_response(&mut self) -> Option<RawResponse> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            if let Some((resp, used)) = parse_response_len(&self.buf, false) {
+                self.buf.drain(..used);
+                return Some(resp);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => {
+                    let (resp, used) = parse_response_len(&self.buf, true)?;
+                    self.buf.drain(..used);
+                    return Some(resp);
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Sends one request and reads its response, panicking when none comes.
+    pub fn roundtrip(&mut self, request: &[u8]) -> RawResponse {
+        self.send(request);
+        self.read_response()
+            .expect("response on the kept-alive connection")
+    }
+
+    /// The underlying socket (to leave it idle, or half-written).
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+/// A raw HTTP/1.1 request that keeps the connection alive.
+pub fn keepalive_request(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut out = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
 }
 
 /// Builds a raw HTTP/1.1 request with `Content-Length` (unless given in `headers`).

@@ -7,9 +7,16 @@
 //!   (group commit), and only then dispatches the frames to the shards, in position order.
 //! - A failed write is cut back off the file and its appends fail as *unavailable*; a failed
 //!   `fdatasync` leaves the file in an unknown state, so the log refuses every later write.
-//! - On open, every frame is checked (length, CRC32C, position continuity). A bad or partial
-//!   frame at the end of the newest segment is a torn write: the tail is cut and the number of
-//!   bytes dropped is logged. Damage anywhere else is corruption and the log refuses to open.
+//! - On open, every frame is checked (length, CRC32C, position continuity). The first bad or
+//!   partial frame of the newest segment ends the log: it and everything after it are cut (a
+//!   torn group commit can leave later frames of the same unsynced write looking intact), the
+//!   cut bytes are kept beside the segment in `<segment>.torn-<offset>` for inspection, and the
+//!   number of bytes dropped is logged. Damage in any older segment is corruption and the log
+//!   refuses to open.
+//! - Positions are dense within a segment. A gap *between* segments only appears when the log
+//!   was continued at a snapshot's position ([`LocalLog::skip_to`]); open reports every gap in
+//!   [`OpenSummary::gaps`] and the engine refuses to start unless a snapshot covers them.
+//! - An empty append writes nothing and completes at once.
 //! - Segments roll at `segment_bytes`; whole segments are dropped by [`Log::compact`] once a
 //!   snapshot covers them and their newest record is past retention. The active one never is.
 
@@ -60,6 +67,8 @@ pub struct OpenSummary {
     pub records: u64,
     /// Bytes cut from a torn tail.
     pub dropped_bytes: u64,
+    /// `(first missing, first present)` position ranges skipped between segments.
+    pub gaps: Vec<(LogPosition, LogPosition)>,
 }
 
 struct Segment {
@@ -148,11 +157,16 @@ impl LocalLog {
         for (i, &start) in starts.iter().enumerate() {
             let path = segment_path(dir, start);
             let is_last = i + 1 == starts.len();
-            if start != expected {
+            if start < expected {
                 return Err(LogError::Corrupt(format!(
-                    "{} starts at position {start}, expected {expected}",
-                    path.display()
+                    "{} starts at position {start}, inside the previous segment (which ends at {})",
+                    path.display(),
+                    expected - 1
                 )));
+            }
+            if start > expected {
+                summary.gaps.push((expected, start));
+                expected = start;
             }
             let data = fs::read(&path)?;
             let mut segment = Segment {
@@ -200,12 +214,15 @@ impl LocalLog {
                     return Err(LogError::Corrupt(format!("{}: {reason}", path.display())));
                 }
                 let dropped = (data.len() - offset) as u64;
+                let kept = path.with_extension(format!("seg.torn-{offset}"));
+                fs::write(&kept, &data[offset..])?;
                 let file = OpenOptions::new().write(true).open(&path)?;
                 file.set_len(offset as u64)?;
                 file.sync_all()?;
                 summary.dropped_bytes = dropped;
                 tracing::warn!(
                     segment = %path.display(), %reason, dropped_bytes = dropped,
+                    kept_in = %kept.display(),
                     "cut torn tail of the log: dropped {dropped} bytes"
                 );
             }
@@ -467,6 +484,10 @@ impl Writer {
             let mut barrier = None;
             while let Some(msg) = next.take() {
                 match msg {
+                    WriterMsg::Append { batch, completion } if batch.is_empty() => {
+                        // Nothing to make durable; positions stay as they are.
+                        completion.succeed(self.shared.next_position.load(Ordering::Acquire));
+                    }
                     WriterMsg::Append { batch, completion } => {
                         bytes += batch.encoded_bytes();
                         group.push((batch, completion));

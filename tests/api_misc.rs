@@ -1,0 +1,944 @@
+//! Black-box tests of health, metrics, CORS, routing, hostile input, and how the server runs:
+//! start-up, signals, restarts, the data-dir lock, and the listen settings (SPEC.md,
+//! "Errors", "Operations", "Running").
+
+mod util;
+
+use serde_json::{Value, json};
+use util::*;
+
+// ------------------------------------------------------------------ operations
+
+#[test]
+fn health_is_ok() {
+    let s = Server::start();
+    let (status, body) = s.get("/api/health");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ok", "{body}");
+}
+
+// ------------------------------------------------------------------ CORS
+
+const ORIGIN: &str = "https://example.com";
+
+fn assert_allow_origin(r: &Resp, what: &str) {
+    let v = r.header("access-control-allow-origin").unwrap_or_else(|| {
+        panic!(
+            "{what}: no Access-Control-Allow-Origin; headers {:?}",
+            r.headers
+        )
+    });
+    assert!(
+        v == "*" || v == ORIGIN,
+        "{what}: Access-Control-Allow-Origin {v:?}"
+    );
+}
+
+#[test]
+fn cors_headers_on_responses() {
+    let s = Server::start();
+    let o = [("Origin", ORIGIN)];
+    assert_allow_origin(&s.request("GET", "/api/health", &o, None), "GET health");
+    let body = event("acme/cors", json!({"v": 1})).to_string();
+    let r = s.request(
+        "POST",
+        "/api/events",
+        &[("Origin", ORIGIN), ("Content-Type", "application/json")],
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_allow_origin(&r, "POST event");
+    assert_allow_origin(
+        &s.request("GET", "/api/state/entities", &o, None),
+        "GET list",
+    );
+    assert_allow_origin(
+        &s.request("GET", "/api/state/entities/acme/cors", &o, None),
+        "GET one",
+    );
+    let r = s.request("GET", "/api/state/entities/acme/missing", &o, None);
+    assert_eq!(r.status, 404);
+    assert_allow_origin(&r, "404");
+    let r = s.request(
+        "POST",
+        "/api/events",
+        &[("Origin", ORIGIN), ("Content-Type", "application/json")],
+        Some(b"{bad"),
+    );
+    assert_eq!(r.status, 400);
+    assert_allow_origin(&r, "400");
+}
+
+fn list_allows(value: Option<&str>, wanted: &str) -> bool {
+    value.is_some_and(|v| {
+        v.split(',')
+            .map(str::trim)
+            .any(|x| x == "*" || x.eq_ignore_ascii_case(wanted))
+    })
+}
+
+#[test]
+fn cors_preflight() {
+    let s = Server::start();
+    for (path, method) in [
+        ("/api/events", "POST"),
+        ("/api/events/batch", "POST"),
+        ("/api/state/entities/acme/x", "DELETE"),
+        ("/api/state/entities/delete", "POST"),
+    ] {
+        let r = s.request(
+            "OPTIONS",
+            path,
+            &[
+                ("Origin", ORIGIN),
+                ("Access-Control-Request-Method", method),
+                (
+                    "Access-Control-Request-Headers",
+                    "content-type,authorization",
+                ),
+            ],
+            None,
+        );
+        assert!(
+            r.status == 200 || r.status == 204,
+            "preflight {path}: {} {}",
+            r.status,
+            r.text
+        );
+        assert_allow_origin(&r, path);
+        let methods = r.header("access-control-allow-methods");
+        assert!(
+            list_allows(methods, method),
+            "{path}: allow-methods {methods:?}"
+        );
+        let headers = r.header("access-control-allow-headers");
+        assert!(
+            list_allows(headers, "content-type"),
+            "{path}: allow-headers {headers:?}"
+        );
+        assert!(
+            list_allows(headers, "authorization"),
+            "{path}: allow-headers {headers:?}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------ routing
+
+#[test]
+fn unknown_routes_are_404_json() {
+    let s = Server::start();
+    for path in [
+        "/api/nope",
+        "/nope",
+        "/api",
+        "/api/events/extra/stuff",
+        "/api/state",
+        "/api/healthz",
+    ] {
+        let r = s.get_resp(path);
+        assert_eq!(r.status, 404, "{path}: {} {}", r.status, r.text);
+        error_message(&r.json());
+    }
+    let r = s.post_raw("/api/unknown", b"{}");
+    assert_eq!(r.status, 404, "{}", r.text);
+    error_message(&r.json());
+}
+
+#[test]
+fn namespace_routes_are_404_with_auth_off() {
+    let s = Server::start();
+    let (status, body) = s.post("/api/namespaces", &json!({"name": "acme"}));
+    assert_error(status, &body, 404, "");
+    let (status, body) = s.get("/api/namespaces/acme");
+    assert_error(status, &body, 404, "");
+}
+
+#[test]
+fn wrong_methods_are_404_or_405() {
+    let s = Server::start();
+    for (method, path) in [
+        ("PUT", "/api/events"),
+        ("DELETE", "/api/events"),
+        ("PATCH", "/api/events"),
+        ("GET", "/api/events/batch"),
+        ("PUT", "/api/events/batch"),
+        ("PATCH", "/api/state/entities/acme/x"),
+        ("PUT", "/api/state/entities/acme/x"),
+        ("POST", "/api/state/entities"),
+        ("DELETE", "/api/state/entities"),
+        ("GET", "/api/state/entities/delete/"),
+        ("POST", "/api/health"),
+        ("DELETE", "/api/health"),
+    ] {
+        let body: Option<&[u8]> = if method == "GET" || method == "DELETE" {
+            None
+        } else {
+            Some(b"{}")
+        };
+        let r = s.request(method, path, &[("Content-Type", "application/json")], body);
+        assert!(
+            r.status == 404 || r.status == 405,
+            "{method} {path}: {} {}",
+            r.status,
+            r.text
+        );
+        error_message(&r.json());
+    }
+}
+
+// ------------------------------------------------------------------ hostile input
+
+fn assert_not_5xx(s: &Server, what: &str, req: &[u8]) {
+    match s.raw(req) {
+        RawOutcome::Response(r) => {
+            assert!(r.status < 500, "{what}: {} {}", r.status, r.text());
+            if r.status >= 400 {
+                let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|e| {
+                    panic!("{what}: {} body not JSON ({e}): {}", r.status, r.text())
+                });
+                error_message(&v);
+            }
+        }
+        RawOutcome::Closed { partial } => {
+            // A malformed request line may be answered by closing; that is not a hang.
+            assert!(
+                partial.is_empty(),
+                "{what}: connection closed mid-response: {:?}",
+                String::from_utf8_lossy(&partial)
+            );
+        }
+        RawOutcome::TimedOut { partial } => panic!(
+            "{what}: no response (hang); got {:?}\n--- stderr ---\n{}",
+            String::from_utf8_lossy(&partial),
+            s.stderr_text()
+        ),
+    }
+}
+
+#[test]
+fn no_500_for_hostile_bodies() {
+    let s = Server::start();
+    let json_ct = [("Content-Type", "application/json")];
+    let deep_array = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let deep_object = format!("{}1{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000));
+    let deep_props = format!(
+        r#"{{"stream":"s","source":"s","timestamp":1,"payload":{{"entity_id":"acme/deep","properties":{{"x":{}1{}}}}}}}"#,
+        r#"{"a":"#.repeat(10_000),
+        "}".repeat(10_000)
+    );
+    let deep_props_arr = format!(
+        r#"{{"stream":"s","source":"s","timestamp":1,"payload":{{"entity_id":"acme/deep2","properties":{{"x":{}{}}}}}}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let mut bad_utf8 =
+        br#"{"stream":"s","source":"s","timestamp":1,"payload":{"entity_id":"acme/"#.to_vec();
+    bad_utf8.extend_from_slice(&[0xff, 0xfe, 0xc3, 0x28]);
+    bad_utf8.extend_from_slice(br#"","properties":{"v":"#);
+    bad_utf8.extend_from_slice(&[b'"', 0xed, 0xa0, 0x80, b'"']);
+    bad_utf8.extend_from_slice(b"}}}");
+    let bodies: Vec<(String, Vec<u8>)> = vec![
+        ("empty".into(), Vec::new()),
+        ("invalid utf-8".into(), bad_utf8.clone()),
+        ("raw bytes".into(), vec![0xff, 0x00, 0x80, 0x7f, 0xc0]),
+        ("nul".into(), b"\0\0\0\0".to_vec()),
+        ("deep array".into(), deep_array.into_bytes()),
+        ("deep object".into(), deep_object.into_bytes()),
+        ("deep properties".into(), deep_props.into_bytes()),
+        ("deep properties array".into(), deep_props_arr.into_bytes()),
+        (
+            "huge timestamp".into(),
+            br#"{"stream":"s","source":"s","timestamp":99999999999999999999999999,"payload":{"entity_id":"a/b","properties":{}}}"#.to_vec(),
+        ),
+        (
+            "timestamp 1e400".into(),
+            br#"{"stream":"s","source":"s","timestamp":1e400,"payload":{"entity_id":"a/b","properties":{}}}"#.to_vec(),
+        ),
+        (
+            "timestamp u64 max".into(),
+            br#"{"stream":"s","source":"s","timestamp":18446744073709551615,"payload":{"entity_id":"a/b","properties":{}}}"#.to_vec(),
+        ),
+        (
+            "huge property numbers".into(),
+            br#"{"stream":"s","source":"s","timestamp":1,"payload":{"entity_id":"a/n","properties":{"a":1e400,"b":-1e400,"c":1e-400,"d":123456789012345678901234567890123456789012345678901234567890}}}"#.to_vec(),
+        ),
+        (
+            "lone surrogate escape".into(),
+            br#"{"stream":"s","source":"s","timestamp":1,"payload":{"entity_id":"a/\ud800","properties":{"s":"\udc00"}}}"#.to_vec(),
+        ),
+        (
+            "duplicate keys".into(),
+            br#"{"stream":"s","stream":"t","source":"s","timestamp":1,"payload":{"entity_id":"a/d","properties":{"k":1,"k":2}}}"#.to_vec(),
+        ),
+        ("number".into(), b"1e999999".to_vec()),
+        ("string".into(), b"\"\\u0000\"".to_vec()),
+        ("truncated".into(), br#"{"stream":"s","source":"#.to_vec()),
+        ("whitespace".into(), b"   \r\n\t ".to_vec()),
+        ("bom".into(), b"\xef\xbb\xbf{}".to_vec()),
+    ];
+    for path in [
+        "/api/events",
+        "/api/events/batch",
+        "/api/state/entities/delete",
+    ] {
+        for (name, body) in &bodies {
+            let req = http_request("POST", path, &json_ct, body);
+            assert_not_5xx(&s, &format!("POST {path} {name}"), &req);
+        }
+        // Wrong or missing content type.
+        let good = event("acme/ct", json!({"v": 1})).to_string();
+        for ct in [
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+            Some("garbage"),
+            None,
+        ] {
+            let headers: Vec<(&str, &str)> = ct.map(|c| ("Content-Type", c)).into_iter().collect();
+            let req = http_request("POST", path, &headers, good.as_bytes());
+            assert_not_5xx(&s, &format!("POST {path} content-type {ct:?}"), &req);
+        }
+        let req = http_request(
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            &bad_utf8,
+        );
+        assert_not_5xx(&s, &format!("POST {path} bad utf8"), &req);
+    }
+    // Batches of hostile items.
+    let batch = format!(
+        "[{},{},{}]",
+        r#"{"stream":"s","source":"s","timestamp":1e400,"payload":{"entity_id":"a/b","properties":{}}}"#,
+        format_args!("{}{}", "[".repeat(5_000), "]".repeat(5_000)),
+        r#"{"payload":[]}"#
+    );
+    let req = http_request("POST", "/api/events/batch", &json_ct, batch.as_bytes());
+    assert_not_5xx(&s, "hostile batch items", &req);
+    // The server survived all of that.
+    let (status, body) = s.get("/api/health");
+    assert_eq!(status, 200, "{body}");
+    s.put("acme/still-alive", json!({"v": 1}));
+}
+
+#[test]
+fn no_500_for_hostile_paths_and_queries() {
+    let s = Server::start();
+    s.put("acme/x", json!({"v": 1}));
+    let long = "a".repeat(4000);
+    let paths = vec![
+        "/api/state/entities/%ZZ".to_string(),
+        "/api/state/entities/%".to_string(),
+        "/api/state/entities/%00".to_string(),
+        "/api/state/entities/%FF%FE".to_string(),
+        "/api/state/entities/%C3%28".to_string(),
+        "/api/state/entities/".to_string(),
+        "/api/state/entities//".to_string(),
+        "/api/state/entities/acme/../acme/x".to_string(),
+        "/api/state/entities/acme%2F..%2Fx".to_string(),
+        format!("/api/state/entities/{long}"),
+        "/api/state/entities?limit=-1".to_string(),
+        "/api/state/entities?limit=abc".to_string(),
+        "/api/state/entities?limit=99999999999999999999999".to_string(),
+        "/api/state/entities?limit=0".to_string(),
+        "/api/state/entities?after=%FF".to_string(),
+        "/api/state/entities?prefix=%ZZ".to_string(),
+        "/api/state/entities?namespace=%00".to_string(),
+        "/api/state/entities?&&&=&=".to_string(),
+        "/api/events?entity=%FF".to_string(),
+        "/api/events?entity=%ZZ".to_string(),
+        "/api/events?entity=".to_string(),
+        "/api/events?entity=acme%2Fx&limit=-5".to_string(),
+        "/api/events?entity=acme%2Fx&limit=0".to_string(),
+        "/api/events?entity=acme%2Fx&limit=99999999999999999999".to_string(),
+        "/api/events?entity=acme%2Fx&since=garbage".to_string(),
+        "/api/events?entity=acme%2Fx&since=9999-99-99T99:99:99Z".to_string(),
+        "/api/events?entity=acme%2Fx&since=-1".to_string(),
+        "/api/events?entity=acme%2Fx&since=".to_string(),
+        "/api/events?entity=acme%2Fx&entity=other".to_string(),
+        format!("/api/events?entity={long}"),
+        "/api/health?x=%ZZ".to_string(),
+        "/%2e%2e/%2e%2e/etc/passwd".to_string(),
+        "//api//health".to_string(),
+    ];
+    for path in &paths {
+        for method in ["GET", "DELETE"] {
+            let req = http_request(method, path, &[], b"");
+            assert_not_5xx(&s, &format!("{method} {path}"), &req);
+        }
+    }
+    let (status, body) = s.get("/api/health");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.props("acme/x"), json!({"v": 1}));
+}
+
+#[test]
+fn no_hang_on_short_body() {
+    let s = Server::start();
+    // Content-Length promises more than is sent, then the client stops writing.
+    let req = b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+        Content-Length: 100\r\n\r\n{\"stream\":";
+    match raw_request(s.addr(), req, true) {
+        RawOutcome::Response(r) => {
+            assert!((400..500).contains(&r.status), "{} {}", r.status, r.text());
+        }
+        RawOutcome::Closed { .. } => {}
+        RawOutcome::TimedOut { partial } => {
+            panic!(
+                "server hung on a short body: {:?}",
+                String::from_utf8_lossy(&partial)
+            )
+        }
+    }
+    let (status, _) = s.get("/api/health");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn content_length_shorter_than_body() {
+    let s = Server::start();
+    let body = event("acme/cl", json!({"v": 1})).to_string();
+    let req = format!(
+        "POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 10\r\n\r\n{body}"
+    );
+    // Only the first 10 bytes are the body: that is not a valid event.
+    let r = s.raw_ok(req.as_bytes());
+    assert_eq!(r.status, 400, "{}", r.text());
+    error_message(&r.json());
+    assert_eq!(s.entity("acme/cl").0, 404);
+}
+
+#[test]
+fn garbage_request_lines_do_not_kill_the_server() {
+    let s = Server::start();
+    for req in [
+        &b"\r\n\r\n"[..],
+        b"GARBAGE\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"\xff\xfe\xfd\r\n\r\n",
+        b"POST /api/events HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST /api/events HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+        b"POST /api/events HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n",
+        b"POST /api/events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /api/events HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+    ] {
+        match raw_request(s.addr(), req, true) {
+            RawOutcome::Response(r) => {
+                assert!(
+                    r.status < 500,
+                    "{:?}: {} {}",
+                    String::from_utf8_lossy(req),
+                    r.status,
+                    r.text()
+                )
+            }
+            RawOutcome::Closed { .. } => {}
+            RawOutcome::TimedOut { partial } => panic!(
+                "{:?}: hang; got {:?}",
+                String::from_utf8_lossy(req),
+                String::from_utf8_lossy(&partial)
+            ),
+        }
+    }
+    let (status, _) = s.get("/api/health");
+    assert_eq!(status, 200);
+}
+
+// ------------------------------------------------------------------ running
+
+#[test]
+fn startup_line_names_the_address() {
+    let s = Server::start();
+    let out = s.stdout_text();
+    let line = out
+        .lines()
+        .find(|l| l.contains("listening on http://"))
+        .expect("start-up line");
+    assert!(line.contains(&format!("127.0.0.1:{}", s.port())), "{line}");
+    // The effective settings include the data directory.
+    let dir = s.data_dir().display().to_string();
+    assert!(
+        line.contains(&dir),
+        "start-up line does not show the data dir {dir}: {line}"
+    );
+}
+
+#[test]
+fn sigterm_exits_zero_and_data_survives() {
+    let mut s = Server::start();
+    for i in 0..20 {
+        s.put(&format!("acme/t-{i:02}"), json!({"i": i}));
+    }
+    s.put("acme/t-00", json!({"extra": true}));
+    assert_eq!(s.delete("/api/state/entities/acme/t-19").0, 200);
+    let before = s.list("?namespace=acme");
+    let hist_before = s.history("acme/t-00", "");
+    let status = s.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status:?}\n{}",
+        s.stderr_text()
+    );
+
+    s.restart();
+    let after = s.list("?namespace=acme");
+    assert_eq!(
+        after, before,
+        "state (lastUpdated included) changed across a clean restart"
+    );
+    assert_eq!(s.props("acme/t-00"), json!({"i": 0, "extra": true}));
+    assert_eq!(s.entity("acme/t-19").0, 404);
+    assert_eq!(
+        s.history("acme/t-00", ""),
+        hist_before,
+        "history changed across a clean restart"
+    );
+    assert_eq!(s.history("acme/t-00", "").len(), 2);
+    assert_eq!(s.history("acme/t-19", "").len(), 2);
+    // Still writable after the restart.
+    s.put("acme/t-20", json!({"i": 20}));
+    assert_eq!(s.props("acme/t-20"), json!({"i": 20}));
+}
+
+#[test]
+fn sigint_exits_zero_and_data_survives() {
+    let mut s = Server::start();
+    s.put("acme/int", json!({"v": 1}));
+    let status = s.signal_and_wait(libc::SIGINT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGINT: {status:?}\n{}",
+        s.stderr_text()
+    );
+    s.restart();
+    assert_eq!(s.props("acme/int"), json!({"v": 1}));
+}
+
+#[test]
+fn kill9_loses_no_acknowledged_write() {
+    let mut s = Server::start();
+    for i in 0..50 {
+        s.put(&format!("acme/k-{i:02}"), json!({"i": i}));
+    }
+    let events: Vec<Value> = (0..50)
+        .map(|i| event(&format!("acme/kb-{i:02}"), json!({"i": i})))
+        .collect();
+    let (status, body) = s.post("/api/events/batch", &Value::Array(events));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.delete("/api/state/entities/acme/k-00").0, 200);
+    let before = s.list("?namespace=acme");
+    s.kill9();
+    s.restart();
+    let after = s.list("?namespace=acme");
+    assert_eq!(after.len(), 99);
+    assert_eq!(after, before, "state changed across kill -9");
+    // Twice, with writes in between.
+    s.put("acme/k-00", json!({"back": true}));
+    s.kill9();
+    s.restart();
+    assert_eq!(s.props("acme/k-00"), json!({"back": true}));
+    assert_eq!(s.list("?namespace=acme").len(), 100);
+}
+
+#[test]
+fn second_server_on_same_data_dir_refuses() {
+    let first = Server::start();
+    first.put("acme/first", json!({"v": 1}));
+    let second = Server::try_start(Options {
+        dir: Some(first.dir_handle()),
+        ..Options::default()
+    });
+    match second {
+        Ok(s) => panic!(
+            "a second server started on {} at {}",
+            first.data_dir().display(),
+            s.url()
+        ),
+        Err(f) => {
+            let status = f.status.expect("second server exit status");
+            assert!(!status.success(), "second server exited with {status:?}");
+            let dir = first.data_dir().display().to_string();
+            let err = f.stderr.to_lowercase();
+            assert!(
+                f.stderr.contains(&dir)
+                    || ["lock", "data dir", "data-dir", "data_dir", "in use"]
+                        .iter()
+                        .any(|w| err.contains(w)),
+                "stderr does not say why: {}",
+                f.stderr
+            );
+        }
+    }
+    // The first one is unharmed.
+    assert_eq!(first.props("acme/first"), json!({"v": 1}));
+    first.put("acme/first", json!({"v": 2}));
+}
+
+#[test]
+fn data_dir_lock_is_released_on_exit() {
+    let mut s = Server::start();
+    s.put("acme/lock", json!({"v": 1}));
+    assert_eq!(s.terminate().code(), Some(0));
+    s.restart();
+    s.kill9();
+    // A kill -9 leaves no stale lock behind either.
+    s.restart();
+    assert_eq!(s.props("acme/lock"), json!({"v": 1}));
+}
+
+#[test]
+fn port_env_sets_the_port() {
+    let port = free_port();
+    let s = Server::start_with(Options {
+        listen_flag: None,
+        env: vec![("PORT".into(), port.to_string())],
+        ..Options::default()
+    });
+    assert_eq!(s.port(), port, "start-up line: {}", s.stdout_text());
+    let (status, body) = s.get("/api/health");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn flux_listen_env_sets_the_address() {
+    let port = free_port();
+    let s = Server::start_with(Options {
+        listen_flag: None,
+        env: vec![("FLUX_LISTEN".into(), format!("127.0.0.1:{port}"))],
+        ..Options::default()
+    });
+    assert_eq!(s.port(), port, "start-up line: {}", s.stdout_text());
+    assert_eq!(s.url(), format!("http://127.0.0.1:{port}"));
+    let (status, body) = s.get("/api/health");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn flux_data_dir_env_sets_the_data_dir() {
+    let dir = DataDir::temp();
+    let data = dir.path().join("flux-data-env");
+    let opts = Options {
+        data_dir_flag: false,
+        env: vec![("FLUX_DATA_DIR".into(), data.display().to_string())],
+        dir: Some(dir.clone()),
+        ..Options::default()
+    };
+    let mut s = Server::start_with(opts);
+    s.put("acme/env-dir", json!({"v": 1}));
+    assert_eq!(s.terminate().code(), Some(0));
+    let entries = std::fs::read_dir(&data)
+        .unwrap_or_else(|e| panic!("FLUX_DATA_DIR {} was not used: {e}", data.display()))
+        .count();
+    assert!(entries > 0, "FLUX_DATA_DIR {} is empty", data.display());
+    s.restart();
+    assert_eq!(s.props("acme/env-dir"), json!({"v": 1}));
+}
+
+#[test]
+fn log_and_retention_flags_are_accepted() {
+    let s = Server::start_args(&["--log", "local", "--retention", "7d"]);
+    s.put("acme/flags", json!({"v": 1}));
+    assert_eq!(s.history("acme/flags", "").len(), 1);
+    let s = Server::start_with(Options {
+        env: vec![
+            ("FLUX_LOG".into(), "local".into()),
+            ("FLUX_RETENTION".into(), "2d".into()),
+        ],
+        ..Options::default()
+    });
+    s.put("acme/flags", json!({"v": 1}));
+    assert_eq!(s.props("acme/flags"), json!({"v": 1}));
+}
+
+// ------------------------------------------------------------------ signals under load
+
+/// Starts `writers` threads that each publish an increasing counter to `crash/w-<k>` until the
+/// server stops answering; once `acks` writes in total are acknowledged, `stop` is called (it
+/// signals the server). Returns, per writer, the highest acknowledged counter, and every
+/// unexpected status seen.
+fn write_until_stopped(
+    s: &mut Server,
+    writers: usize,
+    acks: usize,
+    stop: impl FnOnce(&mut Server),
+) -> (Vec<Option<i64>>, Vec<String>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let acked = Arc::new(AtomicUsize::new(0));
+    let odd = Arc::new(Mutex::new(Vec::new()));
+    let handles: Vec<_> = (0..writers)
+        .map(|k| {
+            let c = s.client();
+            let acked = acked.clone();
+            let odd = odd.clone();
+            std::thread::spawn(move || {
+                let mut last = None;
+                for n in 0..20_000i64 {
+                    let ev = event(&format!("crash/w-{k}"), json!({"n": n}));
+                    match c.post("/api/events", &ev) {
+                        Ok((200, _)) => {
+                            last = Some(n);
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // Refused while shutting down: allowed, nothing was accepted.
+                        Ok((503, _)) => {}
+                        Ok((status, text)) => {
+                            odd.lock().unwrap().push(format!("{status} {text}"));
+                        }
+                        Err(_) => break,
+                    }
+                }
+                last
+            })
+        })
+        .collect();
+    let reached = wait_for(std::time::Duration::from_secs(30), || {
+        (acked.load(Ordering::SeqCst) >= acks).then_some(())
+    });
+    stop(s);
+    let lasts: Vec<Option<i64>> = handles
+        .into_iter()
+        .map(|h| h.join().expect("writer"))
+        .collect();
+    assert!(
+        reached.is_some(),
+        "writers never reached {acks} acknowledged writes"
+    );
+    let odd = odd.lock().unwrap().clone();
+    (lasts, odd)
+}
+
+fn assert_acknowledged_survive(s: &Server, lasts: &[Option<i64>]) {
+    for (k, last) in lasts.iter().enumerate() {
+        let Some(last) = last else { continue };
+        let id = format!("crash/w-{k}");
+        let props = s.props(&id);
+        let n = props["n"].as_i64().expect("n");
+        assert!(
+            n >= *last,
+            "{id}: acknowledged n={last} but after restart n={n}"
+        );
+        let hist = s.history(&id, "&limit=1");
+        assert_eq!(
+            hist[0]["payload"]["properties"]["n"],
+            json!(n),
+            "{id}: history head"
+        );
+    }
+}
+
+#[test]
+fn sigterm_under_load_keeps_acknowledged_writes() {
+    let mut s = Server::start();
+    let (lasts, odd) = write_until_stopped(&mut s, 4, 200, |s| {
+        let status = s.terminate();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "exit after SIGTERM under load: {status:?}"
+        );
+    });
+    assert!(
+        odd.is_empty(),
+        "unexpected statuses during shutdown: {odd:?}"
+    );
+    s.restart();
+    assert_acknowledged_survive(&s, &lasts);
+}
+
+#[test]
+fn kill9_under_load_loses_no_acknowledged_write() {
+    let mut s = Server::start();
+    let (lasts, odd) = write_until_stopped(&mut s, 4, 200, |s| s.kill9());
+    assert!(odd.is_empty(), "unexpected statuses: {odd:?}");
+    s.restart();
+    assert_acknowledged_survive(&s, &lasts);
+}
+
+#[test]
+fn snapshot_plus_tail_equals_state() {
+    let mut s = Server::start();
+    let events: Vec<Value> = (0..300)
+        .map(|i| {
+            event(
+                &format!("snap/e-{:02}", i % 30),
+                json!({"i": i, format!("k{}", i % 7): i}),
+            )
+        })
+        .collect();
+    let (status, body) = s.post("/api/events/batch", &Value::Array(events));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.delete("/api/state/entities/snap/e-03").0, 200);
+    // A clean stop writes a snapshot.
+    assert_eq!(s.terminate().code(), Some(0));
+    s.restart();
+    // The tail: more writes, deletes and re-creations after the snapshot.
+    for i in 0..40 {
+        s.put(&format!("snap/e-{:02}", i % 35), json!({"tail": i}));
+    }
+    let (status, body) = s.post(
+        "/api/state/entities/delete",
+        &json!({"entity_ids": ["snap/e-05", "snap/e-06"]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    s.put("snap/e-05", json!({"reborn": true}));
+    let state = s.list("?namespace=snap");
+    let hists: Vec<Vec<Value>> = (0..35)
+        .map(|i| s.history(&format!("snap/e-{i:02}"), "&limit=500"))
+        .collect();
+    s.kill9();
+    s.restart();
+    assert_eq!(
+        s.list("?namespace=snap"),
+        state,
+        "snapshot + tail differs from the live state"
+    );
+    for (i, h) in hists.iter().enumerate() {
+        assert_eq!(
+            &s.history(&format!("snap/e-{i:02}"), "&limit=500"),
+            h,
+            "history of e-{i:02}"
+        );
+    }
+    // And once more after a clean stop (a fresh snapshot).
+    assert_eq!(s.terminate().code(), Some(0));
+    s.restart();
+    assert_eq!(
+        s.list("?namespace=snap"),
+        state,
+        "state differs after a second snapshot"
+    );
+}
+
+// ------------------------------------------------------------------ connections
+
+#[test]
+fn keepalive_connection_serves_sequential_requests() {
+    let s = Server::start();
+    let mut conn = RawConn::connect(s.addr());
+    let json_ct = [("Content-Type", "application/json")];
+    for i in 0..5 {
+        let body = event("acme/ka", json!({"i": i})).to_string();
+        let r = conn.roundtrip(&keepalive_request(
+            "POST",
+            "/api/events",
+            &json_ct,
+            body.as_bytes(),
+        ));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = conn.roundtrip(&keepalive_request(
+            "GET",
+            "/api/state/entities/acme/ka",
+            &[],
+            b"",
+        ));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["properties"]["i"], json!(i));
+        // An error reply on a fully sent body leaves the connection usable.
+        let r = conn.roundtrip(&keepalive_request("POST", "/api/events", &json_ct, b"{bad"));
+        assert_eq!(r.status, 400, "{}", r.text());
+        let r = conn.roundtrip(&keepalive_request("GET", "/api/nope", &[], b""));
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
+}
+
+#[test]
+fn sigterm_with_idle_and_stalled_connections_exits_zero() {
+    use std::io::Write;
+    let mut s = Server::start();
+    s.put("acme/idle", json!({"v": 1}));
+    // A kept-alive connection that has finished a request and now sits idle.
+    let mut idle = RawConn::connect(s.addr());
+    let r = idle.roundtrip(&keepalive_request("GET", "/api/health", &[], b""));
+    assert_eq!(r.status, 200);
+    // A connection that never sends anything.
+    let silent = RawConn::connect(s.addr());
+    // A connection stuck in the middle of its headers.
+    let mut stalled = RawConn::connect(s.addr());
+    stalled
+        .stream()
+        .write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+        .expect("partial headers");
+    // A connection stuck in the middle of its body.
+    let mut half_body = RawConn::connect(s.addr());
+    half_body
+        .stream()
+        .write_all(
+            b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 500\r\n\r\n{\"stream\":",
+        )
+        .expect("partial body");
+    let status = s.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after SIGTERM with open connections: {status:?}\n{}",
+        s.stderr_text()
+    );
+    drop((idle, silent, stalled, half_body));
+    s.restart();
+    assert_eq!(s.props("acme/idle"), json!({"v": 1}));
+}
+
+// ------------------------------------------------------------------ start-up failures
+
+#[test]
+fn missing_data_dir_is_created() {
+    let root = DataDir::temp();
+    let nested = root.path().join("a/b/flux-data");
+    let mut s = Server::start_with(Options {
+        args: vec!["--data-dir".into(), nested.display().to_string()],
+        data_dir_flag: false,
+        dir: Some(root.clone()),
+        ..Options::default()
+    });
+    s.put("acme/nested", json!({"v": 1}));
+    assert!(nested.is_dir(), "{} was not created", nested.display());
+    assert_eq!(s.terminate().code(), Some(0));
+    s.restart();
+    assert_eq!(s.props("acme/nested"), json!({"v": 1}));
+}
+
+#[test]
+fn unusable_data_dir_exits_nonzero() {
+    let root = DataDir::temp();
+    let file = root.path().join("not-a-dir");
+    std::fs::write(&file, b"just a file").expect("write file");
+    let result = Server::try_start(Options {
+        args: vec!["--data-dir".into(), file.display().to_string()],
+        data_dir_flag: false,
+        dir: Some(root.clone()),
+        ..Options::default()
+    });
+    match result {
+        Ok(s) => panic!("flux started on a data dir that is a file, at {}", s.url()),
+        Err(f) => {
+            let status = f.status.expect("exit status");
+            assert!(!status.success(), "exit status {status:?}");
+            assert!(!f.stderr.trim().is_empty(), "no reason given on stderr");
+        }
+    }
+}
+
+#[test]
+fn port_in_use_exits_nonzero() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let result = Server::try_start(Options {
+        listen_flag: Some(addr.clone()),
+        ..Options::default()
+    });
+    match result {
+        Ok(s) => panic!("flux claims to listen on the taken {addr}: {}", s.url()),
+        Err(f) => {
+            let status = f.status.expect("exit status");
+            assert!(!status.success(), "exit status {status:?}");
+            assert!(!f.stderr.trim().is_empty(), "no reason given on stderr");
+        }
+    }
+    drop(taken);
+}
