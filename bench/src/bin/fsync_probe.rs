@@ -1,0 +1,65 @@
+//! Measures the disk's own durable-append cost: a 4 KiB `write` at the end of a file followed
+//! by `fdatasync` (`File::sync_data`), repeated, reporting p50/p99/max. This is the floor under
+//! every `LocalLog` group commit, which does the same (append, then one fdatasync).
+//!
+//! Usage: `fsync_probe [DIR] [REPEATS] [WRITE_BYTES]` (defaults: `target/tmp`, 1000, 4096).
+//! DIR must be on the disk under test; a tmpfs would report no cost at all. The probe file is
+//! removed afterwards.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn main() -> std::io::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = PathBuf::from(args.next().unwrap_or_else(|| "target/tmp".into()));
+    let repeats = number_arg(args.next(), "REPEATS", 1_000)?;
+    let write_bytes = number_arg(args.next(), "WRITE_BYTES", 4_096)?;
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("fsync_probe.{}.tmp", std::process::id()));
+    let result = probe(&path, repeats, write_bytes);
+    let _ = std::fs::remove_file(&path);
+    let mut latencies = result?;
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "{repeats} x ({write_bytes} B append + fdatasync) in {}: p50 {:.0} us, p99 {:.0} us, \
+         max {:.0} us, mean {:.0} us",
+        dir.display(),
+        micros(at(0.50)),
+        micros(at(0.99)),
+        micros(at(1.0)),
+        micros(latencies.iter().sum::<Duration>()) / latencies.len().max(1) as f64,
+    );
+    Ok(())
+}
+
+fn number_arg(arg: Option<String>, name: &str, default: usize) -> std::io::Result<usize> {
+    match arg {
+        Some(n) => n.parse().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{name} must be a number"),
+            )
+        }),
+        None => Ok(default),
+    }
+}
+
+fn probe(path: &Path, repeats: usize, write_bytes: usize) -> std::io::Result<Vec<Duration>> {
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(path)?;
+    let block = vec![0x5au8; write_bytes];
+    let mut latencies = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let start = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        latencies.push(start.elapsed());
+    }
+    Ok(latencies)
+}
