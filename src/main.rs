@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use flux_egress::Hub;
 use flux_engine::{Engine, EngineConfig};
-use flux_ingress::{Api, Limits};
+use flux_ingress::{Api, Limits, WebSocketHandler};
+use http_body_util::BodyExt;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -115,6 +117,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         segment_bytes: args.segment_bytes,
         retention: args.retention,
         snapshot_interval: args.snapshot_interval,
+        observer: None,
+    };
+    let hub = Hub::new();
+    let config = EngineConfig {
+        observer: Some(hub.clone()),
+        ..config
     };
     let (engine, recovery) = Engine::open(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -146,11 +154,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     stdout.flush()?;
 
+    let websocket: WebSocketHandler = {
+        let hub = hub.clone();
+        Arc::new(move |request| hub.upgrade(request).map(|body| body.boxed_unsync()))
+    };
     let api = Arc::new(Api {
         engine: engine.clone(),
         limits: Arc::new(Limits::default()),
+        websocket: Some(websocket),
     });
-    runtime.block_on(flux_ingress::serve(listener, api, shutdown_signal()));
+    let metrics = runtime.spawn(hub.clone().run_metrics(engine.clone()));
+    runtime.block_on(async {
+        flux_ingress::serve(listener, api, shutdown_signal()).await;
+        metrics.abort();
+        hub.shutdown().await;
+    });
     tracing::info!("shutting down: writing the final snapshot");
     engine.shutdown().context("final snapshot")?;
     runtime.shutdown_timeout(Duration::from_secs(1));

@@ -22,7 +22,8 @@ use crate::log::local::{LocalLog, LocalLogOptions, owners_of};
 use crate::log::{Log, LogError};
 use crate::record::{LogPosition, RecordBatch};
 use crate::shard::{
-    Completion, Dispatcher, ListQuery, ListedEntity, ShardStats, ShardWork, shard_of, start_shards,
+    ChangeObserver, Completion, Dispatcher, ListQuery, ListedEntity, ShardStats, ShardWork,
+    shard_of, start_observed_shards,
 };
 use crate::snapshot::{self, SnapshotJob};
 
@@ -31,8 +32,8 @@ const LIST_PAGE_ENTITIES: usize = 256;
 /// Snapshot entities sent to a shard per message while loading.
 const LOAD_BATCH_ENTITIES: usize = 1024;
 
-/// How the engine is set up; every field has a `flux serve` flag.
-#[derive(Debug, Clone)]
+/// How the engine is set up; every tuning field has a `flux serve` flag.
+#[derive(Clone)]
 pub struct EngineConfig {
     pub data_dir: PathBuf,
     /// Shard worker threads.
@@ -42,6 +43,8 @@ pub struct EngineConfig {
     pub retention: Duration,
     /// Time between periodic snapshots.
     pub snapshot_interval: Duration,
+    /// Told of every applied change (egress fan-out), if set.
+    pub observer: Option<Arc<dyn ChangeObserver>>,
 }
 
 /// Why an engine operation failed.
@@ -108,7 +111,8 @@ struct Inner {
     _lock: File,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch, by the wall clock.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -125,7 +129,8 @@ impl Engine {
         fs::create_dir_all(&snapshots).map_err(io_context("creating snapshots dir"))?;
 
         let shards = config.shards.max(1);
-        let (dispatcher, _threads) = start_shards(shards).map_err(io_context("starting shards"))?;
+        let (dispatcher, _threads) = start_observed_shards(shards, config.observer.clone())
+            .map_err(io_context("starting shards"))?;
         let mut report = RecoveryReport::default();
 
         let snapshot =
@@ -372,22 +377,28 @@ impl Engine {
         Ok(out)
     }
 
-    /// Entity count and log position.
+    /// Entity count, log position and active publishers.
     pub async fn stats(&self) -> EngineStats {
+        let next_position = self.inner.log.next_position();
         let mut stats = EngineStats {
-            next_position: self.inner.log.next_position(),
+            next_position,
             ..Default::default()
         };
+        let active_since_ms = now_ms().saturating_sub(ACTIVE_PUBLISHER_WINDOW.as_millis() as u64);
+        let mut sources = hashbrown::HashSet::new();
         for shard in 0..self.shard_count() {
             let (reply, rx) = oneshot::channel();
-            self.inner
-                .dispatcher
-                .send_async(shard, ShardWork::Stats { reply })
-                .await;
+            let work = ShardWork::Stats {
+                active_since_ms,
+                reply,
+            };
+            self.inner.dispatcher.send_async(shard, work).await;
             if let Ok(s) = rx.await {
                 stats.entities += s.entities;
+                sources.extend(s.active_sources);
             }
         }
+        stats.active_publishers = sources.len();
         stats
     }
 
@@ -395,9 +406,11 @@ impl Engine {
         (0..self.shard_count())
             .filter_map(|shard| {
                 let (reply, rx) = oneshot::channel();
-                self.inner
-                    .dispatcher
-                    .send(shard, ShardWork::Stats { reply });
+                let work = ShardWork::Stats {
+                    active_since_ms: 0,
+                    reply,
+                };
+                self.inner.dispatcher.send(shard, work);
                 rx.blocking_recv().ok()
             })
             .collect()
@@ -580,7 +593,12 @@ fn lock_data_dir(dir: &Path) -> Result<File, EngineError> {
 pub struct EngineStats {
     pub entities: usize,
     pub next_position: LogPosition,
+    /// Distinct event sources with a record accepted within [`ACTIVE_PUBLISHER_WINDOW`].
+    pub active_publishers: usize,
 }
+
+/// A source counts as an active publisher this long after its latest accepted event.
+pub const ACTIVE_PUBLISHER_WINDOW: Duration = Duration::from_secs(60);
 
 struct ShardCursor {
     page: VecDeque<ListedEntity>,

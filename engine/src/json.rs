@@ -49,6 +49,13 @@ pub fn write_u64(out: &mut Vec<u8>, n: u64) {
     let _ = write!(out, "{n}");
 }
 
+/// Appends a finite float in decimal (non-finite values as 0, which JSON cannot express).
+pub fn write_f64(out: &mut Vec<u8>, n: f64) {
+    use std::io::Write;
+    let n = if n.is_finite() { n } else { 0.0 };
+    let _ = write!(out, "{n}");
+}
+
 /// Appends a signed integer in decimal.
 pub fn write_i64(out: &mut Vec<u8>, n: i64) {
     use std::io::Write;

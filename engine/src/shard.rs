@@ -8,6 +8,8 @@
 //! - Records at or below `covered` (the snapshot the shard was loaded from) only feed the
 //!   history index; their effect on state is already in the snapshot.
 //! - Inboxes are bounded ([`SHARD_INBOX_CAPACITY`]); a full inbox makes the sender wait.
+//! - After applying a live record (not one a snapshot already covered) the shard tells its
+//!   [`ChangeObserver`], on the shard thread, in log order.
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
@@ -18,7 +20,7 @@ use hashbrown::HashMap;
 use tokio::sync::oneshot;
 
 use crate::entity::Entity;
-use crate::record::{Frame, LogPosition};
+use crate::record::{Frame, LogPosition, PropertyIter};
 use crate::snapshot::SnapshotJob;
 
 /// Messages a shard's inbox holds before senders wait (backpressure, never dropped).
@@ -85,10 +87,21 @@ pub struct ListQuery {
 }
 
 /// Counters a shard reports.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ShardStats {
     pub entities: usize,
     pub applied_through: LogPosition,
+    /// Event sources seen since the time the stats were asked for.
+    pub active_sources: Vec<Arc<str>>,
+}
+
+/// Told about every applied change by the shard that owns the entity, on the shard's thread
+/// and in log order, so implementations must be quick and must not block.
+pub trait ChangeObserver: Send + Sync + 'static {
+    /// The entity was created or its properties were merged with `properties` (as sent).
+    fn entity_updated(&self, entity_id: &str, accept_time_ms: u64, properties: PropertyIter<'_>);
+    /// The entity existed and was deleted.
+    fn entity_deleted(&self, entity_id: &str, accept_time_ms: u64);
 }
 
 /// Everything a shard can be asked to do.
@@ -133,7 +146,9 @@ pub enum ShardWork {
         job: Arc<SnapshotJob>,
         forget_before: LogPosition,
     },
+    /// Counters; sources last seen before `active_since_ms` are forgotten.
     Stats {
+        active_since_ms: u64,
         reply: oneshot::Sender<ShardStats>,
     },
 }
@@ -189,9 +204,18 @@ impl Dispatcher {
     }
 }
 
-/// Starts `count` shard threads; returns the dispatcher and their join handles.
+/// Starts `count` shard threads without an observer; see [`start_observed_shards`].
 pub fn start_shards(
     count: usize,
+) -> std::io::Result<(Dispatcher, Vec<std::thread::JoinHandle<()>>)> {
+    start_observed_shards(count, None)
+}
+
+/// Starts `count` shard threads that report changes to `observer`; returns the dispatcher and
+/// their join handles.
+pub fn start_observed_shards(
+    count: usize,
+    observer: Option<Arc<dyn ChangeObserver>>,
 ) -> std::io::Result<(Dispatcher, Vec<std::thread::JoinHandle<()>>)> {
     let mut inboxes = Vec::with_capacity(count);
     let mut threads = Vec::with_capacity(count);
@@ -200,6 +224,7 @@ pub fn start_shards(
         inboxes.push(tx);
         let shard = Shard {
             index,
+            observer: observer.clone(),
             ..Shard::default()
         };
         let handle = std::thread::Builder::new()
@@ -221,6 +246,9 @@ struct Shard {
     /// State already includes every record at or below this position (from a snapshot).
     covered: LogPosition,
     applied_through: LogPosition,
+    observer: Option<Arc<dyn ChangeObserver>>,
+    /// Event sources and the accept time of their latest record (for "active publishers").
+    sources: HashMap<Arc<str>, u64>,
 }
 
 impl Shard {
@@ -298,10 +326,15 @@ impl Shard {
                     .filter_map(|id| Some((&**id, self.entities.get(id)?)));
                 job.write_part(self.index, self.applied_through, entities);
             }
-            ShardWork::Stats { reply } => {
+            ShardWork::Stats {
+                active_since_ms,
+                reply,
+            } => {
+                self.sources.retain(|_, seen| *seen >= active_since_ms);
                 let stats = ShardStats {
                     entities: self.entities.len(),
                     applied_through: self.applied_through,
+                    active_sources: self.sources.keys().cloned().collect(),
                 };
                 let _ = reply.send(stats);
             }
@@ -350,9 +383,19 @@ impl Shard {
             if position <= self.covered {
                 continue;
             }
+            let source = record.fields.source;
+            match self.sources.get_mut(source) {
+                Some(seen) => *seen = frame.accept_time_ms,
+                None => {
+                    self.sources.insert(Arc::from(source), frame.accept_time_ms);
+                }
+            }
             if record.is_tombstone() {
                 if self.entities.remove(id).is_some() {
                     self.order.remove(id);
+                    if let Some(observer) = &self.observer {
+                        observer.entity_deleted(id, frame.accept_time_ms);
+                    }
                 }
                 continue;
             }
@@ -368,6 +411,9 @@ impl Shard {
             entity.merge_properties(record.properties());
             entity.last_updated_ms = frame.accept_time_ms;
             entity.revision = position;
+            if let Some(observer) = &self.observer {
+                observer.entity_updated(id, frame.accept_time_ms, record.properties());
+            }
         }
     }
 

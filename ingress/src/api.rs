@@ -48,10 +48,14 @@ impl Default for Limits {
     }
 }
 
+/// Serves `GET /api/ws` (the upgrade); provided by the binary, which wires egress in.
+pub type WebSocketHandler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
+
 /// What every handler shares.
 pub struct Api {
     pub engine: Engine,
     pub limits: Arc<Limits>,
+    pub websocket: Option<WebSocketHandler>,
 }
 
 fn now_ms() -> u64 {

@@ -23,7 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-pub use api::{Api, Limits};
+pub use api::{Api, Limits, WebSocketHandler};
 use error::ApiError;
 use http::{Request, Response, add_cors, decode_path, preflight};
 
@@ -64,6 +64,11 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
             _ => Err(ApiError::method_not_allowed("GET")),
         },
         "/api/state/entities/delete" if method == Method::POST => api.batch_delete(request).await,
+        "/api/ws" => match (&method, &api.websocket) {
+            (&Method::GET, Some(upgrade)) => Ok(upgrade(request)),
+            (&Method::GET, None) => Err(ApiError::not_found("WebSocket is not enabled")),
+            _ => Err(ApiError::method_not_allowed("GET")),
+        },
         "/api/health" => match method {
             Method::GET => Ok(api.health().await),
             _ => Err(ApiError::method_not_allowed("GET")),

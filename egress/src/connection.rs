@@ -1,0 +1,216 @@
+//! One WebSocket connection: its bounded send queue, and the reader and writer tasks.
+//!
+//! Invariants:
+//! - The send queue holds shared frame handles ([`Bytes`]), never copies. It is bounded by
+//!   [`QUEUE_MAX_FRAMES`] and [`QUEUE_MAX_BYTES`]; a push past either bound drops what is
+//!   queued and closes the connection with 1008 and a reason naming the overflow. Producers
+//!   (shard threads) never wait on a connection.
+//! - Only the writer task writes to the socket. It takes everything queued at once and sends it
+//!   with vectored writes, so a burst costs few syscalls.
+//! - Once a close frame is queued, nothing more is accepted; the writer sends it and shuts the
+//!   socket down.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::Notify;
+
+use crate::frame;
+
+/// Most frames a connection may have queued before it is closed as too slow.
+pub const QUEUE_MAX_FRAMES: usize = 16_384;
+/// Most bytes of frames a connection may have queued before it is closed as too slow.
+pub const QUEUE_MAX_BYTES: usize = 8 << 20;
+/// Frames handed to one `writev` call.
+const WRITEV_MAX_FRAMES: usize = 256;
+/// A socket that accepts no bytes for this long is treated as dead and dropped.
+pub const WRITE_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A drained queue keeping more slots than this gives the memory back.
+const IDLE_QUEUE_SLOTS: usize = 64;
+
+/// Result of queueing frames on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The queue overflowed: the connection is now closing with 1008.
+    Overflowed,
+    /// The connection is already closing; nothing was queued.
+    Closed,
+}
+
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    /// The close frame to send after `frames`; once set, nothing else is queued.
+    close: Option<Bytes>,
+}
+
+/// The shared half of a connection: producers push, the writer drains.
+pub struct Connection {
+    pub id: u64,
+    queue: Mutex<Queue>,
+    wake: Notify,
+    /// Set when the connection overflowed (for metrics and tests).
+    overflowed: AtomicBool,
+}
+
+impl Connection {
+    pub fn new(id: u64) -> Self {
+        Connection {
+            id,
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+            overflowed: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues `frames` (in order) unless that would pass a bound.
+    pub fn push(&self, frames: &[Bytes]) -> Push {
+        let outcome = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.close.is_some() {
+                return Push::Closed;
+            }
+            let bytes: usize = frames.iter().map(Bytes::len).sum();
+            if queue.frames.len() + frames.len() > QUEUE_MAX_FRAMES
+                || queue.bytes + bytes > QUEUE_MAX_BYTES
+            {
+                queue.frames = VecDeque::new();
+                queue.bytes = 0;
+                let reason = format!(
+                    "send queue overflow: client too slow (limit {QUEUE_MAX_FRAMES} frames / \
+                     {QUEUE_MAX_BYTES} bytes)"
+                );
+                queue.close = Some(frame::close(frame::CLOSE_POLICY_VIOLATION, &reason));
+                self.overflowed.store(true, Ordering::Relaxed);
+                Push::Overflowed
+            } else {
+                queue.frames.extend(frames.iter().cloned());
+                queue.bytes += bytes;
+                Push::Queued
+            }
+        };
+        self.wake.notify_one();
+        outcome
+    }
+
+    /// Queues a close frame after what is already queued; later pushes are refused.
+    pub fn close(&self, code: u16, reason: &str) {
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.close.is_some() {
+                return;
+            }
+            queue.close = Some(frame::close(code, reason));
+        }
+        self.wake.notify_one();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .close
+            .is_some()
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// The writer task: sends queued frames until a close frame went out or the socket failed.
+    pub async fn write_loop(&self, mut socket: OwnedWriteHalf) {
+        let mut batch: VecDeque<Bytes> = VecDeque::new();
+        loop {
+            let close = {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                std::mem::swap(&mut queue.frames, &mut batch);
+                queue.bytes = 0;
+                queue.close.clone()
+            };
+            if batch.is_empty() && close.is_none() {
+                self.wake.notified().await;
+                continue;
+            }
+            if write_all(&mut socket, &mut batch).await.is_err() {
+                break;
+            }
+            if batch.capacity() > IDLE_QUEUE_SLOTS {
+                batch.shrink_to(IDLE_QUEUE_SLOTS);
+            }
+            if let Some(close) = close {
+                let _ = tokio::time::timeout(WRITE_STALL_TIMEOUT, socket.write_all(&close)).await;
+                let _ = socket.shutdown().await;
+                break;
+            }
+        }
+        // Make sure producers stop queueing for a connection nobody writes any more.
+        self.close(frame::CLOSE_GOING_AWAY, "connection ended");
+    }
+}
+
+/// Writes every frame of `batch` with vectored writes, draining it.
+async fn write_all(
+    socket: &mut OwnedWriteHalf,
+    batch: &mut VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    while !batch.is_empty() {
+        let written = {
+            let slices: Vec<IoSlice<'_>> = batch
+                .iter()
+                .take(WRITEV_MAX_FRAMES)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            tokio::time::timeout(WRITE_STALL_TIMEOUT, socket.write_vectored(&slices))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut left = written;
+        while left > 0 {
+            let Some(front) = batch.front_mut() else {
+                break;
+            };
+            if front.len() <= left {
+                left -= front.len();
+                batch.pop_front();
+            } else {
+                let _ = front.split_to(left);
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overflow_closes_with_1008_and_refuses_more() {
+        let conn = Connection::new(1);
+        let frame = Bytes::from_static(b"0123456789");
+        for _ in 0..QUEUE_MAX_FRAMES {
+            assert_eq!(conn.push(std::slice::from_ref(&frame)), Push::Queued);
+        }
+        assert_eq!(conn.push(std::slice::from_ref(&frame)), Push::Overflowed);
+        assert!(conn.overflowed() && conn.is_closing());
+        assert_eq!(conn.push(std::slice::from_ref(&frame)), Push::Closed);
+        let queue = conn.queue.lock().expect("lock");
+        assert!(
+            queue.frames.is_empty(),
+            "queued frames are dropped on overflow"
+        );
+        let close = queue.close.as_ref().expect("close frame");
+        assert_eq!(&close[2..4], &1008u16.to_be_bytes());
+    }
+}

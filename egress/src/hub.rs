@@ -1,0 +1,419 @@
+//! The hub: the subscription index, the live connections, and the fan-out of applied changes.
+//!
+//! Invariants:
+//! - A change becomes frames once (one `state_update` per property, or one `entity_deleted`),
+//!   built only when at least one connection matches; every matching connection gets handles
+//!   to the same bytes. Fan-out runs on the shard thread that applied the change, so frames of
+//!   one entity reach each connection in log order.
+//! - Producers never wait for a connection: pushes are bounded and overflow closes the
+//!   connection (1008), counted in [`Counters::overflow_closes`].
+//! - A connection with no subscription receives only `metrics_update`.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use flux_engine::Engine;
+use flux_engine::json;
+use flux_engine::record::PropertyIter;
+use flux_engine::shard::ChangeObserver;
+use hashbrown::HashMap;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::connection::{Connection, Push};
+use crate::frame::{self, FrameReader, Message, ReadError};
+use crate::index::{Index, Pattern};
+
+/// Time between `metrics_update` messages.
+pub const METRICS_INTERVAL: Duration = Duration::from_secs(2);
+/// Subscriptions one connection may hold.
+pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 1024;
+/// How long shutdown waits for connections to send their close frames.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+/// Counters for metrics.
+#[derive(Default)]
+pub struct Counters {
+    pub connections_opened: AtomicU64,
+    pub overflow_closes: AtomicU64,
+    /// Frames queued on connections (each delivery of a shared frame counts once).
+    pub frames_queued: AtomicU64,
+}
+
+/// Owns every WebSocket connection and their subscriptions.
+pub struct Hub {
+    index: RwLock<Index>,
+    /// Mirrors the index's subscription count so changes skip the lock when nobody listens.
+    subscriptions: AtomicUsize,
+    connections: Mutex<HashMap<u64, Arc<Connection>>>,
+    next_id: AtomicU64,
+    pub counters: Counters,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            index: RwLock::new(Index::default()),
+            subscriptions: AtomicUsize::new(0),
+            connections: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            counters: Counters::default(),
+        }
+    }
+}
+
+thread_local! {
+    /// Scratch space for building a frame's JSON on the shard thread.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Encodes a text frame whose payload `build` writes.
+fn text_frame(build: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    SCRATCH.with(|scratch| {
+        let mut payload = scratch.borrow_mut();
+        payload.clear();
+        build(&mut payload);
+        let mut out = BytesMut::with_capacity(payload.len() + 10);
+        frame::encode_into(&mut out, frame::OPCODE_TEXT, payload.len());
+        out.extend_from_slice(&payload);
+        out.freeze()
+    })
+}
+
+fn error_frame(message: &str) -> Bytes {
+    text_frame(|out| {
+        out.extend_from_slice(b"{\"type\":\"error\",\"message\":");
+        json::write_str(out, message);
+        out.push(b'}');
+    })
+}
+
+impl Hub {
+    pub fn new() -> Arc<Hub> {
+        Arc::new(Hub::default())
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    fn deliver(&self, id: &str, build: impl FnOnce() -> Vec<Bytes>) {
+        if self.subscriptions.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let mut frames: Option<Vec<Bytes>> = None;
+        let mut build = Some(build);
+        let mut delivered = 0u64;
+        index.for_each_match(id, |connection| {
+            let frames =
+                frames.get_or_insert_with(|| build.take().map(|b| b()).unwrap_or_default());
+            match connection.push(frames) {
+                Push::Queued => delivered += frames.len() as u64,
+                Push::Overflowed => {
+                    self.counters
+                        .overflow_closes
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Push::Closed => {}
+            }
+        });
+        self.counters
+            .frames_queued
+            .fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    /// Answers `GET /api/ws`: upgrades and starts serving the connection.
+    pub fn upgrade(
+        self: &Arc<Self>,
+        mut request: hyper::Request<Incoming>,
+    ) -> hyper::Response<Full<Bytes>> {
+        if !fastwebsockets::upgrade::is_upgrade_request(&request) {
+            return plain_response(
+                hyper::StatusCode::UPGRADE_REQUIRED,
+                "expected a WebSocket upgrade request",
+            );
+        }
+        let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
+            Ok(pair) => pair,
+            Err(error) => {
+                return plain_response(
+                    hyper::StatusCode::BAD_REQUEST,
+                    &format!("bad WebSocket upgrade: {error}"),
+                );
+            }
+        };
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let Ok(websocket) = upgrade.await else { return };
+            let upgraded = websocket.into_inner().into_inner();
+            match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => hub.serve(parts.io.into_inner(), &parts.read_buf).await,
+                Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+            }
+        });
+        let (parts, _) = response.into_parts();
+        hyper::Response::from_parts(parts, Full::new(Bytes::new()))
+    }
+
+    /// Serves one upgraded connection until it closes. `early` holds bytes the client sent
+    /// right after its handshake.
+    async fn serve(self: Arc<Self>, stream: TcpStream, early: &[u8]) {
+        let _ = stream.set_nodelay(true);
+        let (mut read, write) = stream.into_split();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let connection = Arc::new(Connection::new(id));
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, connection.clone());
+        self.counters
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        let writer = {
+            let connection = connection.clone();
+            tokio::spawn(async move { connection.write_loop(write).await })
+        };
+        let mut reader = FrameReader::with_bytes(early);
+        let mut patterns: Vec<Pattern> = Vec::new();
+        loop {
+            match reader.next(&mut read).await {
+                Ok(Message::Text(text)) => self.on_text(&connection, &mut patterns, &text),
+                Ok(Message::Binary(_)) => {
+                    connection.push(&[error_frame(
+                        "binary messages are not supported; send JSON text",
+                    )]);
+                }
+                Ok(Message::Ping(payload)) => {
+                    connection.push(&[frame::encode(frame::OPCODE_PONG, &payload)]);
+                }
+                Ok(Message::Pong) => {}
+                Ok(Message::Close(code)) => {
+                    // Echo the client's code, as the close handshake asks.
+                    connection.close(code.unwrap_or(frame::CLOSE_NORMAL), "");
+                    break;
+                }
+                Err(ReadError::Protocol(reason)) => {
+                    connection.close(frame::CLOSE_PROTOCOL_ERROR, reason);
+                    break;
+                }
+                Err(ReadError::TooBig) => {
+                    let reason = format!("message larger than {} bytes", frame::MAX_MESSAGE_BYTES);
+                    connection.close(frame::CLOSE_TOO_BIG, &reason);
+                    break;
+                }
+                Err(ReadError::Closed) => {
+                    connection.close(frame::CLOSE_GOING_AWAY, "");
+                    break;
+                }
+            }
+            if connection.is_closing() {
+                break; // Overflowed or shut down: stop reading.
+            }
+        }
+        {
+            let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+            for pattern in &patterns {
+                if index.remove(pattern, id) {
+                    self.subscriptions.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        let _ = writer.await;
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    fn on_text(&self, connection: &Arc<Connection>, patterns: &mut Vec<Pattern>, text: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct ClientMessage {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+            entity_id: Option<serde_json::Value>,
+        }
+        let message: ClientMessage = match serde_json::from_slice(text) {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = if e.is_data() {
+                    "message must be a JSON object".to_string()
+                } else {
+                    format!("invalid JSON: {e}")
+                };
+                connection.push(&[error_frame(&reason)]);
+                return;
+            }
+        };
+        let kind = message.kind.as_deref().unwrap_or("");
+        if kind != "subscribe" && kind != "unsubscribe" {
+            let reason = if kind.is_empty() {
+                "type is required: subscribe or unsubscribe".to_string()
+            } else {
+                format!("unknown message type {kind:?}: expected subscribe or unsubscribe")
+            };
+            connection.push(&[error_frame(&reason)]);
+            return;
+        }
+        let Some(serde_json::Value::String(entity_id)) = message
+            .entity_id
+            .filter(|v| v.as_str().is_some_and(|s| !s.is_empty()))
+        else {
+            connection.push(&[error_frame(
+                "entity_id is required: an id, a prefix ending in *, or *",
+            )]);
+            return;
+        };
+        let pattern = Pattern::parse(&entity_id);
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        if kind == "subscribe" {
+            if patterns.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION && !patterns.contains(&pattern) {
+                drop(index);
+                let reason = format!(
+                    "too many subscriptions (max {MAX_SUBSCRIPTIONS_PER_CONNECTION} per connection)"
+                );
+                connection.push(&[error_frame(&reason)]);
+                return;
+            }
+            if index.insert(&pattern, connection) {
+                self.subscriptions.fetch_add(1, Ordering::AcqRel);
+                patterns.push(pattern);
+            }
+        } else if index.remove(&pattern, connection.id) {
+            self.subscriptions.fetch_sub(1, Ordering::AcqRel);
+            patterns.retain(|p| *p != pattern);
+        } else {
+            drop(index);
+            connection.push(&[error_frame(&format!("not subscribed to {entity_id:?}"))]);
+        }
+    }
+
+    /// Sends `metrics_update` to every connection every [`METRICS_INTERVAL`], forever.
+    pub async fn run_metrics(self: Arc<Self>, engine: Engine) {
+        let mut ticker = tokio::time::interval(METRICS_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut previous: Option<(Instant, u64)> = None;
+        loop {
+            ticker.tick().await;
+            let stats = engine.stats().await;
+            let events_total = stats.next_position.saturating_sub(1);
+            let now = Instant::now();
+            let rate = match previous {
+                Some((at, total)) => {
+                    let seconds = now.duration_since(at).as_secs_f64();
+                    if seconds > 0.0 {
+                        events_total.saturating_sub(total) as f64 / seconds
+                    } else {
+                        0.0
+                    }
+                }
+                None => 0.0,
+            };
+            previous = Some((now, events_total));
+            let connections: Vec<Arc<Connection>> = self
+                .connections
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            let frame = text_frame(|out| {
+                out.extend_from_slice(b"{\"type\":\"metrics_update\",\"timestamp\":");
+                json::write_time_ms(out, flux_engine::engine::now_ms());
+                out.extend_from_slice(b",\"entities\":{\"total\":");
+                json::write_u64(out, stats.entities as u64);
+                out.extend_from_slice(b"},\"events\":{\"total\":");
+                json::write_u64(out, events_total);
+                out.extend_from_slice(b",\"rate_per_second\":");
+                json::write_f64(out, (rate * 10.0).round() / 10.0);
+                out.extend_from_slice(b"},\"websocket\":{\"connections\":");
+                json::write_u64(out, connections.len() as u64);
+                out.extend_from_slice(b"},\"publishers\":{\"active\":");
+                json::write_u64(out, stats.active_publishers as u64);
+                out.extend_from_slice(b"}}");
+            });
+            for connection in connections {
+                if connection.push(std::slice::from_ref(&frame)) == Push::Overflowed {
+                    self.counters
+                        .overflow_closes
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Closes every connection with 1001 and waits (briefly) for the close frames to go out.
+    pub async fn shutdown(&self) {
+        let connections: Vec<Arc<Connection>> = self
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for connection in &connections {
+            connection.close(frame::CLOSE_GOING_AWAY, "server shutting down");
+        }
+        let deadline = Instant::now() + SHUTDOWN_FLUSH;
+        while self.connection_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn plain_response(status: hyper::StatusCode, message: &str) -> hyper::Response<Full<Bytes>> {
+    let mut body = Vec::new();
+    body.extend_from_slice(b"{\"error\":");
+    json::write_str(&mut body, message);
+    body.push(b'}');
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+impl ChangeObserver for Hub {
+    fn entity_updated(&self, entity_id: &str, accept_time_ms: u64, properties: PropertyIter<'_>) {
+        self.deliver(entity_id, || {
+            let mut timestamp = Vec::with_capacity(26);
+            json::write_time_ms(&mut timestamp, accept_time_ms);
+            properties
+                .map(|(name, value)| {
+                    text_frame(|out| {
+                        out.extend_from_slice(b"{\"type\":\"state_update\",\"entity_id\":");
+                        json::write_str(out, entity_id);
+                        out.extend_from_slice(b",\"property\":");
+                        json::write_str(out, name);
+                        out.extend_from_slice(b",\"value\":");
+                        out.extend_from_slice(value.as_bytes());
+                        out.extend_from_slice(b",\"timestamp\":");
+                        out.extend_from_slice(&timestamp);
+                        out.push(b'}');
+                    })
+                })
+                .collect()
+        });
+    }
+
+    fn entity_deleted(&self, entity_id: &str, accept_time_ms: u64) {
+        self.deliver(entity_id, || {
+            vec![text_frame(|out| {
+                out.extend_from_slice(b"{\"type\":\"entity_deleted\",\"entity_id\":");
+                json::write_str(out, entity_id);
+                out.extend_from_slice(b",\"timestamp\":");
+                json::write_time_ms(out, accept_time_ms);
+                out.push(b'}');
+            })]
+        });
+    }
+}
