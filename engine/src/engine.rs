@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 
+use crate::control::{ControlChange, ControlState};
 use crate::json;
 use crate::log::local::{LocalLog, LocalLogOptions, owners_of};
 use crate::log::{Log, LogError};
@@ -138,6 +139,10 @@ impl Engine {
         let mut covered = 0;
         if let Some(snapshot) = snapshot {
             covered = snapshot.position;
+            *dispatcher
+                .control()
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = snapshot.control.clone().restored(covered);
             report.snapshot_position = Some(covered);
             let mut batches: Vec<Vec<(Box<str>, _)>> = vec![Vec::new(); shards];
             let read = snapshot.read(|id, entity| {
@@ -231,6 +236,26 @@ impl Engine {
             Ok(Err(reason)) => Err(EngineError::Unavailable(reason)),
             Err(_) => Err(EngineError::Unavailable("engine stopped".into())),
         }
+    }
+
+    /// Appends one control change durably and waits until it is applied to the control state.
+    pub async fn append_control(&self, change: &ControlChange) -> Result<LogPosition, EngineError> {
+        let json = serde_json::to_string(change)
+            .map_err(|e| EngineError::Unavailable(format!("encoding a control change: {e}")))?;
+        let mut batch = RecordBatch::default();
+        batch.push_control(&json);
+        self.append(batch).await
+    }
+
+    /// Runs `read` on the current control state (namespaces, runtime config). Do not block in it.
+    pub fn with_control<R>(&self, read: impl FnOnce(&ControlState) -> R) -> R {
+        let control = self
+            .inner
+            .dispatcher
+            .control()
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        read(&control)
     }
 
     /// `None` when the log takes writes, else why not.
@@ -436,18 +461,24 @@ impl Engine {
                     return;
                 }
                 let shards = dispatcher.shard_count();
-                let result = SnapshotJob::create(&dir, last, shards).map(|(job, done)| {
-                    for shard in 0..shards {
-                        dispatcher.send(
-                            shard,
-                            ShardWork::Snapshot {
-                                job: job.clone(),
-                                forget_before,
-                            },
-                        );
-                    }
-                    Some(done)
-                });
+                let control = dispatcher
+                    .control()
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let result =
+                    SnapshotJob::create(&dir, last, shards, &control).map(|(job, done)| {
+                        for shard in 0..shards {
+                            dispatcher.send(
+                                shard,
+                                ShardWork::Snapshot {
+                                    job: job.clone(),
+                                    forget_before,
+                                },
+                            );
+                        }
+                        Some(done)
+                    });
                 let _ = tx.send(result);
             }))?;
         let job = rx

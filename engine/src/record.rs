@@ -1,7 +1,8 @@
 //! Records and frames: the unit the log stores and the shards apply.
 //!
 //! A *record* is one accepted event (a delete is an event whose properties hold the tombstone
-//! `"__deleted__": true`). Records of one append travel together in a *frame*; the log assigns
+//! `"__deleted__": true`), or a *control* record: a change to the engine's own state
+//! (namespaces, runtime config; see [`crate::control`]) as JSON text. Records of one append travel together in a *frame*; the log assigns
 //! the frame its first [`LogPosition`] and accept time, so record `i` of a frame has position
 //! `first_position + i` and every record of the frame shares the accept time.
 //!
@@ -9,7 +10,8 @@
 //! ```text
 //! u32 body_len | u32 crc32c(body) | body
 //! body = u64 first_position | u64 accept_time_ms | u32 record_count | records...
-//! record = u8 kind(1=event) | str event_id | str stream | str source | i64 timestamp
+//! record = u8 kind(2=control) | str json
+//!        | u8 kind(1=event) | str event_id | str stream | str source | i64 timestamp
 //!        | str entity_id | opt key | opt schema | u32 property_count | (str name | str value)*
 //! str = u32 len | utf-8 bytes;  opt = u32::MAX (absent) or a str
 //! ```
@@ -29,6 +31,9 @@ pub const FRAME_HEADER_BYTES: usize = 20;
 pub const MAX_FRAME_BODY_BYTES: usize = 256 << 20;
 
 const KIND_EVENT: u8 = 1;
+const KIND_CONTROL: u8 = 2;
+/// The owner given to control records in a batch: no shard; the dispatcher applies them.
+pub const CONTROL_OWNER: u16 = u16::MAX;
 const ABSENT: u32 = u32::MAX;
 /// The property key that turns an event into a delete when its value is `true`.
 pub const TOMBSTONE_KEY: &str = "__deleted__";
@@ -90,6 +95,16 @@ impl RecordBatch {
             put_str(out, name);
             put_str(out, value);
         }
+    }
+}
+
+impl RecordBatch {
+    /// Appends one control record (JSON text), applied by the dispatcher rather than a shard.
+    pub fn push_control(&mut self, json: &str) {
+        self.offsets.push(self.bytes.len() as u32);
+        self.shards.push(CONTROL_OWNER);
+        self.bytes.push(KIND_CONTROL);
+        put_str(&mut self.bytes, json);
     }
 }
 
@@ -161,8 +176,7 @@ impl Frame {
         self.first_position + self.offsets.len() as u64 - 1
     }
 
-    /// The record at `index` (0-based within the frame).
-    pub fn record(&self, index: usize) -> Result<EventRecord<'_>, DecodeError> {
+    fn bytes_of(&self, index: usize) -> Result<&[u8], DecodeError> {
         let start = *self
             .offsets
             .get(index)
@@ -171,7 +185,26 @@ impl Frame {
             .offsets
             .get(index + 1)
             .map_or(self.records.len(), |&o| o as usize);
-        EventRecord::decode(&self.records[start..end])
+        Ok(&self.records[start..end])
+    }
+
+    /// The event record at `index` (0-based within the frame); an error for a control record.
+    pub fn record(&self, index: usize) -> Result<EventRecord<'_>, DecodeError> {
+        EventRecord::decode(self.bytes_of(index)?)
+    }
+
+    /// The JSON of the control record at `index`, or `None` when it is an event.
+    pub fn control(&self, index: usize) -> Result<Option<&str>, DecodeError> {
+        let bytes = self.bytes_of(index)?;
+        if bytes.first() != Some(&KIND_CONTROL) {
+            return Ok(None);
+        }
+        let mut c = Cursor { buf: bytes, at: 1 };
+        let json = c.str()?;
+        if c.at != bytes.len() {
+            return Err(DecodeError::Malformed("trailing bytes after record"));
+        }
+        Ok(Some(json))
     }
 
     /// Builds the in-memory frame for a batch the log just made durable.
@@ -308,7 +341,13 @@ impl<'a> EventRecord<'a> {
         Ok(record)
     }
 
+    /// Length of the record (of either kind) at the front of `buf`.
     fn decode_len(buf: &[u8]) -> Result<usize, DecodeError> {
+        if buf.first() == Some(&KIND_CONTROL) {
+            let mut c = Cursor { buf, at: 1 };
+            c.str()?;
+            return Ok(c.at);
+        }
         EventRecord::decode_prefix(buf).map(|(_, used)| used)
     }
 
@@ -407,6 +446,7 @@ mod tests {
             ..fields
         };
         batch.push_event(1, &fields, [("__deleted__", "true")].into_iter());
+        batch.push_control(r#"{"type":"example"}"#);
         batch
     }
 
@@ -421,8 +461,14 @@ mod tests {
         assert_eq!(used, out.len());
         assert_eq!(
             (frame.first_position, frame.accept_time_ms, frame.len()),
-            (7, 1234, 2)
+            (7, 1234, 3)
         );
+        assert_eq!(
+            frame.control(2).expect("control"),
+            Some(r#"{"type":"example"}"#)
+        );
+        assert_eq!(frame.control(0).expect("event"), None);
+        assert!(frame.record(2).is_err());
         let first = frame.record(0).expect("record 0");
         assert_eq!(first.fields.entity_id, "acme/pump-01");
         assert_eq!(first.fields.key, Some("k"));

@@ -14,13 +14,14 @@
 use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use hashbrown::HashMap;
 use tokio::sync::oneshot;
 
+use crate::control::{ControlChange, ControlState};
 use crate::entity::Entity;
-use crate::record::{Frame, LogPosition, PropertyIter};
+use crate::record::{CONTROL_OWNER, Frame, LogPosition, PropertyIter};
 use crate::snapshot::SnapshotJob;
 
 /// Messages a shard's inbox holds before senders wait (backpressure, never dropped).
@@ -157,6 +158,8 @@ pub enum ShardWork {
 #[derive(Clone)]
 pub struct Dispatcher {
     inboxes: Vec<flume::Sender<ShardWork>>,
+    /// Control records are applied here, by whoever dispatches, in log order.
+    control: Arc<RwLock<ControlState>>,
 }
 
 impl Dispatcher {
@@ -164,11 +167,21 @@ impl Dispatcher {
         self.inboxes.len()
     }
 
-    /// Sends each shard its records of `frame`; `owners[i]` is the shard of record `i`.
+    /// The control state (namespaces, runtime config) as of the last dispatched frame.
+    pub fn control(&self) -> &Arc<RwLock<ControlState>> {
+        &self.control
+    }
+
+    /// Sends each shard its records of `frame`; `owners[i]` is the shard of record `i`
+    /// ([`CONTROL_OWNER`] for control records, which are applied here before anything is sent).
     pub fn dispatch(&self, frame: Arc<Frame>, owners: &[u16], completion: Option<Arc<Completion>>) {
         let mut parts: Vec<Vec<u32>> = vec![Vec::new(); self.inboxes.len()];
         for (index, &shard) in owners.iter().enumerate() {
-            parts[shard as usize].push(index as u32);
+            if shard == CONTROL_OWNER {
+                self.apply_control(&frame, index);
+            } else {
+                parts[shard as usize].push(index as u32);
+            }
         }
         let involved = parts.iter().filter(|p| !p.is_empty()).count();
         if let Some(c) = &completion {
@@ -189,6 +202,26 @@ impl Dispatcher {
                 completion: completion.clone(),
             };
             self.send(shard, work);
+        }
+    }
+
+    fn apply_control(&self, frame: &Frame, index: usize) {
+        let position = frame.first_position + index as u64;
+        let change = frame
+            .control(index)
+            .map_err(|e| e.to_string())
+            .and_then(|json| {
+                let json = json.ok_or("not a control record")?;
+                serde_json::from_str::<ControlChange>(json).map_err(|e| e.to_string())
+            });
+        match change {
+            Ok(change) => self
+                .control
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply(position, change),
+            // Written by this engine, checksummed: a failure is a bug or a newer format.
+            Err(error) => tracing::error!(position, %error, "control record skipped"),
         }
     }
 
@@ -232,7 +265,8 @@ pub fn start_observed_shards(
             .spawn(move || shard.run(rx))?;
         threads.push(handle);
     }
-    Ok((Dispatcher { inboxes }, threads))
+    let control = Arc::new(RwLock::new(ControlState::default()));
+    Ok((Dispatcher { inboxes, control }, threads))
 }
 
 #[derive(Default)]

@@ -2,7 +2,8 @@
 //!
 //! Layout under `<data-dir>/snapshots/`:
 //! ```text
-//! <position:020>/MANIFEST          "flux-snapshot 1 <position> <parts>\n"
+//! <position:020>/MANIFEST          "flux-snapshot 2 <position> <parts>\n"
+//! <position:020>/control           b"FLUXCTL1" | u64 position | control state JSON | u32 crc32c
 //! <position:020>/part-<k>          b"FLUXSNP1" | u64 position | entity* | u32::MAX | u64 count | u32 crc32c
 //! entity = u32 id_len | id | u64 last_updated_ms | u64 revision | u32 packed_len | packed properties
 //! ```
@@ -19,10 +20,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::oneshot;
 
+use crate::control::ControlState;
 use crate::entity::Entity;
 use crate::record::LogPosition;
 
 const PART_MAGIC: &[u8; 8] = b"FLUXSNP1";
+const CONTROL_MAGIC: &[u8; 8] = b"FLUXCTL1";
 const END_MARKER: u32 = u32::MAX;
 /// Snapshots kept on disk; the log is compacted only up to the oldest of them.
 pub const SNAPSHOTS_KEPT: usize = 2;
@@ -42,16 +45,27 @@ pub struct SnapshotJob {
 }
 
 impl SnapshotJob {
-    /// Prepares `<snapshots>/<position>.tmp/` for `parts` shards.
+    /// Prepares `<snapshots>/<position>.tmp/` for `parts` shards and writes the control state
+    /// (`control`, as of `position`) into it.
     pub fn create(
         snapshots: &Path,
         position: LogPosition,
         parts: usize,
+        control: &ControlState,
     ) -> std::io::Result<(std::sync::Arc<Self>, SnapshotDone)> {
         let final_dir = snapshots.join(format!("{position:020}"));
         let tmp_dir = snapshots.join(format!("{position:020}.tmp"));
         let _ = fs::remove_dir_all(&tmp_dir);
         fs::create_dir_all(&tmp_dir)?;
+        let json = serde_json::to_vec(control).map_err(std::io::Error::other)?;
+        let mut bytes = Vec::with_capacity(json.len() + 20);
+        bytes.extend_from_slice(CONTROL_MAGIC);
+        bytes.extend_from_slice(&position.to_le_bytes());
+        bytes.extend_from_slice(&json);
+        bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+        let mut file = File::create(tmp_dir.join("control"))?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
         let (tx, rx) = oneshot::channel();
         let job = SnapshotJob {
             tmp_dir,
@@ -99,7 +113,7 @@ impl SnapshotJob {
     }
 
     fn seal(&self) -> std::io::Result<()> {
-        let manifest = format!("flux-snapshot 1 {} {}\n", self.position, self.parts);
+        let manifest = format!("flux-snapshot 2 {} {}\n", self.position, self.parts);
         let path = self.tmp_dir.join("MANIFEST");
         let mut file = File::create(&path)?;
         file.write_all(manifest.as_bytes())?;
@@ -189,9 +203,10 @@ pub fn prune(snapshots: &Path) -> std::io::Result<Option<LogPosition>> {
         .map(|(p, _)| *p))
 }
 
-/// A snapshot that passed every check: its position and part files.
+/// A snapshot that passed every check: its position, control state and part files.
 pub struct ValidSnapshot {
     pub position: LogPosition,
+    pub control: ControlState,
     parts: Vec<PathBuf>,
 }
 
@@ -214,7 +229,7 @@ fn validate(position: LogPosition, dir: &Path) -> Result<ValidSnapshot, String> 
         fs::read_to_string(dir.join("MANIFEST")).map_err(|e| format!("MANIFEST: {e}"))?;
     let fields: Vec<&str> = manifest.trim_end().split(' ').collect();
     let parts = match fields.as_slice() {
-        ["flux-snapshot", "1", p, n] if p.parse() == Ok(position) => n
+        ["flux-snapshot", "2", p, n] if p.parse() == Ok(position) => n
             .parse::<usize>()
             .map_err(|_| "MANIFEST: bad part count".to_string())?,
         _ => return Err("MANIFEST: unrecognised contents".into()),
@@ -226,10 +241,28 @@ fn validate(position: LogPosition, dir: &Path) -> Result<ValidSnapshot, String> 
         check_part(&bytes, position).map_err(|e| format!("part-{k}: {e}"))?;
         paths.push(path);
     }
+    let control =
+        read_control(&dir.join("control"), position).map_err(|e| format!("control: {e}"))?;
     Ok(ValidSnapshot {
         position,
+        control,
         parts: paths,
     })
+}
+
+fn read_control(path: &Path, position: LogPosition) -> Result<ControlState, String> {
+    let bytes = fs::read(path).map_err(|e| e.to_string())?;
+    if bytes.len() < 20 || &bytes[..8] != CONTROL_MAGIC {
+        return Err("bad header".into());
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+        return Err("checksum mismatch".into());
+    }
+    if u64::from_le_bytes(body[8..16].try_into().expect("8 bytes")) != position {
+        return Err("position does not match manifest".into());
+    }
+    serde_json::from_slice(&body[16..]).map_err(|e| format!("unreadable: {e}"))
 }
 
 fn check_part(bytes: &[u8], position: LogPosition) -> Result<(), String> {
@@ -298,7 +331,9 @@ mod tests {
         let mut e = Entity::new(10, 3);
         e.merge_properties([("t", "1.50")].into_iter());
         for position in [5, 9] {
-            let (job, mut rx) = SnapshotJob::create(dir.path(), position, 2).expect("create");
+            let control = ControlState::default();
+            let (job, mut rx) =
+                SnapshotJob::create(dir.path(), position, 2, &control).expect("create");
             job.write_part(0, position, [("a/1", &e)].into_iter());
             job.write_part(1, position, std::iter::empty());
             assert_eq!(rx.try_recv().expect("done"), Ok(position));

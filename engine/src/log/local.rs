@@ -32,8 +32,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::log::{Barrier, Log, LogError};
 use crate::record::{
-    DecodeError, FRAME_PREFIX_BYTES, Frame, FrameRead, LogPosition, RecordBatch, decode_frame,
-    encode_frame,
+    CONTROL_OWNER, DecodeError, FRAME_PREFIX_BYTES, Frame, FrameRead, LogPosition, RecordBatch,
+    decode_frame, encode_frame,
 };
 use crate::shard::{Completion, Dispatcher, shard_of};
 
@@ -324,10 +324,9 @@ impl LocalLog {
 /// Shard owners of every record of a frame read back from disk.
 pub fn owners_of(frame: &Frame, shards: usize) -> Vec<u16> {
     (0..frame.len())
-        .map(|i| {
-            frame
-                .record(i)
-                .map_or(0, |r| shard_of(r.fields.entity_id, shards))
+        .map(|i| match frame.record(i) {
+            Ok(record) => shard_of(record.fields.entity_id, shards),
+            Err(_) => CONTROL_OWNER,
         })
         .collect()
 }
