@@ -12,8 +12,12 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use flux_egress::Hub;
 use flux_engine::{Engine, EngineConfig};
-use flux_ingress::{Api, Limits, WebSocketHandler};
+use flux_ingress::metrics::IngressMetrics;
+use flux_ingress::sealer::Sealer;
+use flux_ingress::tenancy::{AuthConfig, RateLimiter};
+use flux_ingress::{Api, WebSocketHandler};
 use http_body_util::BodyExt;
+use prometheus_client::registry::Registry;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -58,6 +62,18 @@ struct ServeArgs {
     /// Time between periodic snapshots, e.g. `30s`.
     #[arg(long, env = "FLUX_SNAPSHOT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     snapshot_interval: Duration,
+    /// Auth mode: writes need a namespace token (or the admin token).
+    #[arg(long, env = "FLUX_AUTH_ENABLED")]
+    auth: bool,
+    /// The admin token: may write anything, register namespaces and change the config.
+    #[arg(long, env = "FLUX_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// 32-byte key (64 hex chars or base64) sealing connector credentials at rest.
+    #[arg(long, env = "FLUX_ENCRYPTION_KEY", hide_env_values = true)]
+    encryption_key: Option<String>,
+    /// How often the built-in `flux-core/directory` entity is recomputed.
+    #[arg(long, env = "FLUX_DIRECTORY_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
+    directory_interval: Duration,
     /// Log segment size in bytes before a new segment starts.
     #[arg(long, env = "FLUX_SEGMENT_BYTES", default_value_t = 64 << 20)]
     segment_bytes: u64,
@@ -139,9 +155,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     writeln!(
         stdout,
         "flux listening on http://{local} (log=local, data_dir={}, shards={shards}, \
-         http_workers={http_workers}, retention={}, snapshot_interval={}, segment_bytes={}; \
+         http_workers={http_workers}, auth={}, admin_token={}, connectors={}, retention={}, \
+         snapshot_interval={}, segment_bytes={}; \
          recovered snapshot={} with {} entities, {} log records, {} torn bytes dropped)",
         args.data_dir.display(),
+        args.auth,
+        if args.admin_token.is_some() {
+            "set"
+        } else {
+            "unset"
+        },
+        if args.encryption_key.is_some() {
+            "enabled"
+        } else {
+            "not_configured"
+        },
         humantime::format_duration(args.retention),
         humantime::format_duration(args.snapshot_interval),
         args.segment_bytes,
@@ -154,19 +182,43 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     stdout.flush()?;
 
+    let sealer = match &args.encryption_key {
+        Some(key) => Some(Sealer::from_key_text(key).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let mut registry = Registry::default();
+    engine.register_metrics(&mut registry);
+    hub.counters.register(&mut registry);
+    let metrics = Arc::new(IngressMetrics::register(&mut registry));
     let websocket: WebSocketHandler = {
         let hub = hub.clone();
         Arc::new(move |request| hub.upgrade(request).map(|body| body.boxed_unsync()))
     };
     let api = Arc::new(Api {
         engine: engine.clone(),
-        limits: Arc::new(Limits::default()),
+        auth: AuthConfig {
+            enabled: args.auth,
+            admin_token: args.admin_token.clone(),
+        },
+        rate_limiter: RateLimiter::default(),
+        sealer,
+        metrics,
+        registry: Arc::new(registry),
         websocket: Some(websocket),
     });
-    let metrics = runtime.spawn(hub.clone().run_metrics(engine.clone()));
+    let background = [
+        runtime.spawn(hub.clone().run_metrics(engine.clone())),
+        runtime.spawn({
+            let api = api.clone();
+            let interval = args.directory_interval;
+            async move { api.run_directory(interval).await }
+        }),
+    ];
     runtime.block_on(async {
         flux_ingress::serve(listener, api, shutdown_signal()).await;
-        metrics.abort();
+        for task in background {
+            task.abort();
+        }
         hub.shutdown().await;
     });
     tracing::info!("shutting down: writing the final snapshot");

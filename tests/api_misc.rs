@@ -942,3 +942,48 @@ fn port_in_use_exits_nonzero() {
     }
     drop(taken);
 }
+
+#[test]
+fn metrics_is_prometheus_text() {
+    let s = Server::start();
+    s.put("acme/m", json!({"v": 1}));
+    let (status, text) = s.get_text("/metrics");
+    assert_eq!(status, 200, "{text}");
+    let mut samples = 0;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        // name{labels} value [timestamp]
+        let name_end = line
+            .find(['{', ' '])
+            .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let name = &line[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .enumerate()
+                    .all(|(i, c)| c.is_ascii_alphabetic()
+                        || c == '_'
+                        || c == ':'
+                        || (i > 0 && c.is_ascii_digit())),
+            "bad metric name in {line:?}"
+        );
+        let after_labels = match line[name_end..].strip_prefix('{') {
+            Some(rest) => &rest[rest.rfind('}').unwrap_or_else(|| panic!("{line:?}")) + 1..],
+            None => &line[name_end..],
+        };
+        let value = after_labels
+            .split_whitespace()
+            .next()
+            .unwrap_or_else(|| panic!("{line:?}"));
+        assert!(
+            value.parse::<f64>().is_ok() || ["NaN", "+Inf", "-Inf"].contains(&value),
+            "bad sample value in {line:?}"
+        );
+        samples += 1;
+    }
+    assert!(samples > 0, "no samples in /metrics: {text:?}");
+}

@@ -4,6 +4,7 @@
 mod util;
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use util::*;
@@ -541,3 +542,24 @@ fn batch_deletes_appear_in_history() {
 }
 
 // ------------------------------------------------------------------ directory
+
+#[test]
+fn directory_entity_lists_namespaces() {
+    let s = Server::start();
+    seed(&s, &["dir-alpha/a", "dir-alpha/b", "dir-beta/c"]);
+    let found = wait_for(Duration::from_secs(30), || {
+        let (status, body) = s.entity("flux-core/directory");
+        if status != 200 {
+            return None;
+        }
+        let text = body["properties"].to_string();
+        (text.contains("dir-alpha") && text.contains("dir-beta")).then_some(body)
+    });
+    let body = found.unwrap_or_else(|| {
+        panic!(
+            "flux-core/directory never listed the namespaces: {:?}",
+            s.entity("flux-core/directory")
+        )
+    });
+    assert!(body["lastUpdated"].is_string(), "{body}");
+}

@@ -128,7 +128,14 @@ fn kill9_under_concurrent_load_loses_no_acknowledged_write() {
 fn torn_final_record_is_cut_at_every_byte_and_earlier_records_survive() {
     let dir = DataDir::temp();
     // No snapshot may cover the records, so start-up must rely on the log alone.
-    let args = ["--snapshot-interval", "1h", "--shards", "1"];
+    let args = [
+        "--snapshot-interval",
+        "1h",
+        "--shards",
+        "1",
+        "--directory-interval",
+        "1h",
+    ];
     let mut server = Server::start_with(options(&dir, &args));
     for i in 0..5 {
         server.put(&format!("torn/e{i}"), json!({"i": i}));
@@ -181,7 +188,8 @@ fn world(server: &Server, ids: &[String]) -> String {
 #[test]
 fn full_replay_equals_snapshot_plus_tail() {
     let dir = DataDir::temp();
-    let args = ["--snapshot-interval", "1h"];
+    // No directory writes: the comparison below is of what the test itself published.
+    let args = ["--snapshot-interval", "1h", "--directory-interval", "1h"];
     let mut server = Server::start_with(options(&dir, &args));
     let ids: Vec<String> = (0..40)
         .map(|i| format!("det/site-{}/dev-{i}", i % 3))
@@ -229,7 +237,10 @@ fn full_replay_equals_snapshot_plus_tail() {
     server.kill9();
 
     // A different shard count routes differently but must produce the same world.
-    let mut one_shard = Server::start_with(options(&dir, &["--shards", "1"]));
+    let mut one_shard = Server::start_with(options(
+        &dir,
+        &["--shards", "1", "--directory-interval", "1h"],
+    ));
     assert_eq!(world(&one_shard, &ids), from_log);
     one_shard.kill9();
 }

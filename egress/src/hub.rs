@@ -22,6 +22,9 @@ use hashbrown::HashMap;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpStream;
 
 use crate::connection::{Connection, Push};
@@ -38,10 +41,36 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 /// Counters for metrics.
 #[derive(Default)]
 pub struct Counters {
-    pub connections_opened: AtomicU64,
-    pub overflow_closes: AtomicU64,
+    pub connections: Gauge,
+    pub connections_opened: Counter,
+    pub overflow_closes: Counter,
     /// Frames queued on connections (each delivery of a shared frame counts once).
-    pub frames_queued: AtomicU64,
+    pub frames_queued: Counter,
+}
+
+impl Counters {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "flux_websocket_connections",
+            "Open WebSocket connections",
+            self.connections.clone(),
+        );
+        registry.register(
+            "flux_websocket_connections_opened",
+            "WebSocket connections accepted",
+            self.connections_opened.clone(),
+        );
+        registry.register(
+            "flux_websocket_overflow_closes",
+            "Connections closed (1008) because their send queue overflowed",
+            self.overflow_closes.clone(),
+        );
+        registry.register(
+            "flux_websocket_frames_queued",
+            "Frames queued to connections (one per delivery of a shared frame)",
+            self.frames_queued.clone(),
+        );
+    }
 }
 
 /// Owns every WebSocket connection and their subscriptions.
@@ -118,16 +147,12 @@ impl Hub {
             match connection.push(frames) {
                 Push::Queued => delivered += frames.len() as u64,
                 Push::Overflowed => {
-                    self.counters
-                        .overflow_closes
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.overflow_closes.inc();
                 }
                 Push::Closed => {}
             }
         });
-        self.counters
-            .frames_queued
-            .fetch_add(delivered, Ordering::Relaxed);
+        self.counters.frames_queued.inc_by(delivered);
     }
 
     /// Answers `GET /api/ws`: upgrades and starts serving the connection.
@@ -174,9 +199,8 @@ impl Hub {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, connection.clone());
-        self.counters
-            .connections_opened
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.connections_opened.inc();
+        self.counters.connections.inc();
         let writer = {
             let connection = connection.clone();
             tokio::spawn(async move { connection.write_loop(write).await })
@@ -341,9 +365,7 @@ impl Hub {
             });
             for connection in connections {
                 if connection.push(std::slice::from_ref(&frame)) == Push::Overflowed {
-                    self.counters
-                        .overflow_closes
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.overflow_closes.inc();
                 }
             }
         }

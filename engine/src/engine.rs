@@ -211,6 +211,11 @@ impl Engine {
         Ok((engine, report))
     }
 
+    /// Registers the engine's metrics (durable log) in `registry`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.log.metrics().register(registry);
+    }
+
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
     }
@@ -326,6 +331,41 @@ impl Engine {
         all.sort_unstable();
         all.truncate(limit);
         all
+    }
+
+    /// Entity counts per namespace across shards, by namespace name.
+    pub async fn namespace_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut totals = std::collections::BTreeMap::new();
+        for shard in 0..self.shard_count() {
+            let (reply, rx) = oneshot::channel();
+            self.inner
+                .dispatcher
+                .send_async(shard, ShardWork::NamespaceCounts { reply })
+                .await;
+            for (namespace, n) in rx.await.unwrap_or_default() {
+                *totals.entry(namespace.into_string()).or_insert(0) += n;
+            }
+        }
+        totals
+    }
+
+    /// How many entities have ids starting with `prefix`.
+    pub async fn count_with_prefix(&self, prefix: &str) -> usize {
+        let mut total = 0;
+        for shard in 0..self.shard_count() {
+            let (reply, rx) = oneshot::channel();
+            let query = ListQuery {
+                prefix: prefix.into(),
+                after: None,
+                limit: usize::MAX,
+            };
+            self.inner
+                .dispatcher
+                .send_async(shard, ShardWork::Count { query, reply })
+                .await;
+            total += rx.await.unwrap_or(0);
+        }
+        total
     }
 
     /// A streaming, id-ordered listing of entities starting with `prefix`, after `after`.

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod entity;
 pub mod json;
 pub mod log;
+pub mod metrics;
 pub mod record;
 pub mod shard;
 pub mod snapshot;

@@ -24,6 +24,9 @@ use crate::entity::Entity;
 use crate::record::{CONTROL_OWNER, Frame, LogPosition, PropertyIter};
 use crate::snapshot::SnapshotJob;
 
+/// Streams of records Flux writes itself (API deletes, the directory).
+pub const INTERNAL_STREAM_PREFIX: &str = "flux.";
+
 /// Messages a shard's inbox holds before senders wait (backpressure, never dropped).
 pub const SHARD_INBOX_CAPACITY: usize = 1024;
 
@@ -130,6 +133,15 @@ pub enum ShardWork {
     Ids {
         query: ListQuery,
         reply: oneshot::Sender<Vec<Arc<str>>>,
+    },
+    /// Entity counts per namespace (the id before its first `/`; ids without one are skipped).
+    NamespaceCounts {
+        reply: oneshot::Sender<Vec<(Box<str>, usize)>>,
+    },
+    /// How many existing entities match `query`.
+    Count {
+        query: ListQuery,
+        reply: oneshot::Sender<usize>,
     },
     /// Which of `ids` exist.
     Contains {
@@ -337,6 +349,23 @@ impl Shard {
             ShardWork::Ids { query, reply } => {
                 let _ = reply.send(self.matching(&query).cloned().collect());
             }
+            ShardWork::NamespaceCounts { reply } => {
+                // `order` is sorted, so each namespace's ids are contiguous.
+                let mut counts: Vec<(Box<str>, usize)> = Vec::new();
+                for id in &self.order {
+                    let Some((namespace, _)) = id.split_once('/') else {
+                        continue;
+                    };
+                    match counts.last_mut() {
+                        Some((last, n)) if **last == *namespace => *n += 1,
+                        _ => counts.push((namespace.into(), 1)),
+                    }
+                }
+                let _ = reply.send(counts);
+            }
+            ShardWork::Count { query, reply } => {
+                let _ = reply.send(self.matching(&query).count());
+            }
             ShardWork::Contains { ids, reply } => {
                 let _ = reply.send(
                     ids.iter()
@@ -417,11 +446,14 @@ impl Shard {
             if position <= self.covered {
                 continue;
             }
-            let source = record.fields.source;
-            match self.sources.get_mut(source) {
-                Some(seen) => *seen = frame.accept_time_ms,
-                None => {
-                    self.sources.insert(Arc::from(source), frame.accept_time_ms);
+            // Flux's own writes (`flux.*` streams: deletes, the directory) are not publishers.
+            if !record.fields.stream.starts_with(INTERNAL_STREAM_PREFIX) {
+                let source = record.fields.source;
+                match self.sources.get_mut(source) {
+                    Some(seen) => *seen = frame.accept_time_ms,
+                    None => {
+                        self.sources.insert(Arc::from(source), frame.accept_time_ms);
+                    }
                 }
             }
             if record.is_tombstone() {

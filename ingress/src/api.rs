@@ -4,7 +4,6 @@
 //! errors. Writes reply only after the engine reports the records durable *and* applied.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -18,6 +17,9 @@ use serde_json::value::RawValue;
 use crate::error::{ApiError, json_response};
 use crate::event::{self, ValidEvent};
 use crate::http::{Request, Response, param, query_params, read_body};
+use crate::metrics::IngressMetrics;
+use crate::sealer::Sealer;
+use crate::tenancy::{AuthConfig, Caller, RateLimiter};
 
 /// Largest number of entities one batch delete may remove (`max_batch_delete`).
 pub const MAX_BATCH_DELETE: usize = 10_000;
@@ -32,29 +34,19 @@ const LIST_CHUNK_BYTES: usize = 64 << 10;
 const DELETE_STREAM: &str = "flux.delete";
 const DELETE_SOURCE: &str = "flux-api";
 
-/// Request body limits; runtime-changeable (admin config), hence atomics.
-#[derive(Debug)]
-pub struct Limits {
-    pub single_body_bytes: AtomicUsize,
-    pub batch_body_bytes: AtomicUsize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            single_body_bytes: AtomicUsize::new(1_048_576),
-            batch_body_bytes: AtomicUsize::new(10_485_760),
-        }
-    }
-}
-
 /// Serves `GET /api/ws` (the upgrade); provided by the binary, which wires egress in.
 pub type WebSocketHandler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
 
 /// What every handler shares.
 pub struct Api {
     pub engine: Engine,
-    pub limits: Arc<Limits>,
+    pub auth: AuthConfig,
+    pub rate_limiter: RateLimiter,
+    /// Seals connector credentials; `None` without `FLUX_ENCRYPTION_KEY`.
+    pub sealer: Option<Sealer>,
+    pub metrics: Arc<IngressMetrics>,
+    /// Every component's metrics, rendered by `GET /metrics`.
+    pub registry: Arc<prometheus_client::registry::Registry>,
     pub websocket: Option<WebSocketHandler>,
 }
 
@@ -81,15 +73,55 @@ fn write_ack(out: &mut Vec<u8>, event: &ValidEvent<'_>) {
 }
 
 impl Api {
+    /// The writer of `request`, by its bearer token (401 when auth is on and it has none).
+    pub fn writer(&self, request: &Request) -> Result<Caller, ApiError> {
+        self.auth.writer(request.headers(), |hash| {
+            self.engine
+                .with_control(|c| c.namespace_for_token(hash).map(|ns| ns.name.clone()))
+        })
+    }
+
+    /// Counts `events` against the caller's namespace (auth mode, limits enabled).
+    fn admit(&self, caller: &Caller, events: usize) -> Result<(), ApiError> {
+        let Some(namespace) = caller.namespace() else {
+            return Ok(());
+        };
+        let config = self.engine.with_control(|c| c.config);
+        if !config.rate_limit_enabled || events == 0 {
+            return Ok(());
+        }
+        let admitted = self.rate_limiter.admit(
+            namespace,
+            events as u64,
+            config.rate_limit_per_namespace_per_minute,
+        );
+        if admitted.is_err() {
+            self.metrics.rate_limited_requests.inc();
+        }
+        admitted
+    }
+
+    fn body_limits(&self) -> (usize, usize) {
+        let config = self.engine.with_control(|c| c.config);
+        let clamp = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        (
+            clamp(config.body_size_limit_single_bytes),
+            clamp(config.body_size_limit_batch_bytes),
+        )
+    }
+
     /// `POST /api/events`
     pub async fn publish(&self, request: Request) -> Result<Response, ApiError> {
-        let limit = self.limits.single_body_bytes.load(Ordering::Relaxed);
-        let body = read_body(request, limit).await?;
+        let caller = self.writer(&request)?;
+        let body = read_body(request, self.body_limits().0).await?;
         let event =
             event::validate(body_str(&body)?, new_event_id).map_err(ApiError::bad_request)?;
+        caller.may_write(&event.entity_id, "payload.entity_id")?;
+        self.admit(&caller, 1)?;
         let mut batch = RecordBatch::default();
         event.push_to(&mut batch, self.engine.shard_of(&event.entity_id));
         self.engine.append(batch).await?;
+        self.metrics.events_accepted.inc();
         let mut out = Vec::with_capacity(96);
         write_ack(&mut out, &event);
         Ok(json_response(StatusCode::OK, out))
@@ -97,20 +129,29 @@ impl Api {
 
     /// `POST /api/events/batch`
     pub async fn publish_batch(&self, request: Request) -> Result<Response, ApiError> {
-        let limit = self.limits.batch_body_bytes.load(Ordering::Relaxed);
-        let body = read_body(request, limit).await?;
+        let caller = self.writer(&request)?;
+        let body = read_body(request, self.body_limits().1).await?;
         let items = event::split_batch(body_str(&body)?).map_err(ApiError::bad_request)?;
         let mut batch = RecordBatch::default();
         let mut results: Vec<Result<ValidEvent<'_>, String>> = Vec::with_capacity(items.len());
         for item in &items {
-            let result = event::validate(item.get(), new_event_id);
+            let result = event::validate(item.get(), new_event_id).and_then(|event| {
+                caller
+                    .may_write(&event.entity_id, "payload.entity_id")
+                    .map_err(|e| e.message)?;
+                Ok(event)
+            });
             if let Ok(event) = &result {
                 event.push_to(&mut batch, self.engine.shard_of(&event.entity_id));
             }
             results.push(result);
         }
         let successful = batch.len();
+        self.admit(&caller, successful)?;
         self.engine.append(batch).await?;
+        self.metrics.events_accepted.inc_by(successful as u64);
+        self.metrics
+            .count_rejected((results.len() - successful) as u64);
         let mut out = Vec::with_capacity(64 + 80 * results.len());
         out.extend_from_slice(b"{\"successful\":");
         json::write_u64(&mut out, successful as u64);
@@ -241,7 +282,10 @@ impl Api {
     }
 
     /// `DELETE /api/state/entities/<id>`
-    pub async fn delete(&self, id: &str) -> Result<Response, ApiError> {
+    pub async fn delete(&self, request: &Request, id: &str) -> Result<Response, ApiError> {
+        let caller = self.writer(request)?;
+        caller.may_write(id, "entity id")?;
+        self.admit(&caller, 1)?;
         if !self.engine.contains(&[id]).await[0] {
             return Err(ApiError::not_found("Entity not found"));
         }
@@ -267,8 +311,8 @@ impl Api {
             entity_ids: Option<&'a RawValue>,
         }
         const ONE_FILTER: &str = "give exactly one of namespace, prefix, entity_ids";
-        let limit = self.limits.single_body_bytes.load(Ordering::Relaxed);
-        let body = read_body(request, limit).await?;
+        let caller = self.writer(&request)?;
+        let body = read_body(request, self.body_limits().0).await?;
         let filter: Filter<'_> = serde_json::from_str(body_str(&body)?).map_err(|e| {
             if e.is_data() {
                 ApiError::bad_request(format!("body must be a JSON object: {ONE_FILTER}"))
@@ -290,7 +334,7 @@ impl Api {
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| ApiError::bad_request(format!("{field} must be a non-empty string")))
         };
-        let mut errors: Vec<(String, &str)> = Vec::new();
+        let mut errors: Vec<(String, String)> = Vec::new();
         let targets: Vec<String> = if let Some(raw) = filter.entity_ids {
             let ids: Vec<String> = serde_json::from_str(raw.get())
                 .map_err(|_| ApiError::bad_request("entity_ids must be an array of strings"))?;
@@ -305,6 +349,13 @@ impl Api {
                 .into_iter()
                 .filter(|id| seen.insert(id.clone()))
                 .collect();
+            let (ids, forbidden): (Vec<String>, Vec<String>) = ids
+                .into_iter()
+                .partition(|id| caller.may_write(id, "entity id").is_ok());
+            for id in forbidden {
+                let message = caller.may_write(&id, "entity id").err().map(|e| e.message);
+                errors.push((id, message.unwrap_or_default()));
+            }
             let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
             let exists = self.engine.contains(&refs).await;
             let mut targets = Vec::with_capacity(ids.len());
@@ -312,7 +363,7 @@ impl Api {
                 if exists {
                     targets.push(id);
                 } else {
-                    errors.push((id, "Entity not found"));
+                    errors.push((id, "Entity not found".to_string()));
                 }
             }
             targets
@@ -328,9 +379,11 @@ impl Api {
                 (_, Some(prefix)) => text(prefix, "prefix")?,
                 _ => return Err(ApiError::bad_request(ONE_FILTER)),
             };
+            caller.may_write_prefix(&prefix)?;
             let ids = self.engine.ids_with_prefix(&prefix, MAX_BATCH_DELETE).await;
             ids.iter().map(|id| id.to_string()).collect()
         };
+        self.admit(&caller, targets.len())?;
         let refs: Vec<&str> = targets.iter().map(String::as_str).collect();
         self.delete_entities(&refs).await?;
         let mut out = Vec::with_capacity(64 + 64 * errors.len());

@@ -10,47 +10,71 @@ use crate::http::{Response, full};
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
-    pub fn bad_request(message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::FORBIDDEN, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: message.into(),
-        }
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::CONFLICT, message)
     }
 
     pub fn payload_too_large() -> Self {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload too large")
+    }
+
+    pub fn rate_limited(message: impl Into<String>, retry_after_seconds: u64) -> Self {
         ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: "payload too large".into(),
+            retry_after: Some(retry_after_seconds),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, message)
         }
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: message.into(),
-        }
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
     pub fn method_not_allowed(allowed: &str) -> Self {
-        ApiError {
-            status: StatusCode::METHOD_NOT_ALLOWED,
-            message: format!("method not allowed; allowed: {allowed}"),
-        }
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method not allowed; allowed: {allowed}"),
+        )
     }
 
-    /// The response: status plus `{"error": message}`.
+    /// The response: status plus `{"error": message}` (and `Retry-After` when set).
     pub fn into_response(self) -> Response {
-        json_response(self.status, error_body(&self.message))
+        let mut response = json_response(self.status, error_body(&self.message));
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from(seconds),
+            );
+        }
+        response
     }
 }
 
@@ -60,10 +84,10 @@ impl From<flux_engine::EngineError> for ApiError {
             ApiError::unavailable(error.to_string())
         } else {
             tracing::error!(%error, "engine error");
-            ApiError {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                message: format!("internal error: {error}"),
-            }
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("internal error: {error}"),
+            )
         }
     }
 }

@@ -8,10 +8,15 @@
 //! Invariants: nothing here holds entity state (the engine's shards do); a write is answered
 //! only after the engine reports it durable and applied; bad input never yields a 500.
 
+pub mod admin;
 pub mod api;
+pub mod directory;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod metrics;
+pub mod sealer;
+pub mod tenancy;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,7 +28,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-pub use api::{Api, Limits, WebSocketHandler};
+pub use api::{Api, WebSocketHandler};
 use error::ApiError;
 use http::{Request, Response, add_cors, decode_path, preflight};
 
@@ -51,12 +56,12 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
     let path = request.uri().path().to_string();
     match path.as_str() {
         "/api/events" => match method {
-            Method::POST => api.publish(request).await,
+            Method::POST => observe_write(api, api.publish(request)).await,
             Method::GET => api.history(request).await,
             _ => Err(ApiError::method_not_allowed("GET, POST")),
         },
         "/api/events/batch" => match method {
-            Method::POST => api.publish_batch(request).await,
+            Method::POST => observe_write(api, api.publish_batch(request)).await,
             _ => Err(ApiError::method_not_allowed("POST")),
         },
         "/api/state/entities" | "/api/state/entities/" => match method {
@@ -73,6 +78,23 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
             Method::GET => Ok(api.health().await),
             _ => Err(ApiError::method_not_allowed("GET")),
         },
+        "/metrics" => match method {
+            Method::GET => Ok(api.metrics_text().await),
+            _ => Err(ApiError::method_not_allowed("GET")),
+        },
+        "/api/namespaces" => match method {
+            Method::POST => api.register_namespace(request).await,
+            _ => Err(ApiError::method_not_allowed("POST")),
+        },
+        "/api/admin/config" => match method {
+            Method::GET => api.get_config(&request),
+            Method::PUT => api.put_config(request).await,
+            _ => Err(ApiError::method_not_allowed("GET, PUT")),
+        },
+        "/api/connectors" => match method {
+            Method::GET => Ok(api.list_connectors()),
+            _ => Err(ApiError::method_not_allowed("GET")),
+        },
         _ => {
             if let Some(raw_id) = path
                 .strip_prefix(ENTITIES)
@@ -81,13 +103,47 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                 let id = decode_path(raw_id)?;
                 return match method {
                     Method::GET => api.get(&id).await,
-                    Method::DELETE => api.delete(&id).await,
+                    Method::DELETE => observe_write(api, api.delete(&request, &id)).await,
                     _ => Err(ApiError::method_not_allowed("GET, DELETE")),
+                };
+            }
+            if let Some(raw) = path.strip_prefix("/api/namespaces/") {
+                let name = decode_path(raw)?;
+                return match method {
+                    Method::GET => api.get_namespace(&name).await,
+                    Method::DELETE => api.delete_namespace(&request, &name).await,
+                    _ => Err(ApiError::method_not_allowed("GET, DELETE")),
+                };
+            }
+            if let Some(rest) = path.strip_prefix("/api/connectors/") {
+                return match (rest.strip_suffix("/token"), method) {
+                    (Some(name), Method::POST) => api.store_connector_token(request, name).await,
+                    (Some(name), Method::DELETE) => {
+                        api.remove_connector_token(&request, name).await
+                    }
+                    (Some(_), _) => Err(ApiError::method_not_allowed("POST, DELETE")),
+                    (None, Method::GET) => api.get_connector(rest),
+                    (None, _) => Err(ApiError::method_not_allowed("GET")),
                 };
             }
             Err(ApiError::not_found(format!("no route for {method} {path}")))
         }
     }
+}
+
+/// Runs an event write, recording its latency or the reason it was refused.
+async fn observe_write(
+    api: &Api,
+    write: impl Future<Output = Result<Response, ApiError>>,
+) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let result = write.await;
+    let status = match &result {
+        Ok(response) => response.status(),
+        Err(error) => error.status,
+    };
+    api.metrics.observe_write(started, status);
+    result
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then stops accepting, lets in-flight

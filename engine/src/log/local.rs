@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::log::{Barrier, Log, LogError};
+use crate::metrics::LogMetrics;
 use crate::record::{
     CONTROL_OWNER, DecodeError, FRAME_PREFIX_BYTES, Frame, FrameRead, LogPosition, RecordBatch,
     decode_frame, encode_frame,
@@ -101,6 +102,7 @@ struct Shared {
     /// Position of the next record; everything below it is durable.
     next_position: AtomicU64,
     failure: Mutex<Option<String>>,
+    metrics: LogMetrics,
 }
 
 enum WriterMsg {
@@ -241,6 +243,7 @@ impl LocalLog {
                 segments: RwLock::new(segments),
                 next_position: AtomicU64::new(expected),
                 failure: Mutex::new(None),
+                metrics: LogMetrics::default(),
             }),
             queue: RwLock::new(Some(tx)),
             writer: Mutex::new(None),
@@ -286,6 +289,11 @@ impl LocalLog {
             "log ends before the snapshot; continuing at the snapshot position"
         );
         Ok(())
+    }
+
+    /// The writer's metrics.
+    pub fn metrics(&self) -> &LogMetrics {
+        &self.shared.metrics
     }
 
     /// Starts the writer thread, which dispatches durable frames through `dispatcher`.
@@ -547,6 +555,9 @@ impl Writer {
             return;
         }
         self.last_accept_ms = accept_ms;
+        let records = position - first;
+        self.shared.metrics.records_appended.inc_by(records);
+        self.shared.metrics.group_records.observe(records as f64);
         {
             let mut segments = self
                 .shared
@@ -583,6 +594,7 @@ impl Writer {
     }
 
     fn write_and_sync(&mut self, base: u64) -> std::io::Result<()> {
+        let started = std::time::Instant::now();
         if let Err(error) = self.active.write_all(&self.buf) {
             // Cut the partial write so the file ends on a frame boundary again.
             if let Err(cut) = self.active.set_len(base) {
@@ -592,11 +604,20 @@ impl Writer {
             }
             return Err(error);
         }
+        let written = std::time::Instant::now();
         if let Err(error) = self.active.sync_data() {
             // After a failed fsync the page cache may have dropped the data: stop writing.
             self.set_failure(format!("fdatasync failed: {error}"));
             return Err(error);
         }
+        let metrics = &self.shared.metrics;
+        metrics
+            .fsync_seconds
+            .observe(written.elapsed().as_secs_f64());
+        metrics
+            .append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.bytes_appended.inc_by(self.buf.len() as u64);
         Ok(())
     }
 

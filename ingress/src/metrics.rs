@@ -1,0 +1,120 @@
+//! Ingress metrics and the `GET /metrics` exposition (Prometheus text, via prometheus-client).
+//!
+//! Every component registers its own metrics into one [`Registry`] at start-up; gauges that
+//! mirror engine state (entities) are refreshed when scraped. Scraping never blocks ingest.
+
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Why a request or event was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+/// Counters and histograms of the HTTP write path.
+pub struct IngressMetrics {
+    pub events_accepted: Counter,
+    /// Refused events (per item for batches) and refused write requests, by reason.
+    pub events_rejected: Family<Reason, Counter>,
+    pub rate_limited_requests: Counter,
+    /// Time from request start to reply for event writes (durable and applied).
+    pub ingest_latency_seconds: Histogram,
+    /// Refreshed at scrape time from the engine.
+    pub entities: Gauge,
+    pub log_position: Gauge,
+}
+
+impl IngressMetrics {
+    /// Creates the metrics and registers them under `flux_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = IngressMetrics {
+            events_accepted: Counter::default(),
+            events_rejected: Family::default(),
+            rate_limited_requests: Counter::default(),
+            // 20 µs .. ~5 s
+            ingest_latency_seconds: Histogram::new(exponential_buckets(0.00002, 2.0, 18)),
+            entities: Gauge::default(),
+            log_position: Gauge::default(),
+        };
+        registry.register(
+            "flux_events_accepted",
+            "Events accepted (durable)",
+            metrics.events_accepted.clone(),
+        );
+        registry.register(
+            "flux_events_rejected",
+            "Events or write requests refused, by reason",
+            metrics.events_rejected.clone(),
+        );
+        registry.register(
+            "flux_rate_limited_requests",
+            "Write requests refused by a namespace rate limit",
+            metrics.rate_limited_requests.clone(),
+        );
+        registry.register(
+            "flux_ingest_latency_seconds",
+            "Event write requests, from arrival to the durable reply",
+            metrics.ingest_latency_seconds.clone(),
+        );
+        registry.register(
+            "flux_entities",
+            "Entities in state",
+            metrics.entities.clone(),
+        );
+        registry.register(
+            "flux_log_position",
+            "Position of the newest log record",
+            metrics.log_position.clone(),
+        );
+        metrics
+    }
+
+    /// Counts `n` events refused as invalid (batch items).
+    pub fn count_rejected(&self, n: u64) {
+        if n > 0 {
+            self.reject("invalid", n);
+        }
+    }
+
+    pub fn reject(&self, reason: &str, n: u64) {
+        self.events_rejected
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// Records a finished event write that started at `started` with `status`.
+    pub fn observe_write(&self, started: Instant, status: hyper::StatusCode) {
+        if status.is_success() {
+            self.ingest_latency_seconds
+                .observe(started.elapsed().as_secs_f64());
+            return;
+        }
+        let reason = match status.as_u16() {
+            400 => "invalid",
+            401 => "unauthorized",
+            403 => "forbidden",
+            413 => "too_large",
+            429 => "rate_limited",
+            503 => "unavailable",
+            _ => "other",
+        };
+        self.reject(reason, 1);
+    }
+}
+
+/// Renders `registry` as Prometheus text.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::with_capacity(8 << 10);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}

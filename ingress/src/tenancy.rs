@@ -1,0 +1,277 @@
+//! Tenancy on the request path: who is calling (bearer tokens), what they may write
+//! (namespaces), and how fast (per-namespace rate limits).
+//!
+//! Invariants: tokens are never stored or logged, only their SHA-256; the admin token is
+//! compared in constant time; with auth off every write is allowed and nothing is rate limited.
+//! A rate-limit window is fixed per namespace: `limit` events per 60 s, each event of a batch
+//! counting once; over the limit the whole request is refused with `Retry-After`.
+
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use hyper::header::{AUTHORIZATION, HeaderMap};
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+
+/// The length of a rate-limit window.
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// How the server authenticates (from flags, not from the log).
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// `--auth`: writes need a namespace (or the admin) token.
+    pub enabled: bool,
+    /// `--admin-token`: may do anything; gates registration and admin config when set.
+    pub admin_token: Option<String>,
+}
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Auth is off: anyone may write anywhere.
+    Open,
+    Admin,
+    /// A namespace's token.
+    Namespace(String),
+}
+
+/// Hex SHA-256 of a token, the only form in which tokens are kept.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The bearer token of the request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Constant-time equality, so the admin token cannot be guessed byte by byte from timings.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+impl AuthConfig {
+    /// Whether `headers` carry the admin token.
+    pub fn is_admin(&self, headers: &HeaderMap) -> bool {
+        match (&self.admin_token, bearer(headers)) {
+            (Some(admin), Some(token)) => same_secret(admin, token),
+            _ => false,
+        }
+    }
+
+    /// Identifies the writer of a request; `lookup` maps a token hash to its namespace.
+    pub fn writer(
+        &self,
+        headers: &HeaderMap,
+        lookup: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<Caller, ApiError> {
+        if !self.enabled {
+            return Ok(Caller::Open);
+        }
+        let Some(token) = bearer(headers) else {
+            return Err(ApiError::unauthorized(
+                "missing bearer token: send Authorization: Bearer <namespace token>",
+            ));
+        };
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|admin| same_secret(admin, token))
+        {
+            return Ok(Caller::Admin);
+        }
+        lookup(&token_hash(token))
+            .map(Caller::Namespace)
+            .ok_or_else(|| ApiError::unauthorized("unknown token"))
+    }
+
+    /// Gate of admin-only operations: the admin token when one is configured; with none
+    /// configured, open only when `open_without_admin` (auth off).
+    pub fn require_admin(
+        &self,
+        headers: &HeaderMap,
+        open_without_admin: bool,
+    ) -> Result<(), ApiError> {
+        match (&self.admin_token, bearer(headers)) {
+            (Some(_), None) => Err(ApiError::unauthorized(
+                "missing admin token: send Authorization: Bearer <admin token>",
+            )),
+            (Some(admin), Some(token)) if same_secret(admin, token) => Ok(()),
+            (Some(_), Some(_)) => Err(ApiError::forbidden("this operation needs the admin token")),
+            (None, _) if open_without_admin => Ok(()),
+            (None, _) => Err(ApiError::forbidden(
+                "this operation needs the admin token, and none is configured (--admin-token)",
+            )),
+        }
+    }
+}
+
+impl Caller {
+    /// The namespace rate limits are counted against, if any.
+    pub fn namespace(&self) -> Option<&str> {
+        match self {
+            Caller::Namespace(ns) => Some(ns),
+            _ => None,
+        }
+    }
+
+    /// Whether this caller may write `entity_id`: its namespace must be the token's.
+    pub fn may_write(&self, entity_id: &str, field: &str) -> Result<(), ApiError> {
+        let Caller::Namespace(ns) = self else {
+            return Ok(());
+        };
+        match entity_id.split_once('/') {
+            Some((prefix, _)) if prefix == ns => Ok(()),
+            Some((prefix, _)) => Err(ApiError::forbidden(format!(
+                "{field} {entity_id:?} is in namespace {prefix:?}; this token writes only namespace {ns:?}"
+            ))),
+            None => Err(ApiError::bad_request(format!(
+                "{field} {entity_id:?} has no namespace: it must start with \"{ns}/\""
+            ))),
+        }
+    }
+
+    /// Whether this caller may act on every id starting with `prefix`.
+    pub fn may_write_prefix(&self, prefix: &str) -> Result<(), ApiError> {
+        let Caller::Namespace(ns) = self else {
+            return Ok(());
+        };
+        let own = format!("{ns}/");
+        if prefix.starts_with(&own) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "prefix {prefix:?} is outside namespace {ns:?}; this token writes only \"{own}...\""
+            )))
+        }
+    }
+}
+
+struct Window {
+    started: Instant,
+    events: u64,
+}
+
+/// Fixed-window event counters per namespace.
+#[derive(Default)]
+pub struct RateLimiter {
+    windows: std::sync::Mutex<HashMap<String, Window>>,
+}
+
+impl RateLimiter {
+    /// Counts `events` against `namespace`; over `limit` per window → 429 with the seconds to
+    /// wait, and nothing is counted.
+    pub fn admit(&self, namespace: &str, events: u64, limit: u64) -> Result<(), ApiError> {
+        let now = Instant::now();
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let window = windows.entry_ref(namespace).or_insert(Window {
+            started: now,
+            events: 0,
+        });
+        if now.duration_since(window.started) >= RATE_WINDOW {
+            *window = Window {
+                started: now,
+                events: 0,
+            };
+        }
+        if window.events + events > limit {
+            let left = RATE_WINDOW.saturating_sub(now.duration_since(window.started));
+            let retry_after = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            return Err(ApiError::rate_limited(
+                format!(
+                    "rate limit exceeded: namespace {namespace:?} may write {limit} events per minute"
+                ),
+                retry_after.max(1),
+            ));
+        }
+        window.events += events;
+        Ok(())
+    }
+}
+
+/// A random id of `len` characters from `a-z0-9`.
+pub fn random_id(len: usize) -> Result<String, ApiError> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = vec![0u8; len];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| ApiError::unavailable(format!("no randomness: {e}")))?;
+    // 252 = 7 × 36: rejecting bytes above it keeps every character equally likely.
+    let mut out = String::with_capacity(len);
+    while out.len() < len {
+        for b in bytes.iter().copied().filter(|&b| b < 252) {
+            if out.len() < len {
+                out.push(ALPHABET[(b % 36) as usize] as char);
+            }
+        }
+        getrandom::fill(&mut bytes)
+            .map_err(|e| ApiError::unavailable(format!("no randomness: {e}")))?;
+    }
+    Ok(out)
+}
+
+/// A new bearer token: 32 random bytes, hex.
+pub fn new_token() -> Result<String, ApiError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| ApiError::unavailable(format!("no randomness: {e}")))?;
+    Ok(format!("flux_{}", hex::encode(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::StatusCode;
+
+    use super::*;
+
+    #[test]
+    fn namespaces_match_whole_segments() {
+        let ab = Caller::Namespace("ab".into());
+        assert!(ab.may_write("ab/x", "entity_id").is_ok());
+        assert_eq!(
+            ab.may_write("abc/x", "entity_id").unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            ab.may_write("ab", "entity_id").unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+        assert!(ab.may_write_prefix("ab/tmp-").is_ok());
+        assert!(ab.may_write_prefix("abc/").is_err());
+        assert!(Caller::Open.may_write("anything", "entity_id").is_ok());
+    }
+
+    #[test]
+    fn rate_limit_counts_events_and_reports_retry_after() {
+        let limiter = RateLimiter::default();
+        assert!(limiter.admit("acme", 7, 10).is_ok());
+        assert!(limiter.admit("acme", 3, 10).is_ok());
+        let error = limiter.admit("acme", 1, 10).unwrap_err();
+        assert_eq!(error.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(error.retry_after.is_some_and(|s| (1..=60).contains(&s)));
+        assert!(limiter.admit("other", 10, 10).is_ok());
+    }
+
+    #[test]
+    fn ids_and_tokens_look_right() {
+        let id = random_id(8).expect("id");
+        assert!(
+            id.len() == 8
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        );
+        let token = new_token().expect("token");
+        assert_eq!(token.len(), 5 + 64);
+        assert_eq!(token_hash(&token).len(), 64);
+    }
+}
