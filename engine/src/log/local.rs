@@ -22,7 +22,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -42,6 +42,8 @@ use crate::shard::{Completion, Dispatcher, shard_of};
 pub const WRITER_QUEUE_CAPACITY: usize = 4096;
 /// Most bytes of frames one group commit writes before it syncs.
 pub const GROUP_MAX_BYTES: usize = 16 << 20;
+/// Bytes read at a time while checking a segment on open.
+const READ_WINDOW_BYTES: usize = 1 << 20;
 /// A sparse index entry is kept at least every this many bytes of a segment.
 const INDEX_STRIDE_BYTES: u64 = 64 << 10;
 
@@ -170,7 +172,8 @@ impl LocalLog {
                 summary.gaps.push((expected, start));
                 expected = start;
             }
-            let data = fs::read(&path)?;
+            let mut reader = File::open(&path)?;
+            let file_len = reader.metadata()?.len();
             let mut segment = Segment {
                 first_position: start,
                 path: path.clone(),
@@ -179,12 +182,17 @@ impl LocalLog {
                 last_accept_ms: 0,
                 index: Vec::new(),
             };
-            let mut offset = 0usize;
+            // Frames are read through a window of the file, so start-up memory stays at about
+            // one window (or one frame, if larger) however big the segment is.
+            let mut window: Vec<u8> = Vec::new();
+            let mut window_start = 0u64;
+            let mut offset = 0u64;
             let damage: Option<String> = loop {
-                if offset == data.len() {
+                if offset == file_len {
                     break None;
                 }
-                match decode_frame(&data[offset..]) {
+                let at = (offset - window_start) as usize;
+                match decode_frame(&window[at..]) {
                     Ok(FrameRead::Frame(frame, used)) => {
                         if frame.first_position != expected {
                             break Some(format!(
@@ -192,34 +200,43 @@ impl LocalLog {
                                 frame.first_position
                             ));
                         }
-                        segment.note_frame(
-                            frame.first_position,
-                            offset as u64,
-                            frame.accept_time_ms,
-                        );
+                        segment.note_frame(frame.first_position, offset, frame.accept_time_ms);
                         expected += frame.len() as u64;
                         summary.frames += 1;
                         summary.records += frame.len() as u64;
-                        offset += used;
+                        offset += used as u64;
                         visit(frame);
                     }
                     Ok(FrameRead::Incomplete { needed }) => {
-                        break Some(format!(
-                            "partial frame at offset {offset} (needs {needed} bytes)"
-                        ));
+                        let end = window_start + window.len() as u64;
+                        if end == file_len {
+                            break Some(format!(
+                                "partial frame at offset {offset} (needs {needed} bytes)"
+                            ));
+                        }
+                        window.drain(..at);
+                        window_start = offset;
+                        let want = needed.max(READ_WINDOW_BYTES) as u64;
+                        let more = want.saturating_sub(window.len() as u64);
+                        if (&mut reader).take(more).read_to_end(&mut window)? == 0 {
+                            break Some(format!("segment ended early at offset {offset}"));
+                        }
                     }
                     Err(error) => break Some(format!("bad frame at offset {offset}: {error}")),
                 }
             };
+            drop(window);
             if let Some(reason) = damage {
                 if !is_last {
                     return Err(LogError::Corrupt(format!("{}: {reason}", path.display())));
                 }
-                let dropped = (data.len() - offset) as u64;
+                let dropped = file_len - offset;
+                let mut tail = vec![0u8; dropped as usize];
+                segment.file.read_exact_at(&mut tail, offset)?;
                 let kept = path.with_extension(format!("seg.torn-{offset}"));
-                fs::write(&kept, &data[offset..])?;
+                fs::write(&kept, &tail)?;
                 let file = OpenOptions::new().write(true).open(&path)?;
-                file.set_len(offset as u64)?;
+                file.set_len(offset)?;
                 file.sync_all()?;
                 summary.dropped_bytes = dropped;
                 tracing::warn!(
@@ -228,7 +245,7 @@ impl LocalLog {
                     "cut torn tail of the log: dropped {dropped} bytes"
                 );
             }
-            segment.len = offset as u64;
+            segment.len = offset;
             segments.push(segment);
         }
         let active_path = segments
