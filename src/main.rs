@@ -19,6 +19,8 @@ use flux_ingress::{Api, WebSocketHandler};
 use http_body_util::BodyExt;
 use prometheus_client::registry::Registry;
 
+mod cli;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -26,7 +28,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "flux",
     version,
-    about = "Flux: an event-sourced world-state engine"
+    about = "Flux: an event-sourced world-state engine",
+    after_help = cli::EXIT_CODES_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,6 +40,8 @@ struct Cli {
 enum Command {
     /// Run the Flux server.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(cli::Command),
 }
 
 #[derive(Args)]
@@ -91,6 +96,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Client(command) => std::process::exit(cli::run(command)),
     };
     if let Err(error) = result {
         eprintln!("flux: {error:#}");

@@ -1,0 +1,717 @@
+//! The user CLI: `flux publish`, `get`, `list`, `watch`, … — a small client of a running Flux
+//! server, the Rust twin of the `flux.sh` skill script (same commands, same `FLUX_URL` and
+//! `FLUX_TOKEN`).
+//!
+//! Owns the client subcommands' arguments, building each request (ids percent-encoded, missing
+//! timestamps filled with the current time), printing the reply, and the exit code.
+//! Invariants: on success the server's reply goes to stdout unchanged (one JSON document; for
+//! `watch`, one message a line); on failure the server's `{"error": ...}` body, or what went
+//! wrong locally, goes to stderr, and the exit code says which kind of failure it was
+//! ([`EXIT_CODES_HELP`]). Nothing derived from input is unwrapped.
+//! Called only by `main`, through [`run`].
+
+use std::io::{ErrorKind, Read, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{ArgGroup, Args, Subcommand};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tungstenite::Message;
+use tungstenite::error::UrlError;
+
+/// The exit codes, as shown by `flux --help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes of the client commands:
+  0  success: the server answered 2xx (its JSON reply is on stdout)
+  1  the server answered with an error status (its {\"error\": ...} body is on stderr)
+  2  usage error: bad arguments, or a JSON argument that does not parse
+  3  could not reach the server: connection refused, name lookup, timeout, connection lost";
+
+/// Everything but RFC 3986 unreserved characters is encoded, as `flux.sh` does: an id's `/`
+/// travels as `%2F`.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Longest wait for the TCP connection to the server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for each read or write of a request (a large list can take a while).
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the server is and how to authenticate (every client command takes these).
+#[derive(Args)]
+pub struct ServerArgs {
+    /// Base URL of the Flux server.
+    #[arg(long, env = "FLUX_URL", default_value = "http://127.0.0.1:3000")]
+    url: String,
+    /// Bearer token sent with writes (a namespace token, or the admin token).
+    #[arg(long, env = "FLUX_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Admin token, sent by `namespaces register` and `admin-config`.
+    #[arg(long, env = "FLUX_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+/// The client subcommands, flattened beside `serve` in `flux`'s command list.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Publish one event; its timestamp is now (Unix milliseconds).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Publish {
+        /// Stream name, e.g. `sensors`.
+        stream: String,
+        /// Who observed it, e.g. `agent-01`.
+        source: String,
+        /// The entity, e.g. `acme/sensor-01`.
+        entity_id: String,
+        /// Properties to merge into the entity: a JSON object, e.g. '{"temperature":22.5}'.
+        properties_json: String,
+        /// Event id [default: assigned by the server].
+        #[arg(long)]
+        event_id: Option<String>,
+        /// Optional event key, stored and returned in history.
+        #[arg(long)]
+        key: Option<String>,
+        /// Optional schema name, stored and returned in history.
+        #[arg(long)]
+        schema: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Publish many events (events without a `timestamp` get the current time).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Batch {
+        /// A JSON array of events or {"events": [...]}; `-` reads it from stdin.
+        json: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show one entity's current state.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Get {
+        entity_id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List entities, sorted by id.
+    #[command(after_help = EXIT_CODES_HELP)]
+    List {
+        /// Only ids starting with this, e.g. `acme/site-3/`.
+        #[arg(long, conflicts_with = "namespace")]
+        prefix: Option<String>,
+        /// Only ids in this namespace, e.g. `acme`.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// At most this many entities (a page).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Start after this id (the last id of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Delete one entity.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Delete {
+        entity_id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Delete many entities: a whole namespace, every id with a prefix, or a list of ids.
+    #[command(
+        after_help = EXIT_CODES_HELP,
+        group(ArgGroup::new("selector").required(true).args(["namespace", "prefix", "ids"]))
+    )]
+    BatchDelete {
+        /// Every entity of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Every entity whose id starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// These ids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        ids: Option<Vec<String>>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show an entity's stored events, newest first.
+    #[command(after_help = EXIT_CODES_HELP)]
+    History {
+        entity_id: String,
+        /// Only events accepted at or after this ISO-8601 time [server default: 24 h ago].
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many events [server default: 100, max 500].
+        #[arg(long)]
+        limit: Option<u64>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Print each state_update / entity_deleted message (WebSocket) as a JSON line.
+    ///
+    /// Runs until interrupted, or until `--count` messages have been printed.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Watch {
+        /// An entity id, `prefix/*` (any depth), or `*` for everything.
+        pattern: String,
+        /// Exit after this many update messages.
+        #[arg(long)]
+        count: Option<u64>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Register or look up namespaces (auth mode).
+    #[command(subcommand)]
+    Namespaces(NamespacesCommand),
+    /// Read the runtime config, or change the fields given in JSON (admin token).
+    #[command(after_help = EXIT_CODES_HELP)]
+    AdminConfig {
+        /// Fields to change, e.g. '{"rate_limit_per_namespace_per_minute":5000}'.
+        json: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List connectors and their status, or show one.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Connectors {
+        name: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Check that the server and its log are up.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Health {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NamespacesCommand {
+    /// Register a namespace and print its token (shown once). Sends the admin token if set.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Register {
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show a namespace: id, creation time, entity count.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Get {
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// Why a command failed; each kind has its own exit code.
+enum Failure {
+    /// The server answered with a non-2xx status; `body` is its reply.
+    Http { status: u16, body: String },
+    /// The arguments do not make a request.
+    Usage(String),
+    /// The server could not be reached, or the connection broke.
+    Connection(String),
+}
+
+impl Failure {
+    fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Http { .. } => 1,
+            Failure::Usage(_) => 2,
+            Failure::Connection(_) => 3,
+        }
+    }
+
+    fn report(&self) {
+        let message = match self {
+            Failure::Http { status, body } if body.trim().is_empty() => {
+                format!("flux: the server answered HTTP {status}")
+            }
+            Failure::Http { body, .. } => body.trim_end().to_string(),
+            Failure::Usage(reason) => format!("flux: {reason}"),
+            Failure::Connection(reason) => format!("flux: {reason}"),
+        };
+        let _ = writeln!(std::io::stderr(), "{message}");
+    }
+}
+
+/// Runs one client command and returns the process exit code.
+pub fn run(command: Command) -> i32 {
+    match execute(command) {
+        Ok(()) => 0,
+        Err(failure) => {
+            failure.report();
+            failure.exit_code()
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Publish {
+            stream,
+            source,
+            entity_id,
+            properties_json,
+            event_id,
+            key,
+            schema,
+            server,
+        } => {
+            // Kept as raw JSON so values travel exactly as typed (numbers beyond 64 bits too).
+            let properties: Box<RawValue> = serde_json::from_str(&properties_json)
+                .map_err(|e| Failure::Usage(format!("properties_json is not JSON: {e}")))?;
+            if !properties.get().starts_with('{') {
+                return Err(Failure::Usage(
+                    "properties_json must be a JSON object, e.g. '{\"temperature\":22.5}'".into(),
+                ));
+            }
+            let event = OutgoingEvent {
+                stream: &stream,
+                source: &source,
+                timestamp: now_ms(),
+                payload: OutgoingPayload {
+                    entity_id: &entity_id,
+                    properties: &properties,
+                },
+                event_id: event_id.as_deref(),
+                key: key.as_deref(),
+                schema: schema.as_deref(),
+            };
+            let body = serde_json::to_string(&event)
+                .map_err(|e| Failure::Usage(format!("encoding the event: {e}")))?;
+            let client = Client::new(&server)?;
+            client.print("POST", "/api/events", Auth::Token, Some(&body))
+        }
+        Command::Batch { json, server } => {
+            let text = if json == "-" { read_stdin()? } else { json };
+            let body = fill_timestamps(&text)?;
+            let client = Client::new(&server)?;
+            client.print("POST", "/api/events/batch", Auth::Token, Some(&body))
+        }
+        Command::Get { entity_id, server } => {
+            let path = entity_path(&entity_id)?;
+            Client::new(&server)?.print("GET", &path, Auth::None, None)
+        }
+        Command::List {
+            prefix,
+            namespace,
+            limit,
+            after,
+            server,
+        } => {
+            let limit = limit.map(|n| n.to_string());
+            let query = query_string(&[
+                ("prefix", prefix.as_deref()),
+                ("namespace", namespace.as_deref()),
+                ("limit", limit.as_deref()),
+                ("after", after.as_deref()),
+            ]);
+            let path = format!("/api/state/entities{query}");
+            Client::new(&server)?.print("GET", &path, Auth::None, None)
+        }
+        Command::Delete { entity_id, server } => {
+            let path = entity_path(&entity_id)?;
+            Client::new(&server)?.print("DELETE", &path, Auth::Token, None)
+        }
+        Command::BatchDelete {
+            namespace,
+            prefix,
+            ids,
+            server,
+        } => {
+            let body = match (namespace, prefix, ids) {
+                (Some(namespace), None, None) => json!({"namespace": namespace}),
+                (None, Some(prefix), None) => json!({"prefix": prefix}),
+                (None, None, Some(ids)) => json!({"entity_ids": ids}),
+                _ => {
+                    return Err(Failure::Usage(
+                        "give exactly one of --namespace, --prefix, --ids".into(),
+                    ));
+                }
+            };
+            let client = Client::new(&server)?;
+            client.print(
+                "POST",
+                "/api/state/entities/delete",
+                Auth::Token,
+                Some(&body.to_string()),
+            )
+        }
+        Command::History {
+            entity_id,
+            since,
+            limit,
+            server,
+        } => {
+            let limit = limit.map(|n| n.to_string());
+            let query = query_string(&[
+                ("entity", Some(&entity_id)),
+                ("since", since.as_deref()),
+                ("limit", limit.as_deref()),
+            ]);
+            let path = format!("/api/events{query}");
+            Client::new(&server)?.print("GET", &path, Auth::None, None)
+        }
+        Command::Watch {
+            pattern,
+            count,
+            server,
+        } => watch(&server, &pattern, count),
+        Command::Namespaces(NamespacesCommand::Register { name, server }) => {
+            let body = json!({"name": name});
+            let client = Client::new(&server)?;
+            client.print(
+                "POST",
+                "/api/namespaces",
+                Auth::Admin,
+                Some(&body.to_string()),
+            )
+        }
+        Command::Namespaces(NamespacesCommand::Get { name, server }) => {
+            let path = format!("/api/namespaces/{}", encode(&name));
+            Client::new(&server)?.print("GET", &path, Auth::None, None)
+        }
+        Command::AdminConfig { json, server } => {
+            let client = Client::new(&server)?;
+            match json {
+                None => client.print("GET", "/api/admin/config", Auth::Admin, None),
+                Some(text) => {
+                    let changes = parse_json("the config", &text)?;
+                    client.print(
+                        "PUT",
+                        "/api/admin/config",
+                        Auth::Admin,
+                        Some(&changes.to_string()),
+                    )
+                }
+            }
+        }
+        Command::Connectors { name, server } => {
+            let path = match name {
+                Some(name) => format!("/api/connectors/{}", encode(&name)),
+                None => "/api/connectors".to_string(),
+            };
+            Client::new(&server)?.print("GET", &path, Auth::None, None)
+        }
+        Command::Health { server } => {
+            Client::new(&server)?.print("GET", "/api/health", Auth::None, None)
+        }
+    }
+}
+
+/// Which token a request carries.
+#[derive(Clone, Copy)]
+enum Auth {
+    /// Reads are public.
+    None,
+    /// Writes carry `--token` / `FLUX_TOKEN` when set.
+    Token,
+    /// Admin operations carry `--admin-token` / `FLUX_ADMIN_TOKEN` when set.
+    Admin,
+}
+
+/// A blocking HTTP client bound to one server.
+struct Client<'a> {
+    server: &'a ServerArgs,
+    /// The URL without a trailing `/`, so paths can be appended.
+    base: &'a str,
+    agent: ureq::Agent,
+}
+
+impl<'a> Client<'a> {
+    fn new(server: &'a ServerArgs) -> Result<Client<'a>, Failure> {
+        let base = server.url.trim_end_matches('/');
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(Failure::Usage(format!(
+                "--url {:?} must start with http:// or https://",
+                server.url
+            )));
+        }
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(CONNECT_TIMEOUT)
+            .timeout_read(IO_TIMEOUT)
+            .timeout_write(IO_TIMEOUT)
+            .build();
+        Ok(Client {
+            server,
+            base,
+            agent,
+        })
+    }
+
+    /// Sends one request and prints the reply body to stdout.
+    fn print(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Auth,
+        body: Option<&str>,
+    ) -> Result<(), Failure> {
+        let reply = self.send(method, path, auth, body)?;
+        let mut stdout = std::io::stdout().lock();
+        let written = if reply.ends_with('\n') || reply.is_empty() {
+            stdout.write_all(reply.as_bytes())
+        } else {
+            writeln!(stdout, "{reply}")
+        };
+        match written.and_then(|()| stdout.flush()) {
+            Err(error) if error.kind() != ErrorKind::BrokenPipe => Err(Failure::Connection(
+                format!("writing the reply to stdout: {error}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends one request; the reply body on 2xx.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Auth,
+        body: Option<&str>,
+    ) -> Result<String, Failure> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.agent.request(method, &url);
+        let token = match auth {
+            Auth::None => None,
+            Auth::Token => self.server.token.as_deref(),
+            Auth::Admin => self.server.admin_token.as_deref(),
+        };
+        if let Some(token) = token.filter(|t| !t.is_empty()) {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
+        let result = match body {
+            Some(body) => request
+                .set("Content-Type", "application/json")
+                .send_string(body),
+            None => request.call(),
+        };
+        match result {
+            Ok(response) => read_body(response, &url),
+            Err(ureq::Error::Status(status, response)) => {
+                let body = read_body(response, &url)?;
+                Err(Failure::Http { status, body })
+            }
+            Err(ureq::Error::Transport(transport)) => Err(match transport.kind() {
+                ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => {
+                    Failure::Usage(format!("--url {:?}: {transport}", self.server.url))
+                }
+                _ => Failure::Connection(format!("cannot reach the server: {transport}")),
+            }),
+        }
+    }
+}
+
+fn read_body(response: ureq::Response, url: &str) -> Result<String, Failure> {
+    let mut body = String::new();
+    response
+        .into_reader()
+        .read_to_string(&mut body)
+        .map_err(|error| Failure::Connection(format!("reading the reply of {url}: {error}")))?;
+    Ok(body)
+}
+
+/// Subscribes to `pattern` and prints update messages, one a line, until `count` of them
+/// (or forever).
+fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), Failure> {
+    let base = server.url.trim_end_matches('/');
+    let websocket_url = if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}/api/ws")
+    } else if base.starts_with("https://") {
+        return Err(Failure::Usage(
+            "watch speaks plain ws:// only; this build has no TLS for WebSocket".into(),
+        ));
+    } else {
+        return Err(Failure::Usage(format!(
+            "--url {:?} must start with http://",
+            server.url
+        )));
+    };
+    let (mut socket, _) = tungstenite::connect(&websocket_url).map_err(|error| match error {
+        tungstenite::Error::Http(response) => Failure::Http {
+            status: response.status().as_u16(),
+            body: response
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default(),
+        },
+        tungstenite::Error::Url(UrlError::UnableToConnect(_)) | tungstenite::Error::Io(_) => {
+            Failure::Connection(format!("cannot reach the server: {error}"))
+        }
+        tungstenite::Error::Url(reason) => Failure::Usage(format!("{websocket_url}: {reason}")),
+        other => Failure::Connection(format!("cannot reach {websocket_url}: {other}")),
+    })?;
+    let subscribe = json!({"type": "subscribe", "entity_id": pattern}).to_string();
+    socket
+        .send(Message::text(subscribe))
+        .map_err(|error| Failure::Connection(format!("subscribing: {error}")))?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "flux: watching {pattern:?} on {websocket_url}"
+    );
+
+    let mut seen = 0;
+    let mut stdout = std::io::stdout().lock();
+    while count.is_none_or(|limit| seen < limit) {
+        let message = socket
+            .read()
+            .map_err(|error| Failure::Connection(format!("connection lost: {error}")))?;
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Close(frame) => {
+                let why = frame.map_or(String::new(), |f| format!(" ({} {})", f.code, f.reason));
+                return Err(Failure::Connection(format!(
+                    "the server closed the connection{why}"
+                )));
+            }
+            _ => continue,
+        };
+        let Ok(message) = serde_json::from_str::<Value>(text.as_str()) else {
+            continue;
+        };
+        match message.get("type").and_then(Value::as_str) {
+            Some("state_update" | "entity_deleted") => {
+                seen += 1;
+                // One message a line, whatever whitespace the server used.
+                if let Err(error) = writeln!(stdout, "{message}").and_then(|()| stdout.flush()) {
+                    if error.kind() == ErrorKind::BrokenPipe {
+                        return Ok(());
+                    }
+                    return Err(Failure::Connection(format!("writing to stdout: {error}")));
+                }
+            }
+            Some("error") => {
+                let _ = writeln!(std::io::stderr(), "flux: the server says: {message}");
+            }
+            _ => {}
+        }
+    }
+    let _ = socket.close(None);
+    let _ = socket.flush();
+    Ok(())
+}
+
+/// An event as the CLI sends it; properties stay raw JSON.
+#[derive(serde::Serialize)]
+struct OutgoingEvent<'a> {
+    stream: &'a str,
+    source: &'a str,
+    timestamp: u64,
+    payload: OutgoingPayload<'a>,
+    #[serde(rename = "eventId", skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    schema: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct OutgoingPayload<'a> {
+    entity_id: &'a str,
+    properties: &'a RawValue,
+}
+
+/// The batch `text` with `timestamp` (now) filled into every event that lacks one, as
+/// `flux.sh` does. Values stay raw JSON, so numbers travel exactly as typed.
+fn fill_timestamps(text: &str) -> Result<String, Failure> {
+    #[derive(serde::Deserialize)]
+    struct Wrapped {
+        events: Vec<Box<RawValue>>,
+    }
+    let trimmed = text.trim_start();
+    let (events, wrapped) = if trimmed.starts_with('[') {
+        let events: Vec<Box<RawValue>> = serde_json::from_str(text)
+            .map_err(|e| Failure::Usage(format!("the batch is not JSON: {e}")))?;
+        (events, false)
+    } else if trimmed.starts_with('{') {
+        let wrapped: Wrapped = serde_json::from_str(text).map_err(|_| batch_shape())?;
+        (wrapped.events, true)
+    } else {
+        return Err(batch_shape());
+    };
+    let now = RawValue::from_string(now_ms().to_string())
+        .map_err(|e| Failure::Usage(format!("timestamp: {e}")))?;
+    let mut filled = Vec::with_capacity(events.len());
+    for event in events {
+        let object: Option<std::collections::BTreeMap<String, Box<RawValue>>> =
+            serde_json::from_str(event.get()).ok();
+        match object {
+            Some(mut fields) if !fields.contains_key("timestamp") => {
+                fields.insert("timestamp".to_string(), now.clone());
+                let text = serde_json::to_string(&fields)
+                    .map_err(|e| Failure::Usage(format!("encoding an event: {e}")))?;
+                filled.push(
+                    RawValue::from_string(text)
+                        .map_err(|e| Failure::Usage(format!("encoding an event: {e}")))?,
+                );
+            }
+            // Not an object, or already timed: sent as given (the server judges it).
+            _ => filled.push(event),
+        }
+    }
+    let encoded = serde_json::to_string(&filled)
+        .map_err(|e| Failure::Usage(format!("encoding the batch: {e}")))?;
+    Ok(if wrapped {
+        format!("{{\"events\":{encoded}}}")
+    } else {
+        encoded
+    })
+}
+
+fn batch_shape() -> Failure {
+    Failure::Usage("the batch must be a JSON array of events or {\"events\": [...]}".into())
+}
+
+fn parse_json(what: &str, text: &str) -> Result<Value, Failure> {
+    serde_json::from_str(text)
+        .map_err(|error| Failure::Usage(format!("{what} is not JSON: {error}")))
+}
+
+fn read_stdin() -> Result<String, Failure> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|error| Failure::Usage(format!("reading stdin: {error}")))?;
+    Ok(text)
+}
+
+/// The path of one entity; an empty id would name the list instead, so it is refused.
+fn entity_path(entity_id: &str) -> Result<String, Failure> {
+    if entity_id.is_empty() {
+        return Err(Failure::Usage("entity_id must not be empty".into()));
+    }
+    Ok(format!("/api/state/entities/{}", encode(entity_id)))
+}
+
+fn encode(component: &str) -> String {
+    utf8_percent_encode(component, COMPONENT).to_string()
+}
+
+/// `?a=1&b=2` from the pairs that have a value; empty when none has.
+fn query_string(pairs: &[(&str, Option<&str>)]) -> String {
+    let mut out = String::new();
+    for (name, value) in pairs {
+        if let Some(value) = value {
+            out.push(if out.is_empty() { '?' } else { '&' });
+            out.push_str(name);
+            out.push('=');
+            out.push_str(&encode(value));
+        }
+    }
+    out
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}

@@ -1,0 +1,621 @@
+//! Black-box tests of the user CLI (`flux publish`, `get`, `list`, `batch`, `delete`,
+//! `batch-delete`, `history`, `watch`, `namespaces`, `admin-config`, `connectors`, `health`):
+//! each runs the real `flux` binary as a user would, with `FLUX_URL` / `FLUX_TOKEN`, against a
+//! real server started by the harness, and checks stdout, stderr and the exit code
+//! (0 success, 1 HTTP error, 2 usage error, 3 connection failure).
+//!
+//! Every run of the CLI has a deadline; a run that overruns is killed and the test fails.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use util::*;
+
+/// Longest a CLI run may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What one run of the CLI produced.
+#[derive(Debug)]
+struct Run {
+    /// `None` when the process was ended by a signal.
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// Asserts exit 0 and returns stdout as JSON.
+    fn ok_json(&self) -> Value {
+        assert_eq!(self.code, Some(0), "CLI failed: {self:?}");
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {self:?}"))
+    }
+
+    /// Asserts exit 1 and returns the server's error message from stderr.
+    fn http_error(&self) -> String {
+        assert_eq!(self.code, Some(1), "wanted an HTTP error: {self:?}");
+        assert!(self.stdout.is_empty(), "stdout on failure: {self:?}");
+        let body: Value = serde_json::from_str(self.stderr.trim())
+            .unwrap_or_else(|e| panic!("stderr is not the server's JSON error ({e}): {self:?}"));
+        error_message(&body)
+    }
+}
+
+/// A CLI invocation: arguments, environment, optional stdin.
+struct Cli {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    stdin: Option<String>,
+}
+
+impl Cli {
+    /// `flux <args>` pointed at `url` (through `FLUX_URL`), with no other `FLUX_*` variable.
+    fn new(url: &str, args: &[&str]) -> Cli {
+        Cli {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: vec![("FLUX_URL".to_string(), url.to_string())],
+            stdin: None,
+        }
+    }
+
+    fn env(mut self, name: &str, value: &str) -> Cli {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    fn stdin(mut self, text: &str) -> Cli {
+        self.stdin = Some(text.to_string());
+        self
+    }
+
+    fn spawn(&self) -> Child {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flux"));
+        command.args(&self.args);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("FLUX_") {
+                command.env_remove(&name);
+            }
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn flux");
+        if let (Some(text), Some(mut pipe)) = (self.stdin.clone(), child.stdin.take()) {
+            thread::spawn(move || {
+                let _ = pipe.write_all(text.as_bytes());
+            });
+        }
+        child
+    }
+
+    /// Runs to completion within `RUN_TIMEOUT`.
+    fn run(&self) -> Run {
+        finish(self.spawn(), RUN_TIMEOUT, &self.args)
+    }
+}
+
+/// Waits for `child` (at most `limit`, then kills it and fails) and collects its output.
+fn finish(mut child: Child, limit: Duration, args: &[String]) -> Run {
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "flux {args:?} did not finish within {limit:?}\n--- stdout ---\n{}\n\
+                     --- stderr ---\n{}",
+                    stdout.join().unwrap_or_default(),
+                    stderr.join().unwrap_or_default()
+                );
+            }
+            Err(e) => panic!("try_wait: {e}"),
+        }
+    };
+    Run {
+        code: status.code(),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// Reads a pipe to its end on a thread.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// `flux <args>` against `server`, without a token.
+fn flux(server: &Server, args: &[&str]) -> Run {
+    Cli::new(server.url(), args).run()
+}
+
+/// The ids of a `flux list` reply, without the built-in `flux-core/` entities.
+fn ids(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("list reply is not an array: {list}"))
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .filter(|id| !id.starts_with("flux-core/"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn publish_then_get() {
+    let server = Server::start();
+    let before = now_ms();
+    let reply = flux(
+        &server,
+        &[
+            "publish",
+            "sensors",
+            "agent-01",
+            "acme/site-3/pump-01",
+            r#"{"temperature":22.5,"unit":"celsius"}"#,
+        ],
+    )
+    .ok_json();
+    assert_eq!(reply["stream"], "sensors", "{reply}");
+    assert!(reply["eventId"].as_str().is_some_and(is_uuid_v7), "{reply}");
+
+    flux(
+        &server,
+        &[
+            "publish",
+            "sensors",
+            "agent-02",
+            "acme/site-3/pump-01",
+            r#"{"temperature":23}"#,
+        ],
+    )
+    .ok_json();
+    let entity = flux(&server, &["get", "acme/site-3/pump-01"]).ok_json();
+    assert_eq!(entity["id"], "acme/site-3/pump-01");
+    assert_eq!(
+        entity["properties"],
+        json!({"temperature": 23, "unit": "celsius"})
+    );
+
+    // The timestamp is generated: now, in milliseconds.
+    let events = history_items(&flux(&server, &["history", "acme/site-3/pump-01"]).ok_json());
+    assert_eq!(events.len(), 2, "{events:?}");
+    for event in &events {
+        let timestamp = event["timestamp"].as_i64().unwrap_or_default();
+        assert!(
+            timestamp >= before - 1000 && timestamp <= now_ms() + 1000,
+            "timestamp {timestamp} is not now: {event}"
+        );
+    }
+}
+
+#[test]
+fn publish_options_are_stored() {
+    let server = Server::start();
+    let reply = flux(
+        &server,
+        &[
+            "publish",
+            "sensors",
+            "agent-01",
+            "acme/sensor-01",
+            r#"{"on":true}"#,
+            "--event-id",
+            "evt-1",
+            "--key",
+            "k1",
+            "--schema",
+            "reading.v1",
+        ],
+    )
+    .ok_json();
+    assert_eq!(reply["eventId"], "evt-1", "{reply}");
+    let events = history_items(&flux(&server, &["history", "acme/sensor-01"]).ok_json());
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["eventId"], "evt-1");
+    assert_eq!(events[0]["key"], "k1");
+    assert_eq!(events[0]["schema"], "reading.v1");
+}
+
+#[test]
+fn publish_with_bad_json_is_a_usage_error() {
+    let server = Server::start();
+    for properties in ["{not json", "[1,2]"] {
+        let run = flux(&server, &["publish", "s", "a", "acme/x", properties]);
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(run.stderr.contains("properties_json"), "{run:?}");
+    }
+    let run = flux(&server, &["publish", "s", "a"]);
+    assert_eq!(run.code, Some(2), "missing arguments: {run:?}");
+    let run = flux(&server, &["batch", "{\"nope\": 1}"]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    // Nothing was published.
+    assert_eq!(server.list_ids(""), Vec::<String>::new());
+}
+
+#[test]
+fn list_with_prefix_namespace_and_pages() {
+    let server = Server::start();
+    for id in ["acme/a", "acme/b", "acme/site-3/c", "other/d"] {
+        flux(&server, &["publish", "sensors", "t", id, r#"{"n":1}"#]).ok_json();
+    }
+    let all = flux(&server, &["list"]).ok_json();
+    assert_eq!(ids(&all), ["acme/a", "acme/b", "acme/site-3/c", "other/d"]);
+    let acme = flux(&server, &["list", "--prefix", "acme/site-3/"]).ok_json();
+    assert_eq!(ids(&acme), ["acme/site-3/c"]);
+    let other = flux(&server, &["list", "--namespace", "other"]).ok_json();
+    assert_eq!(ids(&other), ["other/d"]);
+    let page = flux(
+        &server,
+        &[
+            "list", "--prefix", "acme/", "--limit", "1", "--after", "acme/a",
+        ],
+    )
+    .ok_json();
+    assert_eq!(ids(&page), ["acme/b"]);
+
+    let run = flux(&server, &["list", "--prefix", "a", "--namespace", "b"]);
+    assert_eq!(run.code, Some(2), "--prefix with --namespace: {run:?}");
+}
+
+#[test]
+fn batch_from_argument_and_stdin() {
+    let server = Server::start();
+    let array = json!([
+        {"stream": "sensors", "source": "agent-01",
+         "payload": {"entity_id": "acme/sensor-01", "properties": {"temp": 22}}},
+        {"stream": "sensors", "source": "agent-01", "timestamp": TS,
+         "payload": {"entity_id": "acme/sensor-02", "properties": {"temp": 23}}},
+    ]);
+    let reply = flux(&server, &["batch", &array.to_string()]).ok_json();
+    assert_eq!(reply["successful"], 2, "{reply}");
+    assert_eq!(reply["failed"], 0, "{reply}");
+    assert_eq!(server.props("acme/sensor-01"), json!({"temp": 22}));
+    assert_eq!(server.props("acme/sensor-02"), json!({"temp": 23}));
+    // A timestamp that was given is kept.
+    assert_eq!(
+        server.history("acme/sensor-02", "&since=2024-01-01T00:00:00Z")[0]["timestamp"],
+        TS
+    );
+
+    let wrapped = json!({"events": [
+        {"stream": "sensors", "source": "agent-02",
+         "payload": {"entity_id": "acme/sensor-03", "properties": {"temp": 24}}},
+        {"stream": "BAD STREAM", "source": "agent-02",
+         "payload": {"entity_id": "acme/sensor-04", "properties": {"temp": 25}}},
+    ]});
+    let run = Cli::new(server.url(), &["batch", "-"])
+        .stdin(&wrapped.to_string())
+        .run();
+    let reply = run.ok_json();
+    assert_eq!(reply["successful"], 1, "{reply}");
+    assert_eq!(reply["failed"], 1, "{reply}");
+    assert_eq!(server.props("acme/sensor-03"), json!({"temp": 24}));
+    assert_eq!(server.entity("acme/sensor-04").0, 404);
+}
+
+#[test]
+fn delete_then_get_fails_with_the_servers_error() {
+    let server = Server::start();
+    flux(
+        &server,
+        &["publish", "s", "a", "test/old-entity", r#"{"x":1}"#],
+    )
+    .ok_json();
+    let reply = flux(&server, &["delete", "test/old-entity"]).ok_json();
+    assert_eq!(reply["entity_id"], "test/old-entity", "{reply}");
+
+    let message = flux(&server, &["get", "test/old-entity"]).http_error();
+    assert!(message.contains("not found"), "{message}");
+    let message = flux(&server, &["delete", "test/old-entity"]).http_error();
+    assert!(!message.is_empty());
+}
+
+#[test]
+fn batch_delete_by_prefix_ids_and_namespace() {
+    let server = Server::start();
+    for id in [
+        "acme/tmp-1",
+        "acme/tmp-2",
+        "acme/keep",
+        "other/a",
+        "other/b",
+        "third/x",
+    ] {
+        server.put(id, json!({"n": 1}));
+    }
+    let reply = flux(&server, &["batch-delete", "--prefix", "acme/tmp-"]).ok_json();
+    assert_eq!(reply["deleted"], 2, "{reply}");
+    assert_eq!(
+        server.list_ids(""),
+        ["acme/keep", "other/a", "other/b", "third/x"]
+    );
+
+    let reply = flux(&server, &["batch-delete", "--ids", "acme/keep,third/x"]).ok_json();
+    assert_eq!(reply["deleted"], 2, "{reply}");
+    assert_eq!(server.list_ids(""), ["other/a", "other/b"]);
+
+    let reply = flux(&server, &["batch-delete", "--namespace", "other"]).ok_json();
+    assert_eq!(reply["deleted"], 2, "{reply}");
+    assert_eq!(server.list_ids(""), Vec::<String>::new());
+
+    let run = flux(&server, &["batch-delete"]);
+    assert_eq!(run.code, Some(2), "no selector: {run:?}");
+    let run = flux(
+        &server,
+        &["batch-delete", "--prefix", "a", "--namespace", "b"],
+    );
+    assert_eq!(run.code, Some(2), "two selectors: {run:?}");
+}
+
+#[test]
+fn history_with_limit_and_since() {
+    let server = Server::start();
+    for n in 1..=3 {
+        flux(
+            &server,
+            &["publish", "s", "a", "acme/h", &format!(r#"{{"n":{n}}}"#)],
+        )
+        .ok_json();
+    }
+    let events = history_items(&flux(&server, &["history", "acme/h", "--limit", "2"]).ok_json());
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(
+        events[0]["payload"]["properties"]["n"], 3,
+        "newest first: {events:?}"
+    );
+    assert_eq!(events[1]["payload"]["properties"]["n"], 2, "{events:?}");
+
+    let future = format_iso_millis(now_ms() + 3_600_000);
+    let events =
+        history_items(&flux(&server, &["history", "acme/h", "--since", &future]).ok_json());
+    assert!(events.is_empty(), "{events:?}");
+    let past = format_iso_millis(now_ms() - 3_600_000);
+    let events = history_items(&flux(&server, &["history", "acme/h", "--since", &past]).ok_json());
+    assert_eq!(events.len(), 3, "{events:?}");
+}
+
+#[test]
+fn health_and_connectors() {
+    let server = Server::start();
+    let reply = flux(&server, &["health"]).ok_json();
+    assert_eq!(reply["status"], "ok", "{reply}");
+    flux(&server, &["connectors"]).ok_json();
+    let message = flux(&server, &["connectors", "no-such-connector"]).http_error();
+    assert!(!message.is_empty());
+}
+
+#[test]
+fn admin_config_read_and_update() {
+    let server = Server::start();
+    let config = flux(&server, &["admin-config"]).ok_json();
+    assert_eq!(
+        config["rate_limit_per_namespace_per_minute"], 10_000,
+        "{config}"
+    );
+
+    let reply = flux(
+        &server,
+        &[
+            "admin-config",
+            r#"{"rate_limit_per_namespace_per_minute": 5000}"#,
+        ],
+    )
+    .ok_json();
+    assert_eq!(
+        reply["rate_limit_per_namespace_per_minute"], 5000,
+        "{reply}"
+    );
+    let config = flux(&server, &["admin-config"]).ok_json();
+    assert_eq!(
+        config["rate_limit_per_namespace_per_minute"], 5000,
+        "{config}"
+    );
+    assert_eq!(
+        config["body_size_limit_single_bytes"], SINGLE_LIMIT,
+        "{config}"
+    );
+
+    let run = flux(&server, &["admin-config", "{oops"]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+}
+
+#[test]
+fn auth_mode_tokens() {
+    let server = Server::start_args(&["--auth", "--admin-token", "adm"]);
+    let url = server.url();
+
+    let message = flux(&server, &["namespaces", "register", "acme"]).http_error();
+    assert!(message.contains("admin token"), "{message}");
+    let acme = Cli::new(url, &["namespaces", "register", "acme"])
+        .env("FLUX_ADMIN_TOKEN", "adm")
+        .run()
+        .ok_json();
+    assert_eq!(acme["name"], "acme", "{acme}");
+    let acme_token = acme["token"].as_str().expect("a token").to_string();
+    let other = Cli::new(
+        url,
+        &["namespaces", "register", "other", "--admin-token", "adm"],
+    )
+    .run()
+    .ok_json();
+    let other_token = other["token"].as_str().expect("a token").to_string();
+    let info = flux(&server, &["namespaces", "get", "acme"]).ok_json();
+    assert_eq!(info["namespaceId"], acme["namespaceId"], "{info}");
+
+    let publish = [
+        "publish",
+        "sensors",
+        "agent-01",
+        "acme/sensor-01",
+        r#"{"t":1}"#,
+    ];
+    Cli::new(url, &publish)
+        .env("FLUX_TOKEN", &acme_token)
+        .run()
+        .ok_json();
+    assert_eq!(server.props("acme/sensor-01"), json!({"t": 1}));
+
+    let message = flux(&server, &publish).http_error();
+    assert!(message.contains("token"), "401 text: {message}");
+    let message = Cli::new(url, &publish)
+        .env("FLUX_TOKEN", &other_token)
+        .run()
+        .http_error();
+    assert!(message.contains("namespace"), "403 text: {message}");
+    let message = Cli::new(url, &publish)
+        .env("FLUX_TOKEN", "not-a-token")
+        .run()
+        .http_error();
+    assert!(message.contains("unknown token"), "{message}");
+
+    // Reads stay open; admin config needs the admin token.
+    flux(&server, &["get", "acme/sensor-01"]).ok_json();
+    flux(&server, &["admin-config"]).http_error();
+    Cli::new(url, &["admin-config"])
+        .env("FLUX_ADMIN_TOKEN", "adm")
+        .run()
+        .ok_json();
+}
+
+#[test]
+fn watch_prints_updates_published_meanwhile() {
+    let server = Server::start();
+    let args = ["watch", "acme/*", "--count", "2"];
+    let mut watcher = Cli::new(server.url(), &args).spawn();
+
+    // A subscribe has no reply, so keep publishing (to a matching and a non-matching entity)
+    // until the watcher has seen its two updates and exited.
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let mut n = 0;
+    while Instant::now() < deadline && matches!(watcher.try_wait(), Ok(None)) {
+        n += 1;
+        server.put("other/ignored", json!({"n": n}));
+        server.put(&format!("acme/site-{n}/pump"), json!({"n": n}));
+        thread::sleep(Duration::from_millis(100));
+    }
+    let run = finish(watcher, Duration::from_secs(5), &[]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let lines: Vec<Value> = run
+        .stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
+        })
+        .collect();
+    assert_eq!(lines.len(), 2, "{run:?}");
+    for message in &lines {
+        assert_eq!(message["type"], "state_update", "{message}");
+        assert_eq!(message["property"], "n", "{message}");
+        let id = message["entity_id"].as_str().unwrap_or_default();
+        assert!(id.starts_with("acme/"), "{message}");
+    }
+}
+
+#[test]
+fn watch_prints_deletes() {
+    let server = Server::start();
+    let args = ["watch", "acme/doomed", "--count", "4"];
+    let mut watcher = Cli::new(server.url(), &args).spawn();
+    // Each round is an update then a delete, so any 4 messages in a row hold both kinds.
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let mut n = 0;
+    while Instant::now() < deadline && matches!(watcher.try_wait(), Ok(None)) {
+        n += 1;
+        server.put("acme/doomed", json!({"n": n}));
+        let (status, body) = server.delete("/api/state/entities/acme/doomed");
+        assert_eq!(status, 200, "{body}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let run = finish(watcher, Duration::from_secs(5), &[]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let kinds: Vec<String> = run
+        .stdout
+        .lines()
+        .map(|line| {
+            let message: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+            assert_eq!(message["entity_id"], "acme/doomed", "{message}");
+            message["type"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(kinds.len(), 4, "{run:?}");
+    assert!(kinds.iter().any(|k| k == "entity_deleted"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "state_update"), "{kinds:?}");
+}
+
+#[test]
+fn connection_refused_exits_3() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    for args in [
+        vec!["health"],
+        vec!["get", "acme/x"],
+        vec!["publish", "s", "a", "acme/x", "{}"],
+        vec!["watch", "*", "--count", "1"],
+    ] {
+        let run = Cli::new(&url, &args).run();
+        assert_eq!(run.code, Some(3), "{args:?}: {run:?}");
+        assert!(run.stdout.is_empty(), "{run:?}");
+        assert!(!run.stderr.trim().is_empty(), "{run:?}");
+    }
+}
+
+#[test]
+fn help_documents_exit_codes() {
+    let run = Cli::new("http://127.0.0.1:1", &["--help"]).run();
+    assert_eq!(run.code, Some(0), "{run:?}");
+    for needle in [
+        "publish",
+        "watch",
+        "admin-config",
+        "Exit codes",
+        "3  could not reach",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "--help lacks {needle:?}: {run:?}"
+        );
+    }
+}
+
+#[test]
+fn publish_and_batch_keep_numbers_beyond_64_bits_exactly() {
+    let server = Server::start();
+    let digits = "123456789012345678901234567890";
+    let properties = format!(r#"{{"n":{digits},"f":1.50}}"#);
+    flux(&server, &["publish", "s", "cli", "big/one", &properties]).ok_json();
+    let batch = format!(
+        r#"[{{"stream":"s","source":"cli","payload":{{"entity_id":"big/two","properties":{{"n":{digits}}}}}}}]"#
+    );
+    flux(&server, &["batch", &batch]).ok_json();
+    for id in ["big/one", "big/two"] {
+        let (status, text) = server.get_text(&format!("/api/state/entities/{id}"));
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains(&format!("\"n\":{digits}")), "{id}: {text}");
+    }
+    let (_, text) = server.get_text("/api/state/entities/big/one");
+    assert!(
+        text.contains("\"f\":1.50"),
+        "values travel as typed: {text}"
+    );
+}
