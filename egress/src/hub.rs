@@ -179,10 +179,16 @@ impl Hub {
         tokio::spawn(async move {
             let Ok(websocket) = upgrade.await else { return };
             let upgraded = websocket.into_inner().into_inner();
-            match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => hub.serve(parts.io.into_inner(), &parts.read_buf).await,
-                Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
-            }
+            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                tracing::error!("upgraded connection is not a TCP stream");
+                return;
+            };
+            // Copy the (usually empty) early bytes and drop hyper's read buffer: holding it for
+            // the connection's life would cost kilobytes per idle connection.
+            let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+            let early = read_buf.to_vec();
+            drop(read_buf);
+            hub.serve(io.into_inner(), &early).await;
         });
         let (parts, _) = response.into_parts();
         hyper::Response::from_parts(parts, Full::new(Bytes::new()))
@@ -255,6 +261,7 @@ impl Hub {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+        self.counters.connections.dec();
     }
 
     fn on_text(&self, connection: &Arc<Connection>, patterns: &mut Vec<Pattern>, text: &[u8]) {

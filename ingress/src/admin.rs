@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::api::Api;
 use crate::error::{ApiError, json_response};
-use crate::http::{Request, Response, read_body};
+use crate::http::{Request, Response, object_body, read_body};
 use crate::tenancy::{new_token, random_id, token_hash};
 
 /// Connectors this build knows. They hold credentials; pulling data comes later.
@@ -75,7 +75,7 @@ impl Api {
             name: Option<serde_json::Value>,
         }
         let body = read_body(request, ADMIN_BODY_BYTES).await?;
-        let body: Body = serde_json::from_slice(&body).map_err(|e| {
+        let body: Body = serde_json::from_str(object_body(&body)?).map_err(|e| {
             ApiError::bad_request(if e.is_data() {
                 "body must be a JSON object with a name".to_string()
             } else {
@@ -305,7 +305,7 @@ impl Api {
             token: Option<serde_json::Value>,
         }
         let body = read_body(request, ADMIN_BODY_BYTES).await?;
-        let body: Body = serde_json::from_slice(&body)
+        let body: Body = serde_json::from_str(object_body(&body)?)
             .map_err(|_| ApiError::bad_request("body must be a JSON object with a token"))?;
         let token = match body.token {
             Some(serde_json::Value::String(t)) if !t.is_empty() => t,

@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::error::{ApiError, json_response};
 use crate::event::{self, ValidEvent};
-use crate::http::{Request, Response, param, query_params, read_body};
+use crate::http::{Request, Response, object_body, param, query_params, read_body};
 use crate::metrics::IngressMetrics;
 use crate::sealer::Sealer;
 use crate::tenancy::{AuthConfig, Caller, RateLimiter};
@@ -313,7 +313,7 @@ impl Api {
         const ONE_FILTER: &str = "give exactly one of namespace, prefix, entity_ids";
         let caller = self.writer(&request)?;
         let body = read_body(request, self.body_limits().0).await?;
-        let filter: Filter<'_> = serde_json::from_str(body_str(&body)?).map_err(|e| {
+        let filter: Filter<'_> = serde_json::from_str(object_body(&body)?).map_err(|e| {
             if e.is_data() {
                 ApiError::bad_request(format!("body must be a JSON object: {ONE_FILTER}"))
             } else {

@@ -20,7 +20,9 @@ impl Api {
     /// The directory's properties as `(name, raw JSON)` pairs, from current state.
     async fn directory_properties(&self) -> Vec<(&'static str, String)> {
         let mut counts = self.engine.namespace_counts().await;
-        counts.remove(DIRECTORY_NAMESPACE);
+        let internal = counts.remove(DIRECTORY_NAMESPACE).unwrap_or(0);
+        // Every entity counts in the total, ids without a namespace included.
+        let total = self.engine.stats().await.entities.saturating_sub(internal);
         if self.auth.enabled {
             for name in self
                 .engine
@@ -41,7 +43,6 @@ impl Api {
             namespaces.push(b'}');
         }
         namespaces.push(b'}');
-        let total: usize = counts.values().sum();
         vec![
             (
                 "namespaces",
@@ -74,7 +75,7 @@ impl Api {
                 .collect();
             match self.stored_directory().await {
                 Some(stored) if stored == serde_json::Value::Object(fresh) => continue,
-                None if properties[1].1 == "0" => continue, // A fresh server stays empty.
+                None if properties[1].1 == "0" && properties[2].1 == "0" => continue, // A fresh server stays empty.
                 _ => {}
             }
             let event_id = uuid::Uuid::now_v7().to_string();

@@ -49,6 +49,18 @@ pub async fn read_body(request: Request, limit: usize) -> Result<Bytes, ApiError
     Ok(buf.freeze())
 }
 
+/// The body as text, refusing anything but a JSON object (serde would also map an array onto
+/// a struct's fields, in order).
+pub fn object_body(body: &[u8]) -> Result<&str, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("invalid JSON: body is not UTF-8"))?;
+    if text.trim_start().starts_with('{') {
+        Ok(text)
+    } else {
+        Err(ApiError::bad_request("body must be a JSON object"))
+    }
+}
+
 /// Adds the CORS headers every response carries.
 pub fn add_cors(response: &mut Response) {
     let headers = response.headers_mut();
