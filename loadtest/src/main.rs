@@ -1,1 +1,70 @@
-fn main() {}
+//! `flux-loadtest`: the bundled load generator of Flux.
+//!
+//! `flux-loadtest <scenario> --url http://127.0.0.1:3000 [options]` runs one scenario and
+//! prints exactly one JSON object on stdout (see README.md); progress and diagnostics go to
+//! stderr. Path of a run: `cli` → `scenarios::*` → `driver` (HTTP, via `http` + `payload`) and
+//! `subscribers` (WebSocket, via `ws`) → `report` + `system` → stdout.
+
+mod cli;
+mod driver;
+mod http;
+mod payload;
+mod progress;
+mod report;
+mod scenarios;
+mod subscribers;
+mod system;
+mod ws;
+
+use anyhow::Context;
+use clap::Parser;
+
+use cli::{Cli, Scenario};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = run(cli) {
+        eprintln!("flux-loadtest: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let threads = match &cli.scenario {
+        Scenario::FanoutWorker(args) => {
+            return subscribers::run_worker(args.clone());
+        }
+        Scenario::Ingest(a) | Scenario::IngestBatch(a) => a.common.threads,
+        Scenario::Fleet(a) => a.common.threads,
+        Scenario::E2e(a) | Scenario::Fanout(a) => a.common.threads,
+        Scenario::Connections(a) => a.common.threads,
+        Scenario::Recovery(a) => a.common.threads,
+    };
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("loadtest")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let mut result = runtime.block_on(async move {
+        match cli.scenario {
+            Scenario::Ingest(args) => scenarios::ingest::ingest(args, false).await,
+            Scenario::IngestBatch(args) => scenarios::ingest::ingest(args, true).await,
+            Scenario::Fleet(args) => scenarios::ingest::fleet(args).await,
+            Scenario::E2e(args) => scenarios::delivery::run(args, false).await,
+            Scenario::Fanout(args) => scenarios::delivery::run(args, true).await,
+            Scenario::Connections(args) => scenarios::connections::run(args).await,
+            Scenario::Recovery(args) => scenarios::recovery::run(args).await,
+            Scenario::FanoutWorker(_) => unreachable!("handled before the runtime starts"),
+        }
+    })?;
+    // Connection tasks still parked in the runtime must not outlive the result.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    result["generator"] = system::generator_json();
+    report::emit(&result)
+}

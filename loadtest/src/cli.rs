@@ -1,0 +1,258 @@
+//! The command line: one subcommand per scenario, each with its own flags.
+//!
+//! Every args struct is also `Serialize`, so a run's result echoes exactly the parameters it ran
+//! with under `"params"`. Defaults live here and only here.
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flux-loadtest",
+    version,
+    about = "Load generator for the Flux world-state server. Prints one JSON result on stdout."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// Single-event POSTs to /api/events over keep-alive connections.
+    Ingest(IngestArgs),
+    /// POST /api/events/batch with --batch events per request.
+    IngestBatch(IngestArgs),
+    /// A simulated IoT fleet: devices with drifting sensors reporting on an interval.
+    Fleet(FleetArgs),
+    /// WebSocket subscribers on a pattern while a publisher posts at a fixed rate.
+    E2e(DeliveryArgs),
+    /// Many subscribers on `*` (over several processes when needed): frames/s, loss, lag.
+    Fanout(DeliveryArgs),
+    /// Idle subscribers held open; reports server memory per connection.
+    Connections(ConnectionsArgs),
+    /// Populate events, restart the server, time until the last event is readable again.
+    Recovery(RecoveryArgs),
+    /// Internal: one process's share of a fanout or connections run.
+    #[command(hide = true)]
+    FanoutWorker(WorkerArgs),
+}
+
+/// Flags every scenario shares.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CommonArgs {
+    /// Base URL of the server.
+    #[arg(long, env = "FLUX_URL", default_value = "http://127.0.0.1:3000")]
+    pub url: String,
+    /// Server process id: sample its CPU time and RSS from /proc before and after.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Worker threads of the generator's runtime (default: available cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// How long a rate scenario runs.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct TimingArgs {
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of load before measuring starts (not counted).
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+}
+
+/// How requests are issued: connections, pacing, and what counts as late.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct LoadArgs {
+    /// Keep-alive HTTP connections (one request in flight each).
+    #[arg(long, short = 'c', default_value_t = 16)]
+    pub connections: usize,
+    /// Open loop: requests are due at this many events per second. Without it: closed loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Open loop: requests due but not yet started beyond this many are dropped.
+    #[arg(long)]
+    pub max_in_flight: Option<u64>,
+    /// Open loop: a request this far behind schedule is dropped instead of sent.
+    #[arg(long, default_value_t = 1000)]
+    pub drop_after_ms: u64,
+    /// Open loop: a request started this far behind schedule is counted as late.
+    #[arg(long, default_value_t = 10)]
+    pub late_ms: u64,
+    /// A request without a response after this long is a `timeout` error.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct IngestArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub timing: TimingArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub load: LoadArgs,
+    /// Events per request (ingest-batch only).
+    #[arg(long, short = 'b', default_value_t = 100)]
+    pub batch: u64,
+    /// Properties per event.
+    #[arg(long, default_value_t = 5)]
+    pub props: usize,
+    /// Distinct entity ids (`loadtest/dev-<n>`, n = event sequence modulo this).
+    #[arg(long, default_value_t = 10_000)]
+    pub entities: u64,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub timing: TimingArgs,
+    /// Keep-alive HTTP connections shared by all devices.
+    #[arg(long, short = 'c', default_value_t = 16)]
+    pub connections: usize,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: u64,
+    /// Devices per site (`fleet/site-<k>/device-<n>`).
+    #[arg(long, default_value_t = 100)]
+    pub devices_per_site: u64,
+    /// Sensors per device; each value drifts as a random walk.
+    #[arg(long, default_value_t = 4)]
+    pub sensors: usize,
+    /// Each device reports once per interval (open loop).
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Seed of the random walks: the same seed gives the same values.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// A report this far behind schedule is dropped instead of sent.
+    #[arg(long, default_value_t = 1000)]
+    pub drop_after_ms: u64,
+    /// A report started this far behind schedule is counted as late.
+    #[arg(long, default_value_t = 10)]
+    pub late_ms: u64,
+    /// A request without a response after this long is a `timeout` error.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DeliveryArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub timing: TimingArgs,
+    /// WebSocket subscribers.
+    #[arg(long, short = 's', default_value_t = 100)]
+    pub subscribers: usize,
+    /// Subscription pattern (default: `loadtest/*` for e2e, `*` for fanout).
+    #[arg(long)]
+    pub pattern: Option<String>,
+    /// Published events per second (open loop).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Publisher connections.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Events per publish request (1: POST /api/events, more: /api/events/batch).
+    #[arg(long, default_value_t = 1)]
+    pub batch: u64,
+    /// Properties per published event; the first is always `sent_ns`.
+    #[arg(long, default_value_t = 1)]
+    pub props: usize,
+    /// Distinct published entity ids.
+    #[arg(long, default_value_t = 64)]
+    pub entities: u64,
+    /// Subscribers per process; more are spread over child processes.
+    #[arg(long, default_value_t = 8000)]
+    pub subscribers_per_process: usize,
+    /// Subscriber threads per process (default: available cores).
+    #[arg(long)]
+    pub subscriber_threads: Option<usize>,
+    /// After publishing stops, how long to wait for the last frames.
+    #[arg(long, default_value_t = 3000)]
+    pub drain_ms: u64,
+    /// Testing aid: subscriber 0 closes its socket after this many frames.
+    #[arg(long, hide = true)]
+    pub drop_subscriber_after: Option<u64>,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ConnectionsArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonArgs,
+    /// Idle WebSocket subscribers to hold open.
+    #[arg(long, short = 'c', default_value_t = 1000)]
+    pub connections: usize,
+    /// Seconds to hold them open.
+    #[arg(long, default_value_t = 10.0)]
+    pub hold: f64,
+    /// Subscription of every idle connection (a pattern no traffic matches).
+    #[arg(long, default_value = "loadtest/idle")]
+    pub pattern: String,
+    /// Connections per process; more are spread over child processes.
+    #[arg(long, default_value_t = 8000)]
+    pub subscribers_per_process: usize,
+    /// Subscriber threads per process (default: available cores).
+    #[arg(long)]
+    pub subscriber_threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct RecoveryArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonArgs,
+    /// Events to populate before the restart.
+    #[arg(long, default_value_t = 100_000)]
+    pub events: u64,
+    /// Events per populating batch.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: u64,
+    /// Populating connections.
+    #[arg(long, short = 'c', default_value_t = 4)]
+    pub connections: usize,
+    /// Properties per event.
+    #[arg(long, default_value_t = 5)]
+    pub props: usize,
+    /// Distinct entity ids.
+    #[arg(long, default_value_t = 10_000)]
+    pub entities: u64,
+    /// Shell command that kills the server (kill -9) and starts it again in the background; it
+    /// must return. Without it, the tool waits for you to restart the server.
+    #[arg(long)]
+    pub restart_cmd: Option<String>,
+    /// Give up when the server is not back after this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub restart_timeout: f64,
+}
+
+/// What the parent tells a worker process; not for people.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub url: String,
+    #[arg(long)]
+    pub subscribers: usize,
+    #[arg(long)]
+    pub pattern: String,
+    #[arg(long)]
+    pub threads: usize,
+    /// Expect no traffic: connect, subscribe, hold.
+    #[arg(long)]
+    pub idle: bool,
+    #[arg(long)]
+    pub drop_subscriber_after: Option<u64>,
+}

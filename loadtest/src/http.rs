@@ -1,0 +1,190 @@
+//! The HTTP side of the generator: where the server is, and one keep-alive hyper client
+//! connection per task.
+//!
+//! Invariants: a [`Connection`] carries at most one request at a time (HTTP/1.1, no
+//! pipelining); any transport error or timeout discards it, and the caller reconnects.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// The server under test, resolved once.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// `Host` header value, prebuilt so requests do not format it.
+    pub host: HeaderValue,
+    /// `host:port` as given, for the WebSocket handshake.
+    pub authority: String,
+}
+
+impl Target {
+    /// Resolves `http://host:port[/]`; only plain HTTP is supported.
+    pub fn parse(url: &str) -> anyhow::Result<Target> {
+        let Some(rest) = url.strip_prefix("http://") else {
+            bail!("--url must start with http:// (got {url:?})");
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        if authority.is_empty() {
+            bail!("--url has no host: {url:?}");
+        }
+        let with_port = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
+            .with_context(|| format!("resolving {with_port}"))?
+            .next()
+            .with_context(|| format!("{with_port} resolves to no address"))?;
+        Ok(Target {
+            addr,
+            host: HeaderValue::from_str(authority).context("host header")?,
+            authority: authority.to_string(),
+        })
+    }
+}
+
+/// What came back for one request.
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+/// Why a request produced no reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportError {
+    /// Connect, write or read failed.
+    Io,
+    /// No complete reply within the request timeout.
+    Timeout,
+}
+
+impl TransportError {
+    /// The key under `errors_by_status`.
+    pub fn key(self) -> &'static str {
+        match self {
+            TransportError::Io => "transport",
+            TransportError::Timeout => "timeout",
+        }
+    }
+}
+
+/// One keep-alive client connection.
+pub struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    pub async fn open(target: &Target) -> Result<Connection, TransportError> {
+        let stream = TcpStream::connect(target.addr)
+            .await
+            .map_err(|_| TransportError::Io)?;
+        stream.set_nodelay(true).map_err(|_| TransportError::Io)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| TransportError::Io)?;
+        tokio::spawn(async move {
+            // The connection ends with an error when the server or the generator closes it;
+            // the request that saw it already reported the failure.
+            let _ = connection.await;
+        });
+        Ok(Connection { sender })
+    }
+
+    /// Sends one request and reads the whole reply.
+    pub async fn send(
+        &mut self,
+        target: &Target,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, TransportError> {
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = path.parse().map_err(|_| TransportError::Io)?;
+        let headers = request.headers_mut();
+        headers.insert(HOST, target.host.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let exchange = async {
+            self.sender.ready().await.map_err(|_| TransportError::Io)?;
+            let response = self
+                .sender
+                .send_request(request)
+                .await
+                .map_err(|_| TransportError::Io)?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| TransportError::Io)?
+                .to_bytes();
+            Ok(Reply { status, body })
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| TransportError::Timeout)?
+    }
+}
+
+/// A one-off request on a fresh connection (probes, polls, setup).
+pub async fn request_once(
+    target: &Target,
+    method: Method,
+    path: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Reply, TransportError> {
+    let mut connection = tokio::time::timeout(timeout, Connection::open(target))
+        .await
+        .map_err(|_| TransportError::Timeout)??;
+    connection.send(target, method, path, body, timeout).await
+}
+
+/// Reads an unsigned integer that follows `key` (e.g. `"successful":`) in a JSON body.
+pub fn find_u64_after(body: &[u8], key: &[u8]) -> Option<u64> {
+    let at = memchr::memmem::find(body, key)? + key.len();
+    let digits = &body[at..];
+    let digits = &digits[..digits.iter().take_while(|b| b.is_ascii_digit()).count()];
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let target = Target::parse("http://127.0.0.1:3000/").unwrap();
+        assert_eq!(target.addr.port(), 3000);
+        assert_eq!(target.authority, "127.0.0.1:3000");
+        assert!(Target::parse("https://x").is_err());
+        assert_eq!(Target::parse("http://127.0.0.1").unwrap().addr.port(), 80);
+    }
+
+    #[test]
+    fn finds_counts() {
+        let body = br#"{"successful":1000,"failed":0,"results":[]}"#;
+        assert_eq!(find_u64_after(body, b"\"successful\":"), Some(1000));
+        assert_eq!(find_u64_after(body, b"\"failed\":"), Some(0));
+        assert_eq!(find_u64_after(body, b"\"nope\":"), None);
+    }
+}

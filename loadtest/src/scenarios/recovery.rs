@@ -1,0 +1,176 @@
+//! `recovery`: populate N events in batches, write one marker event with a value only this run
+//! knows, restart the server (by `--restart-cmd`, or by hand), and time until a GET of the
+//! marker's entity returns that value again, polling every 5 ms.
+//!
+//! The clock starts when the restart command is launched or, without one, when the server is
+//! first seen down.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use super::{core_result, driver_progress};
+use crate::cli::RecoveryArgs;
+use crate::driver::{self, Live, Plan, Schedule};
+use crate::http::{Target, request_once};
+use crate::payload::{EVENTS_PATH, IngestEvents, marker_body};
+use crate::report::round3;
+
+/// The entity whose marker value proves the populated log is back.
+const MARKER_ENTITY: &str = "loadtest/recovery-marker";
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
+    let target = Target::parse(&args.common.url)?;
+    let batch = args.batch.max(1);
+    let source = Arc::new(IngestEvents {
+        batch,
+        props: args.props,
+        entities: args.entities,
+        total: Some(args.events),
+    });
+    let plan = Plan {
+        connections: args.connections,
+        request_rate: None,
+        request_limit: Some(args.events.div_ceil(batch)),
+        drop_after: Duration::from_secs(1),
+        late_after: Duration::from_millis(10),
+        max_backlog: None,
+        timeout: Duration::from_secs(30),
+    };
+    let live = Arc::new(Live::default());
+    let progress = driver_progress("events", &live);
+    let schedule = Schedule::new(Duration::ZERO, Duration::from_secs(365 * 24 * 3600));
+    let populate_started = Instant::now();
+    let tally = driver::run(target.clone(), source, plan, schedule, live).await;
+    let populate_time = populate_started.elapsed();
+    drop(progress);
+    if tally.total_events < args.events {
+        eprintln!(
+            "flux-loadtest: only {} of {} events were accepted ({:?})",
+            tally.total_events,
+            args.events,
+            tally.errors.to_json()
+        );
+    }
+
+    let marker = uuid::Uuid::now_v7().to_string();
+    let reply = request_once(
+        &target,
+        Method::POST,
+        EVENTS_PATH,
+        marker_body(MARKER_ENTITY, &marker).freeze(),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("writing the marker event: {}", e.key()))?;
+    if reply.status != StatusCode::OK {
+        bail!("marker event rejected: {}", reply.status);
+    }
+    let path = format!("/api/state/entities/{MARKER_ENTITY}");
+    let expected = format!("\"marker\":\"{marker}\"");
+
+    let timeout = Duration::from_secs_f64(args.restart_timeout.max(0.0));
+    let (clock_start, mode, restart_cmd_s) = match &args.restart_cmd {
+        Some(cmd) => {
+            let started = Instant::now();
+            let status = tokio::task::spawn_blocking({
+                let cmd = cmd.clone();
+                move || {
+                    Command::new("sh")
+                        .arg("-c")
+                        .arg(&cmd)
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::inherit())
+                        .status()
+                }
+            })
+            .await?
+            .context("running --restart-cmd")?;
+            if !status.success() {
+                bail!("--restart-cmd failed: {status}");
+            }
+            (started, "command", Some(started.elapsed().as_secs_f64()))
+        }
+        None => {
+            eprintln!(
+                "flux-loadtest: {} events written; restart the server now (e.g. kill -9 and \
+                 start it again). Waiting for it to go down...",
+                tally.total_events + 1
+            );
+            let down = wait_until_down(&target, timeout).await?;
+            (down, "manual", None)
+        }
+    };
+    let deadline = clock_start + timeout;
+    let mut polls = 0u64;
+    let mut first_answer: Option<Instant> = None;
+    let recovered = loop {
+        polls += 1;
+        let reply = request_once(&target, Method::GET, &path, Bytes::new(), POLL_TIMEOUT).await;
+        let now = Instant::now();
+        if let Ok(reply) = reply {
+            first_answer.get_or_insert(now);
+            if reply.status == StatusCode::OK
+                && memchr::memmem::find(&reply.body, expected.as_bytes()).is_some()
+            {
+                break now;
+            }
+        }
+        if now >= deadline {
+            bail!("the marker event was not readable within {timeout:?} of the restart");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+
+    let mut result = core_result(
+        "recovery",
+        &args,
+        populate_time,
+        tally.total_requests,
+        tally.total_events,
+        &tally.latency,
+        &tally.errors,
+    );
+    result["recovery"] = json!({
+        "mode": mode,
+        "seconds": round3(recovered.duration_since(clock_start).as_secs_f64()),
+        "restart_cmd_s": restart_cmd_s.map(round3),
+        "first_response_s": first_answer.map(|t| round3(t.duration_since(clock_start).as_secs_f64())),
+        "polls": polls,
+        "events_before_restart": tally.total_events + 1,
+        "marker_entity": MARKER_ENTITY,
+    });
+    Ok(result)
+}
+
+/// Polls health until the server stops answering; returns when that was first seen.
+async fn wait_until_down(target: &Target, timeout: Duration) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let reply = request_once(
+            target,
+            Method::GET,
+            "/api/health",
+            Bytes::new(),
+            POLL_TIMEOUT,
+        )
+        .await;
+        let now = Instant::now();
+        match reply {
+            Ok(reply) if reply.status == StatusCode::OK => {}
+            _ => return Ok(now),
+        }
+        if now >= deadline {
+            bail!("the server did not go down within {timeout:?}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}

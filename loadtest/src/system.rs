@@ -1,0 +1,132 @@
+//! Process accounting: the server's CPU time and RSS from `/proc/<pid>`, and the generator's
+//! own CPU time from `getrusage` (children included once they have been waited for).
+
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::report::round3;
+
+/// CPU time and resident memory of one process at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessSample {
+    pub cpu_s: f64,
+    pub rss_bytes: u64,
+    pub at: Instant,
+}
+
+/// Reads utime+stime and VmRSS of `pid`.
+pub fn sample(pid: u32) -> anyhow::Result<ProcessSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat (is --server-pid right?)"))?;
+    // The command name may hold spaces and parentheses: fields are counted after the last ')'.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // After the name: state is field 3 of the line, so utime (14) and stime (15) are 11 and 12.
+    let ticks: u64 = fields
+        .get(11)
+        .zip(fields.get(12))
+        .and_then(|(u, s)| Some(u.parse::<u64>().ok()? + s.parse::<u64>().ok()?))
+        .context("malformed utime/stime in /proc stat")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(ProcessSample {
+        cpu_s: ticks as f64 / clock_ticks_per_second(),
+        rss_bytes: rss_kib * 1024,
+        at: Instant::now(),
+    })
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// Samples the server (when a pid was given) around a measured window.
+pub struct ServerProbe {
+    pid: Option<u32>,
+    before: Option<ProcessSample>,
+}
+
+impl ServerProbe {
+    pub fn new(pid: Option<u32>) -> ServerProbe {
+        ServerProbe { pid, before: None }
+    }
+
+    /// Takes the "before" sample; call when the measured window starts.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.pid {
+            self.before = Some(sample(pid)?);
+        }
+        Ok(())
+    }
+
+    /// `{"cpu_s","rss_bytes","rss_before_bytes","cpu_us_per_<unit>"}` over the window, or
+    /// `None` without a pid.
+    pub fn finish(&self, work: u64, unit: &str) -> anyhow::Result<Option<Value>> {
+        let (Some(pid), Some(before)) = (self.pid, self.before) else {
+            return Ok(None);
+        };
+        let after = sample(pid)?;
+        let cpu_s = after.cpu_s - before.cpu_s;
+        let per_unit = if work > 0 {
+            cpu_s * 1e6 / work as f64
+        } else {
+            0.0
+        };
+        let mut server = json!({
+            "pid": pid,
+            "cpu_s": round3(cpu_s),
+            "cpu_utilization": round3(cpu_s / after.at.duration_since(before.at).as_secs_f64()),
+            "rss_bytes": after.rss_bytes,
+            "rss_before_bytes": before.rss_bytes,
+        });
+        server[format!("cpu_us_per_{unit}")] = json!(round3(per_unit));
+        Ok(Some(server))
+    }
+}
+
+/// The generator's CPU seconds: this process and its waited-for children (fanout workers).
+pub fn generator_json() -> Value {
+    let own = rusage_cpu_s(libc::RUSAGE_SELF);
+    let children = rusage_cpu_s(libc::RUSAGE_CHILDREN);
+    json!({
+        "cpu_s": round3(own + children),
+        "cpu_s_self": round3(own),
+        "cpu_s_children": round3(children),
+    })
+}
+
+/// User plus system CPU seconds of `who`.
+pub fn rusage_cpu_s(who: libc::c_int) -> f64 {
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage for the duration of the call.
+    if unsafe { libc::getrusage(who, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_itself() {
+        let me = sample(std::process::id()).unwrap();
+        assert!(me.rss_bytes > 0);
+        assert!(me.cpu_s >= 0.0);
+    }
+}

@@ -1,0 +1,486 @@
+//! Black-box tests of `flux-loadtest` against the real `flux` server: short, small runs whose
+//! JSON results must carry the documented fields and agree with what the server holds.
+//!
+//! The server is the root package's binary (`target/debug/flux`, built on demand); each test
+//! starts its own on a free loopback port with a temporary data directory and kills it on drop.
+//! Every wait is bounded.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("loadtest/ has a parent")
+        .to_path_buf()
+}
+
+/// `target/debug/flux`, built first when it is missing.
+fn server_binary() -> PathBuf {
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let binary = target_dir.join("debug").join("flux");
+    if !binary.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo)
+            .args(["build", "-p", "flux", "--bin", "flux"])
+            .current_dir(workspace_root())
+            .spawn()
+            .expect("run cargo build -p flux");
+        let status = wait_with_deadline(&mut build, BUILD_TIMEOUT).expect("cargo build finished");
+        assert!(status.success(), "cargo build -p flux failed");
+    }
+    assert!(binary.exists(), "{} missing after build", binary.display());
+    binary
+}
+
+fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `flux serve`, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().expect("temp data dir");
+        let mut child = Command::new(server_binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start flux serve");
+        let stdout = child.stdout.take().expect("server stdout");
+        let (lines, incoming) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = lines.send(line);
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let url = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match incoming.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(at) = line.find("listening on http://") {
+                        let rest = &line[at + "listening on ".len()..];
+                        break rest.split_whitespace().next().unwrap_or(rest).to_string();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("flux did not print its listening line within {START_TIMEOUT:?}");
+                }
+            }
+        };
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+            .expect("port in the listening URL");
+        Server {
+            child,
+            url,
+            port,
+            dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let response = ureq::get(&format!("{}{path}", self.url))
+            .timeout(Duration::from_secs(10))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let body = response.into_string().expect("response body");
+        serde_json::from_str(&body).expect("JSON body")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `flux-loadtest <args>` and parses its single stdout line.
+fn loadtest(args: &[&str]) -> Value {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flux-loadtest"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start flux-loadtest");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let status = wait_with_deadline(&mut child, RUN_TIMEOUT);
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    let status = status.unwrap_or_else(|| panic!("flux-loadtest {args:?} timed out: {stderr}"));
+    assert!(
+        status.success(),
+        "flux-loadtest {args:?} failed ({status}): {stderr}"
+    );
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one JSON line on stdout, got {stdout:?}"
+    );
+    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn u64_at(value: &Value, pointer: &str) -> u64 {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{pointer} missing or not an integer in {value}"))
+}
+
+fn assert_core_fields(result: &Value, scenario: &str) {
+    assert_eq!(result["scenario"], scenario, "{result}");
+    assert!(result["params"].is_object(), "{result}");
+    assert!(result["duration_s"].as_f64().is_some(), "{result}");
+    for key in ["requests", "events"] {
+        assert!(result[key].as_u64().is_some(), "{key} in {result}");
+    }
+    assert!(result["throughput_events_per_s"].as_f64().is_some());
+    for key in ["p50", "p99", "p999", "max", "count"] {
+        assert!(
+            result["latency_us"][key].as_u64().is_some(),
+            "latency_us.{key} in {result}"
+        );
+    }
+    assert!(result["errors_by_status"].is_object(), "{result}");
+    assert!(result["generator"]["cpu_s"].as_f64().is_some(), "{result}");
+}
+
+#[test]
+fn ingest_reports_the_documented_fields_and_server_usage() {
+    let server = Server::start();
+    let pid = server.pid().to_string();
+    let result = loadtest(&[
+        "ingest",
+        "--url",
+        &server.url,
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "-c",
+        "2",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_core_fields(&result, "ingest");
+    assert!(u64_at(&result, "/events") > 0, "{result}");
+    assert_eq!(
+        u64_at(&result, "/events"),
+        u64_at(&result, "/latency_us/count")
+    );
+    assert_eq!(
+        result["errors_by_status"],
+        serde_json::json!({}),
+        "{result}"
+    );
+    assert_eq!(result["params"]["connections"], 2);
+    assert!(result["server"]["cpu_s"].as_f64().is_some(), "{result}");
+    assert!(u64_at(&result, "/server/rss_bytes") > 0);
+    assert!(result["server"]["cpu_us_per_event"].as_f64().is_some());
+}
+
+#[test]
+fn ingest_batch_event_count_matches_the_server() {
+    let server = Server::start();
+    let result = loadtest(&[
+        "ingest-batch",
+        "--url",
+        &server.url,
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "-c",
+        "2",
+        "--batch",
+        "50",
+        "--props",
+        "3",
+        "--entities",
+        "1000000000",
+    ]);
+    assert_core_fields(&result, "ingest-batch");
+    let events = u64_at(&result, "/events");
+    assert!(events > 0 && events.is_multiple_of(50), "{result}");
+    assert_eq!(u64_at(&result, "/requests") * 50, events);
+    let entities = server.get("/api/state/entities?prefix=loadtest/");
+    let entities = entities.as_array().expect("entity list");
+    assert_eq!(
+        entities.len() as u64,
+        events,
+        "one entity per accepted event"
+    );
+    assert_eq!(entities[0]["properties"].as_object().unwrap().len(), 3);
+}
+
+#[test]
+fn open_loop_holds_the_target_rate() {
+    let server = Server::start();
+    let result = loadtest(&[
+        "ingest",
+        "--url",
+        &server.url,
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "-c",
+        "4",
+        "--rate",
+        "200",
+    ]);
+    assert_core_fields(&result, "ingest");
+    assert_eq!(result["loop"], "open");
+    let events = u64_at(&result, "/events") + u64_at(&result, "/dropped");
+    assert!(
+        (150..=210).contains(&events),
+        "about 200 due in 1 s: {result}"
+    );
+    assert!(result["late"].as_u64().is_some());
+}
+
+#[test]
+fn fleet_reports_every_device() {
+    let server = Server::start();
+    let result = loadtest(&[
+        "fleet",
+        "--url",
+        &server.url,
+        "--devices",
+        "30",
+        "--devices-per-site",
+        "10",
+        "--interval-ms",
+        "200",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.3",
+        "--seed",
+        "7",
+    ]);
+    assert_core_fields(&result, "fleet");
+    assert!(u64_at(&result, "/events") > 0, "{result}");
+    let devices = server.get("/api/state/entities?prefix=fleet/");
+    let devices = devices.as_array().expect("entity list");
+    assert_eq!(devices.len(), 30);
+    assert!(devices.iter().any(|d| d["id"] == "fleet/site-2/device-29"));
+    assert_eq!(devices[0]["properties"].as_object().unwrap().len(), 4);
+}
+
+#[test]
+fn e2e_with_three_subscribers_loses_nothing() {
+    let server = Server::start();
+    let result = loadtest(&[
+        "e2e",
+        "--url",
+        &server.url,
+        "--subscribers",
+        "3",
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+    ]);
+    assert_core_fields(&result, "e2e");
+    let published = u64_at(&result, "/loss/expected_per_subscriber");
+    assert!(published > 0, "{result}");
+    assert_eq!(u64_at(&result, "/loss/expected"), 3 * published);
+    assert_eq!(u64_at(&result, "/loss/received"), 3 * published, "{result}");
+    assert_eq!(u64_at(&result, "/loss/lost"), 0, "{result}");
+    assert!(u64_at(&result, "/latency_us/count") > 0);
+    assert_eq!(u64_at(&result, "/subscribers/connected"), 3);
+}
+
+#[test]
+fn e2e_detects_loss_when_a_subscriber_goes_away() {
+    let server = Server::start();
+    let result = loadtest(&[
+        "e2e",
+        "--url",
+        &server.url,
+        "--subscribers",
+        "3",
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--drain-ms",
+        "500",
+        "--drop-subscriber-after",
+        "20",
+    ]);
+    assert!(u64_at(&result, "/loss/lost") > 0, "{result}");
+    assert_eq!(
+        u64_at(&result, "/loss/subscribers_with_loss"),
+        1,
+        "{result}"
+    );
+    assert_eq!(u64_at(&result, "/subscribers/closed_on_purpose"), 1);
+}
+
+#[test]
+fn fanout_spreads_subscribers_over_worker_processes() {
+    let server = Server::start();
+    let result = loadtest(&[
+        "fanout",
+        "--url",
+        &server.url,
+        "--subscribers",
+        "6",
+        "--subscribers-per-process",
+        "2",
+        "--subscriber-threads",
+        "1",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+    ]);
+    assert_core_fields(&result, "fanout");
+    assert_eq!(u64_at(&result, "/processes"), 3, "{result}");
+    assert_eq!(u64_at(&result, "/subscribers/connected"), 6, "{result}");
+    assert_eq!(u64_at(&result, "/loss/lost"), 0, "{result}");
+    assert!(u64_at(&result, "/delivered_frames") > 0);
+    assert!(result["generator"]["cpu_s_children"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn connections_holds_idle_subscribers_and_reports_memory() {
+    let server = Server::start();
+    let pid = server.pid().to_string();
+    let result = loadtest(&[
+        "connections",
+        "--url",
+        &server.url,
+        "--connections",
+        "50",
+        "--hold",
+        "0.5",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_core_fields(&result, "connections");
+    assert_eq!(u64_at(&result, "/connections/connected"), 50, "{result}");
+    assert_eq!(u64_at(&result, "/connections/open_at_end"), 50, "{result}");
+    assert!(u64_at(&result, "/server/rss_bytes") > 0);
+    assert!(
+        result["server"]["rss_per_connection_bytes"]
+            .as_f64()
+            .is_some()
+    );
+}
+
+/// Kills the server a restart command started (its pid is in a file) when dropped.
+struct RestartedServer(PathBuf);
+
+impl Drop for RestartedServer {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(&self.0).unwrap_or_default();
+        if pid.trim().parse::<u32>().is_ok_and(|pid| pid > 1) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+    }
+}
+
+#[test]
+fn recovery_times_a_kill_9_restart() {
+    let mut server = Server::start();
+    let restarted = RestartedServer(server.dir.path().join("restarted.pid"));
+    // Kill the server, wait until it is gone (a zombie until this test reaps it, but its
+    // sockets and lock are released), start it again on the same port and data directory.
+    let restart = format!(
+        "kill -9 {pid}; i=0; while [ $i -lt 500 ] && [ -e /proc/{pid} ] && \
+         ! grep -q '^State:[[:space:]]*Z' /proc/{pid}/status 2>/dev/null; do \
+         sleep 0.01; i=$((i+1)); done; \
+         nohup {bin} serve --listen 127.0.0.1:{port} --data-dir {dir} >/dev/null 2>&1 & \
+         echo $! > {pidfile}",
+        pid = server.pid(),
+        port = server.port,
+        bin = server_binary().display(),
+        dir = server.dir.path().display(),
+        pidfile = restarted.0.display(),
+    );
+    let result = loadtest(&[
+        "recovery",
+        "--url",
+        &server.url,
+        "--events",
+        "2000",
+        "--batch",
+        "250",
+        "--restart-cmd",
+        &restart,
+        "--restart-timeout",
+        "30",
+    ]);
+    let _ = server.child.wait();
+    assert_core_fields(&result, "recovery");
+    assert_eq!(u64_at(&result, "/events"), 2000, "{result}");
+    assert_eq!(result["recovery"]["mode"], "command");
+    let seconds = result["recovery"]["seconds"]
+        .as_f64()
+        .expect("recovery seconds");
+    assert!(seconds > 0.0, "{result}");
+    drop(restarted);
+}
