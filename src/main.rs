@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use flux_egress::Hub;
+use flux_engine::engine::LogConfig;
 use flux_engine::{Engine, EngineConfig};
 use flux_ingress::metrics::IngressMetrics;
 use flux_ingress::sealer::Sealer;
@@ -139,6 +140,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         segment_bytes: args.segment_bytes,
         retention: args.retention,
         snapshot_interval: args.snapshot_interval,
+        log: LogConfig::Local,
         observer: None,
     };
     let hub = Hub::new();
@@ -160,10 +162,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     writeln!(
         stdout,
-        "flux listening on http://{local} (log=local, data_dir={}, shards={shards}, \
+        "flux listening on http://{local} (log={}, data_dir={}, shards={shards}, \
          http_workers={http_workers}, auth={}, admin_token={}, connectors={}, retention={}, \
          snapshot_interval={}, segment_bytes={}; \
          recovered snapshot={} with {} entities, {} log records, {} torn bytes dropped)",
+        engine.log_kind(),
         args.data_dir.display(),
         args.auth,
         if args.admin_token.is_some() {

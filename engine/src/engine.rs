@@ -44,8 +44,17 @@ pub struct EngineConfig {
     pub retention: Duration,
     /// Time between periodic snapshots.
     pub snapshot_interval: Duration,
+    /// Which durable log backs the engine.
+    pub log: LogConfig,
     /// Told of every applied change (egress fan-out), if set.
     pub observer: Option<Arc<dyn ChangeObserver>>,
+}
+
+/// The durable log backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogConfig {
+    /// The embedded log in `<data-dir>/log` (`--log local`).
+    Local,
 }
 
 /// Why an engine operation failed.
@@ -92,6 +101,42 @@ pub struct RecoveryReport {
     pub next_position: LogPosition,
 }
 
+/// Opens the embedded log in `<data-dir>/log`, replaying it into the shards.
+fn open_local(
+    config: &EngineConfig,
+    dispatcher: &Dispatcher,
+    covered: LogPosition,
+    report: &mut RecoveryReport,
+) -> Result<Arc<dyn Log>, EngineError> {
+    let options = LocalLogOptions {
+        segment_bytes: config.segment_bytes,
+    };
+    let shards = dispatcher.shard_count();
+    let (log, summary) = LocalLog::open(&config.data_dir.join("log"), options, &mut |frame| {
+        let owners = owners_of(&frame, shards);
+        dispatcher.dispatch(Arc::new(frame), &owners, None);
+    })?;
+    let first = log.first_position();
+    if first > covered + 1 {
+        return Err(LogError::Corrupt(format!(
+            "the log starts at position {first} but no snapshot covers positions 1..{first}"
+        ))
+        .into());
+    }
+    if let Some(&(from, to)) = summary.gaps.iter().find(|&&(_, to)| to > covered + 1) {
+        return Err(LogError::Corrupt(format!(
+            "log positions {from}..{to} are missing and no snapshot covers them"
+        ))
+        .into());
+    }
+    report.log_records = summary.records;
+    report.dropped_bytes = summary.dropped_bytes;
+    if covered > 0 {
+        log.skip_to(covered + 1)?;
+    }
+    Ok(Arc::new(log))
+}
+
 /// A cheap, cloneable handle to the running engine.
 #[derive(Clone)]
 pub struct Engine {
@@ -100,7 +145,7 @@ pub struct Engine {
 
 struct Inner {
     config: EngineConfig,
-    log: LocalLog,
+    log: Arc<dyn Log>,
     dispatcher: Dispatcher,
     /// Position of the newest snapshot written or loaded (0: none).
     last_snapshot: AtomicU64,
@@ -163,31 +208,9 @@ impl Engine {
             }
         }
 
-        let options = LocalLogOptions {
-            segment_bytes: config.segment_bytes,
+        let log = match &config.log {
+            LogConfig::Local => open_local(&config, &dispatcher, covered, &mut report)?,
         };
-        let (log, summary) = LocalLog::open(&dir.join("log"), options, &mut |frame| {
-            let owners = owners_of(&frame, shards);
-            dispatcher.dispatch(Arc::new(frame), &owners, None);
-        })?;
-        let first = log.first_position();
-        if first > covered + 1 {
-            return Err(LogError::Corrupt(format!(
-                "the log starts at position {first} but no snapshot covers positions 1..{first}"
-            ))
-            .into());
-        }
-        if let Some(&(from, to)) = summary.gaps.iter().find(|&&(_, to)| to > covered + 1) {
-            return Err(LogError::Corrupt(format!(
-                "log positions {from}..{to} are missing and no snapshot covers them"
-            ))
-            .into());
-        }
-        report.log_records = summary.records;
-        report.dropped_bytes = summary.dropped_bytes;
-        if covered > 0 {
-            log.skip_to(covered + 1)?;
-        }
         log.start(dispatcher.clone())
             .map_err(io_context("starting the log writer"))?;
         report.next_position = log.next_position();
@@ -213,7 +236,7 @@ impl Engine {
 
     /// Registers the engine's metrics (durable log) in `registry`.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        self.inner.log.metrics().register(registry);
+        self.inner.log.register_metrics(registry);
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -261,6 +284,11 @@ impl Engine {
             .read()
             .unwrap_or_else(|e| e.into_inner());
         read(&control)
+    }
+
+    /// The log backend's name (`local`, ...), for health and the start-up line.
+    pub fn log_kind(&self) -> &'static str {
+        self.inner.log.kind()
     }
 
     /// `None` when the log takes writes, else why not.

@@ -421,7 +421,9 @@ impl Api {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
-        out.extend_from_slice(b",\"log\":\"local\",\"entities\":");
+        out.extend_from_slice(b",\"log\":");
+        json::write_str(&mut out, self.engine.log_kind());
+        out.extend_from_slice(b",\"entities\":");
         json::write_u64(&mut out, stats.entities as u64);
         out.extend_from_slice(b",\"logPosition\":");
         json::write_u64(&mut out, stats.next_position.saturating_sub(1));

@@ -314,7 +314,7 @@ impl LocalLog {
     }
 
     /// Starts the writer thread, which dispatches durable frames through `dispatcher`.
-    pub fn start(&self, dispatcher: Dispatcher) -> std::io::Result<()> {
+    fn start_writer(&self, dispatcher: Dispatcher) -> std::io::Result<()> {
         let Some((rx, active, options)) = self
             .pending
             .lock()
@@ -479,6 +479,18 @@ impl Log for LocalLog {
             .unwrap_or_else(|e| e.into_inner())
             .is_none()
             .then(|| "shutting down".into())
+    }
+
+    fn start(&self, dispatcher: Dispatcher) -> std::io::Result<()> {
+        self.start_writer(dispatcher)
+    }
+
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.shared.metrics.register(registry);
     }
 
     fn close(&self) {

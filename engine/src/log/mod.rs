@@ -62,4 +62,14 @@ pub trait Log: Send + Sync + 'static {
 
     /// Stops taking appends, finishes the queued ones, and waits for the writer to exit.
     fn close(&self);
+
+    /// Starts dispatching durable frames (after replay): the writer thread, or the tail of a
+    /// shared stream.
+    fn start(&self, dispatcher: Dispatcher) -> std::io::Result<()>;
+
+    /// The backend's name: `local`, `jetstream`.
+    fn kind(&self) -> &'static str;
+
+    /// Registers the backend's metrics.
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry);
 }
