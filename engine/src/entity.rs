@@ -90,6 +90,15 @@ fn merged<'a>(
     old: &[u8],
     updates: impl ExactSizeIterator<Item = (&'a str, &'a str)> + Clone,
 ) -> Vec<u8> {
+    // Fast path (telemetry): the event sets exactly the stored keys, in the stored order.
+    let stored = PackedIter { buf: old }.map(|(name, _)| name);
+    if updates.clone().map(|(name, _)| name).eq(stored) {
+        let mut out = Vec::with_capacity(old.len() + 16);
+        for (name, value) in updates.clone() {
+            put(&mut out, name, value);
+        }
+        return out;
+    }
     // Small events (the common case) search linearly; large ones use hash maps so a
     // 100,000-property event costs linear time, not quadratic.
     let large = updates.len() > SMALL_EVENT_PROPERTIES;
@@ -180,6 +189,20 @@ mod tests {
         e.merge_properties([("a", "1"), ("b", "\"x\"")].into_iter());
         e.merge_properties([("c", "null"), ("a", "2")].into_iter());
         assert_eq!(props(&e), [("a", "2"), ("b", "\"x\""), ("c", "null")]);
+    }
+
+    #[test]
+    fn same_keys_in_the_same_order_replace_values() {
+        let mut e = Entity::new(1, 1);
+        e.merge_properties([("a", "1"), ("b", "2")].into_iter());
+        e.merge_properties([("a", "10"), ("b", "\"twenty\"")].into_iter());
+        assert_eq!(props(&e), [("a", "10"), ("b", "\"twenty\"")]);
+        e.merge_properties([("b", "3"), ("a", "4")].into_iter());
+        assert_eq!(
+            props(&e),
+            [("a", "4"), ("b", "3")],
+            "other orders keep the stored order"
+        );
     }
 
     #[test]

@@ -157,10 +157,12 @@ pub enum DecodeError {
 pub struct Frame {
     pub first_position: LogPosition,
     pub accept_time_ms: u64,
-    /// The encoded records, back to back.
-    pub records: Bytes,
+    /// The encoded records, back to back. Invariant: every string in them is valid UTF-8 and
+    /// every record decodes — they were encoded from `&str`s ([`Frame::from_batch`]) or checked
+    /// by [`decode_frame`] — so reading them again skips the UTF-8 check.
+    records: Bytes,
     /// Start of each record within `records`.
-    pub offsets: Vec<u32>,
+    offsets: Vec<u32>,
 }
 
 impl Frame {
@@ -190,7 +192,12 @@ impl Frame {
 
     /// The event record at `index` (0-based within the frame); an error for a control record.
     pub fn record(&self, index: usize) -> Result<EventRecord<'_>, DecodeError> {
-        EventRecord::decode(self.bytes_of(index)?)
+        // The frame's invariant: its strings were checked once already.
+        let (record, used) = EventRecord::decode_prefix(self.bytes_of(index)?, false)?;
+        if used != self.bytes_of(index)?.len() {
+            return Err(DecodeError::Malformed("trailing bytes after record"));
+        }
+        Ok(record)
     }
 
     /// The JSON of the control record at `index`, or `None` when it is an event.
@@ -199,7 +206,11 @@ impl Frame {
         if bytes.first() != Some(&KIND_CONTROL) {
             return Ok(None);
         }
-        let mut c = Cursor { buf: bytes, at: 1 };
+        let mut c = Cursor {
+            buf: bytes,
+            at: 1,
+            check_utf8: true,
+        };
         let json = c.str()?;
         if c.at != bytes.len() {
             return Err(DecodeError::Malformed("trailing bytes after record"));
@@ -286,6 +297,8 @@ pub struct EventRecord<'a> {
 struct Cursor<'a> {
     buf: &'a [u8],
     at: usize,
+    /// Check strings for UTF-8; false only for bytes known valid (a [`Frame`]'s records).
+    check_utf8: bool,
 }
 
 impl<'a> Cursor<'a> {
@@ -314,9 +327,21 @@ impl<'a> Cursor<'a> {
         ))
     }
 
+    fn utf8(&self, bytes: &'a [u8]) -> Result<&'a str, DecodeError> {
+        if self.check_utf8 {
+            return std::str::from_utf8(bytes).map_err(|_| DecodeError::Malformed("invalid utf-8"));
+        }
+        debug_assert!(std::str::from_utf8(bytes).is_ok());
+        // SAFETY: `check_utf8` is false only for a `Frame`'s records, whose strings were
+        // encoded from `&str` or checked by `decode_frame` (the `Frame` invariant), and the
+        // length prefixes were checked against the buffer by `take`.
+        Ok(unsafe { std::str::from_utf8_unchecked(bytes) })
+    }
+
     fn str(&mut self) -> Result<&'a str, DecodeError> {
         let len = self.u32()? as usize;
-        std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError::Malformed("invalid utf-8"))
+        let bytes = self.take(len)?;
+        self.utf8(bytes)
     }
 
     fn opt(&mut self) -> Result<Option<&'a str>, DecodeError> {
@@ -325,16 +350,14 @@ impl<'a> Cursor<'a> {
             return Ok(None);
         }
         let bytes = self.take(len as usize)?;
-        std::str::from_utf8(bytes)
-            .map(Some)
-            .map_err(|_| DecodeError::Malformed("invalid utf-8"))
+        self.utf8(bytes).map(Some)
     }
 }
 
 impl<'a> EventRecord<'a> {
     /// Decodes a record occupying exactly `buf`.
     pub fn decode(buf: &'a [u8]) -> Result<Self, DecodeError> {
-        let (record, used) = Self::decode_prefix(buf)?;
+        let (record, used) = Self::decode_prefix(buf, true)?;
         if used != buf.len() {
             return Err(DecodeError::Malformed("trailing bytes after record"));
         }
@@ -344,15 +367,23 @@ impl<'a> EventRecord<'a> {
     /// Length of the record (of either kind) at the front of `buf`.
     fn decode_len(buf: &[u8]) -> Result<usize, DecodeError> {
         if buf.first() == Some(&KIND_CONTROL) {
-            let mut c = Cursor { buf, at: 1 };
+            let mut c = Cursor {
+                buf,
+                at: 1,
+                check_utf8: true,
+            };
             c.str()?;
             return Ok(c.at);
         }
-        EventRecord::decode_prefix(buf).map(|(_, used)| used)
+        EventRecord::decode_prefix(buf, true).map(|(_, used)| used)
     }
 
-    fn decode_prefix(buf: &'a [u8]) -> Result<(Self, usize), DecodeError> {
-        let mut c = Cursor { buf, at: 0 };
+    fn decode_prefix(buf: &'a [u8], check_utf8: bool) -> Result<(Self, usize), DecodeError> {
+        let mut c = Cursor {
+            buf,
+            at: 0,
+            check_utf8,
+        };
         if c.take(1)? != [KIND_EVENT] {
             return Err(DecodeError::Malformed("unknown record kind"));
         }
@@ -382,9 +413,11 @@ impl<'a> EventRecord<'a> {
     /// `(name, raw JSON value)` pairs in the order they were sent.
     pub fn properties(&self) -> PropertyIter<'a> {
         PropertyIter {
+            // Decoding the record already walked (and, unless trusted, checked) these strings.
             cursor: Cursor {
                 buf: self.properties,
                 at: 0,
+                check_utf8: false,
             },
             remaining: self.property_count,
         }

@@ -281,14 +281,22 @@ pub fn start_observed_shards(
     Ok((Dispatcher { inboxes, control }, threads))
 }
 
+/// What a shard keeps per id: the entity while it exists, and the positions of its events
+/// still in the log (kept after a delete, for history).
+#[derive(Default)]
+struct Slot {
+    entity: Option<Entity>,
+    /// Oldest first.
+    history: Vec<LogPosition>,
+}
+
 #[derive(Default)]
 struct Shard {
     index: usize,
-    entities: HashMap<Arc<str>, Entity>,
-    /// The ids of `entities`, sorted, for listings and prefix scans.
+    /// One lookup per applied record finds both the entity and its history.
+    slots: HashMap<Arc<str>, Slot>,
+    /// Ids of the slots holding an entity, sorted, for listings and prefix scans.
     order: BTreeSet<Arc<str>>,
-    /// Positions of each id's events still in the log, oldest first (deleted entities too).
-    history: HashMap<Arc<str>, Vec<LogPosition>>,
     /// State already includes every record at or below this position (from a snapshot).
     covered: LogPosition,
     applied_through: LogPosition,
@@ -302,6 +310,10 @@ impl Shard {
         while let Ok(work) = inbox.recv() {
             self.handle(work);
         }
+    }
+
+    fn entity(&self, id: &str) -> Option<&Entity> {
+        self.slots.get(id)?.entity.as_ref()
     }
 
     fn handle(&mut self, work: ShardWork) {
@@ -320,13 +332,14 @@ impl Shard {
                 self.covered = self.covered.max(covered);
                 self.applied_through = self.applied_through.max(covered);
                 for (id, entity) in entities {
-                    let id = self.intern(&id);
-                    self.order.insert(id.clone());
-                    self.entities.insert(id, entity);
+                    let (key, slot) = self.slot(&id);
+                    if slot.entity.replace(entity).is_none() {
+                        self.order.insert(key);
+                    }
                 }
             }
             ShardWork::Get { id, reply } => {
-                let json = self.entities.get(&*id).map(|e| {
+                let json = self.entity(&id).map(|e| {
                     let mut out = Vec::with_capacity(128);
                     e.write_json(&mut out, &id);
                     out
@@ -338,7 +351,7 @@ impl Shard {
                     .matching(&query)
                     .map(|id| {
                         let mut out = Vec::with_capacity(128);
-                        if let Some(e) = self.entities.get(id) {
+                        if let Some(e) = self.entity(id) {
                             e.write_json(&mut out, id);
                         }
                         (id.clone(), out)
@@ -367,17 +380,13 @@ impl Shard {
                 let _ = reply.send(self.matching(&query).count());
             }
             ShardWork::Contains { ids, reply } => {
-                let _ = reply.send(
-                    ids.iter()
-                        .map(|id| self.entities.contains_key(&**id))
-                        .collect(),
-                );
+                let _ = reply.send(ids.iter().map(|id| self.entity(id).is_some()).collect());
             }
             ShardWork::History { id, limit, reply } => {
                 let positions = self
-                    .history
+                    .slots
                     .get(&*id)
-                    .map(|p| p.iter().rev().take(limit).copied().collect())
+                    .map(|s| s.history.iter().rev().take(limit).copied().collect())
                     .unwrap_or_default();
                 let _ = reply.send(positions);
             }
@@ -386,7 +395,7 @@ impl Shard {
                 let entities = self
                     .order
                     .iter()
-                    .filter_map(|id| Some((&**id, self.entities.get(id)?)));
+                    .filter_map(|id| Some((&**id, self.entity(id)?)));
                 job.write_part(self.index, self.applied_through, entities);
             }
             ShardWork::Stats {
@@ -395,7 +404,7 @@ impl Shard {
             } => {
                 self.sources.retain(|_, seen| *seen >= active_since_ms);
                 let stats = ShardStats {
-                    entities: self.entities.len(),
+                    entities: self.order.len(),
                     applied_through: self.applied_through,
                     active_sources: self.sources.keys().cloned().collect(),
                 };
@@ -416,14 +425,13 @@ impl Shard {
             .take(query.limit)
     }
 
-    /// The shared `Arc<str>` for `id`, creating its history entry if needed.
-    fn intern(&mut self, id: &str) -> Arc<str> {
-        if let Some((key, _)) = self.history.get_key_value(id) {
-            return key.clone();
+    /// The slot for `id` (created empty if new) and its shared key.
+    fn slot(&mut self, id: &str) -> (Arc<str>, &mut Slot) {
+        if !self.slots.contains_key(id) {
+            self.slots.insert(Arc::from(id), Slot::default());
         }
-        let key: Arc<str> = Arc::from(id);
-        self.history.insert(key.clone(), Vec::new());
-        key
+        let (key, slot) = self.slots.get_key_value_mut(id).expect("inserted above");
+        (key.clone(), slot)
     }
 
     fn apply(&mut self, frame: &Frame, indexes: &[u32]) {
@@ -437,58 +445,67 @@ impl Shard {
                     continue;
                 }
             };
-            let id = record.fields.entity_id;
-            let key = self.intern(id);
-            if let Some(positions) = self.history.get_mut(&key) {
-                positions.push(position);
-            }
             self.applied_through = self.applied_through.max(position);
-            if position <= self.covered {
+            let id = record.fields.entity_id;
+            let covered = position <= self.covered;
+            let accept_ms = frame.accept_time_ms;
+            let (key, slot) = match self.slots.get_key_value_mut(id) {
+                Some((key, slot)) => (key, slot),
+                None => {
+                    self.slots.insert(Arc::from(id), Slot::default());
+                    self.slots.get_key_value_mut(id).expect("inserted above")
+                }
+            };
+            slot.history.push(position);
+            if covered {
                 continue;
             }
+            let change = if record.is_tombstone() {
+                match slot.entity.take() {
+                    Some(_) => {
+                        self.order.remove(id);
+                        Some(false)
+                    }
+                    None => None,
+                }
+            } else {
+                let entity = slot.entity.get_or_insert_with(|| {
+                    self.order.insert(key.clone());
+                    Entity::new(0, 0)
+                });
+                entity.merge_properties(record.properties());
+                entity.last_updated_ms = accept_ms;
+                entity.revision = position;
+                Some(true)
+            };
             // Flux's own writes (`flux.*` streams: deletes, the directory) are not publishers.
             if !record.fields.stream.starts_with(INTERNAL_STREAM_PREFIX) {
                 let source = record.fields.source;
                 match self.sources.get_mut(source) {
-                    Some(seen) => *seen = frame.accept_time_ms,
+                    Some(seen) => *seen = accept_ms,
                     None => {
-                        self.sources.insert(Arc::from(source), frame.accept_time_ms);
+                        self.sources.insert(Arc::from(source), accept_ms);
                     }
                 }
             }
-            if record.is_tombstone() {
-                if self.entities.remove(id).is_some() {
-                    self.order.remove(id);
-                    if let Some(observer) = &self.observer {
-                        observer.entity_deleted(id, frame.accept_time_ms);
-                    }
-                }
-                continue;
-            }
-            let entity = match self.entities.get_mut(id) {
-                Some(entity) => entity,
-                None => {
-                    self.order.insert(key.clone());
-                    self.entities
-                        .entry(key)
-                        .or_insert_with(|| Entity::new(0, 0))
-                }
-            };
-            entity.merge_properties(record.properties());
-            entity.last_updated_ms = frame.accept_time_ms;
-            entity.revision = position;
             if let Some(observer) = &self.observer {
-                observer.entity_updated(id, frame.accept_time_ms, record.properties());
+                match change {
+                    Some(true) => observer.entity_updated(id, accept_ms, record.properties()),
+                    Some(false) => observer.entity_deleted(id, accept_ms),
+                    None => {}
+                }
             }
         }
     }
 
     fn forget_history_before(&mut self, first_kept: LogPosition) {
-        let entities = &self.entities;
-        self.history.retain(|id, positions| {
-            let cut = positions.partition_point(|&p| p < first_kept);
-            positions.drain(..cut);
-            !positions.is_empty() || entities.contains_key(id)
+        self.slots.retain(|_, slot| {
+            let cut = slot.history.partition_point(|&p| p < first_kept);
+            slot.history.drain(..cut);
+            if slot.history.capacity() > 2 * slot.history.len() + 4 {
+                slot.history.shrink_to_fit();
+            }
+            !slot.history.is_empty() || slot.entity.is_some()
         });
     }
 }
