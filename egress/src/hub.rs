@@ -79,6 +79,8 @@ pub struct Hub {
     /// Mirrors the index's subscription count so changes skip the lock when nobody listens.
     subscriptions: AtomicUsize,
     connections: Mutex<HashMap<u64, Arc<Connection>>>,
+    /// Open connections (sizes each writer's coalescing window).
+    live: AtomicUsize,
     next_id: AtomicU64,
     pub counters: Counters,
 }
@@ -89,6 +91,7 @@ impl Default for Hub {
             index: RwLock::new(Index::default()),
             subscriptions: AtomicUsize::new(0),
             connections: Mutex::new(HashMap::new()),
+            live: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             counters: Counters::default(),
         }
@@ -207,9 +210,10 @@ impl Hub {
             .insert(id, connection.clone());
         self.counters.connections_opened.inc();
         self.counters.connections.inc();
+        self.live.fetch_add(1, Ordering::Relaxed);
         let writer = {
-            let connection = connection.clone();
-            tokio::spawn(async move { connection.write_loop(write).await })
+            let (connection, hub) = (connection.clone(), self.clone());
+            tokio::spawn(async move { connection.write_loop(write, &hub.live).await })
         };
         let mut reader = FrameReader::with_bytes(early);
         let mut patterns: Vec<Pattern> = Vec::new();
@@ -262,6 +266,7 @@ impl Hub {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
         self.counters.connections.dec();
+        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn on_text(&self, connection: &Arc<Connection>, patterns: &mut Vec<Pattern>, text: &[u8]) {
