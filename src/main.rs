@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use flux_egress::Hub;
 use flux_engine::engine::LogConfig;
+use flux_engine::log::jetstream::JetStreamOptions;
 use flux_engine::{Engine, EngineConfig};
 use flux_ingress::metrics::IngressMetrics;
 use flux_ingress::sealer::Sealer;
@@ -53,9 +54,16 @@ struct ServeArgs {
     /// Directory for log segments, snapshots and the lock file.
     #[arg(long, env = "FLUX_DATA_DIR", default_value = "./flux-data")]
     data_dir: PathBuf,
-    /// The durable log: `local` (embedded, the default).
+    /// The durable log: `local` (embedded, the default) or `nats://HOST:PORT[,HOST:PORT…]`
+    /// (a JetStream stream shared by every node).
     #[arg(long, env = "FLUX_LOG", default_value = "local")]
     log: String,
+    /// JetStream mode: replicas of the stream when Flux creates it.
+    #[arg(long, env = "FLUX_NATS_REPLICAS", default_value_t = 1)]
+    nats_replicas: usize,
+    /// JetStream mode: the stream's name.
+    #[arg(long, env = "FLUX_NATS_STREAM", default_value = "FLUX")]
+    nats_stream: String,
     /// How long log records (and so history) are kept, e.g. `7d`, `12h`.
     #[arg(long, env = "FLUX_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     retention: Duration,
@@ -120,13 +128,46 @@ fn listen_address(args: &ServeArgs) -> anyhow::Result<SocketAddr> {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.log != "local" {
+/// The `--log` value as a backend: `local`, or `nats://` followed by `HOST:PORT`s.
+fn log_config(args: &ServeArgs) -> anyhow::Result<LogConfig> {
+    if args.log == "local" {
+        return Ok(LogConfig::Local);
+    }
+    let Some(list) = args.log.strip_prefix("nats://") else {
         bail!(
-            "--log {:?}: only the embedded `local` log is available in this build",
+            "--log {:?}: expected `local` or `nats://HOST:PORT[,HOST:PORT...]`",
             args.log
         );
+    };
+    let servers: Vec<String> = list
+        .split(',')
+        .map(|s| s.trim().trim_start_matches("nats://").to_string())
+        .collect();
+    if let Some(bad) = servers.iter().find(|s| {
+        s.rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    }) {
+        bail!("--log {:?}: {bad:?} is not HOST:PORT", args.log);
     }
+    if !(1..=5).contains(&args.nats_replicas) {
+        bail!("--nats-replicas must be from 1 to 5");
+    }
+    let stream = &args.nats_stream;
+    if stream.is_empty()
+        || !stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        bail!("--nats-stream {stream:?}: use letters, digits, `_` and `-`");
+    }
+    let mut options = JetStreamOptions::new(servers, stream);
+    options.replicas = args.nats_replicas;
+    options.max_age = args.retention;
+    Ok(LogConfig::JetStream(options))
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let log = log_config(&args)?;
     if args.segment_bytes < 4096 {
         bail!("--segment-bytes must be at least 4096");
     }
@@ -140,7 +181,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         segment_bytes: args.segment_bytes,
         retention: args.retention,
         snapshot_interval: args.snapshot_interval,
-        log: LogConfig::Local,
+        log,
         observer: None,
     };
     let hub = Hub::new();
@@ -149,6 +190,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..config
     };
     let (engine, recovery) = Engine::open(config)?;
+    // Replay allocated frames on this thread that the shard threads freed; an idle heap would
+    // keep those pages, so give them back now (tens of MB after a large replay).
+    // SAFETY: `mi_collect` only walks this thread's own heap; no pointers are involved.
+    unsafe { libmimalloc_sys::mi_collect(true) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(http_workers)
         .thread_name("flux-http")
@@ -166,7 +211,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
          http_workers={http_workers}, auth={}, admin_token={}, connectors={}, retention={}, \
          snapshot_interval={}, segment_bytes={}; \
          recovered snapshot={} with {} entities, {} log records, {} torn bytes dropped)",
-        engine.log_kind(),
+        match &engine.config().log {
+            LogConfig::Local => engine.log_kind().to_string(),
+            LogConfig::JetStream(o) => format!(
+                "{} nats://{} stream={} replicas={}",
+                engine.log_kind(),
+                o.servers.join(","),
+                o.stream,
+                o.replicas
+            ),
+        },
         args.data_dir.display(),
         args.auth,
         if args.admin_token.is_some() {
