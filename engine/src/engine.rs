@@ -29,7 +29,7 @@ use crate::shard::{
 use crate::snapshot::{self, SnapshotJob};
 
 /// Entities a shard renders per listing round trip.
-const LIST_PAGE_ENTITIES: usize = 256;
+const LIST_PAGE_ENTITIES: usize = 1024;
 /// Snapshot entities sent to a shard per message while loading.
 const LOAD_BATCH_ENTITIES: usize = 1024;
 
