@@ -1188,3 +1188,22 @@ fn batch_key_and_schema_reach_history() {
     assert_eq!(hist[0]["schema"], "thing.v2");
     assert_eq!(hist[0]["eventId"], body["results"][0]["eventId"]);
 }
+
+#[test]
+fn history_of_a_busy_entity_returns_the_newest_500_in_order() {
+    let s = Server::start();
+    for chunk in 0..3 {
+        let events: Vec<Value> = (0..500)
+            .map(|i| event("acme/busy", json!({"seq": chunk * 500 + i})))
+            .collect();
+        let (status, body) = s.post("/api/events/batch", &Value::Array(events));
+        assert_eq!(status, 200, "{body}");
+    }
+    let history = s.history("acme/busy", "&limit=500&since=0");
+    let seqs: Vec<i64> = history
+        .iter()
+        .map(|e| e["payload"]["properties"]["seq"].as_i64().expect("seq"))
+        .collect();
+    let expected: Vec<i64> = (1000..1500).rev().collect();
+    assert_eq!(seqs, expected);
+}

@@ -55,6 +55,8 @@ pub struct EngineConfig {
 pub enum LogConfig {
     /// The embedded log in `<data-dir>/log` (`--log local`).
     Local,
+    /// A NATS JetStream stream shared by every node (`--log nats://…`).
+    JetStream(crate::log::jetstream::JetStreamOptions),
 }
 
 /// Why an engine operation failed.
@@ -210,6 +212,9 @@ impl Engine {
 
         let log = match &config.log {
             LogConfig::Local => open_local(&config, &dispatcher, covered, &mut report)?,
+            LogConfig::JetStream(options) => {
+                crate::log::jetstream::open_for_engine(options, &dispatcher, covered, &mut report)?
+            }
         };
         log.start(dispatcher.clone())
             .map_err(io_context("starting the log writer"))?;

@@ -24,6 +24,11 @@ use crate::entity::Entity;
 use crate::record::{CONTROL_OWNER, Frame, LogPosition, PropertyIter};
 use crate::snapshot::SnapshotJob;
 
+/// Event positions remembered per entity: a history query returns at most this many (newest
+/// first), so older positions could never be asked for. Bounds the index to this many per id
+/// however long the retention.
+pub const HISTORY_KEPT_PER_ENTITY: usize = 500;
+
 /// Streams of records Flux writes itself (API deletes, the directory).
 pub const INTERNAL_STREAM_PREFIX: &str = "flux.";
 
@@ -286,7 +291,8 @@ pub fn start_observed_shards(
 #[derive(Default)]
 struct Slot {
     entity: Option<Entity>,
-    /// Oldest first.
+    /// Oldest first; at most 2 × [`HISTORY_KEPT_PER_ENTITY`], of which the newest
+    /// [`HISTORY_KEPT_PER_ENTITY`] are always present.
     history: Vec<LogPosition>,
 }
 
@@ -456,6 +462,11 @@ impl Shard {
                     self.slots.get_key_value_mut(id).expect("inserted above")
                 }
             };
+            if slot.history.len() >= 2 * HISTORY_KEPT_PER_ENTITY {
+                // Only the newest HISTORY_KEPT_PER_ENTITY can ever be asked for.
+                slot.history
+                    .drain(..slot.history.len() - HISTORY_KEPT_PER_ENTITY);
+            }
             slot.history.push(position);
             if covered {
                 continue;

@@ -25,7 +25,7 @@ use crate::tenancy::{AuthConfig, Caller, RateLimiter};
 pub const MAX_BATCH_DELETE: usize = 10_000;
 /// History: events returned when no `limit` is given, and the most ever returned.
 pub const HISTORY_DEFAULT_LIMIT: usize = 100;
-pub const HISTORY_MAX_LIMIT: usize = 500;
+pub const HISTORY_MAX_LIMIT: usize = flux_engine::shard::HISTORY_KEPT_PER_ENTITY;
 /// History: how far back `since` defaults to.
 const HISTORY_DEFAULT_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
 /// A streamed listing sends chunks of about this many bytes.

@@ -62,6 +62,21 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// The data directory; a fresh temp dir when `None`.
     pub dir: Option<DataDir>,
+    /// The test is about the local log's files: never run it on JetStream (see [`log_mode`]).
+    pub local_only: bool,
+    /// The nats-server of this server's world, when running on JetStream; kept across restarts.
+    pub nats: Option<Arc<NatsServer>>,
+}
+
+impl Options {
+    /// Options for a test that is inherently about the embedded log (its files, torn tails,
+    /// the data-dir lock): it runs with `--log local` even when `FLUX_TEST_LOG=nats`.
+    pub fn local_only() -> Options {
+        Options {
+            local_only: true,
+            ..Options::default()
+        }
+    }
 }
 
 impl Default for Options {
@@ -72,6 +87,8 @@ impl Default for Options {
             args: Vec::new(),
             env: Vec::new(),
             dir: None,
+            local_only: false,
+            nats: None,
         }
     }
 }
@@ -132,6 +149,11 @@ impl Server {
         Server::start_with(Options::default())
     }
 
+    /// Starts a server on the local log whatever `FLUX_TEST_LOG` says (see [`Options::local_only`]).
+    pub fn start_local_only() -> Server {
+        Server::start_with(Options::local_only())
+    }
+
     /// Starts a server with extra command-line arguments.
     pub fn start_args(args: &[&str]) -> Server {
         Server::start_with(Options {
@@ -158,6 +180,18 @@ impl Server {
 
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flux"));
         cmd.arg("serve");
+        let log_chosen = opts
+            .args
+            .iter()
+            .any(|a| a == "--log" || a.starts_with("--log="))
+            || opts.env.iter().any(|(k, _)| k == "FLUX_LOG");
+        if log_mode() == LogMode::Nats && !opts.local_only && !log_chosen {
+            let nats = opts
+                .nats
+                .get_or_insert_with(|| Arc::new(NatsServer::start()))
+                .clone();
+            cmd.arg("--log").arg(nats.url());
+        }
         if let Some(listen) = &opts.listen_flag {
             cmd.arg("--listen").arg(listen);
         }
@@ -1154,4 +1188,181 @@ pub fn padded_event(entity: &str, size: usize) -> Vec<u8> {
     body.extend_from_slice(tail.as_bytes());
     assert_eq!(body.len(), size);
     body
+}
+
+// ---------------------------------------------------------------- nats-server
+
+/// Which log the black-box tests run on: `FLUX_TEST_LOG=nats` runs every server on a JetStream
+/// stream of its own nats-server; anything else (the default) on the local log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogMode {
+    Local,
+    Nats,
+}
+
+pub fn log_mode() -> LogMode {
+    match std::env::var("FLUX_TEST_LOG").as_deref() {
+        Ok("nats") => LogMode::Nats,
+        _ => LogMode::Local,
+    }
+}
+
+/// How long a nats-server may take to accept connections (and, in a cluster, to be healthy).
+pub const NATS_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A `nats-server -js` on a free loopback port with its own store dir; killed on drop.
+/// `stop` and `start_again` keep the port and the store (a NATS outage and its return).
+pub struct NatsServer {
+    child: Mutex<Option<Child>>,
+    port: u16,
+    monitor_port: u16,
+    args: Vec<String>,
+    /// Holds the store (`<dir>/store`) and the server's log (`<dir>/nats.log`).
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// A standalone JetStream server.
+    pub fn start() -> NatsServer {
+        NatsServer::spawn(Vec::new())
+    }
+
+    /// `n` JetStream servers routed into one cluster on loopback, each healthy on return.
+    pub fn cluster(n: usize) -> Vec<NatsServer> {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let servers: Vec<NatsServer> = (0..n)
+            .map(|i| {
+                let routes: Vec<String> = cluster_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
+                    .collect();
+                NatsServer::spawn(vec![
+                    "-n".into(),
+                    format!("flux-test-{i}"),
+                    "--cluster_name".into(),
+                    "flux-test".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", cluster_ports[i]),
+                    "--routes".into(),
+                    routes.join(","),
+                ])
+            })
+            .collect();
+        for server in &servers {
+            server.wait_healthy();
+        }
+        servers
+    }
+
+    fn spawn(extra: Vec<String>) -> NatsServer {
+        let dir = tempfile::tempdir().expect("nats temp dir");
+        let server = NatsServer {
+            child: Mutex::new(None),
+            port: free_port(),
+            monitor_port: free_port(),
+            args: extra,
+            dir,
+        };
+        server.start_again();
+        server
+    }
+
+    /// (Re)starts the process on the same port and store; waits until it accepts connections.
+    pub fn start_again(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(child.is_none(), "nats-server is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("nats.log"))
+            .expect("nats log file");
+        let spawned = Command::new("nats-server")
+            .arg("-js")
+            .args(["-a", "127.0.0.1"])
+            .args(["-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string()])
+            .arg("-sd")
+            .arg(self.dir.path().join("store"))
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nats-server (apt-get install -y nats-server)");
+        *child = Some(spawned);
+        drop(child);
+        let port = self.port;
+        let up = wait_for(NATS_START_TIMEOUT, || {
+            TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        });
+        assert!(
+            up.is_some(),
+            "nats-server did not listen on {port}:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Waits until the monitoring endpoint says the server (and its JetStream) is healthy.
+    pub fn wait_healthy(&self) {
+        let url = format!("http://127.0.0.1:{}/healthz", self.monitor_port);
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build();
+        let healthy = wait_for(NATS_START_TIMEOUT, || {
+            agent
+                .get(&url)
+                .call()
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        });
+        assert!(
+            healthy.is_some(),
+            "nats-server {} never healthy:\n{}",
+            self.port,
+            self.log_text()
+        );
+    }
+
+    /// Kills the process (SIGKILL) and waits; port and store stay for `start_again`.
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:<port>`, for a `--log nats://` list.
+    pub fn host_port(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `nats://127.0.0.1:<port>`, the `--log` value of a standalone server.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.id())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -1,4 +1,5 @@
-//! The durable log: one trait, with the embedded [`local`] backend (JetStream comes later).
+//! The durable log: one trait, with the embedded [`local`] backend and the shared
+//! [`jetstream`] backend (a NATS JetStream stream).
 //!
 //! A backend accepts [`RecordBatch`]es, makes each durable as one frame at the next positions,
 //! and then hands the frame to the [`Dispatcher`] — in log order, from one place — so shards
@@ -6,6 +7,7 @@
 //! Errors say whether the log is *unavailable* (retry later, HTTP 503) or *corrupt* (never
 //! trusted, refuse to start).
 
+pub mod jetstream;
 pub mod local;
 
 use std::future::Future;
