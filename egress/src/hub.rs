@@ -339,7 +339,7 @@ impl Hub {
         loop {
             ticker.tick().await;
             let stats = engine.stats().await;
-            let events_total = stats.next_position.saturating_sub(1);
+            let events_total = stats.events_total;
             let now = Instant::now();
             let rate = match previous {
                 Some((at, total)) => {

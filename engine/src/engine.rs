@@ -480,6 +480,7 @@ impl Engine {
         let next_position = self.inner.log.next_position();
         let mut stats = EngineStats {
             next_position,
+            events_total: self.inner.dispatcher.events(),
             ..Default::default()
         };
         let active_since_ms = now_ms().saturating_sub(ACTIVE_PUBLISHER_WINDOW.as_millis() as u64);
@@ -697,6 +698,8 @@ fn lock_data_dir(dir: &Path) -> Result<File, EngineError> {
 pub struct EngineStats {
     pub entities: usize,
     pub next_position: LogPosition,
+    /// Event records in the log (replayed at start-up plus applied since).
+    pub events_total: u64,
     /// Distinct event sources with a record accepted within [`ACTIVE_PUBLISHER_WINDOW`].
     pub active_publishers: usize,
 }

@@ -177,11 +177,18 @@ pub struct Dispatcher {
     inboxes: Vec<flume::Sender<ShardWork>>,
     /// Control records are applied here, by whoever dispatches, in log order.
     control: Arc<RwLock<ControlState>>,
+    /// Event records dispatched since start (replay included): the events in the log.
+    events: Arc<AtomicU64>,
 }
 
 impl Dispatcher {
     pub fn shard_count(&self) -> usize {
         self.inboxes.len()
+    }
+
+    /// Event records dispatched so far (replay included).
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
     }
 
     /// The control state (namespaces, runtime config) as of the last dispatched frame.
@@ -193,13 +200,16 @@ impl Dispatcher {
     /// ([`CONTROL_OWNER`] for control records, which are applied here before anything is sent).
     pub fn dispatch(&self, frame: Arc<Frame>, owners: &[u16], completion: Option<Arc<Completion>>) {
         let mut parts: Vec<Vec<u32>> = vec![Vec::new(); self.inboxes.len()];
+        let mut events = 0;
         for (index, &shard) in owners.iter().enumerate() {
             if shard == CONTROL_OWNER {
                 self.apply_control(&frame, index);
             } else {
                 parts[shard as usize].push(index as u32);
+                events += 1;
             }
         }
+        self.events.fetch_add(events, Ordering::Relaxed);
         let involved = parts.iter().filter(|p| !p.is_empty()).count();
         if let Some(c) = &completion {
             c.first_position
@@ -283,7 +293,15 @@ pub fn start_observed_shards(
         threads.push(handle);
     }
     let control = Arc::new(RwLock::new(ControlState::default()));
-    Ok((Dispatcher { inboxes, control }, threads))
+    let events = Arc::new(AtomicU64::new(0));
+    Ok((
+        Dispatcher {
+            inboxes,
+            control,
+            events,
+        },
+        threads,
+    ))
 }
 
 /// What a shard keeps per id: the entity while it exists, and the positions of its events

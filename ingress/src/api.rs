@@ -427,6 +427,8 @@ impl Api {
         json::write_u64(&mut out, stats.entities as u64);
         out.extend_from_slice(b",\"logPosition\":");
         json::write_u64(&mut out, stats.next_position.saturating_sub(1));
+        out.extend_from_slice(b",\"events\":");
+        json::write_u64(&mut out, stats.events_total);
         out.push(b'}');
         json_response(status, out)
     }
