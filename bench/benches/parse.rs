@@ -1,5 +1,5 @@
 //! Measures the ingress parse stage: validating one event, and turning a 1,000-event batch body
-//! into a `RecordBatch` (`split_batch`, `validate` each, `shard_of`, `push_to`).
+//! into a `RecordBatch` (`parse_batch`, `finish` each, `shard_of`, `push_to`).
 //!
 //! For the JSON parser decision record (`docs/decisions/0001-json-parser.md`) the same inputs
 //! are also parsed by `simd_json::to_borrowed_value` (on a copy of the body, copy timed, since
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flux_bench::{BATCH_EVENTS, EventGenerator, SEED, new_event_id, parse_batch};
-use flux_ingress::event::{split_batch, validate};
+use flux_ingress::event::{self, finish, validate};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -59,9 +59,9 @@ fn batch(c: &mut Criterion) {
     });
     group.bench_function("validate_only", |b| {
         b.iter(|| {
-            let events = split_batch(black_box(&body)).expect("valid batch");
-            for raw in events {
-                let valid = validate(raw.get(), new_event_id).expect("valid event");
+            let events = event::parse_batch(black_box(&body)).expect("valid batch");
+            for loose in events {
+                let valid = finish(loose, new_event_id).expect("valid event");
                 black_box(valid.properties.0.len());
             }
         })

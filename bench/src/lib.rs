@@ -11,7 +11,7 @@ use std::fmt::Write;
 
 use flux_engine::shard::shard_of;
 use flux_engine::{EventFields, RecordBatch};
-use flux_ingress::event::{split_batch, validate};
+use flux_ingress::event;
 
 /// Events in one "large batch" body, the size the batch benches use.
 pub const BATCH_EVENTS: usize = 1_000;
@@ -95,12 +95,13 @@ pub fn new_event_id() -> String {
     String::from("019ab3c2-7d41-7e55-9c1a-5f2e8d4b6a01")
 }
 
-/// The ingress path for a batch body: split, validate each event, route it, encode a record.
+/// The ingress path for a batch body: parse it in one pass, validate each event, route it,
+/// encode a record.
 pub fn parse_batch(body: &str, shards: usize) -> Result<RecordBatch, String> {
-    let events = split_batch(body)?;
+    let events = event::parse_batch(body)?;
     let mut batch = RecordBatch::default();
-    for raw in events {
-        let event = validate(raw.get(), new_event_id)?;
+    for loose in events {
+        let event = event::finish(loose, new_event_id)?;
         event.push_to(&mut batch, shard_of(&event.entity_id, shards));
     }
     Ok(batch)
@@ -163,7 +164,7 @@ mod tests {
         let batch = parse_batch(&a, 2).expect("every generated event is valid");
         assert_eq!(batch.len(), BATCH_EVENTS);
         let one = EventGenerator::new(SEED).event();
-        let event = validate(&one, new_event_id).expect("valid");
+        let event = event::validate(&one, new_event_id).expect("valid");
         assert_eq!(event.properties.0.len(), 5);
         assert!(event.entity_id.starts_with("acme/site-"));
     }

@@ -4,22 +4,20 @@
 
 use flux_engine::RecordBatch;
 use flux_engine::record::{FrameRead, decode_frame, encode_frame};
-use flux_ingress::event::{split_batch, validate};
+use flux_ingress::event::{finish, parse_batch, validate};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let mut batch = RecordBatch::default();
     let mut expected = Vec::new();
-    let items: Vec<&str> = match split_batch(text) {
-        Ok(items) => items.iter().map(|raw| raw.get()).collect(),
-        Err(_) => vec![text],
+    let valid: Vec<_> = match parse_batch(text) {
+        Ok(items) => items.into_iter().filter_map(|e| finish(e, || "generated".into()).ok()).collect(),
+        Err(_) => validate(text, || "generated".into()).into_iter().collect(),
     };
-    for item in items {
-        if let Ok(event) = validate(item, || "generated".into()) {
-            event.push_to(&mut batch, 0);
-            expected.push((event.entity_id.to_string(), event.properties.0.len()));
-        }
+    for event in valid {
+        event.push_to(&mut batch, 0);
+        expected.push((event.entity_id.to_string(), event.properties.0.len()));
     }
     if batch.is_empty() {
         return;

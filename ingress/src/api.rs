@@ -131,11 +131,11 @@ impl Api {
     pub async fn publish_batch(&self, request: Request) -> Result<Response, ApiError> {
         let caller = self.writer(&request)?;
         let body = read_body(request, self.body_limits().1).await?;
-        let items = event::split_batch(body_str(&body)?).map_err(ApiError::bad_request)?;
+        let items = event::parse_batch(body_str(&body)?).map_err(ApiError::bad_request)?;
         let mut batch = RecordBatch::default();
         let mut results: Vec<Result<ValidEvent<'_>, String>> = Vec::with_capacity(items.len());
-        for item in &items {
-            let result = event::validate(item.get(), new_event_id).and_then(|event| {
+        for item in items {
+            let result = event::finish(item, new_event_id).and_then(|event| {
                 caller
                     .may_write(&event.entity_id, "payload.entity_id")
                     .map_err(|e| e.message)?;

@@ -9,7 +9,7 @@ use std::fmt;
 
 use flux_engine::{EventFields, RecordBatch};
 use serde::Deserialize;
-use serde::de::{MapAccess, Visitor};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// Limits of the contract (SPEC "Events").
@@ -45,32 +45,6 @@ fn nesting_depth(raw: &str) -> usize {
         }
     }
     deepest
-}
-
-#[derive(Deserialize)]
-struct RawEvent<'a> {
-    #[serde(borrow)]
-    stream: Option<&'a RawValue>,
-    #[serde(borrow)]
-    source: Option<&'a RawValue>,
-    #[serde(borrow)]
-    timestamp: Option<&'a RawValue>,
-    #[serde(borrow)]
-    payload: Option<&'a RawValue>,
-    #[serde(borrow, rename = "eventId")]
-    event_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    key: Option<&'a RawValue>,
-    #[serde(borrow)]
-    schema: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct RawPayload<'a> {
-    #[serde(borrow)]
-    entity_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    properties: Option<&'a RawValue>,
 }
 
 /// An object's members in the order sent: `(unescaped name, raw JSON value)`.
@@ -130,17 +104,6 @@ impl ValidEvent<'_> {
     }
 }
 
-fn string<'a>(raw: &'a RawValue, field: &str) -> Result<Cow<'a, str>, String> {
-    serde_json::from_str::<Cow<'a, str>>(raw.get()).map_err(|_| format!("{field} must be a string"))
-}
-
-fn optional_string<'a>(
-    raw: Option<&'a RawValue>,
-    field: &str,
-) -> Result<Option<Cow<'a, str>>, String> {
-    raw.map(|raw| string(raw, field)).transpose()
-}
-
 /// Checks the `stream` rule: 1–128 chars of `a-z 0-9 . - _`, no leading, trailing or doubled dot.
 pub fn check_stream(stream: &str) -> Result<(), String> {
     if stream.is_empty() || stream.len() > MAX_STREAM_CHARS {
@@ -176,54 +139,327 @@ pub fn check_entity_id(id: &str, field: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Validates one event given as raw JSON; `new_event_id` supplies an id when none was sent.
-pub fn validate<'a>(
-    raw: &'a str,
+/// A value read without failing on its type: parsing records what was there and validation
+/// afterwards names the field at fault.
+pub enum Loose<'a> {
+    Str(Cow<'a, str>),
+    Int(i64),
+    Null,
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LooseVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for LooseVisitor<'a> {
+            type Value = Loose<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Loose::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Loose::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Loose::Str(Cow::Owned(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Loose::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(i64::try_from(v).map_or(Loose::Other, Loose::Int))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Loose::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Loose::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Loose::Null)
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Loose::Other)
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Loose::Other)
+            }
+        }
+        deserializer.deserialize_any(LooseVisitor(std::marker::PhantomData))
+    }
+}
+
+/// `payload` as read: an object's two fields, or something else.
+pub enum LoosePayload<'a> {
+    Object {
+        entity_id: Option<Loose<'a>>,
+        properties: Option<Loose<'a>>,
+        members: Option<Properties<'a>>,
+    },
+    Null,
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for LoosePayload<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PayloadVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for PayloadVisitor<'a> {
+            type Value = LoosePayload<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let (mut entity_id, mut properties, mut members) = (None, None, None);
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match &*key {
+                        "entity_id" => entity_id = Some(map.next_value()?),
+                        "properties" => match map.next_value::<LooseProperties<'a>>()? {
+                            LooseProperties::Object(m) => {
+                                members = Some(m);
+                                properties = None;
+                            }
+                            LooseProperties::Not(value) => {
+                                members = None;
+                                properties = Some(value);
+                            }
+                        },
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(LoosePayload::Object {
+                    entity_id,
+                    properties,
+                    members,
+                })
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(LoosePayload::Null)
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(LoosePayload::Other)
+            }
+            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
+                Ok(LoosePayload::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(LoosePayload::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(LoosePayload::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(LoosePayload::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(LoosePayload::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(LoosePayload::Other)
+            }
+        }
+        deserializer.deserialize_any(PayloadVisitor(std::marker::PhantomData))
+    }
+}
+
+/// `payload.properties` as read: the members of an object, or whatever else was there.
+enum LooseProperties<'a> {
+    Object(Properties<'a>),
+    Not(Loose<'a>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for LooseProperties<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // An object is the common case; anything else is read loosely for the error message.
+        struct PropertiesVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for PropertiesVisitor<'a> {
+            type Value = LooseProperties<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    members.push((name, value));
+                }
+                Ok(LooseProperties::Object(Properties(members)))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(LooseProperties::Not(Loose::Null))
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(LooseProperties::Not(Loose::Other))
+            }
+            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
+                Ok(LooseProperties::Not(Loose::Other))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(LooseProperties::Not(Loose::Other))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(LooseProperties::Not(Loose::Other))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(LooseProperties::Not(Loose::Other))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(LooseProperties::Not(Loose::Other))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(LooseProperties::Not(Loose::Other))
+            }
+        }
+        deserializer.deserialize_any(PropertiesVisitor(std::marker::PhantomData))
+    }
+}
+
+/// One event as read in a single pass over the JSON, before validation.
+pub enum LooseEvent<'a> {
+    Object(Box<EventParts<'a>>),
+    /// Not a JSON object.
+    Other,
+}
+
+/// The fields of an event object, each as read.
+#[derive(Default)]
+pub struct EventParts<'a> {
+    stream: Option<Loose<'a>>,
+    source: Option<Loose<'a>>,
+    timestamp: Option<Loose<'a>>,
+    payload: Option<LoosePayload<'a>>,
+    event_id: Option<Loose<'a>>,
+    key: Option<Loose<'a>>,
+    schema: Option<Loose<'a>>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for LooseEvent<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EventVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for EventVisitor<'a> {
+            type Value = LooseEvent<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut parts = EventParts::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let slot = match &*key {
+                        "stream" => &mut parts.stream,
+                        "source" => &mut parts.source,
+                        "timestamp" => &mut parts.timestamp,
+                        "eventId" => &mut parts.event_id,
+                        "key" => &mut parts.key,
+                        "schema" => &mut parts.schema,
+                        "payload" => {
+                            parts.payload = Some(map.next_value()?);
+                            continue;
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(LooseEvent::Object(Box::new(parts)))
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(LooseEvent::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(LooseEvent::Other)
+            }
+            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
+                Ok(LooseEvent::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(LooseEvent::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(LooseEvent::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(LooseEvent::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(LooseEvent::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(LooseEvent::Other)
+            }
+        }
+        deserializer.deserialize_any(EventVisitor(std::marker::PhantomData))
+    }
+}
+
+/// A required string field: present, a string.
+fn required_str<'a>(value: Option<Loose<'a>>, field: &str) -> Result<Cow<'a, str>, String> {
+    match value {
+        None | Some(Loose::Null) => Err(format!("{field} is required")),
+        Some(Loose::Str(s)) => Ok(s),
+        Some(_) => Err(format!("{field} must be a string")),
+    }
+}
+
+/// An optional string field: absent or null, or a string.
+fn optional_str<'a>(value: Option<Loose<'a>>, field: &str) -> Result<Option<Cow<'a, str>>, String> {
+    match value {
+        None | Some(Loose::Null) => Ok(None),
+        Some(Loose::Str(s)) => Ok(Some(s)),
+        Some(_) => Err(format!("{field} must be a string")),
+    }
+}
+
+/// Validates one event read by the parser; `new_event_id` supplies an id when none was sent.
+pub fn finish<'a>(
+    event: LooseEvent<'a>,
     new_event_id: impl FnOnce() -> String,
 ) -> Result<ValidEvent<'a>, String> {
-    let event: RawEvent<'a> = match serde_json::from_str(raw) {
-        Ok(event) => event,
-        Err(e) if e.is_data() => {
-            return Err(if raw.trim_start().starts_with('{') {
-                format!("invalid event: {e}")
-            } else {
-                "event must be a JSON object".into()
-            });
-        }
-        Err(e) => return Err(format!("invalid JSON: {e}")),
+    let LooseEvent::Object(parts) = event else {
+        return Err("event must be a JSON object".into());
     };
-    let stream = string(event.stream.ok_or("stream is required")?, "stream")?;
+    let parts = *parts;
+    let stream = required_str(parts.stream, "stream")?;
     check_stream(&stream)?;
-    let source = string(event.source.ok_or("source is required")?, "source")?;
+    let source = required_str(parts.source, "source")?;
     if source.is_empty() || source.len() > MAX_SOURCE_BYTES {
         return Err(format!(
             "source must be a non-empty string of at most {MAX_SOURCE_BYTES} bytes"
         ));
     }
-    let timestamp_raw = event.timestamp.ok_or("timestamp is required")?.get();
-    let timestamp: i64 = timestamp_raw
-        .parse()
-        .map_err(|_| "timestamp must be an integer (Unix epoch milliseconds)".to_string())?;
+    let timestamp = match parts.timestamp {
+        None | Some(Loose::Null) => return Err("timestamp is required".into()),
+        Some(Loose::Int(n)) => n,
+        Some(_) => return Err("timestamp must be an integer (Unix epoch milliseconds)".into()),
+    };
     if timestamp <= 0 {
         return Err("timestamp must be greater than 0 (Unix epoch milliseconds)".into());
     }
-    let payload_raw = event.payload.ok_or("payload is required")?;
-    if !payload_raw.get().starts_with('{') {
-        return Err("payload must be an object".into());
-    }
-    let payload: RawPayload<'a> =
-        serde_json::from_str(payload_raw.get()).map_err(|e| format!("invalid payload: {e}"))?;
-    let entity_id = string(
-        payload.entity_id.ok_or("payload.entity_id is required")?,
-        "payload.entity_id",
-    )?;
+    let (entity_id, properties, members) = match parts.payload {
+        None | Some(LoosePayload::Null) => return Err("payload is required".into()),
+        Some(LoosePayload::Other) => return Err("payload must be an object".into()),
+        Some(LoosePayload::Object {
+            entity_id,
+            properties,
+            members,
+        }) => (entity_id, properties, members),
+    };
+    let entity_id = required_str(entity_id, "payload.entity_id")?;
     check_entity_id(&entity_id, "payload.entity_id")?;
-    let properties_raw = payload.properties.ok_or("payload.properties is required")?;
-    if !properties_raw.get().starts_with('{') {
-        return Err("payload.properties must be an object".into());
-    }
-    let properties: Properties<'a> = serde_json::from_str(properties_raw.get())
-        .map_err(|e| format!("invalid payload.properties: {e}"))?;
+    let properties = match (members, properties) {
+        (Some(members), _) => members,
+        (None, None | Some(Loose::Null)) => return Err("payload.properties is required".into()),
+        (None, Some(_)) => return Err("payload.properties must be an object".into()),
+    };
     for (name, value) in &properties.0 {
         if matches!(value.get().as_bytes().first(), Some(b'[' | b'{'))
             && nesting_depth(value.get()) > MAX_VALUE_DEPTH
@@ -233,7 +469,7 @@ pub fn validate<'a>(
             ));
         }
     }
-    let event_id = match optional_string(event.event_id, "eventId")? {
+    let event_id = match optional_str(parts.event_id, "eventId")? {
         Some(id) if id.is_empty() || id.len() > MAX_EVENT_ID_BYTES => {
             return Err(format!("eventId must be 1-{MAX_EVENT_ID_BYTES} bytes"));
         }
@@ -246,18 +482,30 @@ pub fn validate<'a>(
         source,
         timestamp,
         entity_id,
-        key: optional_string(event.key, "key")?,
-        schema: optional_string(event.schema, "schema")?,
+        key: optional_str(parts.key, "key")?,
+        schema: optional_str(parts.schema, "schema")?,
         properties,
     })
 }
 
-/// Splits a batch body into its events: a JSON array, or `{"events": [...]}`.
-pub fn split_batch(body: &str) -> Result<Vec<&RawValue>, String> {
+/// Validates one event given as JSON text, in one pass over it.
+pub fn validate<'a>(
+    raw: &'a str,
+    new_event_id: impl FnOnce() -> String,
+) -> Result<ValidEvent<'a>, String> {
+    let event: LooseEvent<'a> =
+        serde_json::from_str(raw).map_err(|e| format!("invalid JSON: {e}"))?;
+    finish(event, new_event_id)
+}
+
+/// Reads a batch body — a JSON array of events, or `{"events": [...]}` — in one pass. Each
+/// element is read loosely, so a bad event fails alone (see [`finish`]); invalid JSON or another
+/// shape fails the whole body.
+pub fn parse_batch(body: &str) -> Result<Vec<LooseEvent<'_>>, String> {
     #[derive(Deserialize)]
     struct Wrapped<'a> {
         #[serde(borrow)]
-        events: Option<Vec<&'a RawValue>>,
+        events: Option<Vec<LooseEvent<'a>>>,
     }
     const SHAPE: &str = "batch body must be a JSON array of events or {\"events\": [...]}";
     match body.trim_start().as_bytes().first() {
@@ -348,14 +596,56 @@ mod tests {
     }
 
     #[test]
-    fn batch_shapes() {
-        assert_eq!(split_batch("[1, {}]").expect("array").len(), 2);
+    fn batch_shapes_and_per_item_errors() {
+        let body = format!("[1, {{}}, {OK}]");
+        let items = parse_batch(&body).expect("array");
+        let results: Vec<_> = items
+            .into_iter()
+            .map(|e| finish(e, || "id".into()).err())
+            .collect();
+        assert_eq!(results[0].as_deref(), Some("event must be a JSON object"));
+        assert_eq!(results[1].as_deref(), Some("stream is required"));
+        assert_eq!(results[2], None);
         assert_eq!(
-            split_batch(r#"{"events": [{}]}"#).expect("wrapped").len(),
+            parse_batch(r#"{"events": [{}], "x": 1}"#)
+                .expect("wrapped")
+                .len(),
             1
         );
-        assert!(split_batch(r#"{"other": 1}"#).is_err());
-        assert!(split_batch("\"x\"").is_err());
-        assert!(split_batch("[").expect_err("bad").contains("invalid JSON"));
+        assert!(parse_batch(r#"{"other": 1}"#).is_err());
+        assert!(parse_batch(r#"{"events": 5}"#).is_err());
+        assert!(parse_batch("\"x\"").is_err());
+        assert!(matches!(parse_batch("["), Err(e) if e.contains("invalid JSON")));
+    }
+
+    #[test]
+    fn null_fields_read_as_absent_and_wrong_types_are_named() {
+        let null_stream = OK.replace(r#""stream":"s""#, r#""stream":null"#);
+        assert_eq!(err(&null_stream), "stream is required");
+        let null_key = OK.replace(r#""stream":"s""#, r#""stream":"s","key":null"#);
+        assert!(
+            validate(&null_key, || "id".into())
+                .expect("valid")
+                .key
+                .is_none()
+        );
+        let numeric_key = OK.replace(r#""stream":"s""#, r#""stream":"s","key":5"#);
+        assert_eq!(err(&numeric_key), "key must be a string");
+        let big = OK.replace(r#""timestamp":1"#, r#""timestamp":99999999999999999999"#);
+        assert!(err(&big).contains("timestamp must be an integer"));
+        let null_payload = OK.replace(r#""stream":"s""#, r#""payload":null,"stream":"s""#);
+        assert!(
+            validate(&null_payload, || "id".into()).is_ok(),
+            "a later payload wins"
+        );
+        assert_eq!(
+            err(r#"{"stream":"s","source":"x","timestamp":1,"payload":7}"#),
+            "payload must be an object"
+        );
+        let escaped = OK.replace("a/b", r"a\/b\u00e9");
+        assert_eq!(
+            validate(&escaped, || "id".into()).expect("valid").entity_id,
+            "a/bé"
+        );
     }
 }
