@@ -695,6 +695,11 @@ fn bad_client_messages_get_an_error_and_the_connection_stays_open() {
         ),
         ("missing type", Message::text(r#"{"entity_id":"err/a"}"#)),
         (
+            "numeric type",
+            Message::text(r#"{"type":5,"entity_id":"err/a"}"#),
+        ),
+        ("array", Message::text(r#"["subscribe","err/*"]"#)),
+        (
             "missing entity_id",
             Message::text(r#"{"type":"subscribe"}"#),
         ),

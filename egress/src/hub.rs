@@ -270,25 +270,28 @@ impl Hub {
     }
 
     fn on_text(&self, connection: &Arc<Connection>, patterns: &mut Vec<Pattern>, text: &[u8]) {
-        #[derive(serde::Deserialize)]
-        struct ClientMessage {
-            #[serde(rename = "type")]
-            kind: Option<String>,
-            entity_id: Option<serde_json::Value>,
-        }
-        let message: ClientMessage = match serde_json::from_slice(text) {
+        // Client messages are small and rare: a plain JSON value is simple and exact.
+        let message: serde_json::Value = match serde_json::from_slice(text) {
             Ok(m) => m,
             Err(e) => {
-                let reason = if e.is_data() {
-                    "message must be a JSON object".to_string()
-                } else {
-                    format!("invalid JSON: {e}")
-                };
-                connection.push(&[error_frame(&reason)]);
+                connection.push(&[error_frame(&format!("invalid JSON: {e}"))]);
                 return;
             }
         };
-        let kind = message.kind.as_deref().unwrap_or("");
+        if !message.is_object() {
+            connection.push(&[error_frame("message must be a JSON object")]);
+            return;
+        }
+        let kind = match message.get("type") {
+            None | Some(serde_json::Value::Null) => "",
+            Some(serde_json::Value::String(kind)) => kind.as_str(),
+            Some(_) => {
+                connection.push(&[error_frame(
+                    "type must be a string: subscribe or unsubscribe",
+                )]);
+                return;
+            }
+        };
         if kind != "subscribe" && kind != "unsubscribe" {
             let reason = if kind.is_empty() {
                 "type is required: subscribe or unsubscribe".to_string()
@@ -298,9 +301,11 @@ impl Hub {
             connection.push(&[error_frame(&reason)]);
             return;
         }
-        let Some(serde_json::Value::String(entity_id)) = message
-            .entity_id
-            .filter(|v| v.as_str().is_some_and(|s| !s.is_empty()))
+        let Some(entity_id) = message
+            .get("entity_id")
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
         else {
             connection.push(&[error_frame(
                 "entity_id is required: an id, a prefix ending in *, or *",

@@ -651,16 +651,9 @@ fn render_event(
     json::write_i64(out, f.timestamp);
     out.extend_from_slice(b",\"payload\":{\"entity_id\":");
     json::write_str(out, f.entity_id);
-    out.extend_from_slice(b",\"properties\":{");
-    for (i, (name, value)) in record.properties().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        json::write_str(out, name);
-        out.push(b':');
-        out.extend_from_slice(value.as_bytes());
-    }
-    out.extend_from_slice(b"}}");
+    out.extend_from_slice(b",\"properties\":");
+    json::write_object(out, record.properties());
+    out.push(b'}');
     if let Some(key) = f.key {
         out.extend_from_slice(b",\"key\":");
         json::write_str(out, key);

@@ -70,16 +70,9 @@ impl Entity {
     pub fn write_json(&self, out: &mut Vec<u8>, id: &str) {
         out.extend_from_slice(b"{\"id\":");
         json::write_str(out, id);
-        out.extend_from_slice(b",\"properties\":{");
-        for (i, (name, value)) in self.properties().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            json::write_str(out, name);
-            out.push(b':');
-            out.extend_from_slice(value.as_bytes());
-        }
-        out.extend_from_slice(b"},\"lastUpdated\":");
+        out.extend_from_slice(b",\"properties\":");
+        json::write_object(out, self.properties());
+        out.extend_from_slice(b",\"lastUpdated\":");
         json::write_time_ms(out, self.last_updated_ms);
         out.push(b'}');
     }

@@ -35,6 +35,21 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Appends `{"name":value,...}` from `(name, raw JSON value)` pairs; values are written as
+/// they are (they were validated as JSON when their event was accepted).
+pub fn write_object<'a>(out: &mut Vec<u8>, members: impl Iterator<Item = (&'a str, &'a str)>) {
+    out.push(b'{');
+    for (i, (name, value)) in members.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, name);
+        out.push(b':');
+        out.extend_from_slice(value.as_bytes());
+    }
+    out.push(b'}');
+}
+
 /// Appends a millisecond Unix time as a quoted ISO-8601 UTC string (`"2026-02-23T10:30:45.123Z"`).
 pub fn write_time_ms(out: &mut Vec<u8>, ms: u64) {
     use std::io::Write;
