@@ -59,6 +59,15 @@ pub struct RecordBatch {
 }
 
 impl RecordBatch {
+    /// An empty batch with room for `records` records of about `bytes` bytes in all.
+    pub fn with_capacity(bytes: usize, records: usize) -> Self {
+        RecordBatch {
+            bytes: Vec::with_capacity(bytes),
+            offsets: Vec::with_capacity(records),
+            shards: Vec::with_capacity(records),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.offsets.len()
     }
