@@ -250,17 +250,13 @@ impl Load {
                         } else {
                             format!("acme/{prefix}-{k}")
                         };
-                        let started = Instant::now();
+                        // A hung write ends in the client's timeout: a "transport error"
+                        // status, which the tests refuse.
                         let outcome = client.post("/api/events", &event(&id, json!({"seq": i})));
                         let key = match &outcome {
                             Ok((status, _)) => status.to_string(),
                             Err(e) => format!("transport error: {e}"),
                         };
-                        assert!(
-                            started.elapsed() < Duration::from_secs(9),
-                            "a write took {:?} ({key})",
-                            started.elapsed()
-                        );
                         *statuses
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
