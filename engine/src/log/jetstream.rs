@@ -65,9 +65,10 @@ pub const POSITION_SHIFT: u32 = 20;
 /// Records one frame may hold: the index must fit below [`POSITION_SHIFT`].
 pub const MAX_FRAME_RECORDS: usize = 1 << POSITION_SHIFT;
 /// How long a publish may wait for JetStream's ack (and API requests for their reply).
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long an acknowledged append may wait for this node's tail to apply it.
-pub const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long an acknowledged append may wait for this node's tail to apply it. With
+/// [`PUBLISH_TIMEOUT`] it bounds a write's reply to about 8 s, under common client timeouts.
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(4);
 /// Appends published and not yet acknowledged before new appends wait (backpressure).
 pub const APPENDS_IN_FLIGHT: usize = 1024;
 /// Frames read from the stream and not yet dispatched before the reader waits.
