@@ -25,8 +25,8 @@ use serde_json::{Value, json};
 use tungstenite::{Message, WebSocket};
 use util::*;
 
-/// Longest wait for one node to see what another wrote, or for NATS to come back.
-/// Upper bound on waiting for nodes and the NATS cluster to converge (generous: CI machines are busy).
+/// Longest wait for one node to see what another wrote, or for NATS to come back (generous:
+/// CI machines are busy; a passing run does not wait for it).
 const CONVERGE: Duration = Duration::from_secs(45);
 const ADMIN: &str = "admin-secret-token";
 
