@@ -420,7 +420,7 @@ impl Shard {
                     .order
                     .iter()
                     .filter_map(|id| Some((&**id, self.entity(id)?)));
-                job.write_part(self.index, self.applied_through, entities);
+                job.write_part(self.index, entities);
             }
             ShardWork::Stats {
                 active_since_ms,

@@ -87,7 +87,6 @@ impl SnapshotJob {
     pub fn write_part<'a>(
         &self,
         index: usize,
-        _applied_through: LogPosition,
         entities: impl Iterator<Item = (&'a str, &'a Entity)>,
     ) {
         let path = self.tmp_dir.join(format!("part-{index}"));
@@ -334,8 +333,8 @@ mod tests {
             let control = ControlState::default();
             let (job, mut rx) =
                 SnapshotJob::create(dir.path(), position, 2, &control).expect("create");
-            job.write_part(0, position, [("a/1", &e)].into_iter());
-            job.write_part(1, position, std::iter::empty());
+            job.write_part(0, [("a/1", &e)].into_iter());
+            job.write_part(1, std::iter::empty());
             assert_eq!(rx.try_recv().expect("done"), Ok(position));
         }
         let newest = newest_valid(dir.path()).expect("list").expect("some");
