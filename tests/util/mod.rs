@@ -138,9 +138,19 @@ pub fn parse_listen_line(line: &str) -> Option<String> {
 }
 
 /// Picks a currently free loopback port (bind to :0 and release it).
+/// Never the same port twice in one test process: a port handed to a test (for `PORT`, say)
+/// and then to a nats-server the harness starts would collide.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local addr").port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 impl Server {
