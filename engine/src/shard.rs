@@ -99,7 +99,6 @@ pub struct ListQuery {
 #[derive(Debug, Clone, Default)]
 pub struct ShardStats {
     pub entities: usize,
-    pub applied_through: LogPosition,
     /// Event sources seen since the time the stats were asked for.
     pub active_sources: Vec<Arc<str>>,
 }
@@ -323,7 +322,6 @@ struct Shard {
     order: BTreeSet<Arc<str>>,
     /// State already includes every record at or below this position (from a snapshot).
     covered: LogPosition,
-    applied_through: LogPosition,
     observer: Option<Arc<dyn ChangeObserver>>,
     /// Event sources and the accept time of their latest record (for "active publishers").
     sources: HashMap<Arc<str>, u64>,
@@ -354,7 +352,6 @@ impl Shard {
             }
             ShardWork::Load { entities, covered } => {
                 self.covered = self.covered.max(covered);
-                self.applied_through = self.applied_through.max(covered);
                 for (id, entity) in entities {
                     let (key, slot) = self.slot(&id);
                     if slot.entity.replace(entity).is_none() {
@@ -429,7 +426,6 @@ impl Shard {
                 self.sources.retain(|_, seen| *seen >= active_since_ms);
                 let stats = ShardStats {
                     entities: self.order.len(),
-                    applied_through: self.applied_through,
                     active_sources: self.sources.keys().cloned().collect(),
                 };
                 let _ = reply.send(stats);
@@ -469,7 +465,6 @@ impl Shard {
                     continue;
                 }
             };
-            self.applied_through = self.applied_through.max(position);
             let id = record.fields.entity_id;
             let covered = position <= self.covered;
             let accept_ms = frame.accept_time_ms;
