@@ -50,27 +50,6 @@ fn nesting_depth(raw: &str) -> usize {
 /// An object's members in the order sent: `(unescaped name, raw JSON value)`.
 pub struct Properties<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for Properties<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MembersVisitor<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for MembersVisitor<'a> {
-            type Value = Properties<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
-                    let value: &'de RawValue = map.next_value()?;
-                    members.push((name, value));
-                }
-                Ok(Properties(members))
-            }
-        }
-        deserializer.deserialize_map(MembersVisitor(std::marker::PhantomData))
-    }
-}
-
 /// A validated event, borrowing from the request body.
 pub struct ValidEvent<'a> {
     pub event_id: Cow<'a, str>,
