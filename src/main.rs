@@ -271,6 +271,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let background = [
         runtime.spawn(hub.clone().run_metrics(engine.clone())),
+        runtime.spawn(hub.clone().run_pace()),
         runtime.spawn({
             let api = api.clone();
             let interval = args.directory_interval;

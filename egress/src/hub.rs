@@ -27,12 +27,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpStream;
 
-use crate::connection::{Connection, Push};
+use crate::connection::{Connection, Pace, Push};
 use crate::frame::{self, FrameReader, Message, ReadError};
 use crate::index::{Index, Pattern};
 
 /// Time between `metrics_update` messages.
 pub const METRICS_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the coalescing window follows the delivered-frame rate.
+const PACE_INTERVAL: Duration = Duration::from_millis(100);
 /// Subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 1024;
 /// How long shutdown waits for connections to send their close frames.
@@ -79,8 +81,8 @@ pub struct Hub {
     /// Mirrors the index's subscription count so changes skip the lock when nobody listens.
     subscriptions: AtomicUsize,
     connections: Mutex<HashMap<u64, Arc<Connection>>>,
-    /// Open connections (sizes each writer's coalescing window).
-    live: AtomicUsize,
+    /// Every writer's coalescing window, from the delivered-frame rate.
+    pace: Pace,
     next_id: AtomicU64,
     pub counters: Counters,
 }
@@ -91,7 +93,7 @@ impl Default for Hub {
             index: RwLock::new(Index::default()),
             subscriptions: AtomicUsize::new(0),
             connections: Mutex::new(HashMap::new()),
-            live: AtomicUsize::new(0),
+            pace: Pace::default(),
             next_id: AtomicU64::new(1),
             counters: Counters::default(),
         }
@@ -210,10 +212,9 @@ impl Hub {
             .insert(id, connection.clone());
         self.counters.connections_opened.inc();
         self.counters.connections.inc();
-        self.live.fetch_add(1, Ordering::Relaxed);
         let writer = {
             let (connection, hub) = (connection.clone(), self.clone());
-            tokio::spawn(async move { connection.write_loop(write, &hub.live).await })
+            tokio::spawn(async move { connection.write_loop(write, &hub.pace).await })
         };
         let mut reader = FrameReader::with_bytes(early);
         let mut patterns: Vec<Pattern> = Vec::new();
@@ -266,7 +267,6 @@ impl Hub {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
         self.counters.connections.dec();
-        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn on_text(&self, connection: &Arc<Connection>, patterns: &mut Vec<Pattern>, text: &[u8]) {
@@ -333,6 +333,26 @@ impl Hub {
         } else {
             drop(index);
             connection.push(&[error_frame(&format!("not subscribed to {entity_id:?}"))]);
+        }
+    }
+
+    /// Sets the writers' coalescing window from the frames delivered in each
+    /// [`PACE_INTERVAL`], forever.
+    pub async fn run_pace(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(PACE_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut previous: Option<(Instant, u64)> = None;
+        loop {
+            ticker.tick().await;
+            let (now, frames) = (Instant::now(), self.counters.frames_queued.get());
+            if let Some((at, before)) = previous {
+                let seconds = now.duration_since(at).as_secs_f64();
+                if seconds > 0.0 {
+                    self.pace
+                        .update(frames.saturating_sub(before) as f64 / seconds);
+                }
+            }
+            previous = Some((now, frames));
         }
     }
 
