@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 const FRAME: usize = 64;
 
 fn thread_cpu() -> Duration {
+    // SAFETY: `rusage` is plain integers, for which all-zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `usage` is a valid out-pointer for the duration of the call.
     unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
@@ -100,7 +101,7 @@ fn receive(
     received: &AtomicU64,
     cpu: &AtomicU64,
 ) {
-    // SAFETY: plain epoll syscalls on descriptors this thread owns; events is a valid buffer.
+    // SAFETY: no pointers are passed.
     let epoll = unsafe { libc::epoll_create1(0) };
     assert!(epoll >= 0, "epoll_create1 failed");
     for (token, receiver) in receivers.iter().enumerate() {
@@ -108,6 +109,7 @@ fn receive(
             events: libc::EPOLLIN as u32,
             u64: token as u64,
         };
+        // SAFETY: `epoll` and the socket are open descriptors; `event` outlives the call.
         let added = unsafe {
             libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, receiver.as_raw_fd(), &mut event)
         };
@@ -117,8 +119,9 @@ fn receive(
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut buffer = vec![0u8; 64 << 10];
     while !stop.load(Ordering::Relaxed) {
-        let ready =
-            unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, 20) };
+        let capacity = events.len() as i32;
+        // SAFETY: `events` is a valid buffer of `capacity` entries for the call.
+        let ready = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), capacity, 20) };
         for event in events.iter().take(ready.max(0) as usize) {
             let receiver = &mut receivers[event.u64 as usize];
             while let Ok(n) = receiver.read(&mut buffer) {
@@ -130,5 +133,6 @@ fn receive(
         }
         cpu.store((thread_cpu() - start).as_micros() as u64, Ordering::Relaxed);
     }
+    // SAFETY: `epoll` is this thread's own descriptor, closed once.
     unsafe { libc::close(epoll) };
 }
