@@ -99,7 +99,14 @@ impl Connection {
             if queue.close.is_some() {
                 return Push::Closed;
             }
-            self.enqueue(&mut queue, frames.iter().cloned())
+            let was_empty = queue.frames.is_empty();
+            let outcome = self.enqueue(&mut queue, frames.iter().cloned());
+            if !was_empty && outcome == Push::Queued {
+                // The push that made the queue non-empty already woke the writer, which drains
+                // everything queued when it runs.
+                return outcome;
+            }
+            outcome
         };
         self.wake.notify_one();
         outcome
@@ -354,7 +361,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_and_queued_frames_arrive_in_push_order() {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
             .await
             .expect("connect");
@@ -385,9 +394,15 @@ mod tests {
         let mut received = Vec::new();
         client.read_to_end(&mut received).await.expect("read");
         writer.await.expect("writer");
-        assert!(received.len() > expected.len(), "the close frame follows the data");
+        assert!(
+            received.len() > expected.len(),
+            "the close frame follows the data"
+        );
         assert_eq!(&received[..expected.len()], &expected[..]);
-        assert!(conn.lock().socket.is_none(), "the socket is withdrawn before it closes");
+        assert!(
+            conn.lock().socket.is_none(),
+            "the socket is withdrawn before it closes"
+        );
     }
 
     #[test]
