@@ -65,9 +65,17 @@ impl ApiError {
         )
     }
 
-    /// The response: status plus `{"error": message}` (and `Retry-After` when set).
+    /// The response: status plus `{"error": message}` (and `Retry-After` when set). A 413
+    /// also says `Connection: close`: the rest of its body is never read, so the connection
+    /// cannot carry another request.
     pub fn into_response(self) -> Response {
         let mut response = json_response(self.status, error_body(&self.message));
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            response.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(
                 hyper::header::RETRY_AFTER,
