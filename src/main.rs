@@ -94,6 +94,7 @@ struct ServeArgs {
 }
 
 fn main() {
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -110,6 +111,18 @@ fn main() {
     if let Err(error) = result {
         eprintln!("flux: {error:#}");
         std::process::exit(1);
+    }
+}
+
+/// Opts this process out of transparent huge pages. mimalloc advises THP for its arenas, so
+/// every thread's first touch of a 2 MiB region would map a whole huge page: a fresh server
+/// went from ~9 to ~15 MB and 100,000 entities from ~44 to ~67 MB. Per process, so the host's
+/// setting is left alone; failure (non-Linux, old kernel) only costs memory.
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 
@@ -197,6 +210,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(http_workers)
         .thread_name("flux-http")
+        // Request buffers are freed by shard threads; the owning worker's heap reclaims them
+        // only when it next allocates, so an idle server kept ~5 MB. Collect on going idle.
+        // SAFETY: `mi_collect` only walks this thread's own heap; no pointers are involved.
+        .on_thread_park(|| unsafe { libmimalloc_sys::mi_collect(false) })
         .enable_all()
         .build()
         .context("starting the async runtime")?;
