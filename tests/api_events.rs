@@ -702,7 +702,11 @@ fn assert_413(resp: &RawResponse) {
     let msg = error_message(&resp.json());
     assert!(msg.contains("payload too large"), "413 message {msg:?}");
     // The rest of the body is not read, so the connection cannot carry another request: say so.
-    assert_eq!(resp.header("connection"), Some("close"), "413 closes the connection");
+    assert_eq!(
+        resp.header("connection"),
+        Some("close"),
+        "413 closes the connection"
+    );
 }
 
 #[test]

@@ -191,11 +191,11 @@ impl Engine {
                 .write()
                 .unwrap_or_else(|e| e.into_inner()) = snapshot.control.clone().restored(covered);
             report.snapshot_position = Some(covered);
-            let mut batches: Vec<Vec<(Box<str>, _)>> = vec![Vec::new(); shards];
-            let read = snapshot.read(|id, entity| {
+            let mut batches: Vec<Vec<_>> = vec![Vec::new(); shards];
+            let read = snapshot.read(|entity| {
                 report.snapshot_entities += 1;
-                let shard = shard_of(&id, shards) as usize;
-                batches[shard].push((id, entity));
+                let shard = shard_of(entity.id(), shards) as usize;
+                batches[shard].push(entity);
                 if batches[shard].len() >= LOAD_BATCH_ENTITIES {
                     let entities = std::mem::take(&mut batches[shard]);
                     dispatcher.send(shard, ShardWork::Load { entities, covered });

@@ -8,15 +8,18 @@
 //! - Records at or below `covered` (the snapshot the shard was loaded from) only feed the
 //!   history index; their effect on state is already in the snapshot.
 //! - Inboxes are bounded ([`SHARD_INBOX_CAPACITY`]); a full inbox makes the sender wait.
+//! - Per id a shard keeps one `Slot` (the entity block and its history) in a `HashTable` keyed
+//!   by the id inside the block; an entity exists iff its revision is not 0 (log positions
+//!   start at 1). The sorted id list listings need is built on demand and dropped whenever an
+//!   entity is created or deleted, so it never names a missing entity or misses an existing one.
 //! - After applying a live record (not one a snapshot already covered) the shard tells its
 //!   [`ChangeObserver`], on the shard thread, in log order.
 
-use std::collections::BTreeSet;
-use std::ops::Bound;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use tokio::sync::oneshot;
 
 use crate::control::{ControlChange, ControlState};
@@ -122,7 +125,7 @@ pub enum ShardWork {
     },
     /// Install entities read from a snapshot covering positions up to `covered`.
     Load {
-        entities: Vec<(Box<str>, Entity)>,
+        entities: Vec<Entity>,
         covered: LogPosition,
     },
     Get {
@@ -305,21 +308,152 @@ pub fn start_observed_shards(
 
 /// What a shard keeps per id: the entity while it exists, and the positions of its events
 /// still in the log (kept after a delete, for history).
-#[derive(Default)]
 struct Slot {
-    entity: Option<Entity>,
-    /// Oldest first; at most 2 × [`HISTORY_KEPT_PER_ENTITY`], of which the newest
-    /// [`HISTORY_KEPT_PER_ENTITY`] are always present.
-    history: Vec<LogPosition>,
+    /// Holds the id (the table's key) even while the entity does not exist; revision 0 then.
+    entity: Entity,
+    history: History,
+}
+
+impl Slot {
+    fn new(id: &str) -> Self {
+        Slot {
+            entity: Entity::new(id, 0, 0),
+            history: History::Empty,
+        }
+    }
+
+    fn exists(&self) -> bool {
+        self.entity.revision != 0
+    }
+}
+
+/// Positions of an id's events still in the log, oldest first; at most
+/// 2 × [`HISTORY_KEPT_PER_ENTITY`], of which the newest [`HISTORY_KEPT_PER_ENTITY`] are always
+/// present. Most ids have one event, kept inline (no allocation).
+#[derive(Default)]
+enum History {
+    #[default]
+    Empty,
+    One(LogPosition),
+    // Boxed so the enum (one per id) stays 16 bytes; the extra hop is only for ids with more
+    // than one event.
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<LogPosition>>),
+}
+
+impl History {
+    fn push(&mut self, position: LogPosition) {
+        match self {
+            History::Empty => *self = History::One(position),
+            History::One(first) => *self = History::Many(Box::new(vec![*first, position])),
+            History::Many(positions) => {
+                if positions.len() >= 2 * HISTORY_KEPT_PER_ENTITY {
+                    // Only the newest HISTORY_KEPT_PER_ENTITY can ever be asked for.
+                    positions.drain(..positions.len() - HISTORY_KEPT_PER_ENTITY);
+                }
+                positions.push(position);
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[LogPosition] {
+        match self {
+            History::Empty => &[],
+            History::One(position) => std::slice::from_ref(position),
+            History::Many(positions) => positions,
+        }
+    }
+
+    fn forget_before(&mut self, first_kept: LogPosition) {
+        match self {
+            History::Empty => {}
+            History::One(position) => {
+                if *position < first_kept {
+                    *self = History::Empty;
+                }
+            }
+            History::Many(positions) => {
+                let cut = positions.partition_point(|&p| p < first_kept);
+                positions.drain(..cut);
+                match positions.len() {
+                    0 => *self = History::Empty,
+                    1 => *self = History::One(positions[0]),
+                    n if positions.capacity() > 2 * n + 4 => positions.shrink_to_fit(),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, History::Empty)
+    }
+}
+
+/// Ids of the existing entities, sorted, packed into one buffer (two allocations in all).
+struct SortedIds {
+    text: String,
+    /// `ends[i]` is where id `i` ends in `text`; it starts where id `i - 1` ends.
+    ends: Vec<usize>,
+}
+
+impl SortedIds {
+    fn build(slots: &HashTable<Slot>, entities: usize) -> Self {
+        let mut ids: Vec<&str> = Vec::with_capacity(entities);
+        ids.extend(slots.iter().filter(|s| s.exists()).map(|s| s.entity.id()));
+        ids.sort_unstable();
+        let mut text = String::with_capacity(ids.iter().map(|id| id.len()).sum());
+        let mut ends = Vec::with_capacity(ids.len());
+        for id in ids {
+            text.push_str(id);
+            ends.push(text.len());
+        }
+        SortedIds { text, ends }
+    }
+
+    fn get(&self, index: usize) -> &str {
+        let start = index.checked_sub(1).map_or(0, |i| self.ends[i]);
+        &self.text[start..self.ends[index]]
+    }
+
+    /// The first index whose id is not `before` (ids are sorted, so `before` holds for a prefix).
+    fn first_not(&self, before: impl Fn(&str) -> bool) -> usize {
+        let (mut low, mut high) = (0, self.ends.len());
+        while low < high {
+            let mid = low + (high - low) / 2;
+            if before(self.get(mid)) {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        low
+    }
+
+    /// Ids matching `query`, in order.
+    fn matching<'a>(&'a self, query: &'a ListQuery) -> impl Iterator<Item = &'a str> + 'a {
+        let prefix: &str = &query.prefix;
+        let first = match query.after.as_deref() {
+            Some(after) if after >= prefix => self.first_not(|id| id <= after),
+            _ => self.first_not(|id| id < prefix),
+        };
+        (first..self.ends.len())
+            .map(|i| self.get(i))
+            .take_while(move |id| id.starts_with(prefix))
+            .take(query.limit)
+    }
 }
 
 #[derive(Default)]
 struct Shard {
     index: usize,
     /// One lookup per applied record finds both the entity and its history.
-    slots: HashMap<Arc<str>, Slot>,
-    /// Ids of the slots holding an entity, sorted, for listings and prefix scans.
-    order: BTreeSet<Arc<str>>,
+    slots: HashTable<Slot>,
+    hasher: DefaultHashBuilder,
+    /// Slots whose entity exists.
+    entities: usize,
+    /// Sorted ids for listings and prefix scans; `None` until asked for after a create/delete.
+    order: Option<SortedIds>,
     /// State already includes every record at or below this position (from a snapshot).
     covered: LogPosition,
     observer: Option<Arc<dyn ChangeObserver>>,
@@ -334,8 +468,34 @@ impl Shard {
         }
     }
 
+    fn find(&self, id: &str) -> Option<&Slot> {
+        let hash = self.hasher.hash_one(id);
+        self.slots
+            .find(hash, |s| s.entity.id_bytes() == id.as_bytes())
+    }
+
     fn entity(&self, id: &str) -> Option<&Entity> {
-        self.slots.get(id)?.entity.as_ref()
+        self.find(id).filter(|s| s.exists()).map(|s| &s.entity)
+    }
+
+    /// The slot for `id`, created empty if new.
+    fn slot(&mut self, id: &str) -> &mut Slot {
+        let hash = self.hasher.hash_one(id);
+        let hasher = &self.hasher;
+        self.slots
+            .entry(
+                hash,
+                |s| s.entity.id_bytes() == id.as_bytes(),
+                |s| hasher.hash_one(s.entity.id()),
+            )
+            .or_insert_with(|| Slot::new(id))
+            .into_mut()
+    }
+
+    /// The sorted ids of existing entities, built now if a create or delete dropped them.
+    fn order(&mut self) -> &SortedIds {
+        self.order
+            .get_or_insert_with(|| SortedIds::build(&self.slots, self.entities))
     }
 
     fn handle(&mut self, work: ShardWork) {
@@ -352,71 +512,82 @@ impl Shard {
             }
             ShardWork::Load { entities, covered } => {
                 self.covered = self.covered.max(covered);
-                for (id, entity) in entities {
-                    let (key, slot) = self.slot(&id);
-                    if slot.entity.replace(entity).is_none() {
-                        self.order.insert(key);
-                    }
+                self.order = None;
+                for entity in entities {
+                    let slot = self.slot(entity.id());
+                    let existed = slot.exists();
+                    slot.entity = entity;
+                    let exists = slot.exists();
+                    self.entities = self.entities + usize::from(exists) - usize::from(existed);
                 }
             }
             ShardWork::Get { id, reply } => {
                 let json = self.entity(&id).map(|e| {
                     let mut out = Vec::with_capacity(128);
-                    e.write_json(&mut out, &id);
+                    e.write_json(&mut out);
                     out
                 });
                 let _ = reply.send(json);
             }
             ShardWork::List { query, reply } => {
-                let page = self
+                self.order();
+                let order = self.order.as_ref().expect("built above");
+                let page = order
                     .matching(&query)
                     .map(|id| {
                         let mut out = Vec::with_capacity(128);
                         if let Some(e) = self.entity(id) {
-                            e.write_json(&mut out, id);
+                            e.write_json(&mut out);
                         }
-                        (id.clone(), out)
+                        (Arc::from(id), out)
                     })
                     .collect();
                 let _ = reply.send(page);
             }
             ShardWork::Ids { query, reply } => {
-                let _ = reply.send(self.matching(&query).cloned().collect());
+                let ids = self.order().matching(&query).map(Arc::from).collect();
+                let _ = reply.send(ids);
             }
             ShardWork::NamespaceCounts { reply } => {
-                // `order` is sorted, so each namespace's ids are contiguous.
-                let mut counts: Vec<(Box<str>, usize)> = Vec::new();
-                for id in &self.order {
-                    let Some((namespace, _)) = id.split_once('/') else {
-                        continue;
-                    };
-                    match counts.last_mut() {
-                        Some((last, n)) if **last == *namespace => *n += 1,
-                        _ => counts.push((namespace.into(), 1)),
+                // A scan, not the sorted ids: the directory asks every few seconds and building
+                // them would keep a copy of every id alive.
+                let mut counts: HashMap<&str, usize> = HashMap::new();
+                for slot in self.slots.iter().filter(|s| s.exists()) {
+                    if let Some((namespace, _)) = slot.entity.id().split_once('/') {
+                        *counts.entry(namespace).or_insert(0) += 1;
                     }
                 }
+                let mut counts: Vec<(Box<str>, usize)> = counts
+                    .into_iter()
+                    .map(|(namespace, n)| (namespace.into(), n))
+                    .collect();
+                counts.sort_unstable();
                 let _ = reply.send(counts);
             }
             ShardWork::Count { query, reply } => {
-                let _ = reply.send(self.matching(&query).count());
+                let _ = reply.send(self.order().matching(&query).count());
             }
             ShardWork::Contains { ids, reply } => {
                 let _ = reply.send(ids.iter().map(|id| self.entity(id).is_some()).collect());
             }
             ShardWork::History { id, limit, reply } => {
                 let positions = self
-                    .slots
-                    .get(&*id)
-                    .map(|s| s.history.iter().rev().take(limit).copied().collect())
+                    .find(&id)
+                    .map(|s| {
+                        s.history
+                            .as_slice()
+                            .iter()
+                            .rev()
+                            .take(limit)
+                            .copied()
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let _ = reply.send(positions);
             }
             ShardWork::Snapshot { job, forget_before } => {
                 self.forget_history_before(forget_before);
-                let entities = self
-                    .order
-                    .iter()
-                    .filter_map(|id| Some((&**id, self.entity(id)?)));
+                let entities = self.slots.iter().filter(|s| s.exists()).map(|s| &s.entity);
                 job.write_part(self.index, entities);
             }
             ShardWork::Stats {
@@ -425,33 +596,12 @@ impl Shard {
             } => {
                 self.sources.retain(|_, seen| *seen >= active_since_ms);
                 let stats = ShardStats {
-                    entities: self.order.len(),
+                    entities: self.entities,
                     active_sources: self.sources.keys().cloned().collect(),
                 };
                 let _ = reply.send(stats);
             }
         }
-    }
-
-    fn matching<'a>(&'a self, query: &'a ListQuery) -> impl Iterator<Item = &'a Arc<str>> + 'a {
-        let prefix: &str = &query.prefix;
-        let start = match query.after.as_deref() {
-            Some(after) if after >= prefix => Bound::Excluded(after),
-            _ => Bound::Included(prefix),
-        };
-        self.order
-            .range::<str, _>((start, Bound::Unbounded))
-            .take_while(move |id| id.starts_with(prefix))
-            .take(query.limit)
-    }
-
-    /// The slot for `id` (created empty if new) and its shared key.
-    fn slot(&mut self, id: &str) -> (Arc<str>, &mut Slot) {
-        if !self.slots.contains_key(id) {
-            self.slots.insert(Arc::from(id), Slot::default());
-        }
-        let (key, slot) = self.slots.get_key_value_mut(id).expect("inserted above");
-        (key.clone(), slot)
     }
 
     fn apply(&mut self, frame: &Frame, indexes: &[u32]) {
@@ -468,38 +618,40 @@ impl Shard {
             let id = record.fields.entity_id;
             let covered = position <= self.covered;
             let accept_ms = frame.accept_time_ms;
-            let (key, slot) = match self.slots.get_key_value_mut(id) {
-                Some((key, slot)) => (key, slot),
-                None => {
-                    self.slots.insert(Arc::from(id), Slot::default());
-                    self.slots.get_key_value_mut(id).expect("inserted above")
-                }
-            };
-            if slot.history.len() >= 2 * HISTORY_KEPT_PER_ENTITY {
-                // Only the newest HISTORY_KEPT_PER_ENTITY can ever be asked for.
-                slot.history
-                    .drain(..slot.history.len() - HISTORY_KEPT_PER_ENTITY);
-            }
+            let hash = self.hasher.hash_one(id);
+            let hasher = &self.hasher;
+            let slot = self
+                .slots
+                .entry(
+                    hash,
+                    |s| s.entity.id_bytes() == id.as_bytes(),
+                    |s| hasher.hash_one(s.entity.id()),
+                )
+                .or_insert_with(|| Slot::new(id))
+                .into_mut();
             slot.history.push(position);
             if covered {
                 continue;
             }
             let change = if record.is_tombstone() {
-                match slot.entity.take() {
-                    Some(_) => {
-                        self.order.remove(id);
-                        Some(false)
-                    }
-                    None => None,
+                if slot.exists() {
+                    slot.entity.clear_properties();
+                    slot.entity.set_last_updated_ms(0);
+                    slot.entity.revision = 0;
+                    self.entities -= 1;
+                    self.order = None;
+                    Some(false)
+                } else {
+                    None
                 }
             } else {
-                let entity = slot.entity.get_or_insert_with(|| {
-                    self.order.insert(key.clone());
-                    Entity::new(0, 0)
-                });
-                entity.merge_properties(record.properties());
-                entity.last_updated_ms = accept_ms;
-                entity.revision = position;
+                if !slot.exists() {
+                    self.entities += 1;
+                    self.order = None;
+                }
+                slot.entity.merge_properties(record.properties());
+                slot.entity.set_last_updated_ms(accept_ms);
+                slot.entity.revision = position;
                 Some(true)
             };
             // Flux's own writes (`flux.*` streams: deletes, the directory) are not publishers.
@@ -523,13 +675,64 @@ impl Shard {
     }
 
     fn forget_history_before(&mut self, first_kept: LogPosition) {
-        self.slots.retain(|_, slot| {
-            let cut = slot.history.partition_point(|&p| p < first_kept);
-            slot.history.drain(..cut);
-            if slot.history.capacity() > 2 * slot.history.len() + 4 {
-                slot.history.shrink_to_fit();
-            }
-            !slot.history.is_empty() || slot.entity.is_some()
+        self.slots.retain(|slot| {
+            slot.history.forget_before(first_kept);
+            !slot.history.is_empty() || slot.exists()
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_stays_40_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 40);
+        assert_eq!(std::mem::size_of::<History>(), 16);
+    }
+
+    #[test]
+    fn history_keeps_one_inline_and_the_newest_when_long() {
+        let mut history = History::default();
+        history.push(7);
+        assert!(matches!(history, History::One(7)));
+        for p in 8..8 + 2 * HISTORY_KEPT_PER_ENTITY as u64 {
+            history.push(p);
+        }
+        let kept = history.as_slice();
+        assert!(kept.len() <= 2 * HISTORY_KEPT_PER_ENTITY);
+        assert_eq!(kept.last(), Some(&(7 + 2 * HISTORY_KEPT_PER_ENTITY as u64)));
+        history.forget_before(7 + 2 * HISTORY_KEPT_PER_ENTITY as u64);
+        assert!(matches!(history, History::One(_)));
+        history.forget_before(u64::MAX);
+        assert!(history.is_empty());
+    }
+
+    #[test]
+    fn sorted_ids_page_by_prefix_and_after() {
+        let mut shard = Shard::default();
+        for (i, id) in ["b/2", "a/1", "b/1", "c", "b/10"].into_iter().enumerate() {
+            shard.slot(id).entity.revision = i as u64 + 1;
+            shard.entities += 1;
+        }
+        shard.slot("b/0");
+        let query = |prefix: &str, after: Option<&str>, limit| ListQuery {
+            prefix: prefix.into(),
+            after: after.map(Box::from),
+            limit,
+        };
+        let ids = |q: &ListQuery| -> Vec<String> {
+            let order = SortedIds::build(&shard.slots, shard.entities);
+            order.matching(q).map(String::from).collect()
+        };
+        assert_eq!(
+            ids(&query("", None, 10)),
+            ["a/1", "b/1", "b/10", "b/2", "c"]
+        );
+        assert_eq!(ids(&query("b/", None, 2)), ["b/1", "b/10"]);
+        assert_eq!(ids(&query("b/", Some("b/10"), 10)), ["b/2"]);
+        assert_eq!(ids(&query("b/", Some("a"), 10)), ["b/1", "b/10", "b/2"]);
+        assert_eq!(ids(&query("d", None, 10)), Vec::<String>::new());
     }
 }

@@ -6,7 +6,10 @@
 //! <position:020>/control           b"FLUXCTL1" | u64 position | control state JSON | u32 crc32c
 //! <position:020>/part-<k>          b"FLUXSNP1" | u64 position | entity* | u32::MAX | u64 count | u32 crc32c
 //! entity = u32 id_len | id | u64 last_updated_ms | u64 revision | u32 packed_len | packed properties
+//! packed properties = (u32 name_len | name | u32 value_len | raw value)*
 //! ```
+//! (Shards keep entities in a denser form, `crate::entity`; parts are converted on write and
+//! read, so the on-disk format does not follow the in-memory layout.)
 //! Invariants: a snapshot is written into `<position>.tmp/` and renamed into place only after
 //! every part and the manifest are fsynced, so a directory without `.tmp` is complete. A
 //! snapshot whose manifest or any part fails its checks is skipped with a warning, never
@@ -84,11 +87,7 @@ impl SnapshotJob {
     }
 
     /// Writes shard `index`'s part; the last part to finish seals the snapshot.
-    pub fn write_part<'a>(
-        &self,
-        index: usize,
-        entities: impl Iterator<Item = (&'a str, &'a Entity)>,
-    ) {
+    pub fn write_part<'a>(&self, index: usize, entities: impl Iterator<Item = &'a Entity>) {
         let path = self.tmp_dir.join(format!("part-{index}"));
         if let Err(error) = write_part_file(&path, self.position, entities) {
             let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
@@ -143,7 +142,7 @@ impl<W: Write> ChecksumWriter<W> {
 fn write_part_file<'a>(
     path: &Path,
     position: LogPosition,
-    entities: impl Iterator<Item = (&'a str, &'a Entity)>,
+    entities: impl Iterator<Item = &'a Entity>,
 ) -> std::io::Result<()> {
     let file = File::create(path)?;
     let mut w = ChecksumWriter {
@@ -153,13 +152,17 @@ fn write_part_file<'a>(
     w.put(PART_MAGIC)?;
     w.put(&position.to_le_bytes())?;
     let mut count = 0u64;
-    for (id, entity) in entities {
+    let mut packed = Vec::with_capacity(256);
+    for entity in entities {
+        let id = entity.id();
+        packed.clear();
+        entity.write_snapshot_properties(&mut packed);
         w.put(&(id.len() as u32).to_le_bytes())?;
         w.put(id.as_bytes())?;
-        w.put(&entity.last_updated_ms.to_le_bytes())?;
+        w.put(&entity.last_updated_ms().to_le_bytes())?;
         w.put(&entity.revision.to_le_bytes())?;
-        w.put(&(entity.packed().len() as u32).to_le_bytes())?;
-        w.put(entity.packed())?;
+        w.put(&(packed.len() as u32).to_le_bytes())?;
+        w.put(&packed)?;
         count += 1;
     }
     w.put(&END_MARKER.to_le_bytes())?;
@@ -280,7 +283,7 @@ fn check_part(bytes: &[u8], position: LogPosition) -> Result<(), String> {
 
 impl ValidSnapshot {
     /// Decodes every entity, in part order, into `visit`.
-    pub fn read(&self, mut visit: impl FnMut(Box<str>, Entity)) -> Result<(), String> {
+    pub fn read(&self, mut visit: impl FnMut(Entity)) -> Result<(), String> {
         for path in &self.parts {
             let mut bytes = Vec::new();
             File::open(path)
@@ -294,7 +297,7 @@ impl ValidSnapshot {
     }
 }
 
-fn decode_entities(mut buf: &[u8], visit: &mut impl FnMut(Box<str>, Entity)) -> Option<()> {
+fn decode_entities(mut buf: &[u8], visit: &mut impl FnMut(Entity)) -> Option<()> {
     fn take<'a>(buf: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (head, tail) = (buf.get(..n)?, buf.get(n..)?);
         *buf = tail;
@@ -315,8 +318,13 @@ fn decode_entities(mut buf: &[u8], visit: &mut impl FnMut(Box<str>, Entity)) -> 
         let last_updated_ms = u64_(&mut buf)?;
         let revision = u64_(&mut buf)?;
         let packed_len = u32_(&mut buf)? as usize;
-        let entity = Entity::from_packed(take(&mut buf, packed_len)?, last_updated_ms, revision)?;
-        visit(id.into(), entity);
+        let packed = take(&mut buf, packed_len)?;
+        visit(Entity::from_snapshot(
+            id,
+            packed,
+            last_updated_ms,
+            revision,
+        )?);
     }
 }
 
@@ -327,23 +335,21 @@ mod tests {
     #[test]
     fn written_snapshot_reads_back_and_damage_is_skipped() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut e = Entity::new(10, 3);
+        let mut e = Entity::new("a/1", 10, 3);
         e.merge_properties([("t", "1.50")].into_iter());
         for position in [5, 9] {
             let control = ControlState::default();
             let (job, mut rx) =
                 SnapshotJob::create(dir.path(), position, 2, &control).expect("create");
-            job.write_part(0, [("a/1", &e)].into_iter());
+            job.write_part(0, [&e].into_iter());
             job.write_part(1, std::iter::empty());
             assert_eq!(rx.try_recv().expect("done"), Ok(position));
         }
         let newest = newest_valid(dir.path()).expect("list").expect("some");
         assert_eq!(newest.position, 9);
         let mut seen = Vec::new();
-        newest
-            .read(|id, entity| seen.push((id, entity)))
-            .expect("read");
-        assert_eq!(seen, vec![("a/1".into(), e.clone())]);
+        newest.read(|entity| seen.push(entity)).expect("read");
+        assert_eq!(seen, vec![e.clone()]);
 
         // Flip one byte of the newest snapshot: the older one is used instead.
         let part = dir.path().join(format!("{:020}/part-0", 9));
