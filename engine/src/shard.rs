@@ -10,12 +10,15 @@
 //! - Inboxes are bounded ([`SHARD_INBOX_CAPACITY`]); a full inbox makes the sender wait.
 //! - Per id a shard keeps one `Slot` (the entity block and its history) in a `HashTable` keyed
 //!   by the id inside the block; an entity exists iff its revision is not 0 (log positions
-//!   start at 1). The sorted id list listings need is built on demand and dropped whenever an
-//!   entity is created or deleted, so it never names a missing entity or misses an existing one.
+//!   start at 1). The sorted ids listings need are built on demand; creates since then are kept
+//!   in a small ordered set beside them and deleted ids are skipped on read ([`Order`]), so a
+//!   listing never names a missing entity nor misses an existing one.
 //! - After applying a live record (not one a snapshot already covered) the shard tells its
 //!   [`ChangeObserver`], on the shard thread, in log order.
 
+use std::collections::BTreeSet;
 use std::hash::BuildHasher;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -430,8 +433,9 @@ impl SortedIds {
         low
     }
 
-    /// Ids matching `query`, in order.
-    fn matching<'a>(&'a self, query: &'a ListQuery) -> impl Iterator<Item = &'a str> + 'a {
+    /// Ids from where `query` starts (after `query.after`, at `query.prefix`) while they
+    /// carry the prefix, in order.
+    fn from<'a>(&'a self, query: &'a ListQuery) -> impl Iterator<Item = &'a str> + 'a {
         let prefix: &str = &query.prefix;
         let first = match query.after.as_deref() {
             Some(after) if after >= prefix => self.first_not(|id| id <= after),
@@ -440,7 +444,87 @@ impl SortedIds {
         (first..self.ends.len())
             .map(|i| self.get(i))
             .take_while(move |id| id.starts_with(prefix))
-            .take(query.limit)
+    }
+}
+
+/// The ids listings page through, kept current without re-sorting on every create: ids
+/// created since the last sort wait in a small ordered set beside it, and ids deleted since
+/// are skipped on read (readers look every id up anyway). Either growing past
+/// [`Order::rebuild_after`] drops it, to be sorted again on the next listing, so creates cost
+/// O(log n) amortized even while listings run.
+struct Order {
+    sorted: SortedIds,
+    created: BTreeSet<Box<str>>,
+    deleted: usize,
+}
+
+impl Order {
+    fn rebuild_after(&self) -> usize {
+        (self.sorted.ends.len() / 8).max(1024)
+    }
+
+    /// Notes a created entity in `order`, dropping it once too much is pending.
+    fn created(order: &mut Option<Order>, id: &str) {
+        if let Some(o) = order {
+            o.created.insert(id.into());
+            if o.created.len() > o.rebuild_after() {
+                *order = None;
+            }
+        }
+    }
+
+    /// Notes a deleted entity in `order`, dropping it once too much is pending.
+    fn deleted(order: &mut Option<Order>, id: &str) {
+        if let Some(o) = order {
+            o.created.remove(id);
+            o.deleted += 1;
+            if o.deleted > o.rebuild_after() {
+                *order = None;
+            }
+        }
+    }
+
+    /// Candidate ids for `query`, in order, each once; some may name deleted entities.
+    fn candidates<'a>(&'a self, query: &'a ListQuery) -> impl Iterator<Item = &'a str> + 'a {
+        let prefix: &str = &query.prefix;
+        let start = match query.after.as_deref() {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        let created = self
+            .created
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|id| &**id)
+            .take_while(move |id| id.starts_with(prefix));
+        MergeSorted {
+            a: self.sorted.from(query).peekable(),
+            b: created.peekable(),
+        }
+    }
+}
+
+/// Merges two sorted iterators of ids, yielding an id present in both once.
+struct MergeSorted<'a, A: Iterator<Item = &'a str>, B: Iterator<Item = &'a str>> {
+    a: std::iter::Peekable<A>,
+    b: std::iter::Peekable<B>,
+}
+
+impl<'a, A: Iterator<Item = &'a str>, B: Iterator<Item = &'a str>> Iterator
+    for MergeSorted<'a, A, B>
+{
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        match (self.a.peek(), self.b.peek()) {
+            (Some(a), Some(b)) if a < b => self.a.next(),
+            (Some(a), Some(b)) if a > b => self.b.next(),
+            (Some(_), Some(_)) => {
+                self.b.next();
+                self.a.next()
+            }
+            (Some(_), None) => self.a.next(),
+            (None, _) => self.b.next(),
+        }
     }
 }
 
@@ -452,8 +536,8 @@ struct Shard {
     hasher: DefaultHashBuilder,
     /// Slots whose entity exists.
     entities: usize,
-    /// Sorted ids for listings and prefix scans; `None` until asked for after a create/delete.
-    order: Option<SortedIds>,
+    /// Sorted ids for listings and prefix scans; `None` until the next listing sorts them.
+    order: Option<Order>,
     /// State already includes every record at or below this position (from a snapshot).
     covered: LogPosition,
     observer: Option<Arc<dyn ChangeObserver>>,
@@ -492,10 +576,28 @@ impl Shard {
             .into_mut()
     }
 
-    /// The sorted ids of existing entities, built now if a create or delete dropped them.
-    fn order(&mut self) -> &SortedIds {
-        self.order
-            .get_or_insert_with(|| SortedIds::build(&self.slots, self.entities))
+    /// Sorts the ids if a create or delete dropped them.
+    fn sort_ids(&mut self) {
+        if self.order.is_none() {
+            self.order = Some(Order {
+                sorted: SortedIds::build(&self.slots, self.entities),
+                created: BTreeSet::new(),
+                deleted: 0,
+            });
+        }
+    }
+
+    /// Ids of existing entities matching `query`, in order, at most `query.limit`
+    /// (after [`Shard::sort_ids`]).
+    fn matching<'a>(&'a self, query: &'a ListQuery) -> Vec<&'a str> {
+        let Some(order) = &self.order else {
+            return Vec::new();
+        };
+        order
+            .candidates(query)
+            .filter(|id| self.entity(id).is_some())
+            .take(query.limit)
+            .collect()
     }
 
     fn handle(&mut self, work: ShardWork) {
@@ -530,10 +632,10 @@ impl Shard {
                 let _ = reply.send(json);
             }
             ShardWork::List { query, reply } => {
-                self.order();
-                let order = self.order.as_ref().expect("built above");
-                let page = order
-                    .matching(&query)
+                self.sort_ids();
+                let ids = self.matching(&query);
+                let page = ids
+                    .into_iter()
                     .map(|id| {
                         let mut out = Vec::with_capacity(128);
                         if let Some(e) = self.entity(id) {
@@ -545,7 +647,8 @@ impl Shard {
                 let _ = reply.send(page);
             }
             ShardWork::Ids { query, reply } => {
-                let ids = self.order().matching(&query).map(Arc::from).collect();
+                self.sort_ids();
+                let ids = self.matching(&query).into_iter().map(Arc::from).collect();
                 let _ = reply.send(ids);
             }
             ShardWork::NamespaceCounts { reply } => {
@@ -565,7 +668,8 @@ impl Shard {
                 let _ = reply.send(counts);
             }
             ShardWork::Count { query, reply } => {
-                let _ = reply.send(self.order().matching(&query).count());
+                self.sort_ids();
+                let _ = reply.send(self.matching(&query).len());
             }
             ShardWork::Contains { ids, reply } => {
                 let _ = reply.send(ids.iter().map(|id| self.entity(id).is_some()).collect());
@@ -639,7 +743,7 @@ impl Shard {
                     slot.entity.set_last_updated_ms(0);
                     slot.entity.revision = 0;
                     self.entities -= 1;
-                    self.order = None;
+                    Order::deleted(&mut self.order, id);
                     Some(false)
                 } else {
                     None
@@ -647,7 +751,7 @@ impl Shard {
             } else {
                 if !slot.exists() {
                     self.entities += 1;
-                    self.order = None;
+                    Order::created(&mut self.order, id);
                 }
                 slot.entity.merge_properties(record.properties());
                 slot.entity.set_last_updated_ms(accept_ms);
@@ -709,30 +813,104 @@ mod tests {
         assert!(history.is_empty());
     }
 
+    fn query(prefix: &str, after: Option<&str>, limit: usize) -> ListQuery {
+        ListQuery {
+            prefix: prefix.into(),
+            after: after.map(Box::from),
+            limit,
+        }
+    }
+
+    fn ids(shard: &mut Shard, q: &ListQuery) -> Vec<String> {
+        shard.sort_ids();
+        shard.matching(q).into_iter().map(String::from).collect()
+    }
+
+    /// Creates or deletes `id` the way applying a record does, for the order's bookkeeping.
+    fn set_exists(shard: &mut Shard, id: &str, exists: bool, revision: u64) {
+        let slot = shard.slot(id);
+        if slot.exists() == exists {
+            return;
+        }
+        slot.entity.revision = if exists { revision } else { 0 };
+        if exists {
+            shard.entities += 1;
+            Order::created(&mut shard.order, id);
+        } else {
+            shard.entities -= 1;
+            Order::deleted(&mut shard.order, id);
+        }
+    }
+
     #[test]
     fn sorted_ids_page_by_prefix_and_after() {
         let mut shard = Shard::default();
         for (i, id) in ["b/2", "a/1", "b/1", "c", "b/10"].into_iter().enumerate() {
-            shard.slot(id).entity.revision = i as u64 + 1;
-            shard.entities += 1;
+            set_exists(&mut shard, id, true, i as u64 + 1);
         }
         shard.slot("b/0");
-        let query = |prefix: &str, after: Option<&str>, limit| ListQuery {
-            prefix: prefix.into(),
-            after: after.map(Box::from),
-            limit,
-        };
-        let ids = |q: &ListQuery| -> Vec<String> {
-            let order = SortedIds::build(&shard.slots, shard.entities);
-            order.matching(q).map(String::from).collect()
-        };
         assert_eq!(
-            ids(&query("", None, 10)),
+            ids(&mut shard, &query("", None, 10)),
             ["a/1", "b/1", "b/10", "b/2", "c"]
         );
-        assert_eq!(ids(&query("b/", None, 2)), ["b/1", "b/10"]);
-        assert_eq!(ids(&query("b/", Some("b/10"), 10)), ["b/2"]);
-        assert_eq!(ids(&query("b/", Some("a"), 10)), ["b/1", "b/10", "b/2"]);
-        assert_eq!(ids(&query("d", None, 10)), Vec::<String>::new());
+        assert_eq!(ids(&mut shard, &query("b/", None, 2)), ["b/1", "b/10"]);
+        assert_eq!(ids(&mut shard, &query("b/", Some("b/10"), 10)), ["b/2"]);
+        assert_eq!(
+            ids(&mut shard, &query("b/", Some("a"), 10)),
+            ["b/1", "b/10", "b/2"]
+        );
+        assert_eq!(ids(&mut shard, &query("d", None, 10)), Vec::<String>::new());
+    }
+
+    /// Creates and deletes between pages (and past the rebuild threshold) never make a listing
+    /// name a missing entity, miss an existing one, or repeat one.
+    #[test]
+    fn listings_stay_exact_while_entities_come_and_go() {
+        let mut shard = Shard::default();
+        let mut oracle = BTreeSet::new();
+        let mut revision = 0;
+        let mut step = |shard: &mut Shard, oracle: &mut BTreeSet<String>, n: u64| {
+            // A deterministic mix: ids reused across creates and deletes.
+            let id = format!("ns/{:05}", (n * 7919) % 6000);
+            let exists = n % 5 != 0;
+            revision += 1;
+            set_exists(shard, &id, exists, revision);
+            if exists {
+                oracle.insert(id);
+            } else {
+                oracle.remove(&id);
+            }
+        };
+        for n in 0..3000 {
+            step(&mut shard, &mut oracle, n);
+        }
+        let mut n = 3000;
+        for round in 0..6 {
+            // Page through everything while entities keep changing between pages.
+            let mut listed = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = ids(&mut shard, &query("ns/", after.as_deref(), 97));
+                let Some(last) = page.last().cloned() else {
+                    break;
+                };
+                for id in &page {
+                    assert!(shard.entity(id).is_some(), "listed {id} does not exist");
+                }
+                listed.extend(page);
+                after = Some(last);
+                for _ in 0..(40 * round) {
+                    step(&mut shard, &mut oracle, n);
+                    n += 1;
+                }
+            }
+            let mut sorted = listed.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted, listed, "a listing is sorted and names each id once");
+            // With no changes between pages the listing is exactly the oracle.
+            let all = ids(&mut shard, &query("", None, usize::MAX));
+            assert_eq!(all, oracle.iter().cloned().collect::<Vec<_>>());
+        }
     }
 }
