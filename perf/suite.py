@@ -187,7 +187,10 @@ class Server:
         argv = " ".join(self.argv())
         return (
             f"kill -9 {pid}; "
-            f"while [ -e /proc/{pid} ] && [ \"$(cut -d' ' -f3 /proc/{pid}/stat 2>/dev/null)\" != Z ]; "
+            # Gone = no such process, or a zombie whose every thread has exited: the leader turns
+            # Z while a thread may still sit in fdatasync holding the data dir's LOCK.
+            f"while [ -e /proc/{pid} ] && {{ [ \"$(cut -d' ' -f3 /proc/{pid}/stat 2>/dev/null)\" != Z ] "
+            f"|| [ \"$(ls /proc/{pid}/task 2>/dev/null | wc -l)\" -gt 1 ]; }}; "
             f"do sleep 0.002; done; "
             f"nohup {argv} </dev/null >>{self.log_path} 2>&1 & echo $! >{self.restart_pid_file}"
         )
