@@ -872,7 +872,7 @@ mod tests {
         let mut step = |shard: &mut Shard, oracle: &mut BTreeSet<String>, n: u64| {
             // A deterministic mix: ids reused across creates and deletes.
             let id = format!("ns/{:05}", (n * 7919) % 6000);
-            let exists = n % 5 != 0;
+            let exists = !n.is_multiple_of(5);
             revision += 1;
             set_exists(shard, &id, exists, revision);
             if exists {
