@@ -94,21 +94,19 @@ impl Connection {
 
     /// Queues `frames` (in order) unless that would pass a bound.
     pub fn push(&self, frames: &[Bytes]) -> Push {
-        let outcome = {
-            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let (outcome, was_empty) = {
+            let mut queue = self.lock();
             if queue.close.is_some() {
                 return Push::Closed;
             }
             let was_empty = queue.frames.is_empty();
-            let outcome = self.enqueue(&mut queue, frames.iter().cloned());
-            if !was_empty && outcome == Push::Queued {
-                // The push that made the queue non-empty already woke the writer, which drains
-                // everything queued when it runs.
-                return outcome;
-            }
-            outcome
+            (self.enqueue(&mut queue, frames), was_empty)
         };
-        self.wake.notify_one();
+        // A push onto a non-empty queue needs no wake-up: the push that made it non-empty
+        // already woke the writer, which drains everything queued when it runs.
+        if was_empty || outcome != Push::Queued {
+            self.wake.notify_one();
+        }
         outcome
     }
 
@@ -116,7 +114,7 @@ impl Connection {
     /// connection is idle (nothing queued, no write in flight, none within `window`).
     pub fn push_direct(&self, frames: &[Bytes], window: Duration) -> Push {
         let outcome = {
-            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut queue = self.lock();
             if queue.close.is_some() {
                 return Push::Closed;
             }
@@ -147,18 +145,18 @@ impl Connection {
                     skip = 0;
                 }
             }
-            self.enqueue(&mut queue, rest.into_iter())
+            self.enqueue(&mut queue, &rest)
         };
         self.wake.notify_one();
         outcome
     }
 
     /// Appends frames to the queue, or closes the connection (1008) if that would pass a bound.
-    fn enqueue(&self, queue: &mut Queue, frames: impl Iterator<Item = Bytes> + Clone) -> Push {
-        let (count, bytes) = frames
-            .clone()
-            .fold((0, 0), |(n, b), f| (n + 1, b + f.len()));
-        if queue.frames.len() + count > QUEUE_MAX_FRAMES || queue.bytes + bytes > QUEUE_MAX_BYTES {
+    fn enqueue(&self, queue: &mut Queue, frames: &[Bytes]) -> Push {
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        if queue.frames.len() + frames.len() > QUEUE_MAX_FRAMES
+            || queue.bytes + bytes > QUEUE_MAX_BYTES
+        {
             queue.frames = VecDeque::new();
             queue.bytes = 0;
             let reason = format!(
@@ -169,7 +167,7 @@ impl Connection {
             self.overflowed.store(true, Ordering::Relaxed);
             Push::Overflowed
         } else {
-            queue.frames.extend(frames);
+            queue.frames.extend(frames.iter().cloned());
             queue.bytes += bytes;
             Push::Queued
         }
@@ -178,7 +176,7 @@ impl Connection {
     /// Queues a close frame after what is already queued; later pushes are refused.
     pub fn close(&self, code: u16, reason: &str) {
         {
-            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut queue = self.lock();
             if queue.close.is_some() {
                 return;
             }
@@ -188,11 +186,7 @@ impl Connection {
     }
 
     pub fn is_closing(&self) -> bool {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .close
-            .is_some()
+        self.lock().close.is_some()
     }
 
     pub fn overflowed(&self) -> bool {
