@@ -355,18 +355,12 @@ impl Hub {
     pub async fn run_pace(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(PACE_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut previous: Option<(Instant, u64)> = None;
+        let mut rate = Rate::default();
         loop {
             ticker.tick().await;
-            let (now, frames) = (Instant::now(), self.counters.frames_queued.get());
-            if let Some((at, before)) = previous {
-                let seconds = now.duration_since(at).as_secs_f64();
-                if seconds > 0.0 {
-                    self.pace
-                        .update(frames.saturating_sub(before) as f64 / seconds);
-                }
+            if let Some(frames_per_second) = rate.per_second(self.counters.frames_queued.get()) {
+                self.pace.update(frames_per_second);
             }
-            previous = Some((now, frames));
         }
     }
 
@@ -374,24 +368,12 @@ impl Hub {
     pub async fn run_metrics(self: Arc<Self>, engine: Engine) {
         let mut ticker = tokio::time::interval(METRICS_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut previous: Option<(Instant, u64)> = None;
+        let mut events_rate = Rate::default();
         loop {
             ticker.tick().await;
             let stats = engine.stats().await;
             let events_total = stats.events_total;
-            let now = Instant::now();
-            let rate = match previous {
-                Some((at, total)) => {
-                    let seconds = now.duration_since(at).as_secs_f64();
-                    if seconds > 0.0 {
-                        events_total.saturating_sub(total) as f64 / seconds
-                    } else {
-                        0.0
-                    }
-                }
-                None => 0.0,
-            };
-            previous = Some((now, events_total));
+            let rate = events_rate.per_second(events_total).unwrap_or(0.0);
             let connections: Vec<Arc<Connection>> = self
                 .connections
                 .lock()
@@ -438,6 +420,25 @@ impl Hub {
         while self.connection_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// The rate of a growing total, from one reading to the next.
+#[derive(Default)]
+struct Rate {
+    previous: Option<(Instant, u64)>,
+}
+
+impl Rate {
+    /// Units per second since the previous reading; `None` on the first.
+    fn per_second(&mut self, total: u64) -> Option<f64> {
+        let now = Instant::now();
+        let rate = self.previous.and_then(|(at, before)| {
+            let seconds = now.duration_since(at).as_secs_f64();
+            (seconds > 0.0).then(|| total.saturating_sub(before) as f64 / seconds)
+        });
+        self.previous = Some((now, total));
+        rate
     }
 }
 
