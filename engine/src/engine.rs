@@ -8,7 +8,6 @@
 //! rebuild the history index, later ones are applied. An append returns only after the log made
 //! it durable and every owning shard applied it, so a following read sees it.
 
-use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +22,8 @@ use crate::log::local::{LocalLog, LocalLogOptions, owners_of};
 use crate::log::{Log, LogError};
 use crate::record::{LogPosition, RecordBatch};
 use crate::shard::{
-    ChangeObserver, Completion, Dispatcher, ListQuery, ListedEntity, ShardStats, ShardWork,
-    shard_of, start_observed_shards,
+    ChangeObserver, Completion, Dispatcher, ListQuery, ListedPage, ShardStats, ShardWork, shard_of,
+    start_observed_shards,
 };
 use crate::snapshot::{self, SnapshotJob};
 
@@ -48,6 +47,9 @@ pub struct EngineConfig {
     pub log: LogConfig,
     /// Told of every applied change (egress fan-out), if set.
     pub observer: Option<Arc<dyn ChangeObserver>>,
+    /// Called on a shard thread after work it did because it was idle (the binary hands freed
+    /// memory back to the OS there).
+    pub after_idle_work: Option<fn()>,
 }
 
 /// The durable log backend.
@@ -177,8 +179,9 @@ impl Engine {
         fs::create_dir_all(&snapshots).map_err(io_context("creating snapshots dir"))?;
 
         let shards = config.shards.max(1);
-        let (dispatcher, _threads) = start_observed_shards(shards, config.observer.clone())
-            .map_err(io_context("starting shards"))?;
+        let (dispatcher, _threads) =
+            start_observed_shards(shards, config.observer.clone(), config.after_idle_work)
+                .map_err(io_context("starting shards"))?;
         let mut report = RecoveryReport::default();
 
         let snapshot =
@@ -405,7 +408,8 @@ impl Engine {
     pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Lister {
         let cursors = (0..self.shard_count())
             .map(|_| ShardCursor {
-                page: VecDeque::new(),
+                page: ListedPage::default(),
+                next: 0,
                 after: after.map(Box::from),
                 done: false,
             })
@@ -701,7 +705,9 @@ pub struct EngineStats {
 pub const ACTIVE_PUBLISHER_WINDOW: Duration = Duration::from_secs(60);
 
 struct ShardCursor {
-    page: VecDeque<ListedEntity>,
+    page: ListedPage,
+    /// The page's first entity not yet written.
+    next: usize,
     /// The last id this shard returned (resume point).
     after: Option<Box<str>>,
     done: bool,
@@ -716,9 +722,6 @@ pub struct Lister {
     wrote: usize,
 }
 
-/// One chunk of a listing.
-pub type ListPage = Vec<u8>;
-
 impl Lister {
     /// Appends the next entities (comma-separated JSON objects, with a leading comma when not
     /// the first) to `out` until it holds `target_bytes`. Returns false when the listing ended.
@@ -729,7 +732,7 @@ impl Lister {
             }
             for shard in 0..self.cursors.len() {
                 let cursor = &mut self.cursors[shard];
-                if cursor.page.is_empty() && !cursor.done {
+                if cursor.next == cursor.page.len() && !cursor.done {
                     let (reply, rx) = oneshot::channel();
                     let query = ListQuery {
                         prefix: self.prefix.clone(),
@@ -744,23 +747,26 @@ impl Lister {
                     let page = rx.await.unwrap_or_default();
                     let cursor = &mut self.cursors[shard];
                     cursor.done = page.len() < LIST_PAGE_ENTITIES.min(self.remaining);
-                    if let Some((id, _)) = page.last() {
-                        cursor.after = Some(Box::from(&**id));
+                    if !page.is_empty() {
+                        cursor.after = Some(Box::from(page.id(page.len() - 1)));
                     }
-                    cursor.page = page.into();
+                    cursor.page = page;
+                    cursor.next = 0;
                 }
             }
             let next = (0..self.cursors.len())
-                .filter(|&s| !self.cursors[s].page.is_empty())
-                .min_by(|&a, &b| self.cursors[a].page[0].0.cmp(&self.cursors[b].page[0].0));
+                .filter(|&s| self.cursors[s].next < self.cursors[s].page.len())
+                .min_by(|&a, &b| {
+                    let (a, b) = (&self.cursors[a], &self.cursors[b]);
+                    a.page.id(a.next).cmp(b.page.id(b.next))
+                });
             let Some(shard) = next else { return false };
-            let Some((_, json)) = self.cursors[shard].page.pop_front() else {
-                return false;
-            };
+            let cursor = &mut self.cursors[shard];
             if self.wrote > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(&json);
+            out.extend_from_slice(cursor.page.json(cursor.next));
+            cursor.next += 1;
             self.wrote += 1;
             self.remaining -= 1;
         }

@@ -2,8 +2,6 @@
 //! Output is always valid JSON: strings are escaped per RFC 8259; values stored raw are written
 //! as they were received (they were validated as JSON when the event was accepted).
 
-use std::time::{Duration, UNIX_EPOCH};
-
 /// Appends `s` as a quoted, escaped JSON string.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
@@ -58,10 +56,50 @@ pub fn write_object<'a>(out: &mut Vec<u8>, members: impl Iterator<Item = (&'a st
 
 /// Appends a millisecond Unix time as a quoted ISO-8601 UTC string (`"2026-02-23T10:30:45.123Z"`).
 pub fn write_time_ms(out: &mut Vec<u8>, ms: u64) {
-    use std::io::Write;
-    let time = UNIX_EPOCH + Duration::from_millis(ms);
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "\"{}\"", humantime::format_rfc3339_millis(time));
+    // Four-digit years only: later times (never an accept time) show as the last millisecond.
+    let ms = ms.min(MAX_TIME_MS);
+    let secs = ms / 1000;
+    let (year, month, day) = civil_date(secs / 86_400);
+    let of_day = secs % 86_400;
+    let digits = |n: u64, width: usize, at: &mut [u8]| {
+        let mut n = n;
+        for i in (0..width).rev() {
+            at[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    let mut text = *b"\"0000-00-00T00:00:00.000Z\"";
+    digits(year, 4, &mut text[1..]);
+    digits(month, 2, &mut text[6..]);
+    digits(day, 2, &mut text[9..]);
+    digits(of_day / 3600, 2, &mut text[12..]);
+    digits(of_day / 60 % 60, 2, &mut text[15..]);
+    digits(of_day % 60, 2, &mut text[18..]);
+    digits(ms % 1000, 3, &mut text[21..]);
+    out.extend_from_slice(&text);
+}
+
+/// 9999-12-31T23:59:59.999Z
+const MAX_TIME_MS: u64 = 253_402_300_799_999;
+
+/// The proleptic Gregorian (year, month, day) of `days` after 1970-01-01. Counts in 400-year
+/// eras of 146,097 days whose years start on March 1st, so the leap day ends a year.
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    let shifted = days + 719_468; // days from 0000-03-01 to 1970-01-01
+    let era = shifted / 146_097;
+    let day_of_era = shifted % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    (year, month, day)
 }
 
 /// Appends an unsigned integer in decimal.
@@ -86,6 +124,40 @@ pub fn write_i64(out: &mut Vec<u8>, n: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn times_match_rfc3339_with_millis() {
+        let humantime = |ms: u64| {
+            let time = UNIX_EPOCH + Duration::from_millis(ms);
+            format!("\"{}\"", humantime::format_rfc3339_millis(time))
+        };
+        // Epoch, leap days, century rules, year ends, and a spread of instants up to 9999.
+        let mut cases = vec![
+            0,
+            951_782_400_000,     // 2000-02-29
+            4_107_456_000_000,   // 2100-02-28
+            4_107_542_399_999,   // 2100-02-28T23:59:59.999 (2100 is no leap year)
+            1_709_164_800_123,   // 2024-02-29
+            1_735_689_599_999,   // 2024-12-31T23:59:59.999
+            253_402_300_799_999, // 9999-12-31T23:59:59.999
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            cases.push(x % 253_402_300_800_000);
+        }
+        for ms in cases {
+            let mut out = Vec::new();
+            write_time_ms(&mut out, ms);
+            assert_eq!(String::from_utf8(out).unwrap(), humantime(ms), "at {ms} ms");
+        }
+        let mut out = Vec::new();
+        write_time_ms(&mut out, u64::MAX);
+        assert_eq!(out, b"\"9999-12-31T23:59:59.999Z\"");
+    }
 
     #[test]
     fn escapes_round_trip_through_serde() {

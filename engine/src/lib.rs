@@ -20,5 +20,5 @@ pub mod record;
 pub mod shard;
 pub mod snapshot;
 
-pub use engine::{Engine, EngineConfig, EngineError, ListPage};
+pub use engine::{Engine, EngineConfig, EngineError};
 pub use record::{EventFields, LogPosition, RecordBatch};

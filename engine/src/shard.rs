@@ -10,9 +10,11 @@
 //! - Inboxes are bounded ([`SHARD_INBOX_CAPACITY`]); a full inbox makes the sender wait.
 //! - Per id a shard keeps one `Slot` (the entity block and its history) in a `HashTable` keyed
 //!   by the id inside the block; an entity exists iff its revision is not 0 (log positions
-//!   start at 1). The sorted ids listings need are built on demand; creates since then are kept
-//!   in a small ordered set beside them and deleted ids are skipped on read ([`Order`]), so a
-//!   listing never names a missing entity nor misses an existing one.
+//!   start at 1). The order listings need (bucket indexes sorted by id, [`SortedIds`]) is built
+//!   when a listing needs it or the shard is idle; creates since then are kept in a small
+//!   ordered set beside it and deleted ids are skipped on read ([`Order`]), so a listing never
+//!   names a missing entity nor misses an existing one. Anything that moves or frees buckets
+//!   (growth, rehash, `retain`) drops the order first.
 //! - After applying a live record (not one a snapshot already covered) the shard tells its
 //!   [`ChangeObserver`], on the shard thread, in log order.
 
@@ -40,6 +42,9 @@ pub const INTERNAL_STREAM_PREFIX: &str = "flux.";
 
 /// Messages a shard's inbox holds before senders wait (backpressure, never dropped).
 pub const SHARD_INBOX_CAPACITY: usize = 1024;
+
+/// A shard whose ids need sorting sorts them once its inbox has been empty this long.
+const SORT_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The shard that owns `entity_id` among `shards` shards.
 pub fn shard_of(entity_id: &str, shards: usize) -> u16 {
@@ -90,8 +95,46 @@ impl Completion {
     }
 }
 
-/// One entity in a page of a listing: its id and its rendered JSON object.
-pub type ListedEntity = (Arc<str>, Vec<u8>);
+/// A page of a listing from one shard: entities in id order, rendered as JSON objects, all in
+/// four buffers (not two allocations per entity).
+#[derive(Debug, Default)]
+pub struct ListedPage {
+    ids: String,
+    id_ends: Vec<usize>,
+    json: Vec<u8>,
+    json_ends: Vec<usize>,
+}
+
+impl ListedPage {
+    fn push(&mut self, entity: &Entity) {
+        self.ids.push_str(entity.id());
+        self.id_ends.push(self.ids.len());
+        entity.write_json(&mut self.json);
+        self.json_ends.push(self.json.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.id_ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.id_ends.is_empty()
+    }
+
+    fn start(ends: &[usize], i: usize) -> usize {
+        i.checked_sub(1).map_or(0, |j| ends[j])
+    }
+
+    /// The id of entity `i`.
+    pub fn id(&self, i: usize) -> &str {
+        &self.ids[Self::start(&self.id_ends, i)..self.id_ends[i]]
+    }
+
+    /// The JSON object of entity `i`.
+    pub fn json(&self, i: usize) -> &[u8] {
+        &self.json[Self::start(&self.json_ends, i)..self.json_ends[i]]
+    }
+}
 
 /// Entities whose id starts with `prefix` and sorts after `after`, at most `limit` of them.
 #[derive(Debug, Clone)]
@@ -137,7 +180,7 @@ pub enum ShardWork {
     },
     List {
         query: ListQuery,
-        reply: oneshot::Sender<Vec<ListedEntity>>,
+        reply: oneshot::Sender<ListedPage>,
     },
     /// Ids of existing entities matching `query` (no rendering), for batch deletes.
     Ids {
@@ -273,7 +316,7 @@ impl Dispatcher {
 pub fn start_shards(
     count: usize,
 ) -> std::io::Result<(Dispatcher, Vec<std::thread::JoinHandle<()>>)> {
-    start_observed_shards(count, None)
+    start_observed_shards(count, None, None)
 }
 
 /// Starts `count` shard threads that report changes to `observer`; returns the dispatcher and
@@ -281,6 +324,7 @@ pub fn start_shards(
 pub fn start_observed_shards(
     count: usize,
     observer: Option<Arc<dyn ChangeObserver>>,
+    after_idle_work: Option<fn()>,
 ) -> std::io::Result<(Dispatcher, Vec<std::thread::JoinHandle<()>>)> {
     let mut inboxes = Vec::with_capacity(count);
     let mut threads = Vec::with_capacity(count);
@@ -290,6 +334,7 @@ pub fn start_observed_shards(
         let shard = Shard {
             index,
             observer: observer.clone(),
+            after_idle_work,
             ..Shard::default()
         };
         let handle = std::thread::Builder::new()
@@ -393,38 +438,47 @@ impl History {
     }
 }
 
-/// Ids of the existing entities, sorted, packed into one buffer (two allocations in all).
+/// The existing entities in id order, as indexes of their buckets in the shard's table
+/// (4 bytes each, no copy of the ids): a listing reads each entity straight from its bucket.
+///
+/// Valid only while no bucket moves. The table moves buckets when it grows or rehashes (only
+/// ever inside an insert made with no room left) and frees them in `retain`; the shard drops
+/// its [`Order`] before either ([`Shard::slot`], [`Shard::forget_history_before`]).
 struct SortedIds {
-    text: String,
-    /// `ends[i]` is where id `i` ends in `text`; it starts where id `i - 1` ends.
-    ends: Vec<usize>,
+    buckets: Vec<u32>,
 }
 
 impl SortedIds {
     fn build(slots: &HashTable<Slot>, entities: usize) -> Self {
-        let mut ids: Vec<&str> = Vec::with_capacity(entities);
-        ids.extend(slots.iter().filter(|s| s.exists()).map(|s| s.entity.id()));
-        ids.sort_unstable();
-        let mut text = String::with_capacity(ids.iter().map(|id| id.len()).sum());
-        let mut ends = Vec::with_capacity(ids.len());
-        for id in ids {
-            text.push_str(id);
-            ends.push(text.len());
+        let mut ids: Vec<(&str, u32)> = Vec::with_capacity(entities);
+        ids.extend(slots.iter_buckets().filter_map(|bucket| {
+            let slot = slots.get_bucket(bucket)?;
+            slot.exists().then(|| (slot.entity.id(), bucket as u32))
+        }));
+        ids.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        SortedIds {
+            buckets: ids.into_iter().map(|(_, bucket)| bucket).collect(),
         }
-        SortedIds { text, ends }
     }
 
-    fn get(&self, index: usize) -> &str {
-        let start = index.checked_sub(1).map_or(0, |i| self.ends[i]);
-        &self.text[start..self.ends[index]]
+    fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    fn get<'a>(&self, slots: &'a HashTable<Slot>, index: usize) -> Option<&'a Slot> {
+        slots.get_bucket(self.buckets[index] as usize)
+    }
+
+    fn id<'a>(&self, slots: &'a HashTable<Slot>, index: usize) -> &'a str {
+        self.get(slots, index).map_or("", |s| s.entity.id())
     }
 
     /// The first index whose id is not `before` (ids are sorted, so `before` holds for a prefix).
-    fn first_not(&self, before: impl Fn(&str) -> bool) -> usize {
-        let (mut low, mut high) = (0, self.ends.len());
+    fn first_not(&self, slots: &HashTable<Slot>, before: impl Fn(&str) -> bool) -> usize {
+        let (mut low, mut high) = (0, self.len());
         while low < high {
             let mid = low + (high - low) / 2;
-            if before(self.get(mid)) {
+            if before(self.id(slots, mid)) {
                 low = mid + 1;
             } else {
                 high = mid;
@@ -433,25 +487,33 @@ impl SortedIds {
         low
     }
 
-    /// Ids from where `query` starts (after `query.after`, at `query.prefix`) while they
-    /// carry the prefix, in order.
-    fn from<'a>(&'a self, query: &'a ListQuery) -> impl Iterator<Item = &'a str> + 'a {
+    /// Entries from where `query` starts (after `query.after`, at `query.prefix`) while their
+    /// ids carry the prefix, in order.
+    fn from<'a>(
+        &'a self,
+        slots: &'a HashTable<Slot>,
+        query: &'a ListQuery,
+    ) -> impl Iterator<Item = Candidate<'a>> + 'a {
         let prefix: &str = &query.prefix;
         let first = match query.after.as_deref() {
-            Some(after) if after >= prefix => self.first_not(|id| id <= after),
-            _ => self.first_not(|id| id < prefix),
+            Some(after) if after >= prefix => self.first_not(slots, |id| id <= after),
+            _ => self.first_not(slots, |id| id < prefix),
         };
-        (first..self.ends.len())
-            .map(|i| self.get(i))
-            .take_while(move |id| id.starts_with(prefix))
+        (first..self.len())
+            .filter_map(move |i| self.get(slots, i))
+            .map(|slot| (slot.entity.id(), Some(slot)))
+            .take_while(move |(id, _)| id.starts_with(prefix))
     }
 }
 
-/// The ids listings page through, kept current without re-sorting on every create: ids
+/// An id a listing may name, with its slot when already known.
+type Candidate<'a> = (&'a str, Option<&'a Slot>);
+
+/// The order listings page through, kept current without re-sorting on every create: ids
 /// created since the last sort wait in a small ordered set beside it, and ids deleted since
-/// are skipped on read (readers look every id up anyway). Either growing past
-/// [`Order::rebuild_after`] drops it, to be sorted again on the next listing, so creates cost
-/// O(log n) amortized even while listings run.
+/// are skipped on read (readers check every entry exists anyway). Either growing past
+/// [`Order::rebuild_after`] drops it, to be sorted again at the next listing or idle moment,
+/// so creates cost O(log n) amortized even while listings run.
 struct Order {
     sorted: SortedIds,
     created: BTreeSet<Box<str>>,
@@ -460,7 +522,7 @@ struct Order {
 
 impl Order {
     fn rebuild_after(&self) -> usize {
-        (self.sorted.ends.len() / 8).max(1024)
+        (self.sorted.len() / 8).max(1024)
     }
 
     /// Notes a created entity in `order`, dropping it once too much is pending.
@@ -484,8 +546,12 @@ impl Order {
         }
     }
 
-    /// Candidate ids for `query`, in order, each once; some may name deleted entities.
-    fn candidates<'a>(&'a self, query: &'a ListQuery) -> impl Iterator<Item = &'a str> + 'a {
+    /// Candidates for `query`, in id order, each id once; some may name deleted entities.
+    fn candidates<'a>(
+        &'a self,
+        slots: &'a HashTable<Slot>,
+        query: &'a ListQuery,
+    ) -> impl Iterator<Item = Candidate<'a>> + 'a {
         let prefix: &str = &query.prefix;
         let start = match query.after.as_deref() {
             Some(after) if after >= prefix => Bound::Excluded(after),
@@ -494,30 +560,30 @@ impl Order {
         let created = self
             .created
             .range::<str, _>((start, Bound::Unbounded))
-            .map(|id| &**id)
-            .take_while(move |id| id.starts_with(prefix));
+            .map(|id| (&**id, None))
+            .take_while(move |(id, _)| id.starts_with(prefix));
         MergeSorted {
-            a: self.sorted.from(query).peekable(),
+            a: self.sorted.from(slots, query).peekable(),
             b: created.peekable(),
         }
     }
 }
 
-/// Merges two sorted iterators of ids, yielding an id present in both once.
-struct MergeSorted<'a, A: Iterator<Item = &'a str>, B: Iterator<Item = &'a str>> {
+/// Merges two iterators sorted by id, yielding an id present in both once (the first's entry).
+struct MergeSorted<'a, A: Iterator<Item = Candidate<'a>>, B: Iterator<Item = Candidate<'a>>> {
     a: std::iter::Peekable<A>,
     b: std::iter::Peekable<B>,
 }
 
-impl<'a, A: Iterator<Item = &'a str>, B: Iterator<Item = &'a str>> Iterator
+impl<'a, A: Iterator<Item = Candidate<'a>>, B: Iterator<Item = Candidate<'a>>> Iterator
     for MergeSorted<'a, A, B>
 {
-    type Item = &'a str;
+    type Item = Candidate<'a>;
 
-    fn next(&mut self) -> Option<&'a str> {
+    fn next(&mut self) -> Option<Candidate<'a>> {
         match (self.a.peek(), self.b.peek()) {
-            (Some(a), Some(b)) if a < b => self.a.next(),
-            (Some(a), Some(b)) if a > b => self.b.next(),
+            (Some(a), Some(b)) if a.0 < b.0 => self.a.next(),
+            (Some(a), Some(b)) if a.0 > b.0 => self.b.next(),
             (Some(_), Some(_)) => {
                 self.b.next();
                 self.a.next()
@@ -541,13 +607,31 @@ struct Shard {
     /// State already includes every record at or below this position (from a snapshot).
     covered: LogPosition,
     observer: Option<Arc<dyn ChangeObserver>>,
+    after_idle_work: Option<fn()>,
     /// Event sources and the accept time of their latest record (for "active publishers").
     sources: HashMap<Arc<str>, u64>,
 }
 
 impl Shard {
     fn run(mut self, inbox: flume::Receiver<ShardWork>) {
-        while let Ok(work) = inbox.recv() {
+        loop {
+            let work = if self.order.is_none() && self.entities > 0 {
+                match inbox.recv_timeout(SORT_WHEN_IDLE_FOR) {
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        // Quiet: sort now so the next listing need not (after a start-up,
+                        // a snapshot load, or many creates).
+                        self.sort_ids();
+                        if let Some(hook) = self.after_idle_work {
+                            hook();
+                        }
+                        continue;
+                    }
+                    work => work.ok(),
+                }
+            } else {
+                inbox.recv().ok()
+            };
+            let Some(work) = work else { return };
             self.handle(work);
         }
     }
@@ -564,6 +648,10 @@ impl Shard {
 
     /// The slot for `id`, created empty if new.
     fn slot(&mut self, id: &str) -> &mut Slot {
+        if self.slots.len() == self.slots.capacity() {
+            // No room left: the entry below grows or rehashes the table, moving buckets.
+            self.order = None;
+        }
         let hash = self.hasher.hash_one(id);
         let hasher = &self.hasher;
         self.slots
@@ -589,13 +677,16 @@ impl Shard {
 
     /// Ids of existing entities matching `query`, in order, at most `query.limit`
     /// (after [`Shard::sort_ids`]).
-    fn matching<'a>(&'a self, query: &'a ListQuery) -> Vec<&'a str> {
+    fn matching<'a>(&'a self, query: &'a ListQuery) -> Vec<&'a Entity> {
         let Some(order) = &self.order else {
             return Vec::new();
         };
         order
-            .candidates(query)
-            .filter(|id| self.entity(id).is_some())
+            .candidates(&self.slots, query)
+            .filter_map(|(id, slot)| match slot {
+                Some(slot) => slot.exists().then_some(&slot.entity),
+                None => self.entity(id),
+            })
             .take(query.limit)
             .collect()
     }
@@ -633,22 +724,19 @@ impl Shard {
             }
             ShardWork::List { query, reply } => {
                 self.sort_ids();
-                let ids = self.matching(&query);
-                let page = ids
-                    .into_iter()
-                    .map(|id| {
-                        let mut out = Vec::with_capacity(128);
-                        if let Some(e) = self.entity(id) {
-                            e.write_json(&mut out);
-                        }
-                        (Arc::from(id), out)
-                    })
-                    .collect();
+                let mut page = ListedPage::default();
+                for entity in self.matching(&query) {
+                    page.push(entity);
+                }
                 let _ = reply.send(page);
             }
             ShardWork::Ids { query, reply } => {
                 self.sort_ids();
-                let ids = self.matching(&query).into_iter().map(Arc::from).collect();
+                let ids = self
+                    .matching(&query)
+                    .into_iter()
+                    .map(|e| Arc::from(e.id()))
+                    .collect();
                 let _ = reply.send(ids);
             }
             ShardWork::NamespaceCounts { reply } => {
@@ -779,10 +867,15 @@ impl Shard {
     }
 
     fn forget_history_before(&mut self, first_kept: LogPosition) {
+        let before = self.slots.len();
         self.slots.retain(|slot| {
             slot.history.forget_before(first_kept);
             !slot.history.is_empty() || slot.exists()
         });
+        if self.slots.len() != before {
+            // Freed buckets may be reused by other ids: the sorted buckets no longer hold.
+            self.order = None;
+        }
     }
 }
 
@@ -823,7 +916,11 @@ mod tests {
 
     fn ids(shard: &mut Shard, q: &ListQuery) -> Vec<String> {
         shard.sort_ids();
-        shard.matching(q).into_iter().map(String::from).collect()
+        shard
+            .matching(q)
+            .into_iter()
+            .map(|e| e.id().to_string())
+            .collect()
     }
 
     /// Creates or deletes `id` the way applying a record does, for the order's bookkeeping.
@@ -860,6 +957,53 @@ mod tests {
             ["b/1", "b/10", "b/2"]
         );
         assert_eq!(ids(&mut shard, &query("d", None, 10)), Vec::<String>::new());
+    }
+
+    /// The sorted buckets survive neither growth, nor an in-place rehash, nor a `retain` that
+    /// frees buckets other ids then take: listings stay exact through all three.
+    #[test]
+    fn listings_stay_exact_when_buckets_move() {
+        let mut shard = Shard::default();
+        let mut oracle = BTreeSet::new();
+        let all = |shard: &mut Shard| ids(shard, &query("", None, usize::MAX));
+        let mut revision = 0;
+        let mut set = |shard: &mut Shard, oracle: &mut BTreeSet<String>, id: String, on: bool| {
+            revision += 1;
+            set_exists(shard, &id, on, revision);
+            if on {
+                oracle.insert(id);
+            } else {
+                oracle.remove(&id);
+            }
+        };
+        for round in 0..4 {
+            // Grow: every listing between creates must match.
+            for i in 0..3000 {
+                set(&mut shard, &mut oracle, format!("r{round}/{i:04}"), true);
+                if i % 500 == 0 {
+                    assert_eq!(all(&mut shard), oracle.iter().cloned().collect::<Vec<_>>());
+                }
+            }
+            // Sort, then delete a few (fewer than a rebuild needs, so the sorted buckets still
+            // name them) and free their slots (no history): other ids take those buckets next.
+            assert_eq!(all(&mut shard), oracle.iter().cloned().collect::<Vec<_>>());
+            for i in (0..3000).filter(|i| i % 10 == 0) {
+                set(&mut shard, &mut oracle, format!("r{round}/{i:04}"), false);
+            }
+            shard.forget_history_before(u64::MAX);
+            for i in 0..300 {
+                set(
+                    &mut shard,
+                    &mut oracle,
+                    format!("r{round}/new-{i:03}"),
+                    true,
+                );
+                if i % 50 == 0 {
+                    assert_eq!(all(&mut shard), oracle.iter().cloned().collect::<Vec<_>>());
+                }
+            }
+        }
+        assert_eq!(shard.entities, oracle.len());
     }
 
     /// Creates and deletes between pages (and past the rebuild threshold) never make a listing
