@@ -373,8 +373,18 @@ mod tests {
         while conn.lock().socket.is_none() {
             tokio::task::yield_now().await;
         }
+        // Read while pushing: a peer that stopped reading would fill the socket and then the
+        // bounded queue, and the test is about order, not overflow.
+        let reader = tokio::spawn(async move {
+            let mut received = Vec::new();
+            client.read_to_end(&mut received).await.expect("read");
+            received
+        });
         let mut expected = Vec::new();
-        for i in 0..20_000u32 {
+        // Fewer frames than the queue holds, so no scheduling delay of the writer can overflow.
+        const FRAMES: u32 = 12_000;
+        const _: () = assert!((FRAMES as usize) < QUEUE_MAX_FRAMES);
+        for i in 0..FRAMES {
             let frame = Bytes::from(format!("{i:08}"));
             expected.extend_from_slice(&frame);
             let pushed = if i % 3 == 0 {
@@ -385,8 +395,7 @@ mod tests {
             assert_eq!(pushed, Push::Queued);
         }
         conn.close(frame::CLOSE_NORMAL, "");
-        let mut received = Vec::new();
-        client.read_to_end(&mut received).await.expect("read");
+        let received = reader.await.expect("reader");
         writer.await.expect("writer");
         assert!(
             received.len() > expected.len(),
