@@ -648,10 +648,7 @@ impl Shard {
 
     /// The slot for `id`, created empty if new.
     fn slot(&mut self, id: &str) -> &mut Slot {
-        if self.slots.len() == self.slots.capacity() {
-            // No room left: the entry below grows or rehashes the table, moving buckets.
-            self.order = None;
-        }
+        self.before_entry();
         let hash = self.hasher.hash_one(id);
         let hasher = &self.hasher;
         self.slots
@@ -662,6 +659,14 @@ impl Shard {
             )
             .or_insert_with(|| Slot::new(id))
             .into_mut()
+    }
+
+    /// Call before every `slots.entry`: with no room left, the entry grows or rehashes the
+    /// table, which moves buckets, so the sorted buckets must go first.
+    fn before_entry(&mut self) {
+        if self.slots.len() == self.slots.capacity() {
+            self.order = None;
+        }
     }
 
     /// Sorts the ids if a create or delete dropped them.
@@ -810,6 +815,7 @@ impl Shard {
             let id = record.fields.entity_id;
             let covered = position <= self.covered;
             let accept_ms = frame.accept_time_ms;
+            self.before_entry();
             let hash = self.hasher.hash_one(id);
             let hasher = &self.hasher;
             let slot = self
@@ -923,20 +929,25 @@ mod tests {
             .collect()
     }
 
-    /// Creates or deletes `id` the way applying a record does, for the order's bookkeeping.
-    fn set_exists(shard: &mut Shard, id: &str, exists: bool, revision: u64) {
-        let slot = shard.slot(id);
-        if slot.exists() == exists {
-            return;
-        }
-        slot.entity.revision = if exists { revision } else { 0 };
-        if exists {
-            shard.entities += 1;
-            Order::created(&mut shard.order, id);
+    /// Creates (an update) or deletes (a tombstone) `id` by applying a record at `position`.
+    fn set_exists(shard: &mut Shard, id: &str, exists: bool, position: u64) {
+        let fields = crate::record::EventFields {
+            event_id: "e",
+            stream: "test",
+            source: "test",
+            timestamp: 0,
+            entity_id: id,
+            key: None,
+            schema: None,
+        };
+        let properties: &[(&str, &str)] = if exists {
+            &[("v", "1")]
         } else {
-            shard.entities -= 1;
-            Order::deleted(&mut shard.order, id);
-        }
+            &[("__deleted__", "true")]
+        };
+        let mut batch = crate::record::RecordBatch::with_capacity(64, 1);
+        batch.push_event(0, &fields, properties.iter().copied());
+        shard.apply(&Frame::from_batch(position, 1, batch), &[0]);
     }
 
     #[test]
