@@ -30,8 +30,10 @@
 //!   log).
 //! - Faults: while NATS is unreachable, a publish failed, or the tail cannot read, appends fail
 //!   at once with [`LogError::Unavailable`] and [`Log::unavailable_reason`] says why; reads keep
-//!   being served from the shards. A background task probes the stream and clears the failure;
-//!   the tail resumes from the sequence after the last one it applied.
+//!   being served from the shards. A background task probes the stream and clears a publish
+//!   failure; the tail clears its own as soon as its consumer is re-created (not at the next
+//!   message, which may never come while writes are refused) and resumes from the sequence
+//!   after the last one it applied.
 //! - Start-up = newest snapshot + replay of the stream from its first message up to its last
 //!   sequence at open time (records the snapshot covers only rebuild the history index). A
 //!   snapshot's position names the stream sequence it covers, so snapshots are portable between
@@ -170,7 +172,7 @@ struct Shared {
     last_accept_ms: AtomicU64,
     /// Why publishing failed; cleared once the stream answers again.
     publish_failure: Mutex<Option<String>>,
-    /// Why the tail cannot read; cleared once it reads again.
+    /// Why the tail cannot read; cleared once its consumer is back (or it reads a message).
     tail_failure: Mutex<Option<String>>,
     closed: AtomicBool,
     /// Reference for the publish start times below.
@@ -181,8 +183,29 @@ struct Shared {
     in_flight: Arc<Semaphore>,
     /// Tells the tail to drop its consumer and re-create it after the last applied message
     /// (after a reconnect, or when it stalls behind the stream).
-    tail_reset: Arc<Notify>,
+    tail_reset: Arc<TailReset>,
     metrics: LogMetrics,
+}
+
+/// Requests that the tail re-create its consumer. Requests are counted: one made before the
+/// current consumer was in place is already answered by it, so the tail ignores it instead of
+/// dropping a consumer that works (while a cluster peer is down, creating a consumer can time
+/// out, and a stale request arriving right after a success used to throw the success away).
+#[derive(Default)]
+struct TailReset {
+    requests: AtomicU64,
+    notify: Notify,
+}
+
+impl TailReset {
+    fn request(&self) {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_one();
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Acquire)
+    }
 }
 
 /// A frame read from the stream, for the ordering thread.
@@ -407,6 +430,8 @@ struct Reader {
     shared: Arc<Shared>,
     next_sequence: u64,
     messages: Option<consumer::pull::Ordered>,
+    /// [`TailReset::requests`] when `messages` was created: later requests re-create it.
+    answered_resets: u64,
     /// Parts seen on the way, for the message that completes them.
     parts: HashMap<u64, Bytes>,
     parts_bytes: usize,
@@ -418,6 +443,7 @@ impl Reader {
             shared,
             next_sequence,
             messages: None,
+            answered_resets: 0,
             parts: HashMap::new(),
             parts_bytes: 0,
         }
@@ -445,14 +471,25 @@ impl Reader {
                     .await
                     .map_err(|e| unavailable("reading the stream", e))?;
                 self.messages = Some(messages);
+                // Requests made while this consumer was being created are answered by it.
+                self.answered_resets = self.shared.tail_reset.requests();
+                // The tail reads again as soon as its consumer is back, not at the next message:
+                // writes are refused while it is marked failed, so on a quiet stream the next
+                // message might never come (writes answered 503 for good after a cluster peer
+                // stopped).
+                if lock(&self.shared.tail_failure).take().is_some() {
+                    tracing::info!("the stream tail reads again");
+                }
             }
             let Some(messages) = self.messages.as_mut() else {
                 continue;
             };
             let next = tokio::select! {
                 next = messages.next() => next,
-                () = self.shared.tail_reset.notified() => {
-                    self.messages = None;
+                () = self.shared.tail_reset.notify.notified() => {
+                    if self.shared.tail_reset.requests() != self.answered_resets {
+                        self.messages = None;
+                    }
                     continue;
                 }
             };
@@ -555,7 +592,7 @@ impl JetStreamLog {
         if servers.is_empty() {
             return Err(LogError::Unavailable("no NATS server given".into()));
         }
-        let tail_reset = Arc::new(Notify::new());
+        let tail_reset = Arc::new(TailReset::default());
         let on_event = tail_reset.clone();
         let client = async_nats::ConnectOptions::new()
             .name("flux")
@@ -565,7 +602,7 @@ impl JetStreamLog {
                     match event {
                         async_nats::Event::Connected => {
                             tracing::info!("connected to NATS");
-                            tail_reset.notify_one();
+                            tail_reset.request();
                         }
                         async_nats::Event::Disconnected => {
                             tracing::warn!(
@@ -785,8 +822,7 @@ async fn run_tail(shared: Arc<Shared>, mut reader: Reader, tx: flume::Sender<Tai
     loop {
         match reader.next().await {
             Ok((delivered, _)) => {
-                if lock(&shared.tail_failure).is_some() {
-                    lock(&shared.tail_failure).take();
+                if lock(&shared.tail_failure).take().is_some() {
                     tracing::info!("the stream tail reads again");
                 }
                 if tx.send_async(TailMsg::Frame(delivered)).await.is_err() {
@@ -859,9 +895,12 @@ async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
                                 last = info.state.last_sequence,
                                 "the stream tail stalled; re-creating its consumer"
                             );
-                            shared.tail_reset.notify_one();
+                            shared.tail_reset.request();
+                            // The new consumer gets two probes to make progress.
+                            behind_at = None;
+                        } else {
+                            behind_at = Some(applied);
                         }
-                        behind_at = Some(applied);
                     } else {
                         behind_at = None;
                     }
