@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use flux_egress::Hub;
 use flux_engine::engine::LogConfig;
 use flux_engine::log::jetstream::JetStreamOptions;
+use flux_engine::threads::ThreadPolicy;
 use flux_engine::{Engine, EngineConfig};
 use flux_ingress::metrics::IngressMetrics;
 use flux_ingress::sealer::Sealer;
@@ -91,6 +92,13 @@ struct ServeArgs {
     /// Log segment size in bytes before a new segment starts.
     #[arg(long, env = "FLUX_SEGMENT_BYTES", default_value_t = 64 << 20)]
     segment_bytes: u64,
+    /// Pin each shard thread to its own CPU (shard k to the k-th CPU this process may use).
+    #[arg(long, env = "FLUX_PIN")]
+    pin: bool,
+    /// Microseconds shard and log-writer threads poll for work before they sleep (0: sleep at
+    /// once; an idle server never spins longer than this after its last message).
+    #[arg(long, env = "FLUX_SPIN_US", default_value_t = 0)]
+    spin_us: u64,
 }
 
 fn main() {
@@ -197,6 +205,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         log,
         observer: None,
         after_idle_work: Some(collect_thread_heap),
+        threads: ThreadPolicy {
+            spin: Duration::from_micros(args.spin_us),
+            pin: args.pin,
+        },
     };
     let hub = Hub::new();
     let config = EngineConfig {
@@ -227,7 +239,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stdout,
         "flux listening on http://{local} (log={}, data_dir={}, shards={shards}, \
          http_workers={http_workers}, auth={}, admin_token={}, connectors={}, retention={}, \
-         snapshot_interval={}, segment_bytes={}; \
+         snapshot_interval={}, segment_bytes={}, pin={}, spin_us={}; \
          recovered snapshot={} with {} entities, {} log records, {} torn bytes dropped)",
         match &engine.config().log {
             LogConfig::Local => engine.log_kind().to_string(),
@@ -254,6 +266,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         humantime::format_duration(args.retention),
         humantime::format_duration(args.snapshot_interval),
         args.segment_bytes,
+        args.pin,
+        args.spin_us,
         recovery
             .snapshot_position
             .map_or("none".to_string(), |p| p.to_string()),

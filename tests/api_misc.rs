@@ -987,3 +987,38 @@ fn metrics_is_prometheus_text() {
     }
     assert!(samples > 0, "no samples in /metrics: {text:?}");
 }
+
+/// `--pin` narrows every shard thread to one CPU of the process's set, and `--spin-us` is
+/// accepted; both show in the start-up line and the server works as usual.
+#[test]
+fn pin_and_spin_flags_place_shard_threads_and_serve() {
+    let s = Server::start_args(&["--pin", "--spin-us", "50", "--shards", "2"]);
+    let line = s.stdout_text();
+    assert!(line.contains("pin=true") && line.contains("spin_us=50"), "{line}");
+    s.put("pin/one", json!({"v": 1}));
+    assert_eq!(s.props("pin/one")["v"], 1);
+
+    let pid = s.pid().expect("pid");
+    let mut shards = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let path = task.expect("task").path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if !comm.starts_with("flux-shard-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(path.join("status")).expect("status");
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list")
+            .trim()
+            .to_string();
+        assert!(
+            cpus.parse::<usize>().is_ok(),
+            "{} may run on {cpus}, expected one CPU",
+            comm.trim()
+        );
+        shards += 1;
+    }
+    assert_eq!(shards, 2, "shard threads found");
+}

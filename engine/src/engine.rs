@@ -26,6 +26,7 @@ use crate::shard::{
     start_observed_shards,
 };
 use crate::snapshot::{self, SnapshotJob};
+use crate::threads::ThreadPolicy;
 
 /// Entities a shard renders per listing round trip.
 const LIST_PAGE_ENTITIES: usize = 1024;
@@ -50,6 +51,8 @@ pub struct EngineConfig {
     /// Called on a shard thread after work it did because it was idle (the binary hands freed
     /// memory back to the OS there).
     pub after_idle_work: Option<fn()>,
+    /// How shard and log-writer threads wait for work, and whether shards are pinned.
+    pub threads: ThreadPolicy,
 }
 
 /// The durable log backend.
@@ -114,6 +117,7 @@ fn open_local(
 ) -> Result<Arc<dyn Log>, EngineError> {
     let options = LocalLogOptions {
         segment_bytes: config.segment_bytes,
+        spin: config.threads.spin,
     };
     let shards = dispatcher.shard_count();
     let (log, summary) = LocalLog::open(&config.data_dir.join("log"), options, &mut |frame| {
@@ -179,9 +183,13 @@ impl Engine {
         fs::create_dir_all(&snapshots).map_err(io_context("creating snapshots dir"))?;
 
         let shards = config.shards.max(1);
-        let (dispatcher, _threads) =
-            start_observed_shards(shards, config.observer.clone(), config.after_idle_work)
-                .map_err(io_context("starting shards"))?;
+        let (dispatcher, _threads) = start_observed_shards(
+            shards,
+            config.observer.clone(),
+            config.after_idle_work,
+            config.threads,
+        )
+        .map_err(io_context("starting shards"))?;
         let mut report = RecoveryReport::default();
 
         let snapshot =

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod record;
 pub mod shard;
 pub mod snapshot;
+pub mod threads;
 
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use record::{EventFields, LogPosition, RecordBatch};

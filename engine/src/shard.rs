@@ -31,6 +31,7 @@ use crate::control::{ControlChange, ControlState};
 use crate::entity::Entity;
 use crate::record::{CONTROL_OWNER, Frame, LogPosition, PropertyIter};
 use crate::snapshot::SnapshotJob;
+use crate::threads::{ThreadPolicy, recv_spinning, recv_spinning_timeout};
 
 /// Event positions remembered per entity: a history query returns at most this many (newest
 /// first), so older positions could never be asked for. Bounds the index to this many per id
@@ -316,7 +317,7 @@ impl Dispatcher {
 pub fn start_shards(
     count: usize,
 ) -> std::io::Result<(Dispatcher, Vec<std::thread::JoinHandle<()>>)> {
-    start_observed_shards(count, None, None)
+    start_observed_shards(count, None, None, ThreadPolicy::default())
 }
 
 /// Starts `count` shard threads that report changes to `observer`; returns the dispatcher and
@@ -325,6 +326,7 @@ pub fn start_observed_shards(
     count: usize,
     observer: Option<Arc<dyn ChangeObserver>>,
     after_idle_work: Option<fn()>,
+    policy: ThreadPolicy,
 ) -> std::io::Result<(Dispatcher, Vec<std::thread::JoinHandle<()>>)> {
     let mut inboxes = Vec::with_capacity(count);
     let mut threads = Vec::with_capacity(count);
@@ -335,11 +337,17 @@ pub fn start_observed_shards(
             index,
             observer: observer.clone(),
             after_idle_work,
+            spin: policy.spin,
             ..Shard::default()
         };
         let handle = std::thread::Builder::new()
             .name(format!("flux-shard-{index}"))
-            .spawn(move || shard.run(rx))?;
+            .spawn(move || {
+                if policy.pin {
+                    crate::threads::pin_current_thread(index);
+                }
+                shard.run(rx)
+            })?;
         threads.push(handle);
     }
     let control = Arc::new(RwLock::new(ControlState::default()));
@@ -608,6 +616,8 @@ struct Shard {
     covered: LogPosition,
     observer: Option<Arc<dyn ChangeObserver>>,
     after_idle_work: Option<fn()>,
+    /// Polls the inbox this long before sleeping on it.
+    spin: std::time::Duration,
     /// Event sources and the accept time of their latest record (for "active publishers").
     sources: HashMap<Arc<str>, u64>,
 }
@@ -616,7 +626,7 @@ impl Shard {
     fn run(mut self, inbox: flume::Receiver<ShardWork>) {
         loop {
             let work = if self.order.is_none() && self.entities > 0 {
-                match inbox.recv_timeout(SORT_WHEN_IDLE_FOR) {
+                match recv_spinning_timeout(&inbox, self.spin, SORT_WHEN_IDLE_FOR) {
                     Err(flume::RecvTimeoutError::Timeout) => {
                         // Quiet: sort now so the next listing need not (after a start-up,
                         // a snapshot load, or many creates).
@@ -629,7 +639,7 @@ impl Shard {
                     work => work.ok(),
                 }
             } else {
-                inbox.recv().ok()
+                recv_spinning(&inbox, self.spin).ok()
             };
             let Some(work) = work else { return };
             self.handle(work);

@@ -126,15 +126,27 @@ struct Opened {
 
 /// Opens the log in `dir` without starting it (for tests that expect `open` to fail).
 fn open_only(dir: &Path, segment_bytes: u64) -> Result<(LocalLog, OpenSummary), LogError> {
-    LocalLog::open(dir, LocalLogOptions { segment_bytes }, &mut |_| {})
+    LocalLog::open(
+        dir,
+        LocalLogOptions {
+            segment_bytes,
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
 }
 
 /// Opens the log in `dir`, collects every replayed frame and starts the writer on one shard.
 fn open(dir: &Path, segment_bytes: u64) -> Opened {
     let mut frames = Vec::new();
-    let (log, summary) = LocalLog::open(dir, LocalLogOptions { segment_bytes }, &mut |frame| {
-        frames.push(StoredFrame::from_frame(&frame))
-    })
+    let (log, summary) = LocalLog::open(
+        dir,
+        LocalLogOptions {
+            segment_bytes,
+            ..Default::default()
+        },
+        &mut |frame| frames.push(StoredFrame::from_frame(&frame)),
+    )
     .expect("log opens");
     let (dispatcher, _shard_threads) = start_shards(1).expect("shard starts");
     // The writer owns the only dispatcher left, so the shard thread exits once the log closes.

@@ -143,7 +143,8 @@ struct Started {
 fn start(factory: &mut Factory<'_>) -> Started {
     let recorder = Arc::new(Recorder::default());
     let (dispatcher, _threads) =
-        start_observed_shards(1, Some(recorder.clone()), None).expect("start shards");
+        start_observed_shards(1, Some(recorder.clone()), None, Default::default())
+            .expect("start shards");
     let mut replayed = Vec::new();
     let log = factory(&mut |frame| replayed.push(frame));
     log.start(dispatcher.clone()).expect("start the log");
@@ -340,7 +341,8 @@ fn jetstream_refuses_a_mismatching_stream_and_fails_fast_without_nats() {
 
     // NATS goes away under a started log: appends fail at once as unavailable.
     let rt = runtime();
-    let (dispatcher, _threads) = start_observed_shards(1, None, None).expect("shards");
+    let (dispatcher, _threads) =
+        start_observed_shards(1, None, None, Default::default()).expect("shards");
     let (log, _) = JetStreamLog::open(options.clone(), &mut |_| {}).expect("reopen");
     let log: Arc<dyn Log> = Arc::new(log);
     log.start(dispatcher).expect("start");

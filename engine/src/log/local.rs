@@ -52,12 +52,15 @@ const INDEX_STRIDE_BYTES: u64 = 64 << 10;
 pub struct LocalLogOptions {
     /// A segment is closed and a new one started once it reaches this size.
     pub segment_bytes: u64,
+    /// The writer polls its queue this long before sleeping on it.
+    pub spin: std::time::Duration,
 }
 
 impl Default for LocalLogOptions {
     fn default() -> Self {
         LocalLogOptions {
             segment_bytes: 64 << 20,
+            spin: std::time::Duration::ZERO,
         }
     }
 }
@@ -514,7 +517,7 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: flume::Receiver<WriterMsg>) {
         let mut group: Vec<(RecordBatch, Arc<Completion>)> = Vec::new();
-        while let Ok(first) = rx.recv() {
+        while let Ok(first) = crate::threads::recv_spinning(&rx, self.options.spin) {
             let mut next = Some(first);
             let mut bytes = 0;
             let mut barrier = None;
