@@ -994,7 +994,10 @@ fn metrics_is_prometheus_text() {
 fn pin_and_spin_flags_place_shard_threads_and_serve() {
     let s = Server::start_args(&["--pin", "--spin-us", "50", "--shards", "2"]);
     let line = s.stdout_text();
-    assert!(line.contains("pin=true") && line.contains("spin_us=50"), "{line}");
+    assert!(
+        line.contains("pin=true") && line.contains("spin_us=50"),
+        "{line}"
+    );
     s.put("pin/one", json!({"v": 1}));
     assert_eq!(s.props("pin/one")["v"], 1);
 
