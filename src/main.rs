@@ -103,6 +103,7 @@ struct ServeArgs {
 
 fn main() {
     disable_transparent_huge_pages();
+    shorten_allocator_purge_delay();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -131,6 +132,28 @@ fn disable_transparent_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes no memory.
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
+/// mimalloc's `mi_option_purge_delay` (libmimalloc-sys exports no constant for it), and the
+/// default of the mimalloc it builds.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const MI_DEFAULT_PURGE_DELAY_MS: std::ffi::c_long = 1000;
+
+/// Freed memory goes back to the OS after 100 ms instead of mimalloc's 1 s, so the RSS seen
+/// just after a burst is the state's, not the burst's buffers (100,000 entities: ~24 MB
+/// against ~27 MB one second after the load; no CPU cost measured on ingest or ingest-batch).
+/// `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn shorten_allocator_purge_delay() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: reading and setting an allocator option touches no memory of ours. The value is
+    // checked first so a different option numbering can never be overwritten by mistake.
+    unsafe {
+        if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == MI_DEFAULT_PURGE_DELAY_MS {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 100);
+        }
     }
 }
 
