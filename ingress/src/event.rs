@@ -172,6 +172,38 @@ impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
     }
 }
 
+/// The `Visitor` methods of a loose reader for the JSON values it does not look into (arrays,
+/// strings, numbers, booleans): each yields `$other`; an array is read through and dropped.
+macro_rules! other_values_are {
+    ($de:lifetime, $other:expr) => {
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_seq<S: SeqAccess<$de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($other)
+        }
+        fn visit_borrowed_str<E>(self, _: &$de str) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+    };
+}
+
 /// `payload` as read: an object's two fields, or something else.
 pub enum LoosePayload<'a> {
     Object {
@@ -188,9 +220,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for LoosePayload<'a> {
         struct PayloadVisitor<'a>(std::marker::PhantomData<&'a ()>);
         impl<'de: 'a, 'a> Visitor<'de> for PayloadVisitor<'a> {
             type Value = LoosePayload<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
+            other_values_are!('de, LoosePayload::Other);
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let (mut entity_id, mut properties, mut members) = (None, None, None);
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
@@ -220,28 +250,6 @@ impl<'de: 'a, 'a> Deserialize<'de> for LoosePayload<'a> {
             fn visit_unit<E>(self) -> Result<Self::Value, E> {
                 Ok(LoosePayload::Null)
             }
-            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(LoosePayload::Other)
-            }
-            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
-                Ok(LoosePayload::Other)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(LoosePayload::Other)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(LoosePayload::Other)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(LoosePayload::Other)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(LoosePayload::Other)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(LoosePayload::Other)
-            }
         }
         deserializer.deserialize_any(PayloadVisitor(std::marker::PhantomData))
     }
@@ -259,9 +267,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for LooseProperties<'a> {
         struct PropertiesVisitor<'a>(std::marker::PhantomData<&'a ()>);
         impl<'de: 'a, 'a> Visitor<'de> for PropertiesVisitor<'a> {
             type Value = LooseProperties<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
+            other_values_are!('de, LooseProperties::Not(Loose::Other));
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
                 while let Some(name) = map.next_key::<Cow<'de, str>>()? {
@@ -272,28 +278,6 @@ impl<'de: 'a, 'a> Deserialize<'de> for LooseProperties<'a> {
             }
             fn visit_unit<E>(self) -> Result<Self::Value, E> {
                 Ok(LooseProperties::Not(Loose::Null))
-            }
-            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(LooseProperties::Not(Loose::Other))
-            }
-            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
-                Ok(LooseProperties::Not(Loose::Other))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(LooseProperties::Not(Loose::Other))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(LooseProperties::Not(Loose::Other))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(LooseProperties::Not(Loose::Other))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(LooseProperties::Not(Loose::Other))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(LooseProperties::Not(Loose::Other))
             }
         }
         deserializer.deserialize_any(PropertiesVisitor(std::marker::PhantomData))
@@ -324,9 +308,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for LooseEvent<'a> {
         struct EventVisitor<'a>(std::marker::PhantomData<&'a ()>);
         impl<'de: 'a, 'a> Visitor<'de> for EventVisitor<'a> {
             type Value = LooseEvent<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
+            other_values_are!('de, LooseEvent::Other);
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut parts = EventParts::default();
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
@@ -350,29 +332,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for LooseEvent<'a> {
                 }
                 Ok(LooseEvent::Object(Box::new(parts)))
             }
-            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(LooseEvent::Other)
-            }
             fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(LooseEvent::Other)
-            }
-            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
-                Ok(LooseEvent::Other)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(LooseEvent::Other)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(LooseEvent::Other)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(LooseEvent::Other)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(LooseEvent::Other)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
                 Ok(LooseEvent::Other)
             }
         }
