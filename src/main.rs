@@ -248,8 +248,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("flux-http")
         // Request buffers are freed by shard threads; the owning worker's heap reclaims them
         // only when it next allocates, so an idle server kept ~5 MB. Collect on going idle.
-        // SAFETY: `mi_collect` only walks this thread's own heap; no pointers are involved.
-        .on_thread_park(|| unsafe { libmimalloc_sys::mi_collect(false) })
+        .on_thread_park(collect_worker_heap_now_and_then)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -360,6 +359,30 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// On an HTTP worker going idle, hands back what shard threads freed into its heap, at most
+/// once per 25 ms: a collect walks the whole heap (~4,300 instructions) and workers park
+/// ~4.5 times per request at low rates. Under callgrind, 500 requests at 50/s cost 45.0 M
+/// instructions with a collect on every park (22 % of them collecting) and 33.4 M with this
+/// (9 %); RSS after the 100,000-entity load stayed within its run-to-run spread. Workers wake
+/// at least every 100 ms (egress pacing), so an idle server still collects soon after its
+/// last request.
+fn collect_worker_heap_now_and_then() {
+    const EVERY: Duration = Duration::from_millis(25);
+    thread_local! {
+        static LAST: std::cell::Cell<Option<std::time::Instant>> =
+            const { std::cell::Cell::new(None) };
+    }
+    LAST.with(|last| {
+        let now = std::time::Instant::now();
+        if last.get().is_some_and(|t| now.duration_since(t) < EVERY) {
+            return;
+        }
+        last.set(Some(now));
+        // SAFETY: `mi_collect` only walks this thread's own heap; no pointers are involved.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    });
 }
 
 /// Hands the pages this thread's heap keeps free back to the OS (after a shard's idle-time
