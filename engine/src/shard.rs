@@ -960,6 +960,22 @@ mod tests {
         shard.apply(&Frame::from_batch(position, 1, batch), &[0]);
     }
 
+    /// [`set_exists`], and the same change to the `oracle` of existing ids.
+    fn set_in_both(
+        shard: &mut Shard,
+        oracle: &mut BTreeSet<String>,
+        id: String,
+        exists: bool,
+        position: u64,
+    ) {
+        set_exists(shard, &id, exists, position);
+        if exists {
+            oracle.insert(id);
+        } else {
+            oracle.remove(&id);
+        }
+    }
+
     #[test]
     fn sorted_ids_page_by_prefix_and_after() {
         let mut shard = Shard::default();
@@ -990,12 +1006,7 @@ mod tests {
         let mut revision = 0;
         let mut set = |shard: &mut Shard, oracle: &mut BTreeSet<String>, id: String, on: bool| {
             revision += 1;
-            set_exists(shard, &id, on, revision);
-            if on {
-                oracle.insert(id);
-            } else {
-                oracle.remove(&id);
-            }
+            set_in_both(shard, oracle, id, on, revision);
         };
         for round in 0..4 {
             // Grow: every listing between creates must match.
@@ -1039,12 +1050,7 @@ mod tests {
             let id = format!("ns/{:05}", (n * 7919) % 6000);
             let exists = !n.is_multiple_of(5);
             revision += 1;
-            set_exists(shard, &id, exists, revision);
-            if exists {
-                oracle.insert(id);
-            } else {
-                oracle.remove(&id);
-            }
+            set_in_both(shard, oracle, id, exists, revision);
         };
         for n in 0..3000 {
             step(&mut shard, &mut oracle, n);

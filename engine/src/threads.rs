@@ -15,23 +15,27 @@ pub struct ThreadPolicy {
     pub pin: bool,
 }
 
+/// Polls `rx` until `until`: `Some(Ok)` with a message, `Some(Err)` once every sender is gone
+/// and the channel is empty, `None` if nothing came in time.
+fn poll_until<T>(rx: &flume::Receiver<T>, until: Instant) -> Option<Result<T, ()>> {
+    loop {
+        match rx.try_recv() {
+            Ok(message) => return Some(Ok(message)),
+            Err(flume::TryRecvError::Disconnected) => return Some(Err(())),
+            Err(flume::TryRecvError::Empty) if Instant::now() >= until => return None,
+            Err(flume::TryRecvError::Empty) => std::hint::spin_loop(),
+        }
+    }
+}
+
 /// Receives the next message, polling for up to `spin` before sleeping on the channel.
 /// `Err` once every sender is gone and the channel is empty.
 pub fn recv_spinning<T>(rx: &flume::Receiver<T>, spin: Duration) -> Result<T, flume::RecvError> {
     if !spin.is_zero() {
-        let until = Instant::now() + spin;
-        loop {
-            match rx.try_recv() {
-                Ok(message) => return Ok(message),
-                Err(flume::TryRecvError::Disconnected) => {
-                    return Err(flume::RecvError::Disconnected);
-                }
-                Err(flume::TryRecvError::Empty) => {}
-            }
-            if Instant::now() >= until {
-                break;
-            }
-            std::hint::spin_loop();
+        match poll_until(rx, Instant::now() + spin) {
+            Some(Ok(message)) => return Ok(message),
+            Some(Err(())) => return Err(flume::RecvError::Disconnected),
+            None => {}
         }
     }
     rx.recv()
@@ -43,22 +47,15 @@ pub fn recv_spinning_timeout<T>(
     spin: Duration,
     timeout: Duration,
 ) -> Result<T, flume::RecvTimeoutError> {
-    let deadline = Instant::now() + timeout;
-    let until = Instant::now() + spin.min(timeout);
-    while !spin.is_zero() {
-        match rx.try_recv() {
-            Ok(message) => return Ok(message),
-            Err(flume::TryRecvError::Disconnected) => {
-                return Err(flume::RecvTimeoutError::Disconnected);
-            }
-            Err(flume::TryRecvError::Empty) => {}
+    let now = Instant::now();
+    if !spin.is_zero() {
+        match poll_until(rx, now + spin.min(timeout)) {
+            Some(Ok(message)) => return Ok(message),
+            Some(Err(())) => return Err(flume::RecvTimeoutError::Disconnected),
+            None => {}
         }
-        if Instant::now() >= until {
-            break;
-        }
-        std::hint::spin_loop();
     }
-    rx.recv_deadline(deadline)
+    rx.recv_deadline(now + timeout)
 }
 
 /// The CPUs this process may run on, in order.
