@@ -2,12 +2,14 @@
 //! by `fdatasync` (`File::sync_data`), repeated, reporting p50/p99/max. This is the floor under
 //! every `LocalLog` group commit, which does the same (append, then one fdatasync).
 //!
-//! Usage: `fsync_probe [DIR] [REPEATS] [WRITE_BYTES]` (defaults: `target/tmp`, 1000, 4096).
-//! DIR must be on the disk under test; a tmpfs would report no cost at all. The probe file is
-//! removed afterwards.
+//! Usage: `fsync_probe [DIR] [REPEATS] [WRITE_BYTES] [MODE]` (defaults: `target/tmp`, 1000,
+//! 4096, `append`). MODE `preallocated` first writes zeros over every byte the run will write
+//! and syncs them, so each write lands inside the file's size and changes no metadata (how a
+//! preallocated log segment would behave). DIR must be on the disk under test; a tmpfs would
+//! report no cost at all. The probe file is removed afterwards.
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,17 +18,32 @@ fn main() -> std::io::Result<()> {
     let dir = PathBuf::from(args.next().unwrap_or_else(|| "target/tmp".into()));
     let repeats = number_arg(args.next(), "REPEATS", 1_000)?;
     let write_bytes = number_arg(args.next(), "WRITE_BYTES", 4_096)?;
+    let preallocated = match args.next().as_deref() {
+        None | Some("append") => false,
+        Some("preallocated") => true,
+        Some(other) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("MODE must be `append` or `preallocated`, not {other:?}"),
+            ));
+        }
+    };
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("fsync_probe.{}.tmp", std::process::id()));
-    let result = probe(&path, repeats, write_bytes);
+    let result = probe(&path, repeats, write_bytes, preallocated);
     let _ = std::fs::remove_file(&path);
     let mut latencies = result?;
     latencies.sort_unstable();
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
     let micros = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
-        "{repeats} x ({write_bytes} B append + fdatasync) in {}: p50 {:.0} us, p99 {:.0} us, \
+        "{repeats} x ({write_bytes} B {} + fdatasync) in {}: p50 {:.0} us, p99 {:.0} us, \
          max {:.0} us, mean {:.0} us",
+        if preallocated {
+            "write inside a preallocated file"
+        } else {
+            "append"
+        },
         dir.display(),
         micros(at(0.50)),
         micros(at(0.99)),
@@ -48,11 +65,18 @@ fn number_arg(arg: Option<String>, name: &str, default: usize) -> std::io::Resul
     }
 }
 
-fn probe(path: &Path, repeats: usize, write_bytes: usize) -> std::io::Result<Vec<Duration>> {
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(path)?;
+fn probe(
+    path: &Path,
+    repeats: usize,
+    write_bytes: usize,
+    preallocated: bool,
+) -> std::io::Result<Vec<Duration>> {
+    let mut file = OpenOptions::new().create_new(true).write(true).open(path)?;
+    if preallocated {
+        file.write_all(&vec![0u8; repeats * write_bytes])?;
+        file.sync_all()?;
+        file.seek(SeekFrom::Start(0))?;
+    }
     let block = vec![0x5au8; write_bytes];
     let mut latencies = Vec::with_capacity(repeats);
     for _ in 0..repeats {
