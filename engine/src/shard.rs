@@ -451,7 +451,7 @@ impl History {
 ///
 /// Valid only while no bucket moves. The table moves buckets when it grows or rehashes (only
 /// ever inside an insert made with no room left) and frees them in `retain`; the shard drops
-/// its [`Order`] before either ([`Shard::slot`], [`Shard::forget_history_before`]).
+/// its [`Order`] before either ([`slot_in`], [`Shard::forget_history_before`]).
 struct SortedIds {
     buckets: Vec<u32>,
 }
@@ -658,25 +658,7 @@ impl Shard {
 
     /// The slot for `id`, created empty if new.
     fn slot(&mut self, id: &str) -> &mut Slot {
-        self.before_entry();
-        let hash = self.hasher.hash_one(id);
-        let hasher = &self.hasher;
-        self.slots
-            .entry(
-                hash,
-                |s| s.entity.id_bytes() == id.as_bytes(),
-                |s| hasher.hash_one(s.entity.id()),
-            )
-            .or_insert_with(|| Slot::new(id))
-            .into_mut()
-    }
-
-    /// Call before every `slots.entry`: with no room left, the entry grows or rehashes the
-    /// table, which moves buckets, so the sorted buckets must go first.
-    fn before_entry(&mut self) {
-        if self.slots.len() == self.slots.capacity() {
-            self.order = None;
-        }
+        slot_in(&mut self.slots, &self.hasher, &mut self.order, id)
     }
 
     /// Sorts the ids if a create or delete dropped them.
@@ -825,18 +807,7 @@ impl Shard {
             let id = record.fields.entity_id;
             let covered = position <= self.covered;
             let accept_ms = frame.accept_time_ms;
-            self.before_entry();
-            let hash = self.hasher.hash_one(id);
-            let hasher = &self.hasher;
-            let slot = self
-                .slots
-                .entry(
-                    hash,
-                    |s| s.entity.id_bytes() == id.as_bytes(),
-                    |s| hasher.hash_one(s.entity.id()),
-                )
-                .or_insert_with(|| Slot::new(id))
-                .into_mut();
+            let slot = slot_in(&mut self.slots, &self.hasher, &mut self.order, id);
             slot.history.push(position);
             if covered {
                 continue;
@@ -893,6 +864,28 @@ impl Shard {
             self.order = None;
         }
     }
+}
+
+/// The slot for `id` in `slots`, created empty if new: the one way slots are inserted. With no
+/// room left the insert grows or rehashes the table, which moves buckets, so `order` (sorted
+/// bucket indexes) is dropped first.
+fn slot_in<'a>(
+    slots: &'a mut HashTable<Slot>,
+    hasher: &DefaultHashBuilder,
+    order: &mut Option<Order>,
+    id: &str,
+) -> &'a mut Slot {
+    if slots.len() == slots.capacity() {
+        *order = None;
+    }
+    slots
+        .entry(
+            hasher.hash_one(id),
+            |s| s.entity.id_bytes() == id.as_bytes(),
+            |s| hasher.hash_one(s.entity.id()),
+        )
+        .or_insert_with(|| Slot::new(id))
+        .into_mut()
 }
 
 #[cfg(test)]
