@@ -1,10 +1,15 @@
-//! Shard workers: each runs on its own thread and alone owns the entities routed to it.
+//! Shard workers: each runs on its own thread and owns the entities routed to it.
 //!
 //! Invariants:
-//! - An entity lives in exactly one shard, chosen by [`shard_of`] (a hash of its id); nothing
-//!   else reads or writes a shard's maps — other threads send [`ShardWork`] and await replies.
-//! - Records are applied in log order: the log dispatches frames from one thread and every
-//!   inbox is FIFO. `last_updated_ms` is the record's accept time, `revision` its position.
+//! - An entity lives in exactly one shard, chosen by [`shard_of`] (a hash of its id). A
+//!   shard's maps are touched only under its lock: by its thread, handling [`ShardWork`] from
+//!   its inbox, or by the log's committer applying records in place
+//!   ([`Dispatcher::dispatch_in_place`]). Other threads send work and await replies.
+//! - Records are applied in log order: the log dispatches frames from one place at a time and
+//!   every inbox is FIFO. A record is applied in place only while the shard's inbox holds no
+//!   unhandled work at all (`outstanding` is 0 under the lock), so it never overtakes an
+//!   earlier record, snapshot request or read. `last_updated_ms` is the record's accept time,
+//!   `revision` its position.
 //! - Records at or below `covered` (the snapshot the shard was loaded from) only feed the
 //!   history index; their effect on state is already in the snapshot.
 //! - Inboxes are bounded ([`SHARD_INBOX_CAPACITY`]); a full inbox makes the sender wait.
@@ -31,7 +36,7 @@ use crate::control::{ControlChange, ControlState};
 use crate::entity::Entity;
 use crate::record::{CONTROL_OWNER, Frame, LogPosition, PropertyIter};
 use crate::snapshot::SnapshotJob;
-use crate::threads::{ThreadPolicy, recv_spinning, recv_spinning_timeout};
+use crate::threads::{ThreadPolicy, recv_spinning_timeout};
 
 /// Event positions remembered per entity: a history query returns at most this many (newest
 /// first), so older positions could never be asked for. Bounds the index to this many per id
@@ -220,10 +225,50 @@ pub enum ShardWork {
     },
 }
 
+/// A shard's state and the work its inbox holds that its thread has not finished.
+struct ShardCell {
+    state: Mutex<Shard>,
+    /// Incremented before work is sent to the inbox, decremented (under `state`) once the
+    /// shard thread handled it.
+    outstanding: AtomicUsize,
+}
+
+impl ShardCell {
+    fn new(shard: Shard) -> Arc<ShardCell> {
+        Arc::new(ShardCell {
+            state: Mutex::new(shard),
+            outstanding: AtomicUsize::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shard> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The shard, if nobody holds it and its inbox has nothing unhandled: then records applied
+    /// now come after everything sent to it before.
+    fn idle(&self) -> Option<std::sync::MutexGuard<'_, Shard>> {
+        let shard = match self.state.try_lock() {
+            Ok(shard) => shard,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        (self.outstanding.load(Ordering::Acquire) == 0).then_some(shard)
+    }
+
+    /// Handles one message taken from the inbox (what the shard thread does).
+    fn handle(&self, work: ShardWork) {
+        let mut shard = self.lock();
+        shard.handle(work);
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Sends work to the shards; the log holds one to dispatch frames in order.
 #[derive(Clone)]
 pub struct Dispatcher {
     inboxes: Vec<flume::Sender<ShardWork>>,
+    cells: Vec<Arc<ShardCell>>,
     /// Control records are applied here, by whoever dispatches, in log order.
     control: Arc<RwLock<ControlState>>,
     /// Event records dispatched since start (replay included): the events in the log.
@@ -248,6 +293,29 @@ impl Dispatcher {
     /// Sends each shard its records of `frame`; `owners[i]` is the shard of record `i`
     /// ([`CONTROL_OWNER`] for control records, which are applied here before anything is sent).
     pub fn dispatch(&self, frame: Arc<Frame>, owners: &[u16], completion: Option<Arc<Completion>>) {
+        self.dispatch_to(frame, owners, completion, false);
+    }
+
+    /// Like [`Dispatcher::dispatch`], but applies a shard's records right here, on the calling
+    /// thread, when that shard is idle (nobody holds it, nothing unhandled in its inbox); the
+    /// others get theirs through their inbox. Saves the shard thread's wake-up, which costs
+    /// more than applying a few records.
+    pub fn dispatch_in_place(
+        &self,
+        frame: Arc<Frame>,
+        owners: &[u16],
+        completion: Option<Arc<Completion>>,
+    ) {
+        self.dispatch_to(frame, owners, completion, true);
+    }
+
+    fn dispatch_to(
+        &self,
+        frame: Arc<Frame>,
+        owners: &[u16],
+        completion: Option<Arc<Completion>>,
+        in_place: bool,
+    ) {
         let mut parts: Vec<Vec<u32>> = vec![Vec::new(); self.inboxes.len()];
         let mut events = 0;
         for (index, &shard) in owners.iter().enumerate() {
@@ -270,6 +338,14 @@ impl Dispatcher {
         }
         for (shard, indexes) in parts.into_iter().enumerate() {
             if indexes.is_empty() {
+                continue;
+            }
+            if in_place && let Some(mut state) = self.cells[shard].idle() {
+                state.apply(&frame, &indexes);
+                drop(state);
+                if let Some(c) = &completion {
+                    c.part_done();
+                }
                 continue;
             }
             let work = ShardWork::Apply {
@@ -303,13 +379,21 @@ impl Dispatcher {
 
     /// Sends `work` to `shard`, blocking while its inbox is full. For threads, not async tasks.
     pub fn send(&self, shard: usize, work: ShardWork) {
+        let outstanding = &self.cells[shard].outstanding;
+        outstanding.fetch_add(1, Ordering::AcqRel);
         // A closed inbox means the engine is shutting down; the work is moot.
-        let _ = self.inboxes[shard].send(work);
+        if self.inboxes[shard].send(work).is_err() {
+            outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Sends `work` to `shard`, waiting asynchronously while its inbox is full.
     pub async fn send_async(&self, shard: usize, work: ShardWork) {
-        let _ = self.inboxes[shard].send_async(work).await;
+        let outstanding = &self.cells[shard].outstanding;
+        outstanding.fetch_add(1, Ordering::AcqRel);
+        if self.inboxes[shard].send_async(work).await.is_err() {
+            outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -329,24 +413,24 @@ pub fn start_observed_shards(
     policy: ThreadPolicy,
 ) -> std::io::Result<(Dispatcher, Vec<std::thread::JoinHandle<()>>)> {
     let mut inboxes = Vec::with_capacity(count);
+    let mut cells = Vec::with_capacity(count);
     let mut threads = Vec::with_capacity(count);
     for index in 0..count {
         let (tx, rx) = flume::bounded(SHARD_INBOX_CAPACITY);
         inboxes.push(tx);
-        let shard = Shard {
+        let cell = ShardCell::new(Shard {
             index,
             observer: observer.clone(),
-            after_idle_work,
-            spin: policy.spin,
             ..Shard::default()
-        };
+        });
+        cells.push(cell.clone());
         let handle = std::thread::Builder::new()
             .name(format!("flux-shard-{index}"))
             .spawn(move || {
                 if policy.pin {
                     crate::threads::pin_current_thread(index);
                 }
-                shard.run(rx)
+                run_shard(&cell, &rx, policy.spin, after_idle_work)
             })?;
         threads.push(handle);
     }
@@ -355,6 +439,7 @@ pub fn start_observed_shards(
     Ok((
         Dispatcher {
             inboxes,
+            cells,
             control,
             events,
         },
@@ -615,37 +700,41 @@ struct Shard {
     /// State already includes every record at or below this position (from a snapshot).
     covered: LogPosition,
     observer: Option<Arc<dyn ChangeObserver>>,
-    after_idle_work: Option<fn()>,
-    /// Polls the inbox this long before sleeping on it.
-    spin: std::time::Duration,
     /// Event sources and the accept time of their latest record (for "active publishers").
     sources: HashMap<Arc<str>, u64>,
 }
 
-impl Shard {
-    fn run(mut self, inbox: flume::Receiver<ShardWork>) {
-        loop {
-            let work = if self.order.is_none() && self.entities > 0 {
-                match recv_spinning_timeout(&inbox, self.spin, SORT_WHEN_IDLE_FOR) {
-                    Err(flume::RecvTimeoutError::Timeout) => {
-                        // Quiet: sort now so the next listing need not (after a start-up,
-                        // a snapshot load, or many creates).
-                        self.sort_ids();
-                        if let Some(hook) = self.after_idle_work {
-                            hook();
-                        }
-                        continue;
+/// A shard thread: handles its inbox in order, each message under the shard's lock. After
+/// [`SORT_WHEN_IDLE_FOR`] without work it sorts the ids if creates or deletes dropped the order
+/// (records applied in place do not wake it, so it checks on every quiet timeout), then runs
+/// `after_idle_work`.
+fn run_shard(
+    cell: &ShardCell,
+    inbox: &flume::Receiver<ShardWork>,
+    spin: std::time::Duration,
+    after_idle_work: Option<fn()>,
+) {
+    loop {
+        match recv_spinning_timeout(inbox, spin, SORT_WHEN_IDLE_FOR) {
+            Ok(work) => cell.handle(work),
+            Err(flume::RecvTimeoutError::Timeout) => {
+                let mut shard = cell.lock();
+                if shard.order.is_none() && shard.entities > 0 {
+                    // Quiet: sort now so the next listing need not (after a start-up, a
+                    // snapshot load, or many creates).
+                    shard.sort_ids();
+                    drop(shard);
+                    if let Some(hook) = after_idle_work {
+                        hook();
                     }
-                    work => work.ok(),
                 }
-            } else {
-                recv_spinning(&inbox, self.spin).ok()
-            };
-            let Some(work) = work else { return };
-            self.handle(work);
+            }
+            Err(flume::RecvTimeoutError::Disconnected) => return,
         }
     }
+}
 
+impl Shard {
     fn find(&self, id: &str) -> Option<&Slot> {
         let hash = self.hasher.hash_one(id);
         self.slots
@@ -951,6 +1040,90 @@ mod tests {
         let mut batch = crate::record::RecordBatch::with_capacity(64, 1);
         batch.push_event(0, &fields, properties.iter().copied());
         shard.apply(&Frame::from_batch(position, 1, batch), &[0]);
+    }
+
+    /// A dispatcher over one shard without a thread: the test takes the inbox and plays the
+    /// shard thread itself.
+    fn unthreaded() -> (Dispatcher, Arc<ShardCell>, flume::Receiver<ShardWork>) {
+        let (tx, rx) = flume::bounded(SHARD_INBOX_CAPACITY);
+        let cell = ShardCell::new(Shard::default());
+        let dispatcher = Dispatcher {
+            inboxes: vec![tx],
+            cells: vec![cell.clone()],
+            control: Arc::default(),
+            events: Arc::default(),
+        };
+        (dispatcher, cell, rx)
+    }
+
+    /// A frame at `position` holding one update of `id`.
+    fn update(id: &str, position: u64) -> Arc<Frame> {
+        let fields = crate::record::EventFields {
+            event_id: "e",
+            stream: "test",
+            source: "test",
+            timestamp: 0,
+            entity_id: id,
+            key: None,
+            schema: None,
+        };
+        let mut batch = crate::record::RecordBatch::with_capacity(64, 1);
+        batch.push_event(0, &fields, [("v", "1")].into_iter());
+        Arc::new(Frame::from_batch(position, 1, batch))
+    }
+
+    fn revision(cell: &ShardCell, id: &str) -> Option<u64> {
+        cell.lock().entity(id).map(|e| e.revision)
+    }
+
+    #[test]
+    fn in_place_applies_never_overtake_queued_work() {
+        let (dispatcher, cell, inbox) = unthreaded();
+        // Idle: applied at once, and the append's completion fires here.
+        let (completion, done) = Completion::new();
+        dispatcher.dispatch_in_place(update("a", 1), &[0], Some(completion));
+        assert_eq!(revision(&cell, "a"), Some(1));
+        assert!(inbox.is_empty());
+        assert_eq!(done.blocking_recv().expect("completion"), Ok(1));
+
+        // A record waits in the inbox: the next one must queue behind it, not jump it.
+        dispatcher.dispatch(update("a", 2), &[0], None);
+        dispatcher.dispatch_in_place(update("a", 3), &[0], None);
+        assert_eq!(revision(&cell, "a"), Some(1));
+        assert_eq!(inbox.len(), 2);
+        while let Ok(work) = inbox.try_recv() {
+            cell.handle(work);
+        }
+        assert_eq!(revision(&cell, "a"), Some(3));
+
+        // A read waiting in the inbox counts as well (it must see the state before).
+        let (reply, _answer) = oneshot::channel();
+        dispatcher.send(
+            0,
+            ShardWork::Get {
+                id: "a".into(),
+                reply,
+            },
+        );
+        dispatcher.dispatch_in_place(update("a", 4), &[0], None);
+        assert_eq!(inbox.len(), 2);
+        while let Ok(work) = inbox.try_recv() {
+            cell.handle(work);
+        }
+        assert_eq!(revision(&cell, "a"), Some(4));
+
+        // The shard thread holds the shard (handling something): queue.
+        let held = cell.lock();
+        dispatcher.dispatch_in_place(update("a", 5), &[0], None);
+        drop(held);
+        assert_eq!(inbox.len(), 1);
+        cell.handle(inbox.try_recv().expect("queued"));
+        assert_eq!(revision(&cell, "a"), Some(5));
+
+        // Idle again: in place.
+        dispatcher.dispatch_in_place(update("a", 6), &[0], None);
+        assert_eq!(revision(&cell, "a"), Some(6));
+        assert!(inbox.is_empty());
     }
 
     /// [`set_exists`], and the same change to the `oracle` of existing ids.

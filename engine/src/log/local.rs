@@ -2,9 +2,18 @@
 //!
 //! Layout: `<first_position:020>.seg` files, each a sequence of frames (see [`crate::record`]),
 //! positions dense and increasing across files. Invariants:
-//! - One writer thread owns the active segment. It takes every queued append (up to
-//!   [`GROUP_MAX_BYTES`]), writes them with one `write`, covers them with one `fdatasync`
-//!   (group commit), and only then dispatches the frames to the shards, in position order.
+//! - One committer at a time owns the active segment: whoever holds the writer lock. It takes
+//!   the queued appends in arrival order (up to a group's byte limit), writes them with one
+//!   `write`, covers them with one `fdatasync` (group commit), and only then dispatches the
+//!   frames to the shards, in position order, before it lets the lock go.
+//! - The committer is, when the lock is free, the task that just queued a small append (a
+//!   leader: it commits one group of at most [`IN_PLACE_MAX_RECORDS`] records on its own
+//!   thread, so an append on an idle log wakes no other thread); otherwise the writer thread,
+//!   which a leader kicks when it leaves work queued and which also runs every barrier. Whoever queues work and finds the lock taken leaves it to
+//!   the holder, who looks at the queue again after letting the lock go: nothing is stranded.
+//! - A small group (at most [`IN_PLACE_MAX_RECORDS`] records) is applied in place by the
+//!   committer where a shard is idle ([`Dispatcher::dispatch_in_place`]); larger ones go
+//!   through the shards' inboxes, so shards apply them while the next group is written.
 //! - A failed write is cut back off the file and its appends fail as *unavailable*; a failed
 //!   `fdatasync` leaves the file in an unknown state, so the log refuses every later write.
 //! - On open, every frame is checked (length, CRC32C, position continuity). The first bad or
@@ -20,6 +29,7 @@
 //! - Segments roll at `segment_bytes`; whole segments are dropped by [`Log::compact`] once a
 //!   snapshot covers them and their newest record is past retention. The active one never is.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::{Read, Write};
@@ -38,10 +48,15 @@ use crate::record::{
 };
 use crate::shard::{Completion, Dispatcher, shard_of};
 
-/// Appends queued for the writer before producers wait (backpressure).
+/// Appends queued for a committer before producers wait (backpressure).
 pub const WRITER_QUEUE_CAPACITY: usize = 4096;
 /// Most bytes of frames one group commit writes before it syncs.
 pub const GROUP_MAX_BYTES: usize = 16 << 20;
+/// Groups of at most this many records are applied in place by the committer (where shards
+/// are idle): a shard thread's wake-up costs more than applying them. A leader (an appending
+/// task that found the log idle) commits only groups this small, so it does not hold an HTTP
+/// worker for long; larger appends go to the writer thread.
+pub const IN_PLACE_MAX_RECORDS: u64 = 64;
 /// Bytes read at a time while checking a segment on open.
 const READ_WINDOW_BYTES: usize = 1 << 20;
 /// A sparse index entry is kept at least every this many bytes of a segment.
@@ -110,7 +125,8 @@ struct Shared {
     metrics: LogMetrics,
 }
 
-enum WriterMsg {
+/// Work waiting for a committer.
+enum Queued {
     Append {
         batch: RecordBatch,
         completion: Arc<Completion>,
@@ -118,12 +134,34 @@ enum WriterMsg {
     Barrier(Barrier),
 }
 
+/// Appends and barriers waiting for a committer, in arrival order.
+struct Queue {
+    items: Mutex<VecDeque<Queued>>,
+    /// Free places for appends; a committer gives one back for every append it takes.
+    room: tokio::sync::Semaphore,
+}
+
+impl Queue {
+    fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued>> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items().is_empty()
+    }
+}
+
 /// The embedded, file-backed [`Log`].
 pub struct LocalLog {
     shared: Arc<Shared>,
-    queue: RwLock<Option<flume::Sender<WriterMsg>>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    pending: Mutex<Option<(flume::Receiver<WriterMsg>, File, LocalLogOptions)>>,
+    queue: Arc<Queue>,
+    /// The committer's state; whoever holds this lock commits. `None` until started.
+    writer: Arc<Mutex<Option<Writer>>>,
+    /// Wakes the writer thread. `None` once closing: nothing more is queued then.
+    kick: RwLock<Option<flume::Sender<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// What the writer is built from at start: the kick receiver, the active segment, options.
+    pending: Mutex<Option<(flume::Receiver<()>, File, LocalLogOptions)>>,
 }
 
 fn segment_path(dir: &Path, first_position: LogPosition) -> PathBuf {
@@ -256,7 +294,8 @@ impl LocalLog {
             .map(|s| s.path.clone())
             .expect("one segment at least");
         let active = OpenOptions::new().append(true).open(&active_path)?;
-        let (tx, rx) = flume::bounded(WRITER_QUEUE_CAPACITY);
+        // One kick pending is enough: the writer thread empties the queue when it wakes.
+        let (kick, kicked) = flume::bounded(1);
         let log = LocalLog {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
@@ -265,9 +304,14 @@ impl LocalLog {
                 failure: Mutex::new(None),
                 metrics: LogMetrics::default(),
             }),
-            queue: RwLock::new(Some(tx)),
-            writer: Mutex::new(None),
-            pending: Mutex::new(Some((rx, active, options))),
+            queue: Arc::new(Queue {
+                items: Mutex::new(VecDeque::new()),
+                room: tokio::sync::Semaphore::new(WRITER_QUEUE_CAPACITY),
+            }),
+            writer: Arc::new(Mutex::new(None)),
+            kick: RwLock::new(Some(kick)),
+            thread: Mutex::new(None),
+            pending: Mutex::new(Some((kicked, active, options))),
         };
         Ok((log, summary))
     }
@@ -316,9 +360,10 @@ impl LocalLog {
         &self.shared.metrics
     }
 
-    /// Starts the writer thread, which dispatches durable frames through `dispatcher`.
+    /// Builds the committer and starts the writer thread; frames are dispatched through
+    /// `dispatcher`.
     fn start_writer(&self, dispatcher: Dispatcher) -> std::io::Result<()> {
-        let Some((rx, active, options)) = self
+        let Some((kicked, active, options)) = self
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -326,26 +371,90 @@ impl LocalLog {
         else {
             return Ok(());
         };
-        let shared = self.shared.clone();
+        let spin = options.spin;
+        *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Writer {
+            shared: self.shared.clone(),
+            active,
+            options,
+            dispatcher,
+            buf: Vec::with_capacity(1 << 20),
+            last_accept_ms: 0,
+        });
+        let writer = self.writer.clone();
+        let queue = self.queue.clone();
         let handle = std::thread::Builder::new()
             .name("flux-log-writer".into())
-            .spawn(move || {
-                Writer {
-                    shared,
-                    active,
-                    options,
-                    dispatcher,
-                    buf: Vec::with_capacity(1 << 20),
-                    last_accept_ms: 0,
-                }
-                .run(rx)
-            })?;
-        *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+            .spawn(move || run_writer(&writer, &queue, &kicked, spin))?;
+        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        // Appends queued before the start are waiting.
+        self.kick();
         Ok(())
     }
 
-    fn sender(&self) -> Option<flume::Sender<WriterMsg>> {
-        self.queue.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// Queues `item` unless the log is closing.
+    fn enqueue(&self, item: Queued) -> Result<(), LogError> {
+        // Held while pushing, so `close` (which takes it for writing) sees every item queued.
+        let open = self.kick.read().unwrap_or_else(|e| e.into_inner());
+        if open.is_none() {
+            return Err(LogError::Unavailable("shutting down".into()));
+        }
+        self.queue.items().push_back(item);
+        Ok(())
+    }
+
+    fn kick(&self) {
+        if let Some(kick) = self.kick.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = kick.try_send(());
+        }
+    }
+
+    /// Commits one group here if nobody else is committing; kicks the writer thread if work is
+    /// left queued afterwards. If another committer holds the lock, it sees our work after it
+    /// lets go.
+    fn lead(&self) {
+        let mut guard = match self.writer.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        if let Some(writer) = guard.as_mut() {
+            writer.commit_next(&self.queue, true);
+        }
+        drop(guard);
+        if !self.queue.is_empty() {
+            self.kick();
+        }
+    }
+}
+
+/// The writer thread: sleeps until kicked, then commits until the queue is empty, looking
+/// again after it lets the lock go (a leader may have queued work while it held it). Once the
+/// log closes it empties the queue one last time and syncs.
+fn run_writer(
+    writer: &Mutex<Option<Writer>>,
+    queue: &Queue,
+    kicked: &flume::Receiver<()>,
+    spin: std::time::Duration,
+) {
+    loop {
+        let closing = crate::threads::recv_spinning(kicked, spin).is_err();
+        loop {
+            {
+                let mut guard = writer.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(writer) = guard.as_mut() else { return };
+                while writer.commit_next(queue, false) {}
+            }
+            if queue.is_empty() {
+                break;
+            }
+        }
+        if closing {
+            let mut guard = writer.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(writer) = guard.as_mut() {
+                let _ = writer.active.sync_data();
+            }
+            return;
+        }
     }
 }
 
@@ -369,23 +478,28 @@ impl Log for LocalLog {
             if let Some(reason) = self.unavailable_reason() {
                 return Err(LogError::Unavailable(reason));
             }
-            let sender = self
-                .sender()
-                .ok_or_else(|| LogError::Unavailable("shutting down".into()))?;
-            sender
-                .send_async(WriterMsg::Append { batch, completion })
+            let room = self
+                .queue
+                .room
+                .acquire()
                 .await
-                .map_err(|_| LogError::Unavailable("log writer stopped".into()))
+                .map_err(|_| LogError::Unavailable("log writer stopped".into()))?;
+            // The committer that takes this append gives the place back.
+            room.forget();
+            if let Err(error) = self.enqueue(Queued::Append { batch, completion }) {
+                self.queue.room.add_permits(1);
+                return Err(error);
+            }
+            self.lead();
+            Ok(())
         })
     }
 
     fn barrier(&self, barrier: Barrier) -> Result<(), LogError> {
-        let sender = self
-            .sender()
-            .ok_or_else(|| LogError::Unavailable("shutting down".into()))?;
-        sender
-            .send(WriterMsg::Barrier(barrier))
-            .map_err(|_| LogError::Unavailable("log writer stopped".into()))
+        // Barriers run on the writer thread: they may block on full shard inboxes.
+        self.enqueue(Queued::Barrier(barrier))?;
+        self.kick();
+        Ok(())
     }
 
     fn read_frame(&self, position: LogPosition) -> Result<Option<Arc<Frame>>, LogError> {
@@ -477,7 +591,7 @@ impl Log for LocalLog {
         {
             return Some(failure);
         }
-        self.queue
+        self.kick
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .is_none()
@@ -497,10 +611,17 @@ impl Log for LocalLog {
     }
 
     fn close(&self) {
-        self.queue.write().unwrap_or_else(|e| e.into_inner()).take();
-        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.kick.write().unwrap_or_else(|e| e.into_inner()).take();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(handle) = handle {
             let _ = handle.join();
+        }
+        // Never started (or the thread is gone): nothing will commit what is still queued.
+        let left: Vec<Queued> = self.queue.items().drain(..).collect();
+        for item in left {
+            if let Queued::Append { completion, .. } = item {
+                completion.fail("shutting down".into());
+            }
         }
     }
 }
@@ -515,40 +636,60 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: flume::Receiver<WriterMsg>) {
+    /// Takes appends from the head of `queue` and commits them as one group, then runs a
+    /// barrier that ended the group. The writer thread (`leader` false) takes at least one
+    /// append, then more while the group is under [`GROUP_MAX_BYTES`]. A leader takes appends
+    /// only while the group stays within [`IN_PLACE_MAX_RECORDS`] records (a group it applies
+    /// in place, quickly) and leaves anything bigger, and every barrier, to the writer thread.
+    /// Returns whether it took anything.
+    fn commit_next(&mut self, queue: &Queue, leader: bool) -> bool {
         let mut group: Vec<(RecordBatch, Arc<Completion>)> = Vec::new();
-        while let Ok(first) = crate::threads::recv_spinning(&rx, self.options.spin) {
-            let mut next = Some(first);
-            let mut bytes = 0;
-            let mut barrier = None;
-            while let Some(msg) = next.take() {
-                match msg {
-                    WriterMsg::Append { batch, completion } if batch.is_empty() => {
-                        // Nothing to make durable; positions stay as they are.
-                        completion.succeed(self.shared.next_position.load(Ordering::Acquire));
-                    }
-                    WriterMsg::Append { batch, completion } => {
-                        bytes += batch.encoded_bytes();
-                        group.push((batch, completion));
-                    }
-                    WriterMsg::Barrier(b) => {
-                        barrier = Some(b);
+        let mut barrier = None;
+        let mut taken = 0;
+        {
+            let mut items = queue.items();
+            let (mut bytes, mut records) = (0, 0);
+            while bytes < GROUP_MAX_BYTES {
+                match items.front() {
+                    None => break,
+                    Some(Queued::Barrier(_)) if leader => break,
+                    Some(Queued::Barrier(_)) => {
+                        if let Some(Queued::Barrier(b)) = items.pop_front() {
+                            barrier = Some(b);
+                        }
+                        taken += 1;
                         break;
                     }
+                    Some(Queued::Append { batch, .. })
+                        if leader && records + batch.len() as u64 > IN_PLACE_MAX_RECORDS =>
+                    {
+                        break;
+                    }
+                    Some(Queued::Append { .. }) => {}
                 }
-                if bytes < GROUP_MAX_BYTES {
-                    next = rx.try_recv().ok();
+                let Some(Queued::Append { batch, completion }) = items.pop_front() else {
+                    unreachable!("the head was an append");
+                };
+                taken += 1;
+                queue.room.add_permits(1);
+                if batch.is_empty() {
+                    // Nothing to make durable; positions stay as they are.
+                    completion.succeed(self.shared.next_position.load(Ordering::Acquire));
+                } else {
+                    bytes += batch.encoded_bytes();
+                    records += batch.len() as u64;
+                    group.push((batch, completion));
                 }
-            }
-            if !group.is_empty() {
-                self.commit(&mut group);
-            }
-            if let Some(barrier) = barrier {
-                let last = self.shared.next_position.load(Ordering::Acquire) - 1;
-                barrier(last, &self.dispatcher);
             }
         }
-        let _ = self.active.sync_data();
+        if !group.is_empty() {
+            self.commit(&mut group);
+        }
+        if let Some(barrier) = barrier {
+            let last = self.shared.next_position.load(Ordering::Acquire) - 1;
+            barrier(last, &self.dispatcher);
+        }
+        taken > 0
     }
 
     fn failure(&self) -> Option<String> {
@@ -604,10 +745,16 @@ impl Writer {
             }
         }
         self.shared.next_position.store(position, Ordering::Release);
+        let in_place = records <= IN_PLACE_MAX_RECORDS;
         for ((mut batch, completion), (p, _)) in group.drain(..).zip(frames) {
             let owners = std::mem::take(&mut batch.shards);
             let frame = Arc::new(Frame::from_batch(p, accept_ms, batch));
-            self.dispatcher.dispatch(frame, &owners, Some(completion));
+            if in_place {
+                self.dispatcher
+                    .dispatch_in_place(frame, &owners, Some(completion));
+            } else {
+                self.dispatcher.dispatch(frame, &owners, Some(completion));
+            }
         }
         if self.segment_len() >= self.options.segment_bytes
             && let Err(error) = self.roll(position)
