@@ -217,9 +217,17 @@ async fn connection_task(shared: Arc<Shared>) -> Tally {
     let mut largest_body = 0;
     let mut connection: Option<Connection> = None;
     let is_batch = shared.source.path().ends_with("/batch");
+    // tokio's own timer would leave up to 1 ms late (see `pacer`); it is the fallback only.
+    let pacer = crate::pacer::Pacer::new().ok();
     while let Some((ticket, due)) = shared.take_ticket(&mut tally) {
         if let Some(due) = due {
-            tokio::time::sleep_until(due.into()).await;
+            let paced = match &pacer {
+                Some(pacer) => pacer.sleep_until(due).await.is_ok(),
+                None => false,
+            };
+            if !paced {
+                tokio::time::sleep_until(due.into()).await;
+            }
         }
         let started = Instant::now();
         let reference = due.unwrap_or(started);

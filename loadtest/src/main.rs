@@ -8,6 +8,7 @@
 mod cli;
 mod driver;
 mod http;
+mod pacer;
 mod payload;
 mod progress;
 mod report;
