@@ -232,6 +232,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             spin: Duration::from_micros(args.spin_us),
             pin: args.pin,
         },
+        // A leading worker blocks for one fdatasync; with one worker nothing would serve.
+        leader_commits: http_workers >= 2,
     };
     let hub = Hub::new();
     let config = EngineConfig {
@@ -261,7 +263,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stdout,
         "flux listening on http://{local} (log={}, data_dir={}, shards={shards}, \
          http_workers={http_workers}, auth={}, admin_token={}, connectors={}, retention={}, \
-         snapshot_interval={}, segment_bytes={}, pin={}, spin_us={}; \
+         snapshot_interval={}, segment_bytes={}, pin={}, spin_us={}, leader_commits={}; \
          recovered snapshot={} with {} entities, {} log records, {} torn bytes dropped)",
         match &engine.config().log {
             LogConfig::Local => engine.log_kind().to_string(),
@@ -290,6 +292,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.segment_bytes,
         args.pin,
         args.spin_us,
+        engine.config().leader_commits && engine.config().log == LogConfig::Local,
         recovery
             .snapshot_position
             .map_or("none".to_string(), |p| p.to_string()),

@@ -1025,3 +1025,66 @@ fn pin_and_spin_flags_place_shard_threads_and_serve() {
     }
     assert_eq!(shards, 2, "shard threads found");
 }
+
+/// Voluntary context switches of the server's thread named `name` (from /proc).
+fn thread_wakeups(s: &Server, name: &str) -> u64 {
+    let pid = s.pid().expect("pid");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let path = task.expect("task").path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(path.join("status")).expect("status");
+        return status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .expect("voluntary_ctxt_switches")
+            .trim()
+            .parse()
+            .expect("a count");
+    }
+    panic!("no thread named {name}");
+}
+
+/// On an idle server a single event is made durable and applied by the HTTP worker that read
+/// it: the log writer thread never wakes. With one HTTP worker (which must not block in
+/// fdatasync) the writer thread commits every event instead. Either way every event is durable
+/// and applied when acknowledged.
+#[test]
+fn single_events_on_an_idle_log_commit_without_waking_the_writer_thread() {
+    let quiet = ["--snapshot-interval", "1h", "--directory-interval", "1h"];
+    for (workers, writer_wakes) in [("2", false), ("1", true)] {
+        let args = [&quiet[..], &["--http-workers", workers]].concat();
+        // About the local log's writer thread: never on JetStream.
+        let mut s = Server::start_with(Options {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Options::local_only()
+        });
+        assert!(
+            s.stdout_text().contains("leader_commits="),
+            "{}",
+            s.stdout_text()
+        );
+        let before = thread_wakeups(&s, "flux-log-writer");
+        for i in 0..20 {
+            s.put(&format!("lead/e{i}"), json!({"v": i}));
+            assert_eq!(s.props(&format!("lead/e{i}"))["v"], i);
+        }
+        let woke = thread_wakeups(&s, "flux-log-writer") - before;
+        if writer_wakes {
+            assert!(
+                woke >= 20,
+                "{workers} worker(s): the writer woke {woke} times"
+            );
+        } else {
+            assert!(woke < 5, "{workers} workers: the writer woke {woke} times");
+        }
+        // Durable: a kill -9 and a restart keep every acknowledged event.
+        s.kill9();
+        s.restart();
+        for i in 0..20 {
+            assert_eq!(s.props(&format!("lead/e{i}"))["v"], i);
+        }
+    }
+}

@@ -53,6 +53,9 @@ pub struct EngineConfig {
     pub after_idle_work: Option<fn()>,
     /// How shard and log-writer threads wait for work, and whether shards are pinned.
     pub threads: ThreadPolicy,
+    /// Local log: an appending task that finds the log idle commits small groups itself
+    /// ([`LocalLogOptions::leader_commits`]). Needs another HTTP worker to serve meanwhile.
+    pub leader_commits: bool,
 }
 
 /// The durable log backend.
@@ -118,6 +121,7 @@ fn open_local(
     let options = LocalLogOptions {
         segment_bytes: config.segment_bytes,
         spin: config.threads.spin,
+        leader_commits: config.leader_commits,
     };
     let shards = dispatcher.shard_count();
     let (log, summary) = LocalLog::open(&config.data_dir.join("log"), options, &mut |frame| {

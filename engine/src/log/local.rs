@@ -69,6 +69,10 @@ pub struct LocalLogOptions {
     pub segment_bytes: u64,
     /// The writer polls its queue this long before sleeping on it.
     pub spin: std::time::Duration,
+    /// Whether an appending task that finds the log idle commits small groups itself (a
+    /// leader). It blocks its thread for one `fdatasync`, so the binary turns this off when
+    /// it runs a single HTTP worker; then the writer thread commits everything.
+    pub leader_commits: bool,
 }
 
 impl Default for LocalLogOptions {
@@ -76,6 +80,7 @@ impl Default for LocalLogOptions {
         LocalLogOptions {
             segment_bytes: 64 << 20,
             spin: std::time::Duration::ZERO,
+            leader_commits: true,
         }
     }
 }
@@ -160,6 +165,8 @@ pub struct LocalLog {
     /// Wakes the writer thread. `None` once closing: nothing more is queued then.
     kick: RwLock<Option<flume::Sender<()>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// [`LocalLogOptions::leader_commits`].
+    leaders: bool,
     /// What the writer is built from at start: the kick receiver, the active segment, options.
     pending: Mutex<Option<(flume::Receiver<()>, File, LocalLogOptions)>>,
 }
@@ -311,6 +318,7 @@ impl LocalLog {
             writer: Arc::new(Mutex::new(None)),
             kick: RwLock::new(Some(kick)),
             thread: Mutex::new(None),
+            leaders: options.leader_commits,
             pending: Mutex::new(Some((kicked, active, options))),
         };
         Ok((log, summary))
@@ -410,8 +418,12 @@ impl LocalLog {
 
     /// Commits one group here if nobody else is committing; kicks the writer thread if work is
     /// left queued afterwards. If another committer holds the lock, it sees our work after it
-    /// lets go.
+    /// lets go. Without leader commits, only kicks the writer thread.
     fn lead(&self) {
+        if !self.leaders {
+            self.kick();
+            return;
+        }
         let mut guard = match self.writer.try_lock() {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
