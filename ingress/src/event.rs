@@ -172,6 +172,32 @@ impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
     }
 }
 
+/// An object member's name: borrowed from the body unless it held escapes. serde's own
+/// `Deserialize` for `Cow<str>` always copies, which cost one allocation per key.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Name<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for NameVisitor<'a> {
+            type Value = Name<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor(std::marker::PhantomData))
+    }
+}
+
 /// The `Visitor` methods of a loose reader for the JSON values it does not look into (arrays,
 /// strings, numbers, booleans): each yields `$other`; an array is read through and dropped.
 macro_rules! other_values_are {
@@ -223,7 +249,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for LoosePayload<'a> {
             other_values_are!('de, LoosePayload::Other);
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let (mut entity_id, mut properties, mut members) = (None, None, None);
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Name(key)) = map.next_key()? {
                     match &*key {
                         "entity_id" => entity_id = Some(map.next_value()?),
                         "properties" => match map.next_value::<LooseProperties<'a>>()? {
@@ -270,7 +296,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for LooseProperties<'a> {
             other_values_are!('de, LooseProperties::Not(Loose::Other));
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Name(name)) = map.next_key()? {
                     let value: &'de RawValue = map.next_value()?;
                     members.push((name, value));
                 }
@@ -311,7 +337,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for LooseEvent<'a> {
             other_values_are!('de, LooseEvent::Other);
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut parts = EventParts::default();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Name(key)) = map.next_key()? {
                     let slot = match &*key {
                         "stream" => &mut parts.stream,
                         "source" => &mut parts.source,
