@@ -405,6 +405,24 @@ fn properties_keep_every_json_type() {
     );
 }
 
+/// Member names may hold escapes, in the event's own fields as in property names: they are read
+/// unescaped (names without escapes are borrowed from the body, escaped ones decoded).
+#[test]
+fn escaped_member_names_are_read_unescaped() {
+    let s = Server::start();
+    let body = r#"{"str\u0065am":"sensors","source":"t","timestamp":1,"payload":{"entity_\u0069d":"acme/names","properties":{
+        "na\u00efve": 1, "q\"uote": 2, "tab\tname": 3, "plain": 4
+    }}}"#;
+    let sent: Value = serde_json::from_str(body).expect("test body is JSON");
+    let (status, text) = s.post_text("/api/events", body);
+    assert_eq!(status, 200, "{text}");
+    let reply: Value = serde_json::from_str(&text).expect("reply is JSON");
+    assert_eq!(reply["stream"], "sensors", "{text}");
+    assert_eq!(s.props("acme/names"), sent["payload"]["properties"]);
+    assert_eq!(s.props("acme/names")["naïve"], 1);
+    assert_eq!(s.props("acme/names")["q\"uote"], 2);
+}
+
 // ------------------------------------------------------------------ merge and delete
 
 #[test]
