@@ -1021,8 +1021,8 @@ mod tests {
             .collect()
     }
 
-    /// Creates (an update) or deletes (a tombstone) `id` by applying a record at `position`.
-    fn set_exists(shard: &mut Shard, id: &str, exists: bool, position: u64) {
+    /// A frame at `position` holding one record of `id`: an update, or a tombstone.
+    fn change(id: &str, exists: bool, position: u64) -> Frame {
         let fields = crate::record::EventFields {
             event_id: "e",
             stream: "test",
@@ -1039,7 +1039,12 @@ mod tests {
         };
         let mut batch = crate::record::RecordBatch::with_capacity(64, 1);
         batch.push_event(0, &fields, properties.iter().copied());
-        shard.apply(&Frame::from_batch(position, 1, batch), &[0]);
+        Frame::from_batch(position, 1, batch)
+    }
+
+    /// Creates (an update) or deletes (a tombstone) `id` by applying a record at `position`.
+    fn set_exists(shard: &mut Shard, id: &str, exists: bool, position: u64) {
+        shard.apply(&change(id, exists, position), &[0]);
     }
 
     /// A dispatcher over one shard without a thread: the test takes the inbox and plays the
@@ -1058,18 +1063,7 @@ mod tests {
 
     /// A frame at `position` holding one update of `id`.
     fn update(id: &str, position: u64) -> Arc<Frame> {
-        let fields = crate::record::EventFields {
-            event_id: "e",
-            stream: "test",
-            source: "test",
-            timestamp: 0,
-            entity_id: id,
-            key: None,
-            schema: None,
-        };
-        let mut batch = crate::record::RecordBatch::with_capacity(64, 1);
-        batch.push_event(0, &fields, [("v", "1")].into_iter());
-        Arc::new(Frame::from_batch(position, 1, batch))
+        Arc::new(change(id, true, position))
     }
 
     fn revision(cell: &ShardCell, id: &str) -> Option<u64> {
