@@ -204,15 +204,22 @@ fn merged<'a>(
     } else {
         HashMap::new()
     };
+    // A small event is decoded once into this array; each lookup then compares slices
+    // instead of decoding the record's properties again.
+    let mut decoded = [("", ""); SMALL_EVENT_PROPERTIES];
+    let small = if large {
+        &decoded[..0]
+    } else {
+        for (slot, update) in decoded.iter_mut().zip(updates.clone()) {
+            *slot = update;
+        }
+        &decoded[..updates.len()]
+    };
     let value_in_event = |name: &str| -> Option<&'a str> {
         if large {
             last_value.get(name).copied()
         } else {
-            updates
-                .clone()
-                .filter(|(n, _)| *n == name)
-                .last()
-                .map(|u| u.1)
+            small.iter().rev().find(|(n, _)| *n == name).map(|u| u.1)
         }
     };
     let mut out = Vec::with_capacity(block.len() + updates.len() * 16);
@@ -229,7 +236,7 @@ fn merged<'a>(
         let done = if large {
             !written.insert(name)
         } else {
-            updates.clone().take(i).any(|(n, _)| n == name)
+            small[..i].iter().any(|(n, _)| *n == name)
                 || PackedIter { buf: old }.any(|(n, _)| n == name)
         };
         if !done {
