@@ -2,12 +2,34 @@
 //! Output is always valid JSON: strings are escaped per RFC 8259; values stored raw are written
 //! as they were received (they were validated as JSON when the event was accepted).
 
+/// Whether any byte is a control character, `"` or `\\`. Eight bytes per step: a byte below
+/// 0x20, or equal to one of the two, clears to zero under the usual word tricks (exact for a
+/// yes/no answer; bytes of 0x80 and above never match).
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+        let quote = word ^ (ONES * u64::from(b'"'));
+        let backslash = word ^ (ONES * u64::from(b'\\'));
+        if below(word, 0x20) | below(quote, 1) | below(backslash, 1) != 0 {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
 /// Appends `s` as a quoted, escaped JSON string.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     // Most strings (ids, names, event ids) need no escaping: one scan, one copy.
-    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
@@ -125,6 +147,42 @@ pub fn write_i64(out: &mut Vec<u8>, n: i64) {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn escape_check_agrees_with_a_byte_by_byte_scan() {
+        // Every byte value at every offset of strings long enough for whole words and a tail.
+        for len in [1usize, 7, 8, 9, 16, 23] {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    let naive = bytes.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+                    assert_eq!(
+                        needs_escape(&bytes),
+                        naive,
+                        "byte {b:#04x} at {at} of {len}"
+                    );
+                }
+            }
+        }
+        // Neighbouring bytes must not hide or fake a match (borrows across bytes): every run
+        // of four bytes from the values around the edges, inside one word.
+        let edges = [
+            0x00, 0x01, 0x1f, 0x20, 0x21, 0x22, 0x23, 0x5b, 0x5c, 0x5d, 0x80, 0xff,
+        ];
+        for &a in &edges {
+            for &b in &edges {
+                for &c in &edges {
+                    for &d in &edges {
+                        let mut bytes = vec![b'a'; 8];
+                        bytes[2..6].copy_from_slice(&[a, b, c, d]);
+                        let naive = bytes.iter().any(|&x| x < 0x20 || x == b'"' || x == b'\\');
+                        assert_eq!(needs_escape(&bytes), naive, "{bytes:?}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn times_match_rfc3339_with_millis() {
