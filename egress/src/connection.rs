@@ -4,7 +4,7 @@
 //! - The send queue holds shared frame handles ([`Bytes`]), never copies. It is bounded by
 //!   [`QUEUE_MAX_FRAMES`] and [`QUEUE_MAX_BYTES`]; a push past either bound drops what is
 //!   queued and closes the connection with 1008 and a reason naming the overflow. Producers
-//!   (shard threads) never wait on a connection.
+//!   (whatever thread applied the change) never wait on a connection.
 //! - Only the writer task writes to the socket. It takes everything queued at once and sends it
 //!   with vectored writes, so a burst costs few syscalls. A writer that wrote very recently waits
 //!   out a short window first ([`Pace`]): the window grows with the rate of frames the hub

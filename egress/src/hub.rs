@@ -3,9 +3,10 @@
 //! Invariants:
 //! - A change becomes frames once (one `state_update` per property, or one `entity_deleted`),
 //!   built only when at least one connection matches; every matching connection gets handles
-//!   to the same bytes. Fan-out runs on the shard thread that applied the change, so frames of
-//!   one entity reach each connection in log order.
-//! - The first few matching connections of a change are written to directly from the shard
+//!   to the same bytes. Fan-out runs on the thread that applied the change (its shard thread, or
+//!   the log committer applying in place), under the shard's lock, so frames of one entity
+//!   reach each connection in log order.
+//! - The first few matching connections of a change are written to directly from the applying
 //!   thread when idle (one wake-up less on the path to a quiet subscriber); see
 //!   [`Connection::push_direct`].
 //! - Producers never wait for a connection: pushes are bounded and overflow closes the
@@ -38,9 +39,9 @@ use crate::index::{Index, Pattern};
 pub const METRICS_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the coalescing window follows the delivered-frame rate.
 const PACE_INTERVAL: Duration = Duration::from_millis(100);
-/// Matching connections a change is written to straight from the shard thread (when idle);
+/// Matching connections a change is written to straight from the applying thread (when idle);
 /// the rest go to their writer tasks, which run in parallel on the runtime's workers. One
-/// loopback write costs ~6 µs, so this bounds the shard's stall to under a millisecond, and
+/// loopback write costs ~6 µs, so this bounds the applier's stall to under a millisecond, and
 /// covers every subscriber of a change up to this many: no hand-off, no wake-up
 /// (`e2e --subscribers 100 --rate 200`: p99 1.6–1.7 ms here, against 2.3–2.6 ms with 4).
 const DIRECT_WRITES_PER_CHANGE: usize = 128;
@@ -110,7 +111,7 @@ impl Default for Hub {
 }
 
 thread_local! {
-    /// Scratch space for building a frame's JSON on the shard thread.
+    /// Scratch space for building a frame's JSON on the applying thread.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 

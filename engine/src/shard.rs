@@ -21,7 +21,7 @@
 //!   names a missing entity nor misses an existing one. Anything that moves or frees buckets
 //!   (growth, rehash, `retain`) drops the order first.
 //! - After applying a live record (not one a snapshot already covered) the shard tells its
-//!   [`ChangeObserver`], on the shard thread, in log order.
+//!   [`ChangeObserver`], on the applying thread and under the shard's lock, in log order.
 
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
@@ -158,8 +158,9 @@ pub struct ShardStats {
     pub active_sources: Vec<Arc<str>>,
 }
 
-/// Told about every applied change by the shard that owns the entity, on the shard's thread
-/// and in log order, so implementations must be quick and must not block.
+/// Told about every applied change by the shard that owns the entity, on the thread applying
+/// it (the shard's, or a log committer's) under the shard's lock and in log order, so
+/// implementations must be quick and must not block.
 pub trait ChangeObserver: Send + Sync + 'static {
     /// The entity was created or its properties were merged with `properties` (as sent).
     fn entity_updated(&self, entity_id: &str, accept_time_ms: u64, properties: PropertyIter<'_>);

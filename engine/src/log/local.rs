@@ -9,8 +9,9 @@
 //! - The committer is, when the lock is free, the task that just queued a small append (a
 //!   leader: it commits one group of at most [`IN_PLACE_MAX_RECORDS`] records on its own
 //!   thread, so an append on an idle log wakes no other thread); otherwise the writer thread,
-//!   which a leader kicks when it leaves work queued and which also runs every barrier. Whoever queues work and finds the lock taken leaves it to
-//!   the holder, who looks at the queue again after letting the lock go: nothing is stranded.
+//!   which a leader kicks when it leaves work queued and which also runs every barrier.
+//!   Whoever queues work and finds the lock taken leaves it to the holder, who looks at the
+//!   queue again after letting the lock go: nothing is stranded.
 //! - A small group (at most [`IN_PLACE_MAX_RECORDS`] records) is applied in place by the
 //!   committer where a shard is idle ([`Dispatcher::dispatch_in_place`]); larger ones go
 //!   through the shards' inboxes, so shards apply them while the next group is written.
