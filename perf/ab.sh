@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Interleaved A/B runs of two `flux` builds under the same generator command, the way the
+# before/after pairs in perf/README.md and docs/decisions/ were taken.
+#
+#   perf/ab.sh OLD_FLUX NEW_FLUX ROUNDS -- GENERATOR_ARGS...
+#   perf/ab.sh /tmp/flux-old target/release/flux 4 -- ingest-batch -c 4 --batch 1000 --props 5 --duration 4
+#
+# Each round starts OLD then NEW, each a fresh `flux serve` on a free port with an empty data
+# dir, runs `target/release/flux-loadtest GENERATOR_ARGS --url ... --server-pid ...`, prints
+# one line (events/s, latency p50/p99 in µs, server CPU µs per event, load average) and stops
+# the server. Build an OLD binary from another commit with a worktree, e.g.
+#   git worktree add /tmp/old <commit> && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target \
+#     cargo build --release -p flux) && cp /tmp/old-target/release/flux /tmp/flux-old
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[[ $# -ge 4 && "$4" == "--" ]] || { sed -n 2,13p "$0"; exit 2; }
+old=$1 new=$2 rounds=$3
+shift 4
+generator=target/release/flux-loadtest
+work=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+pid=
+for _ in $(seq "$rounds"); do
+    for side in old new; do
+        binary=$old
+        [[ $side == new ]] && binary=$new
+        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        rm -rf "$work/data"
+        "$binary" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
+        pid=$!
+        for _ in $(seq 100); do
+            curl -sf -o /dev/null "http://127.0.0.1:$port/health" && break
+            sleep 0.05
+        done
+        timeout 300 "$generator" "$@" --url "http://127.0.0.1:$port" --server-pid "$pid" 2>/dev/null |
+            SIDE=$side python3 -c '
+import json, os, sys
+d = json.load(sys.stdin); l = d["latency_us"]; s = d["server"]
+print(os.environ["SIDE"], "events/s %.0f" % d["throughput_events_per_s"], "p50", l["p50"], "p99", l["p99"],
+      "server µs/event %.1f" % (s["cpu_s"] * 1e6 / max(1, d.get("events", 1))),
+      "load", open("/proc/loadavg").read().split()[0])'
+        kill "$pid"
+        wait "$pid" 2>/dev/null || true
+    done
+done
