@@ -122,6 +122,7 @@ fn open_local(
         segment_bytes: config.segment_bytes,
         spin: config.threads.spin,
         leader_commits: config.leader_commits,
+        ..LocalLogOptions::default()
     };
     let shards = dispatcher.shard_count();
     let (log, summary) = LocalLog::open(&config.data_dir.join("log"), options, &mut |frame| {

@@ -8,7 +8,9 @@
 //! - `compact` drops only whole, covered, old segments and never the active one;
 //! - group commit under concurrent appenders keeps positions unique, dense and ordered;
 //! - regressions and edge cases: empty batches, `skip_to`, `close` with appends in flight,
-//!   reads through the sparse index of a large segment.
+//!   reads through the sparse index of a large segment;
+//! - spare segments: a busy log rolls into files of zeros, reopens them without calling the
+//!   zeros damage, writes after its last frame inside them, and cuts a torn write in one.
 //!
 //! `PROPTEST_CASES=n` runs the property test longer than its default.
 
@@ -1142,4 +1144,179 @@ async fn close_finishes_queued_appends_and_refuses_later_ones() {
         "reopen differs from the acknowledged appends"
     );
     reopened.log.close();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Spare segments: files of zeros a busy log rolls into.
+
+/// Segment (and spare) size for the spare tests.
+const SPARE_SEGMENT_BYTES: u64 = 16 << 10;
+
+fn open_with_spares(dir: &Path) -> Opened {
+    let mut frames = Vec::new();
+    let (log, summary) = LocalLog::open(
+        dir,
+        LocalLogOptions {
+            segment_bytes: SPARE_SEGMENT_BYTES,
+            spare_after_commits: Some(3),
+            ..Default::default()
+        },
+        &mut |frame| frames.push(StoredFrame::from_frame(&frame)),
+    )
+    .expect("log opens");
+    let (dispatcher, _shard_threads) = start_shards(1).expect("shard starts");
+    log.start(dispatcher).expect("writer starts");
+    Opened {
+        log,
+        summary,
+        frames,
+    }
+}
+
+/// Where the frames of a segment end (the rest, if any, is a spare's zeros).
+fn data_end(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    while let Ok(FrameRead::Frame(_, used)) = decode_frame(&bytes[at..]) {
+        at += used;
+    }
+    at
+}
+
+/// Appends one-event frames (one group commit each) until the newest segment is a spare that
+/// holds at least two frames; returns what was appended.
+fn fill_until_in_spare(log: &LocalLog, dir: &Path, oracle: &mut Vec<StoredFrame>) {
+    let runtime = current_thread_runtime();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let i = oracle.len();
+        let events = vec![event(&format!("s{i}"), &format!("acme/spare-{i}"))];
+        oracle.push(runtime.block_on(append_frame(log, &events)));
+        settle(log);
+        let bytes = fs::read(newest_segment(dir)).expect("read newest");
+        let end = data_end(&bytes);
+        let frames_in_newest = frame_spans(&bytes[..end]).len();
+        if bytes.len() as u64 == SPARE_SEGMENT_BYTES && end < bytes.len() && frames_in_newest >= 2 {
+            assert!(
+                bytes[end..].iter().all(|&b| b == 0),
+                "a spare holds zeros past its frames"
+            );
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spare segment was used after {} commits",
+            oracle.len()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_busy_log_rolls_into_spares_and_their_zeros_are_not_damage() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("log");
+    let runtime = current_thread_runtime();
+    let mut oracle = Vec::new();
+    let opened = open_with_spares(&dir);
+    fill_until_in_spare(&opened.log, &dir, &mut oracle);
+    opened.log.close();
+    // Every segment holds whole frames (and zeros after them), named after its first frame.
+    let mut expected_first = 1;
+    for path in segment_files(&dir) {
+        let bytes = fs::read(&path).expect("read segment");
+        assert_eq!(segment_first_position(&path), expected_first);
+        let end = data_end(&bytes);
+        assert!(bytes[end..].iter().all(|&b| b == 0), "{}", path.display());
+        expected_first += frame_spans(&bytes[..end]).len() as u64;
+    }
+
+    let reopened = open_with_spares(&dir);
+    assert_eq!(
+        reopened.summary.dropped_bytes, 0,
+        "zeros are not a torn tail"
+    );
+    check_against_oracle(&reopened, &oracle, "reopen with a spare active");
+    let newest = newest_segment(&dir);
+    let before = fs::read(&newest).expect("read newest");
+    // The next frame goes right after the last one, inside the spare: the file does not grow.
+    let extra = vec![event("after-reopen", "acme/after")];
+    oracle.push(runtime.block_on(append_frame(&reopened.log, &extra)));
+    reopened.log.close();
+    let after = fs::read(&newest).expect("read newest");
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "the write landed inside the spare"
+    );
+    assert!(data_end(&after) > data_end(&before));
+    let again = open_with_spares(&dir);
+    assert_eq!(again.summary.dropped_bytes, 0);
+    check_against_oracle(&again, &oracle, "second reopen");
+    again.log.close();
+    assert!(
+        fs::read_dir(&dir).expect("list").all(|e| !e
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .contains("torn")),
+        "nothing was cut"
+    );
+}
+
+#[test]
+fn a_torn_write_into_a_spare_is_cut_and_earlier_frames_survive() {
+    for tear in [
+        "half of the last frame reached the disk",
+        "garbage after the last frame",
+    ] {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("log");
+        let mut oracle = Vec::new();
+        let opened = open_with_spares(&dir);
+        fill_until_in_spare(&opened.log, &dir, &mut oracle);
+        opened.log.close();
+        let path = newest_segment(&dir);
+        let mut bytes = fs::read(&path).expect("read newest");
+        let end = data_end(&bytes);
+        let last = frame_spans(&bytes[..end]).pop().expect("a frame");
+        let cut_at = if tear.starts_with("half") {
+            // The write's second half never made it: the spare's zeros are still there.
+            let half = last.start + last.len() / 2;
+            bytes[half..last.end].fill(0);
+            oracle.pop();
+            last.start
+        } else {
+            bytes[end..end + 5].copy_from_slice(&[7, 0, 0, 0, 9]);
+            end
+        };
+        fs::write(&path, &bytes).expect("write torn segment");
+        let reopened = open_with_spares(&dir);
+        check_against_oracle(&reopened, &oracle, tear);
+        assert_eq!(
+            reopened.summary.dropped_bytes,
+            (bytes.len() - cut_at) as u64,
+            "{tear}"
+        );
+        assert_eq!(
+            fs::metadata(&path).expect("stat").len(),
+            cut_at as u64,
+            "{tear}: cut at the last whole frame"
+        );
+        let kept = fs::read(path.with_extension(format!("seg.torn-{cut_at}"))).expect("kept");
+        let written = bytes.iter().rposition(|&b| b != 0).expect("nonzero") + 1;
+        assert_eq!(
+            kept,
+            &bytes[cut_at..written],
+            "{tear}: kept without the zeros"
+        );
+        // The log goes on after the cut.
+        let runtime = current_thread_runtime();
+        let extra = vec![event("after-cut", "acme/after")];
+        oracle.push(runtime.block_on(append_frame(&reopened.log, &extra)));
+        reopened.log.close();
+        let again = open_with_spares(&dir);
+        assert_eq!(again.summary.dropped_bytes, 0, "{tear}");
+        check_against_oracle(&again, &oracle, tear);
+        again.log.close();
+    }
 }

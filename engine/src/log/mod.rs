@@ -9,6 +9,7 @@
 
 pub mod jetstream;
 pub mod local;
+pub mod spare;
 
 use std::future::Future;
 use std::pin::Pin;
