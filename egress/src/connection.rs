@@ -20,6 +20,13 @@
 //!   descriptor.
 //! - Once a close frame is queued, nothing more is accepted; the writer sends it and shuts the
 //!   socket down.
+//! - A connection subscribed to `*` reads the hub's [`Stream`] instead of receiving handles:
+//!   its position there lives in the queue (under the same lock), and each round the writer
+//!   sends what is queued first, then the stream from that position on. Frames queued before
+//!   the `*` subscription are older than anything the stream holds for it; frames queued while
+//!   it lasts are control frames (errors, pongs, metrics), whose order against changes does not
+//!   matter; on unsubscribing, the stream's unsent remainder is queued before anything later.
+//!   A position the stream no longer keeps is an overflow (1008).
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -29,11 +36,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use crate::frame;
+use crate::stream::{Lagged, Stream};
 
 /// Most frames a connection may have queued before it is closed as too slow.
 pub const QUEUE_MAX_FRAMES: usize = 16_384;
@@ -45,6 +54,11 @@ const WRITEV_MAX_FRAMES: usize = 256;
 pub const WRITE_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A drained queue keeping more slots than this gives the memory back.
 const IDLE_QUEUE_SLOTS: usize = 64;
+/// Stream bytes a writer takes per round (rounded up to whole chunks): what a writer stuck on
+/// a full socket can keep alive.
+const STREAM_BATCH_BYTES: usize = 256 << 10;
+/// Stream bytes one direct write takes.
+const DIRECT_STREAM_BYTES: usize = 64 << 10;
 
 /// Result of queueing frames on a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +82,8 @@ struct Queue {
     writing: bool,
     /// When bytes last went to the socket.
     last_write: Option<Instant>,
+    /// Subscribed to `*`: the position in the hub's stream up to which it has been sent.
+    stream: Option<u64>,
 }
 
 /// Frames one direct write hands to `writev`.
@@ -80,6 +96,9 @@ pub struct Connection {
     wake: Notify,
     /// Set when the connection overflowed (for metrics and tests).
     overflowed: AtomicBool,
+    /// Mirrors `Queue::stream.is_some()` for the hub's index walk (changed only under the
+    /// index's write lock, read under its read lock).
+    streaming: AtomicBool,
 }
 
 impl Connection {
@@ -89,7 +108,95 @@ impl Connection {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             overflowed: AtomicBool::new(false),
+            streaming: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the connection reads the hub's stream (is subscribed to `*`).
+    pub fn is_streaming(&self) -> bool {
+        self.streaming.load(Ordering::Relaxed)
+    }
+
+    /// Starts reading the stream at `position` (its end now). The caller holds the index's
+    /// write lock, so no change is delivered meanwhile.
+    pub fn start_stream(&self, position: u64) {
+        self.lock().stream = Some(position);
+        self.streaming.store(true, Ordering::Relaxed);
+        // The writer may be waiting without listening to the stream.
+        self.wake.notify_one();
+    }
+
+    /// Stops reading the stream: what it has not sent yet is queued, ahead of anything pushed
+    /// later. The caller holds the index's write lock.
+    pub fn stop_stream(&self, stream: &Stream) -> Push {
+        self.streaming.store(false, Ordering::Relaxed);
+        let outcome = {
+            let mut queue = self.lock();
+            let Some(position) = queue.stream.take() else {
+                return Push::Queued;
+            };
+            if queue.close.is_some() {
+                return Push::Closed;
+            }
+            let mut rest: Vec<Bytes> = Vec::new();
+            match stream.read(position, usize::MAX, &mut rest) {
+                Ok(_) => self.enqueue(&mut queue, &rest),
+                Err(Lagged) => self.overflow(&mut queue),
+            }
+        };
+        self.wake.notify_one();
+        outcome
+    }
+
+    /// Writes the stream from this connection's position straight to the socket when the
+    /// connection is idle (as [`Connection::push_direct`]); true when it is then fully sent.
+    /// What the socket does not take is queued, so the position stays on a frame boundary.
+    pub fn stream_direct(&self, stream: &Stream, window: Duration) -> bool {
+        let (sent, queued) = self.stream_direct_locked(stream, window);
+        if queued {
+            self.wake.notify_one();
+        }
+        sent
+    }
+
+    /// [`Connection::stream_direct`] under the queue lock; also says whether it queued a rest.
+    fn stream_direct_locked(&self, stream: &Stream, window: Duration) -> (bool, bool) {
+        let mut queue = self.lock();
+        let Some(position) = queue.stream else {
+            return (true, false);
+        };
+        if queue.close.is_some() {
+            return (true, false);
+        }
+        let now = Instant::now();
+        let idle = queue.frames.is_empty()
+            && !queue.writing
+            && queue
+                .last_write
+                .is_none_or(|at| now.duration_since(at) >= window);
+        let Some(socket) = queue.socket.filter(|_| idle) else {
+            return (false, false);
+        };
+        let mut slices: Vec<Bytes> = Vec::new();
+        let Ok(end) = stream.read(position, DIRECT_STREAM_BYTES, &mut slices) else {
+            return (false, false); // Lagged: the writer closes it.
+        };
+        let total: usize = slices.iter().map(Bytes::len).sum();
+        if total == 0 {
+            return (end == stream.end(), false);
+        }
+        let written = write_now(socket, &slices);
+        if written == 0 {
+            return (false, false); // The writer will take it from the stream.
+        }
+        queue.last_write = Some(now);
+        queue.stream = Some(end);
+        if written == total {
+            return (end == stream.end(), false);
+        }
+        let rest = unwritten(&slices, written);
+        self.enqueue(&mut queue, &rest);
+        (false, true)
     }
 
     /// Queues `frames` (in order) unless that would pass a bound.
@@ -135,17 +242,7 @@ impl Connection {
                 return Push::Queued;
             }
             // What the socket did not take (rare: a full socket buffer or a failed write).
-            let mut skip = written;
-            let mut rest = Vec::with_capacity(frames.len());
-            for frame in frames {
-                if skip >= frame.len() {
-                    skip -= frame.len();
-                } else {
-                    rest.push(frame.slice(skip..));
-                    skip = 0;
-                }
-            }
-            self.enqueue(&mut queue, &rest)
+            self.enqueue(&mut queue, &unwritten(frames, written))
         };
         self.wake.notify_one();
         outcome
@@ -157,20 +254,26 @@ impl Connection {
         if queue.frames.len() + frames.len() > QUEUE_MAX_FRAMES
             || queue.bytes + bytes > QUEUE_MAX_BYTES
         {
-            queue.frames = VecDeque::new();
-            queue.bytes = 0;
-            let reason = format!(
-                "send queue overflow: client too slow (limit {QUEUE_MAX_FRAMES} frames / \
-                 {QUEUE_MAX_BYTES} bytes)"
-            );
-            queue.close = Some(frame::close(frame::CLOSE_POLICY_VIOLATION, &reason));
-            self.overflowed.store(true, Ordering::Relaxed);
-            Push::Overflowed
+            self.overflow(queue)
         } else {
             queue.frames.extend(frames.iter().cloned());
             queue.bytes += bytes;
             Push::Queued
         }
+    }
+
+    /// Drops what is queued and closes the connection with 1008, naming the overflow.
+    fn overflow(&self, queue: &mut Queue) -> Push {
+        queue.frames = VecDeque::new();
+        queue.bytes = 0;
+        queue.stream = None;
+        let reason = format!(
+            "send queue overflow: client too slow (limit {QUEUE_MAX_FRAMES} frames / \
+             {QUEUE_MAX_BYTES} bytes)"
+        );
+        queue.close = Some(frame::close(frame::CLOSE_POLICY_VIOLATION, &reason));
+        self.overflowed.store(true, Ordering::Relaxed);
+        Push::Overflowed
     }
 
     /// Queues a close frame after what is already queued; later pushes are refused.
@@ -193,21 +296,52 @@ impl Connection {
         self.overflowed.load(Ordering::Relaxed)
     }
 
-    /// The writer task: sends queued frames until a close frame went out or the socket failed.
-    /// `pace` sizes the coalescing window.
-    pub async fn write_loop(&self, mut socket: OwnedWriteHalf, pace: &Pace) {
+    /// The writer task: sends queued frames (and, subscribed to `*`, the `stream`) until a
+    /// close frame went out or the socket failed. `pace` sizes the coalescing window;
+    /// `overflows` counts a stream position that was no longer kept.
+    pub async fn write_loop(
+        &self,
+        mut socket: OwnedWriteHalf,
+        pace: &Pace,
+        stream: &Stream,
+        overflows: &Counter,
+    ) {
         self.lock().socket = Some(socket.as_ref().as_raw_fd());
         let mut batch: VecDeque<Bytes> = VecDeque::new();
         loop {
+            // Listen for appends before looking at the stream, so none is missed.
+            let mut appended = std::pin::pin!(stream.appended.notified());
+            let streaming = self.is_streaming();
+            if streaming {
+                appended.as_mut().enable();
+            }
             let close = {
                 let mut queue = self.lock();
                 std::mem::swap(&mut queue.frames, &mut batch);
                 queue.bytes = 0;
+                if let Some(position) = queue.stream {
+                    match stream.read(position, STREAM_BATCH_BYTES, &mut batch) {
+                        Ok(next) => queue.stream = Some(next),
+                        Err(Lagged) => {
+                            batch.clear();
+                            if self.overflow(&mut queue) == Push::Overflowed {
+                                overflows.inc();
+                            }
+                        }
+                    }
+                }
                 queue.writing = !batch.is_empty() || queue.close.is_some();
                 queue.close.clone()
             };
             if batch.is_empty() && close.is_none() {
-                self.wake.notified().await;
+                if streaming {
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = appended => {}
+                    }
+                } else {
+                    self.wake.notified().await;
+                }
                 let last_write = self.lock().last_write;
                 if let Some(at) = last_write {
                     let due = at + pace.window();
@@ -245,6 +379,21 @@ impl Connection {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The part of `frames` after their first `written` bytes.
+fn unwritten(frames: &[Bytes], written: usize) -> Vec<Bytes> {
+    let mut skip = written;
+    let mut rest = Vec::with_capacity(frames.len());
+    for frame in frames {
+        if skip >= frame.len() {
+            skip -= frame.len();
+        } else {
+            rest.push(frame.slice(skip..));
+            skip = 0;
+        }
+    }
+    rest
 }
 
 /// One non-blocking `writev` of (the first [`DIRECT_MAX_FRAMES`] of) `frames` to `socket`;
@@ -367,7 +516,11 @@ mod tests {
         let pace = std::sync::Arc::new(Pace::default());
         let writer = {
             let (conn, pace) = (conn.clone(), pace.clone());
-            tokio::spawn(async move { conn.write_loop(write, &pace).await })
+            tokio::spawn(async move {
+                let stream = Stream::default();
+                conn.write_loop(write, &pace, &stream, &Counter::default())
+                    .await
+            })
         };
         // Wait until the writer has handed its socket over.
         while conn.lock().socket.is_none() {
@@ -405,6 +558,88 @@ mod tests {
         assert!(
             conn.lock().socket.is_none(),
             "the socket is withdrawn before it closes"
+        );
+    }
+
+    /// A `*` connection: frames queued before it started streaming come first, then the stream
+    /// in order (written directly or by the writer), and after it stops streaming its unsent
+    /// remainder precedes frames pushed later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stream_frames_keep_their_order_around_queued_ones() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (_read, write) = server.into_split();
+        let conn = std::sync::Arc::new(Connection::new(1));
+        let stream = std::sync::Arc::new(Stream::default());
+        let writer = {
+            let (conn, stream) = (conn.clone(), stream.clone());
+            tokio::spawn(async move {
+                let pace = Pace::default();
+                conn.write_loop(write, &pace, &stream, &Counter::default())
+                    .await
+            })
+        };
+        while conn.lock().socket.is_none() {
+            tokio::task::yield_now().await;
+        }
+        let reader = tokio::spawn(async move {
+            let mut received = Vec::new();
+            client.read_to_end(&mut received).await.expect("read");
+            received
+        });
+        let mut expected = Vec::new();
+        let mut next = 0u32;
+        let mut next_frame = || {
+            next += 1;
+            Bytes::from(format!("<{next:07}>"))
+        };
+        // Appended before the subscription: never sent to it.
+        stream.append(&[next_frame()]);
+        let early = next_frame();
+        assert_eq!(conn.push(std::slice::from_ref(&early)), Push::Queued);
+        expected.extend_from_slice(&early);
+        conn.start_stream(stream.end());
+        for i in 0..6_000 {
+            let f = next_frame();
+            expected.extend_from_slice(&f);
+            stream.append(std::slice::from_ref(&f));
+            if i % 2 == 0 {
+                conn.stream_direct(&stream, Duration::ZERO);
+            } else {
+                stream.appended.notify_waiters();
+            }
+            if i % 1000 == 999 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Let the writer drain and wait, then append without waking it: stopping must queue
+        // that remainder ahead of what follows.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..100 {
+            let f = next_frame();
+            expected.extend_from_slice(&f);
+            stream.append(std::slice::from_ref(&f));
+        }
+        assert_eq!(conn.stop_stream(&stream), Push::Queued);
+        stream.append(&[next_frame()]); // not streaming any more: never sent
+        for _ in 0..100 {
+            let f = next_frame();
+            expected.extend_from_slice(&f);
+            assert_eq!(conn.push(std::slice::from_ref(&f)), Push::Queued);
+        }
+        conn.close(frame::CLOSE_NORMAL, "");
+        let received = reader.await.expect("reader");
+        writer.await.expect("writer");
+        assert!(received.len() > expected.len(), "the close frame follows");
+        assert_eq!(
+            String::from_utf8_lossy(&received[..expected.len()]),
+            String::from_utf8_lossy(&expected)
         );
     }
 

@@ -6,9 +6,12 @@
 //!   to the same bytes. Fan-out runs on the thread that applied the change (its shard thread, or
 //!   the log committer applying in place), under the shard's lock, so frames of one entity
 //!   reach each connection in log order.
+//! - Connections subscribed to `*` are not visited per change: the change's frames are
+//!   appended once to the hub's [`Stream`], which their writers read (woken through
+//!   [`Stream::appended`]). When there are few of them, each idle one is written to at once.
 //! - The first few matching connections of a change are written to directly from the applying
 //!   thread when idle (one wake-up less on the path to a quiet subscriber); see
-//!   [`Connection::push_direct`].
+//!   [`Connection::push_direct`] and [`Connection::stream_direct`].
 //! - Producers never wait for a connection: pushes are bounded and overflow closes the
 //!   connection (1008), counted in [`Counters::overflow_closes`].
 //! - A connection with no subscription receives only `metrics_update`.
@@ -34,6 +37,7 @@ use tokio::net::TcpStream;
 use crate::connection::{Connection, Pace, Push};
 use crate::frame::{self, FrameReader, Message, ReadError};
 use crate::index::{Index, Pattern};
+use crate::stream::Stream;
 
 /// Time between `metrics_update` messages.
 pub const METRICS_INTERVAL: Duration = Duration::from_secs(2);
@@ -93,6 +97,8 @@ pub struct Hub {
     connections: Mutex<HashMap<u64, Arc<Connection>>>,
     /// Every writer's coalescing window, from the delivered-frame rate.
     pace: Pace,
+    /// The frames of every change, for the connections subscribed to `*`.
+    stream: Stream,
     next_id: AtomicU64,
     pub counters: Counters,
 }
@@ -104,6 +110,7 @@ impl Default for Hub {
             subscriptions: AtomicUsize::new(0),
             connections: Mutex::new(HashMap::new()),
             pace: Pace::default(),
+            stream: Stream::default(),
             next_id: AtomicU64::new(1),
             counters: Counters::default(),
         }
@@ -158,6 +165,26 @@ impl Hub {
         let mut delivered = 0u64;
         let mut direct_left = DIRECT_WRITES_PER_CHANGE;
         let window = self.pace.window();
+        let all = index.all();
+        if !all.is_empty() {
+            let frames =
+                frames.get_or_insert_with(|| build.take().map(|b| b()).unwrap_or_default());
+            // Appended under the index's read lock: a `*` subscription (which takes the write
+            // lock) starts reading either before or after this change, never inside it.
+            self.stream.append(frames);
+            delivered += (frames.len() * all.len()) as u64;
+            let mut wake = true;
+            if all.len() <= direct_left {
+                direct_left -= all.len();
+                wake = false;
+                for connection in all {
+                    wake |= !connection.stream_direct(&self.stream, window);
+                }
+            }
+            if wake {
+                self.stream.appended.notify_waiters();
+            }
+        }
         index.for_each_match(id, |connection| {
             let frames =
                 frames.get_or_insert_with(|| build.take().map(|b| b()).unwrap_or_default());
@@ -232,7 +259,12 @@ impl Hub {
         self.counters.connections.inc();
         let writer = {
             let (connection, hub) = (connection.clone(), self.clone());
-            tokio::spawn(async move { connection.write_loop(write, &hub.pace).await })
+            tokio::spawn(async move {
+                let overflows = &hub.counters.overflow_closes;
+                connection
+                    .write_loop(write, &hub.pace, &hub.stream, overflows)
+                    .await
+            })
         };
         let mut reader = FrameReader::with_bytes(early);
         let mut patterns: Vec<Pattern> = Vec::new();
@@ -343,10 +375,16 @@ impl Hub {
             }
             if index.insert(&pattern, connection) {
                 self.subscriptions.fetch_add(1, Ordering::AcqRel);
+                if pattern == Pattern::All {
+                    connection.start_stream(self.stream.end());
+                }
                 patterns.push(pattern);
             }
         } else if index.remove(&pattern, connection.id) {
             self.subscriptions.fetch_sub(1, Ordering::AcqRel);
+            if pattern == Pattern::All && connection.stop_stream(&self.stream) == Push::Overflowed {
+                self.counters.overflow_closes.inc();
+            }
             patterns.retain(|p| *p != pattern);
         } else {
             drop(index);

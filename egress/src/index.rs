@@ -2,9 +2,10 @@
 //!
 //! Three kinds of pattern: an exact id, a prefix (`acme/*`, `acme/site-3/*`, any depth, or any
 //! text followed by `*`), and `*` (everything). Matching an id costs one hash lookup for exact
-//! subscriptions, one per *distinct prefix length* in use for prefixes, and a walk of the
-//! all-set — never a look at subscriptions that cannot match. A connection is reported once per
-//! id even when several of its subscriptions match.
+//! subscriptions and one per *distinct prefix length* in use for prefixes — never a look at
+//! subscriptions that cannot match. The all-set is not walked per change: those connections
+//! read the hub's stream, and a match skips them. A connection is reported once per id even
+//! when several of its subscriptions match.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -101,7 +102,13 @@ impl Index {
         true
     }
 
-    /// Calls `visit` once for every connection subscribed to `id`.
+    /// Connections subscribed to `*`.
+    pub fn all(&self) -> &[Arc<Connection>] {
+        &self.all
+    }
+
+    /// Calls `visit` once for every connection subscribed to `id` by an exact id or a prefix,
+    /// except connections subscribed to `*` too (they read the hub's stream instead).
     pub fn for_each_match(&self, id: &str, mut visit: impl FnMut(&Arc<Connection>)) {
         let exact = self.exact.get(id);
         let mut prefixed: Vec<&Vec<Arc<Connection>>> = Vec::new();
@@ -115,12 +122,13 @@ impl Index {
                 prefixed.push(list);
             }
         }
-        let sources =
-            usize::from(exact.is_some()) + prefixed.len() + usize::from(!self.all.is_empty());
-        let lists = exact
-            .into_iter()
-            .chain(prefixed)
-            .chain(std::iter::once(&self.all));
+        let sources = usize::from(exact.is_some()) + prefixed.len();
+        let lists = exact.into_iter().chain(prefixed);
+        let mut visit = |c: &Arc<Connection>| {
+            if !c.is_streaming() {
+                visit(c);
+            }
+        };
         if sources <= 1 {
             lists.flatten().for_each(&mut visit);
             return;
@@ -158,16 +166,23 @@ mod tests {
         assert!(index.insert(&Pattern::parse("acme/*"), &a));
         assert!(!index.insert(&Pattern::parse("acme/*"), &a));
         assert!(index.insert(&Pattern::parse("acme/site-3/*"), &b));
+        // `*` subscribers read the stream: the index keeps them but a match never visits them,
+        // even through another of their subscriptions.
         assert!(index.insert(&Pattern::parse("*"), &c));
-        assert_eq!(matches(&index, "acme/site-3/pump-1"), [1, 2, 3]);
-        assert_eq!(matches(&index, "acme/site-4/x"), [1, 3]);
-        assert_eq!(matches(&index, "acme2/x"), [3]);
-        assert_eq!(matches(&index, "acme"), [3]);
+        assert!(index.insert(&Pattern::parse("acme/*"), &c));
+        c.start_stream(0);
+        assert_eq!(index.all().len(), 1);
+        assert_eq!(matches(&index, "acme/site-3/pump-1"), [1, 2]);
+        assert_eq!(matches(&index, "acme/site-4/x"), [1]);
+        assert_eq!(matches(&index, "acme2/x"), Vec::<u64>::new());
         assert!(index.remove(&Pattern::parse("acme/*"), 1));
         assert!(!index.remove(&Pattern::parse("acme/*"), 1));
-        assert_eq!(matches(&index, "acme/site-4/x"), [3]);
-        assert_eq!(matches(&index, "acme/site-3/pump-1"), [1, 2, 3]);
+        assert_eq!(matches(&index, "acme/site-4/x"), Vec::<u64>::new());
+        assert_eq!(matches(&index, "acme/site-3/pump-1"), [1, 2]);
         assert!(index.remove(&Pattern::parse("*"), 3));
+        c.stop_stream(&crate::stream::Stream::default());
+        assert_eq!(matches(&index, "acme/site-4/x"), [3], "no longer streaming");
+        assert!(index.remove(&Pattern::parse("acme/*"), 3));
         assert!(index.remove(&Pattern::parse("acme/site-3/*"), 2));
         assert!(index.remove(&Pattern::parse("acme/site-3/pump-1"), 1));
         assert_eq!(index.subscriptions(), 0);

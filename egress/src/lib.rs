@@ -7,12 +7,14 @@
 //!
 //! The path of a change: a shard applies a record → [`hub::Hub`] (the engine's
 //! `ChangeObserver`) looks up matching connections in the [`index`] → builds the frames once
-//! ([`frame`]) → pushes handles onto each [`connection`]'s bounded queue → that connection's
-//! writer task sends everything queued with vectored writes.
+//! ([`frame`]) → pushes handles onto each [`connection`]'s bounded queue, or, for connections
+//! subscribed to `*`, appends them once to the [`stream`] → each connection's writer task
+//! sends what is queued and what it has not sent of the stream with vectored writes.
 
 pub mod connection;
 pub mod frame;
 pub mod hub;
 pub mod index;
+pub mod stream;
 
 pub use hub::Hub;
