@@ -310,6 +310,9 @@ impl Hub {
                     self.subscriptions.fetch_sub(1, Ordering::AcqRel);
                 }
             }
+            if patterns.contains(&Pattern::All) && index.all().is_empty() {
+                self.stream.release();
+            }
         }
         let _ = writer.await;
         self.connections
@@ -382,8 +385,13 @@ impl Hub {
             }
         } else if index.remove(&pattern, connection.id) {
             self.subscriptions.fetch_sub(1, Ordering::AcqRel);
-            if pattern == Pattern::All && connection.stop_stream(&self.stream) == Push::Overflowed {
-                self.counters.overflow_closes.inc();
+            if pattern == Pattern::All {
+                if connection.stop_stream(&self.stream) == Push::Overflowed {
+                    self.counters.overflow_closes.inc();
+                }
+                if index.all().is_empty() {
+                    self.stream.release();
+                }
             }
             patterns.retain(|p| *p != pattern);
         } else {

@@ -17,7 +17,8 @@
 //! - The stream keeps at least the last [`KEEP_BYTES`] bytes. A reader whose position fell
 //!   behind what is kept has lagged: its connection is closed (1008), as an overflowing queue
 //!   would be. What a reader took stays alive while it holds it (the chunk is shared), so a
-//!   writer stuck on a full socket keeps at most one batch, not the stream.
+//!   writer stuck on a full socket keeps at most one batch, not the stream. When the last `*`
+//!   subscriber leaves, the stream lets go of every chunk ([`Stream::release`]).
 
 use std::collections::VecDeque;
 use std::ptr::NonNull;
@@ -174,6 +175,13 @@ impl Stream {
         }
     }
 
+    /// Drops every chunk: the last `*` subscriber left (the caller holds the index's write
+    /// lock, so nobody appends or starts reading meanwhile). Positions go on from the end; a
+    /// reader still finishing reads nothing more.
+    pub fn release(&self) {
+        self.lock().clear();
+    }
+
     /// Takes the published bytes from `from` on, at most about `max_bytes` (whole chunks past
     /// the first, so the batch ends on a frame boundary), as shared slices appended to `out`.
     /// Returns the position after them.
@@ -306,6 +314,23 @@ mod tests {
         let from = stream.end() - KEEP_BYTES;
         let (bytes, _) = read_all(&stream, from);
         assert_eq!(bytes.len() as u64, KEEP_BYTES);
+    }
+
+    #[test]
+    fn a_released_stream_holds_nothing_and_goes_on_from_its_end() {
+        let stream = Stream::default();
+        stream.append(&[frame(1, 5000)]);
+        let end = stream.end();
+        stream.release();
+        assert!(stream.lock().is_empty());
+        let mut parts: Vec<Bytes> = Vec::new();
+        assert_eq!(stream.read(0, usize::MAX, &mut parts), Ok(0));
+        assert!(parts.is_empty());
+        let next = frame(2, 300);
+        stream.append(std::slice::from_ref(&next));
+        let (bytes, new_end) = read_all(&stream, end);
+        assert_eq!(new_end, end + 300);
+        assert_eq!(bytes, &next[..]);
     }
 
     #[test]
