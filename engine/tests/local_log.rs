@@ -1320,3 +1320,67 @@ fn a_torn_write_into_a_spare_is_cut_and_earlier_frames_survive() {
         again.log.close();
     }
 }
+
+#[test]
+fn spares_start_small_and_double_up_to_the_segment_size() {
+    const FIRST: u64 = 8 << 10;
+    const SEGMENT: u64 = 64 << 10;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("log");
+    let (log, _) = LocalLog::open(
+        &dir,
+        LocalLogOptions {
+            segment_bytes: SEGMENT,
+            spare_after_commits: Some(3),
+            first_spare_bytes: FIRST,
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .expect("log opens");
+    let (dispatcher, _shard_threads) = start_shards(1).expect("shard starts");
+    log.start(dispatcher).expect("writer starts");
+    let runtime = current_thread_runtime();
+    let spare_sizes = || -> Vec<u64> {
+        segment_files(&dir)
+            .iter()
+            .map(|p| fs::metadata(p).expect("stat").len())
+            .filter(|&len| len >= FIRST)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    // Until two segments of the full size exist.
+    while spare_sizes().iter().filter(|&&len| len >= SEGMENT).count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spares never reached {SEGMENT} bytes"
+        );
+        let events = vec![event(&format!("d{i}"), &format!("acme/double-{i}"))];
+        runtime.block_on(append_frame(&log, &events));
+        i += 1;
+        if i % 20 == 0 {
+            std::thread::sleep(Duration::from_millis(2)); // time for the next spare
+        }
+    }
+    log.close();
+    let sizes = spare_sizes();
+    // Each size class appears, in order: 8 KiB, 16 KiB, 32 KiB, then 64 KiB.
+    let class = |len: u64| (len / FIRST).ilog2();
+    let classes: Vec<u32> = sizes.iter().map(|&len| class(len).min(3)).collect();
+    let mut expected = 0;
+    for &c in &classes {
+        if c == expected {
+            expected += 1;
+        }
+        assert!(c < expected || c == 3, "sizes {sizes:?}: {c} out of order");
+    }
+    assert_eq!(
+        expected, 4,
+        "sizes {sizes:?} did not double up to the segment size"
+    );
+    let reopened = open(&dir, SEGMENT);
+    assert_eq!(reopened.summary.dropped_bytes, 0);
+    assert_eq!(reopened.summary.records, i as u64);
+    reopened.log.close();
+}

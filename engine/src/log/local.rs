@@ -27,11 +27,13 @@
 //!   was continued at a snapshot's position ([`LocalLog::skip_to`]); open reports every gap in
 //!   [`OpenSummary::gaps`] and the engine refuses to start unless a snapshot covers them.
 //! - An empty append writes nothing and completes at once.
-//! - Segments roll at `segment_bytes`; whole segments are dropped by [`Log::compact`] once a
-//!   snapshot covers them and their newest record is past retention. The active one never is.
+//! - Segments roll at `segment_bytes` (a spare segment at its own size, when the next spare is
+//!   ready); whole segments are dropped by [`Log::compact`] once a snapshot covers them and
+//!   their newest record is past retention. The active one never is.
 //! - Frames are written at the segment's byte length (`pwrite`), never appended by the file
-//!   offset. A busy log rolls into spare segments ([`super::spare`]): files of zeros made ahead,
-//!   so a write overwrites blocks that are already there and `fdatasync` flushes data only. A
+//!   offset. A busy log rolls into spare segments ([`super::spare`]): files of zeros made ahead
+//!   (4 MiB first, doubling up to `segment_bytes`), so a write overwrites blocks that are
+//!   already there and `fdatasync` flushes data only. A
 //!   segment may therefore end in zeros; a frame never starts with zeros (its length is at
 //!   least [`crate::record::FRAME_HEADER_BYTES`]), so zeros at a frame boundary that run to the
 //!   end of the file are the unused part of a spare, not damage.
@@ -85,6 +87,8 @@ pub struct LocalLogOptions {
     /// spare ([`super::spare`]) and rolls into it once it is ready; a spare segment asks for
     /// the next one when a quarter full. `None`: never (every segment grows as written).
     pub spare_after_commits: Option<u64>,
+    /// Size of the first spare; each next one is twice the last, up to `segment_bytes`.
+    pub first_spare_bytes: u64,
 }
 
 impl Default for LocalLogOptions {
@@ -94,9 +98,14 @@ impl Default for LocalLogOptions {
             spin: std::time::Duration::ZERO,
             leader_commits: true,
             spare_after_commits: Some(SPARE_AFTER_COMMITS),
+            first_spare_bytes: FIRST_SPARE_BYTES,
         }
     }
 }
+
+/// The first spare is small, so it is ready within ~50 ms of the log getting busy and a
+/// server that writes little never holds a large file of zeros; spares double from there.
+pub const FIRST_SPARE_BYTES: u64 = 4 << 20;
 
 /// Group commits into a growing segment after which a spare is worth its zeros: a log that
 /// commits this often will likely pay the inode write of a growing file many more times (at
@@ -196,8 +205,9 @@ pub struct LocalLog {
 struct Active {
     /// Opened for writing (not appending): frames go at the segment's length.
     file: File,
-    /// It was a spare: its blocks past the frames are written zeros.
-    spare: bool,
+    /// It was a spare of this many bytes (its blocks past the frames are written zeros);
+    /// 0 for a segment that grows as it is written.
+    prepared: u64,
 }
 
 /// Whether every byte of `file` from `from` to `end` is zero.
@@ -356,13 +366,18 @@ impl LocalLog {
             .map(|s| s.path.clone())
             .expect("one segment at least");
         let active = OpenOptions::new().write(true).open(&active_path)?;
-        let spare = active.metadata()?.len() > segments.last().map_or(0, |s| s.len);
+        let file_len = active.metadata()?.len();
+        let prepared = if file_len > segments.last().map_or(0, |s| s.len) {
+            file_len
+        } else {
+            0
+        };
         let active = Active {
             file: active,
-            spare,
+            prepared,
         };
         let spares = match options.spare_after_commits {
-            Some(_) => Some(Arc::new(Spares::start(dir, options.segment_bytes)?)),
+            Some(_) => Some(Arc::new(Spares::start(dir)?)),
             None => None,
         };
         // One kick pending is enough: the writer thread empties the queue when it wakes.
@@ -401,7 +416,7 @@ impl LocalLog {
         let file = Arc::new(File::open(&path)?);
         let active = Active {
             file: OpenOptions::new().write(true).open(&path)?,
-            spare: false,
+            prepared: 0,
         };
         self.shared
             .segments
@@ -453,6 +468,7 @@ impl LocalLog {
             active,
             commits: 0,
             spares: self.spares.clone(),
+            next_spare_bytes: options.first_spare_bytes.min(options.segment_bytes),
             options,
             dispatcher,
             buf: Vec::with_capacity(1 << 20),
@@ -717,6 +733,8 @@ struct Writer {
     /// Group commits into the active segment.
     commits: u64,
     spares: Option<Arc<Spares>>,
+    /// Size of the next spare to ask for.
+    next_spare_bytes: u64,
     options: LocalLogOptions,
     dispatcher: Dispatcher,
     buf: Vec<u8>,
@@ -850,33 +868,42 @@ impl Writer {
         }
     }
 
-    /// After a commit: rolls when the segment is full, or early into a spare when a growing
-    /// segment is busy; asks for the next spare.
+    /// After a commit: rolls when the segment is full, when its spare is full, or early into a
+    /// spare when a growing segment is busy; asks for the next spare.
     fn next_segment(&mut self, next_position: LogPosition) -> std::io::Result<()> {
         let len = self.segment_len();
+        let full = len >= self.options.segment_bytes;
         let Some(spares) = self.spares.clone() else {
-            if len >= self.options.segment_bytes {
+            if full {
                 self.roll(next_position, None)?;
             }
             return Ok(());
         };
-        let busy = self
-            .options
-            .spare_after_commits
-            .is_some_and(|after| self.commits >= after);
-        if len >= self.options.segment_bytes || (!self.active.spare && busy) {
+        let prepared = self.active.prepared;
+        let busy = prepared == 0
+            && self
+                .options
+                .spare_after_commits
+                .is_some_and(|after| self.commits >= after);
+        if full || busy || (prepared > 0 && len >= prepared) {
             match spares.take() {
                 Some(spare) => self.roll(next_position, Some(spare))?,
-                None if len >= self.options.segment_bytes => self.roll(next_position, None)?,
+                // A full spare with no successor yet grows like any segment meanwhile.
+                None if full => self.roll(next_position, None)?,
                 None => {}
             }
         }
-        // The next spare is made once the current one is a quarter full: early enough for the
-        // fastest writer seen here (~60 MB/s), late enough that a slow log is not disturbed
-        // by making it.
-        let quarter = self.segment_len() >= self.options.segment_bytes / 4;
-        if (self.active.spare && quarter) || (!self.active.spare && busy) {
-            spares.request();
+        // The next spare is asked for once the current one is a quarter full: early enough for
+        // the fastest writer seen here (~60 MB/s), and a slow log is not disturbed while
+        // making it.
+        let prepared = self.active.prepared;
+        let busy = prepared == 0
+            && self
+                .options
+                .spare_after_commits
+                .is_some_and(|after| self.commits >= after);
+        if busy || (prepared > 0 && self.segment_len() >= prepared / 4) {
+            spares.request(self.next_spare_bytes);
         }
         Ok(())
     }
@@ -894,7 +921,7 @@ impl Writer {
         let started = std::time::Instant::now();
         if let Err(error) = self.active.file.write_all_at(&self.buf, base) {
             // Cut the partial write so the file ends on a frame boundary again.
-            self.active.spare = false;
+            self.active.prepared = 0;
             if let Err(cut) = self.active.file.set_len(base) {
                 self.set_failure(format!(
                     "write failed ({error}) and could not be undone ({cut})"
@@ -928,13 +955,18 @@ impl Writer {
             .get_or_insert(reason);
     }
 
-    /// Starts the segment at `next_position`: the `spare` file renamed into place, or a new
-    /// empty file.
-    fn roll(&mut self, next_position: LogPosition, spare: Option<PathBuf>) -> std::io::Result<()> {
+    /// Starts the segment at `next_position`: the `spare` file (path, size) renamed into place,
+    /// or a new empty file.
+    fn roll(
+        &mut self,
+        next_position: LogPosition,
+        spare: Option<(PathBuf, u64)>,
+    ) -> std::io::Result<()> {
         let path = segment_path(&self.shared.dir, next_position);
         let active = match &spare {
-            Some(spare) => {
+            Some((spare, bytes)) => {
                 fs::rename(spare, &path)?;
+                self.next_spare_bytes = (bytes * 2).min(self.options.segment_bytes);
                 OpenOptions::new().write(true).open(&path)?
             }
             None => OpenOptions::new()
@@ -946,7 +978,7 @@ impl Writer {
         let file = Arc::new(File::open(&path)?);
         self.active = Active {
             file: active,
-            spare: spare.is_some(),
+            prepared: spare.map_or(0, |(_, bytes)| bytes),
         };
         self.commits = 0;
         self.shared

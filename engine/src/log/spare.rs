@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 /// Bytes of zeros written (and synced) per step: a sync of the log queued behind one waits
 /// ~0.4 ms here.
 const STEP_BYTES: usize = 128 << 10;
-/// Pause between steps, so the disk mostly serves the log: 64 MiB take ~0.7 s instead of
-/// ~0.15 s flat out.
+/// Pause between steps, so the disk mostly serves the log: 4 MiB take ~50 ms and 64 MiB
+/// ~0.7 s, instead of ~0.15 s flat out.
 const STEP_PAUSE: Duration = Duration::from_millis(1);
 /// How long a failed spare keeps the next one from being tried.
 pub const RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -37,10 +37,10 @@ const SPARE_NAME: &str = "spare.prep";
 
 #[derive(Default)]
 struct State {
-    /// The committer wants a spare and none is ready.
-    requested: bool,
-    /// A complete spare is at the spare path.
-    ready: bool,
+    /// The committer wants a spare of this many bytes and none is ready.
+    requested: Option<u64>,
+    /// A complete spare of this many bytes is at the spare path.
+    ready: Option<u64>,
     /// No spare is tried before this (after a failure).
     quiet_until: Option<Instant>,
     stop: bool,
@@ -65,9 +65,9 @@ pub struct Spares {
 }
 
 impl Spares {
-    /// Starts the thread that makes spares of `bytes` bytes in `dir`, after deleting any
-    /// spare a crash left there.
-    pub fn start(dir: &Path, bytes: u64) -> std::io::Result<Spares> {
+    /// Starts the thread that makes spares in `dir`, after deleting any spare a crash left
+    /// there.
+    pub fn start(dir: &Path) -> std::io::Result<Spares> {
         let path = dir.join(SPARE_NAME);
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -82,7 +82,7 @@ impl Spares {
             let (shared, path) = (shared.clone(), path.clone());
             std::thread::Builder::new()
                 .name("flux-log-spare".into())
-                .spawn(move || run(&shared, &path, bytes))?
+                .spawn(move || run(&shared, &path))?
         };
         Ok(Spares {
             shared,
@@ -91,10 +91,11 @@ impl Spares {
         })
     }
 
-    /// Asks for a spare unless one is ready or being made (or the last one failed recently).
-    pub fn request(&self) {
+    /// Asks for a spare of `bytes` bytes unless one is ready or being made (or the last one
+    /// failed recently).
+    pub fn request(&self, bytes: u64) {
         let mut state = self.shared.lock();
-        if state.ready || state.requested || state.stop {
+        if state.ready.is_some() || state.requested.is_some() || state.stop {
             return;
         }
         if state
@@ -103,14 +104,15 @@ impl Spares {
         {
             return;
         }
-        state.requested = true;
+        state.requested = Some(bytes);
         self.shared.changed.notify_one();
     }
 
-    /// The path of a complete spare, now the caller's to rename; `None` if none is ready.
-    pub fn take(&self) -> Option<PathBuf> {
+    /// The path and size of a complete spare, now the caller's to rename; `None` if none is
+    /// ready.
+    pub fn take(&self) -> Option<(PathBuf, u64)> {
         let mut state = self.shared.lock();
-        std::mem::take(&mut state.ready).then(|| self.path.clone())
+        state.ready.take().map(|bytes| (self.path.clone(), bytes))
     }
 
     /// Stops the thread (abandoning a spare in the making) and waits for it.
@@ -131,25 +133,28 @@ impl Drop for Spares {
 }
 
 /// The thread: waits for a request, makes a spare, repeats until stopped.
-fn run(shared: &Shared, path: &Path, bytes: u64) {
+fn run(shared: &Shared, path: &Path) {
     loop {
-        {
+        let bytes = {
             let mut state = shared.lock();
-            while !state.requested && !state.stop {
+            loop {
+                if state.stop {
+                    return;
+                }
+                if let Some(bytes) = state.requested {
+                    break bytes;
+                }
                 state = shared
                     .changed
                     .wait(state)
                     .unwrap_or_else(|e| e.into_inner());
             }
-            if state.stop {
-                return;
-            }
-        }
+        };
         let made = make(shared, path, bytes);
         let mut state = shared.lock();
-        state.requested = false;
+        state.requested = None;
         match made {
-            Ok(true) => state.ready = true,
+            Ok(true) => state.ready = Some(bytes),
             Ok(false) => {} // stopped midway
             Err(error) => {
                 let _ = fs::remove_file(path);
