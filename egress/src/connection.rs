@@ -86,6 +86,18 @@ struct Queue {
     stream: Option<u64>,
 }
 
+impl Queue {
+    /// Nothing queued, no write in flight, and none within `window` before `now`: a producer
+    /// may write to the socket itself without reordering anything.
+    fn idle(&self, now: Instant, window: Duration) -> bool {
+        self.frames.is_empty()
+            && !self.writing
+            && self
+                .last_write
+                .is_none_or(|at| now.duration_since(at) >= window)
+    }
+}
+
 /// Frames one direct write hands to `writev`.
 const DIRECT_MAX_FRAMES: usize = 16;
 
@@ -169,12 +181,7 @@ impl Connection {
             return (true, false);
         }
         let now = Instant::now();
-        let idle = queue.frames.is_empty()
-            && !queue.writing
-            && queue
-                .last_write
-                .is_none_or(|at| now.duration_since(at) >= window);
-        let Some(socket) = queue.socket.filter(|_| idle) else {
+        let Some(socket) = queue.socket.filter(|_| queue.idle(now, window)) else {
             return (false, false);
         };
         let mut slices: Vec<Bytes> = Vec::new();
@@ -226,13 +233,8 @@ impl Connection {
                 return Push::Closed;
             }
             let now = Instant::now();
-            let idle = queue.frames.is_empty()
-                && !queue.writing
-                && queue
-                    .last_write
-                    .is_none_or(|at| now.duration_since(at) >= window);
             let written = match queue.socket {
-                Some(socket) if idle => write_now(socket, frames),
+                Some(socket) if queue.idle(now, window) => write_now(socket, frames),
                 _ => 0,
             };
             if written > 0 {
@@ -500,9 +502,15 @@ mod tests {
         assert_eq!(pace.window(), Duration::ZERO);
     }
 
-    /// Direct writes and queued writes interleave without reordering, idle or busy.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn direct_and_queued_frames_arrive_in_push_order() {
+    /// A connection with its writer task on one end of a loopback socket, and a task reading
+    /// the other end to its close.
+    struct Connected {
+        conn: std::sync::Arc<Connection>,
+        writer: tokio::task::JoinHandle<()>,
+        reader: tokio::task::JoinHandle<Vec<u8>>,
+    }
+
+    async fn connected(stream: std::sync::Arc<Stream>) -> Connected {
         use tokio::io::AsyncReadExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -513,11 +521,10 @@ mod tests {
         let (server, _) = listener.accept().await.expect("accept");
         let (_read, write) = server.into_split();
         let conn = std::sync::Arc::new(Connection::new(1));
-        let pace = std::sync::Arc::new(Pace::default());
         let writer = {
-            let (conn, pace) = (conn.clone(), pace.clone());
+            let conn = conn.clone();
             tokio::spawn(async move {
-                let stream = Stream::default();
+                let pace = Pace::default();
                 conn.write_loop(write, &pace, &stream, &Counter::default())
                     .await
             })
@@ -527,12 +534,27 @@ mod tests {
             tokio::task::yield_now().await;
         }
         // Read while pushing: a peer that stopped reading would fill the socket and then the
-        // bounded queue, and the test is about order, not overflow.
+        // bounded queue, and the tests are about order, not overflow.
         let reader = tokio::spawn(async move {
             let mut received = Vec::new();
             client.read_to_end(&mut received).await.expect("read");
             received
         });
+        Connected {
+            conn,
+            writer,
+            reader,
+        }
+    }
+
+    /// Direct writes and queued writes interleave without reordering, idle or busy.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_and_queued_frames_arrive_in_push_order() {
+        let Connected {
+            conn,
+            writer,
+            reader,
+        } = connected(std::sync::Arc::new(Stream::default())).await;
         let mut expected = Vec::new();
         // Fewer frames than the queue holds, so no scheduling delay of the writer can overflow.
         const FRAMES: u32 = 12_000;
@@ -566,33 +588,12 @@ mod tests {
     /// remainder precedes frames pushed later.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stream_frames_keep_their_order_around_queued_ones() {
-        use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (server, _) = listener.accept().await.expect("accept");
-        let (_read, write) = server.into_split();
-        let conn = std::sync::Arc::new(Connection::new(1));
         let stream = std::sync::Arc::new(Stream::default());
-        let writer = {
-            let (conn, stream) = (conn.clone(), stream.clone());
-            tokio::spawn(async move {
-                let pace = Pace::default();
-                conn.write_loop(write, &pace, &stream, &Counter::default())
-                    .await
-            })
-        };
-        while conn.lock().socket.is_none() {
-            tokio::task::yield_now().await;
-        }
-        let reader = tokio::spawn(async move {
-            let mut received = Vec::new();
-            client.read_to_end(&mut received).await.expect("read");
-            received
-        });
+        let Connected {
+            conn,
+            writer,
+            reader,
+        } = connected(stream.clone()).await;
         let mut expected = Vec::new();
         let mut next = 0u32;
         let mut next_frame = || {

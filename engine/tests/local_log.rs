@@ -140,15 +140,21 @@ fn open_only(dir: &Path, segment_bytes: u64) -> Result<(LocalLog, OpenSummary), 
 
 /// Opens the log in `dir`, collects every replayed frame and starts the writer on one shard.
 fn open(dir: &Path, segment_bytes: u64) -> Opened {
-    let mut frames = Vec::new();
-    let (log, summary) = LocalLog::open(
+    open_with(
         dir,
         LocalLogOptions {
             segment_bytes,
             ..Default::default()
         },
-        &mut |frame| frames.push(StoredFrame::from_frame(&frame)),
     )
+}
+
+/// [`open`] with any options.
+fn open_with(dir: &Path, options: LocalLogOptions) -> Opened {
+    let mut frames = Vec::new();
+    let (log, summary) = LocalLog::open(dir, options, &mut |frame| {
+        frames.push(StoredFrame::from_frame(&frame))
+    })
     .expect("log opens");
     let (dispatcher, _shard_threads) = start_shards(1).expect("shard starts");
     // The writer owns the only dispatcher left, so the shard thread exits once the log closes.
@@ -1153,24 +1159,14 @@ async fn close_finishes_queued_appends_and_refuses_later_ones() {
 const SPARE_SEGMENT_BYTES: u64 = 16 << 10;
 
 fn open_with_spares(dir: &Path) -> Opened {
-    let mut frames = Vec::new();
-    let (log, summary) = LocalLog::open(
+    open_with(
         dir,
         LocalLogOptions {
             segment_bytes: SPARE_SEGMENT_BYTES,
             spare_after_commits: Some(3),
             ..Default::default()
         },
-        &mut |frame| frames.push(StoredFrame::from_frame(&frame)),
     )
-    .expect("log opens");
-    let (dispatcher, _shard_threads) = start_shards(1).expect("shard starts");
-    log.start(dispatcher).expect("writer starts");
-    Opened {
-        log,
-        summary,
-        frames,
-    }
 }
 
 /// Where the frames of a segment end (the rest, if any, is a spare's zeros).
@@ -1327,7 +1323,7 @@ fn spares_start_small_and_double_up_to_the_segment_size() {
     const SEGMENT: u64 = 64 << 10;
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("log");
-    let (log, _) = LocalLog::open(
+    let log = open_with(
         &dir,
         LocalLogOptions {
             segment_bytes: SEGMENT,
@@ -1335,11 +1331,8 @@ fn spares_start_small_and_double_up_to_the_segment_size() {
             first_spare_bytes: FIRST,
             ..Default::default()
         },
-        &mut |_| {},
     )
-    .expect("log opens");
-    let (dispatcher, _shard_threads) = start_shards(1).expect("shard starts");
-    log.start(dispatcher).expect("writer starts");
+    .log;
     let runtime = current_thread_runtime();
     let spare_sizes = || -> Vec<u64> {
         segment_files(&dir)

@@ -880,11 +880,7 @@ impl Writer {
             return Ok(());
         };
         let prepared = self.active.prepared;
-        let busy = prepared == 0
-            && self
-                .options
-                .spare_after_commits
-                .is_some_and(|after| self.commits >= after);
+        let busy = self.busy();
         if full || busy || (prepared > 0 && len >= prepared) {
             match spares.take() {
                 Some(spare) => self.roll(next_position, Some(spare))?,
@@ -897,15 +893,19 @@ impl Writer {
         // the fastest writer seen here (~60 MB/s), and a slow log is not disturbed while
         // making it.
         let prepared = self.active.prepared;
-        let busy = prepared == 0
-            && self
-                .options
-                .spare_after_commits
-                .is_some_and(|after| self.commits >= after);
-        if busy || (prepared > 0 && self.segment_len() >= prepared / 4) {
+        if self.busy() || (prepared > 0 && self.segment_len() >= prepared / 4) {
             spares.request(self.next_spare_bytes);
         }
         Ok(())
+    }
+
+    /// A growing (not spare) segment that has taken enough commits to be worth a spare.
+    fn busy(&self) -> bool {
+        self.active.prepared == 0
+            && self
+                .options
+                .spare_after_commits
+                .is_some_and(|after| self.commits >= after)
     }
 
     fn segment_len(&self) -> u64 {
