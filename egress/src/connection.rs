@@ -162,9 +162,17 @@ impl Connection {
 
     /// Writes the stream from this connection's position straight to the socket when the
     /// connection is idle (as [`Connection::push_direct`]); true when it is then fully sent.
-    /// What the socket does not take is queued, so the position stays on a frame boundary.
-    pub fn stream_direct(&self, stream: &Stream, window: Duration) -> bool {
-        let (sent, queued) = self.stream_direct_locked(stream, window);
+    /// `frames` were just appended to the stream at position `at`: a connection that is there
+    /// gets them as they are, without reading them back. What the socket does not take is
+    /// queued, so the position stays on a frame boundary.
+    pub fn stream_direct(
+        &self,
+        stream: &Stream,
+        frames: &[Bytes],
+        at: u64,
+        window: Duration,
+    ) -> bool {
+        let (sent, queued) = self.stream_direct_locked(stream, frames, at, window);
         if queued {
             self.wake.notify_one();
         }
@@ -172,7 +180,13 @@ impl Connection {
     }
 
     /// [`Connection::stream_direct`] under the queue lock; also says whether it queued a rest.
-    fn stream_direct_locked(&self, stream: &Stream, window: Duration) -> (bool, bool) {
+    fn stream_direct_locked(
+        &self,
+        stream: &Stream,
+        frames: &[Bytes],
+        at: u64,
+        window: Duration,
+    ) -> (bool, bool) {
         let mut queue = self.lock();
         let Some(position) = queue.stream else {
             return (true, false);
@@ -184,15 +198,21 @@ impl Connection {
         let Some(socket) = queue.socket.filter(|_| queue.idle(now, window)) else {
             return (false, false);
         };
-        let mut slices: Vec<Bytes> = Vec::new();
-        let Ok(end) = stream.read(position, DIRECT_STREAM_BYTES, &mut slices) else {
-            return (false, false); // Lagged: the writer closes it.
+        let mut read: Vec<Bytes> = Vec::new();
+        let (slices, end) = if position == at {
+            let len: usize = frames.iter().map(Bytes::len).sum();
+            (frames, at + len as u64)
+        } else {
+            let Ok(end) = stream.read(position, DIRECT_STREAM_BYTES, &mut read) else {
+                return (false, false); // Lagged: the writer closes it.
+            };
+            (&read[..], end)
         };
         let total: usize = slices.iter().map(Bytes::len).sum();
         if total == 0 {
             return (end == stream.end(), false);
         }
-        let written = write_now(socket, &slices);
+        let written = write_now(socket, slices);
         if written == 0 {
             return (false, false); // The writer will take it from the stream.
         }
@@ -201,7 +221,7 @@ impl Connection {
         if written == total {
             return (end == stream.end(), false);
         }
-        let rest = unwritten(&slices, written);
+        let rest = unwritten(slices, written);
         self.enqueue(&mut queue, &rest);
         (false, true)
     }
@@ -609,9 +629,9 @@ mod tests {
         for i in 0..6_000 {
             let f = next_frame();
             expected.extend_from_slice(&f);
-            stream.append(std::slice::from_ref(&f));
+            let at = stream.append(std::slice::from_ref(&f));
             if i % 2 == 0 {
-                conn.stream_direct(&stream, Duration::ZERO);
+                conn.stream_direct(&stream, std::slice::from_ref(&f), at, Duration::ZERO);
             } else {
                 stream.appended.notify_waiters();
             }

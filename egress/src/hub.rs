@@ -3,7 +3,7 @@
 //! Invariants:
 //! - A change becomes frames once (one `state_update` per property, or one `entity_deleted`),
 //!   built only when at least one connection matches; every matching connection gets handles
-//!   to the same bytes. Fan-out runs on the thread that applied the change (its shard thread, or
+//!   to the same bytes (`*` connections: to the stream's one copy of them). Fan-out runs on the thread that applied the change (its shard thread, or
 //!   the log committer applying in place), under the shard's lock, so frames of one entity
 //!   reach each connection in log order.
 //! - Connections subscribed to `*` are not visited per change: the change's frames are
@@ -171,14 +171,14 @@ impl Hub {
                 frames.get_or_insert_with(|| build.take().map(|b| b()).unwrap_or_default());
             // Appended under the index's read lock: a `*` subscription (which takes the write
             // lock) starts reading either before or after this change, never inside it.
-            self.stream.append(frames);
+            let at = self.stream.append(frames);
             delivered += (frames.len() * all.len()) as u64;
             let mut wake = true;
             if all.len() <= direct_left {
                 direct_left -= all.len();
                 wake = false;
                 for connection in all {
-                    wake |= !connection.stream_direct(&self.stream, window);
+                    wake |= !connection.stream_direct(&self.stream, frames, at, window);
                 }
             }
             if wake {

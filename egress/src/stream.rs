@@ -64,25 +64,17 @@ impl Chunk {
         self.capacity - self.len.load(Ordering::Relaxed)
     }
 
-    /// Copies `frames` in after the published bytes, then publishes them. The caller holds the
-    /// stream's lock and checked that they fit.
-    fn push(&self, frames: &[Bytes]) {
-        let mut len = self.len.load(Ordering::Relaxed);
-        for frame in frames {
-            debug_assert!(len + frame.len() <= self.capacity);
-            // SAFETY: `len + frame.len() <= capacity` (checked by the caller); the range is
-            // above the published length, so no reader looks at it, and only the lock holder
-            // writes.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    frame.as_ptr(),
-                    self.data.as_ptr().add(len),
-                    frame.len(),
-                );
-            }
-            len += frame.len();
+    /// Copies `frame` in after the published bytes, then publishes it. The caller holds the
+    /// stream's lock and checked that it fits.
+    fn push(&self, frame: &[u8]) {
+        let len = self.len.load(Ordering::Relaxed);
+        debug_assert!(len + frame.len() <= self.capacity);
+        // SAFETY: `len + frame.len() <= capacity` (checked by the caller); the range is above
+        // the published length, so no reader looks at it, and only the lock holder writes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(frame.as_ptr(), self.data.as_ptr().add(len), frame.len());
         }
-        self.len.store(len, Ordering::Release);
+        self.len.store(len + frame.len(), Ordering::Release);
     }
 }
 
@@ -145,34 +137,26 @@ impl Stream {
         self.end.load(Ordering::Acquire)
     }
 
-    /// Appends `frames` (in order) and drops chunks no longer needed to keep [`KEEP_BYTES`].
-    /// Does not wake anyone: see [`Stream::appended`].
-    pub fn append(&self, frames: &[Bytes]) {
-        let bytes: usize = frames.iter().map(Bytes::len).sum();
-        if bytes == 0 {
-            return;
-        }
+    /// Appends `frames` (in order) and drops chunks no longer needed to keep [`KEEP_BYTES`];
+    /// returns the position of the first appended byte. Does not wake anyone: see
+    /// [`Stream::appended`].
+    pub fn append(&self, frames: &[Bytes]) -> u64 {
         let mut chunks = self.lock();
-        let end = self.end.load(Ordering::Relaxed);
-        for frame in frames {
-            let fits = chunks.back().is_some_and(|c| c.room() >= frame.len());
-            if !fits {
-                let chunk_end = chunks
-                    .back()
-                    .map_or(end, |c| c.start + c.len.load(Ordering::Relaxed) as u64);
-                chunks.push_back(Arc::new(Chunk::new(
-                    chunk_end,
-                    CHUNK_BYTES.max(frame.len()),
-                )));
+        let start = self.end.load(Ordering::Relaxed);
+        let mut end = start;
+        for frame in frames.iter().filter(|f| !f.is_empty()) {
+            if chunks.back().is_none_or(|c| c.room() < frame.len()) {
+                let capacity = CHUNK_BYTES.max(frame.len());
+                chunks.push_back(Arc::new(Chunk::new(end, capacity)));
             }
-            let chunk = chunks.back().expect("a chunk with room");
-            chunk.push(std::slice::from_ref(frame));
+            chunks.back().expect("a chunk with room").push(frame);
+            end += frame.len() as u64;
         }
-        let end = end + bytes as u64;
         self.end.store(end, Ordering::Release);
         while chunks.len() > 1 && end - chunks[1].start >= KEEP_BYTES {
             chunks.pop_front();
         }
+        start
     }
 
     /// Drops every chunk: the last `*` subscriber left (the caller holds the index's write
