@@ -1,14 +1,22 @@
-//! Fuzzes the HTTP event parser: any body must yield a valid event or an error, never a panic,
-//! and a valid event must encode into a record that decodes back to the same fields.
+//! Fuzzes the HTTP event parser: any body must yield a valid event or an error, never a panic;
+//! whatever the fast scanner reads must equal what the serde reader reads; and a valid event
+//! must encode into a record that decodes back to the same fields.
 #![no_main]
 
 use flux_engine::RecordBatch;
 use flux_engine::record::{FrameRead, decode_frame, encode_frame};
-use flux_ingress::event::{finish, parse_batch, validate};
+use flux_ingress::event::{finish, parse_batch, serde_batch, serde_event, validate};
+use flux_ingress::scan;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Some(fast) = scan::batch(text) {
+        assert_eq!(Ok(&fast), serde_batch(text).as_ref());
+    }
+    if let Some(fast) = scan::event(text) {
+        assert_eq!(Ok(&fast), serde_event(text).as_ref());
+    }
     let mut batch = RecordBatch::default();
     let mut expected = Vec::new();
     let valid: Vec<_> = match parse_batch(text) {

@@ -12,6 +12,8 @@ use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::scan;
+
 /// Limits of the contract (SPEC "Events").
 pub const MAX_STREAM_CHARS: usize = 128;
 pub const MAX_SOURCE_BYTES: usize = 256;
@@ -48,7 +50,8 @@ fn nesting_depth(raw: &str) -> usize {
 }
 
 /// An object's members in the order sent: `(unescaped name, raw JSON value)`.
-pub struct Properties<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
+#[derive(Debug, PartialEq)]
+pub struct Properties<'a>(pub Vec<(Cow<'a, str>, &'a str)>);
 
 /// A validated event, borrowing from the request body.
 pub struct ValidEvent<'a> {
@@ -78,7 +81,7 @@ impl ValidEvent<'_> {
             .properties
             .0
             .iter()
-            .map(|(name, value)| (&**name, value.get()));
+            .map(|(name, value)| (&**name, *value));
         batch.push_event(shard, &fields, properties);
     }
 }
@@ -120,6 +123,7 @@ pub fn check_entity_id(id: &str, field: &str) -> Result<(), String> {
 
 /// A value read without failing on its type: parsing records what was there and validation
 /// afterwards names the field at fault.
+#[derive(Debug, PartialEq)]
 pub enum Loose<'a> {
     Str(Cow<'a, str>),
     Int(i64),
@@ -231,6 +235,7 @@ macro_rules! other_values_are {
 }
 
 /// `payload` as read: an object's two fields, or something else.
+#[derive(Debug, PartialEq)]
 pub enum LoosePayload<'a> {
     Object {
         entity_id: Option<Loose<'a>>,
@@ -298,7 +303,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for LooseProperties<'a> {
                 let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
                 while let Some(Name(name)) = map.next_key()? {
                     let value: &'de RawValue = map.next_value()?;
-                    members.push((name, value));
+                    members.push((name, value.get()));
                 }
                 Ok(LooseProperties::Object(Properties(members)))
             }
@@ -311,6 +316,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for LooseProperties<'a> {
 }
 
 /// One event as read in a single pass over the JSON, before validation.
+#[derive(Debug, PartialEq)]
 pub enum LooseEvent<'a> {
     Object(Box<EventParts<'a>>),
     /// Not a JSON object.
@@ -318,15 +324,15 @@ pub enum LooseEvent<'a> {
 }
 
 /// The fields of an event object, each as read.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct EventParts<'a> {
-    stream: Option<Loose<'a>>,
-    source: Option<Loose<'a>>,
-    timestamp: Option<Loose<'a>>,
-    payload: Option<LoosePayload<'a>>,
-    event_id: Option<Loose<'a>>,
-    key: Option<Loose<'a>>,
-    schema: Option<Loose<'a>>,
+    pub(crate) stream: Option<Loose<'a>>,
+    pub(crate) source: Option<Loose<'a>>,
+    pub(crate) timestamp: Option<Loose<'a>>,
+    pub(crate) payload: Option<LoosePayload<'a>>,
+    pub(crate) event_id: Option<Loose<'a>>,
+    pub(crate) key: Option<Loose<'a>>,
+    pub(crate) schema: Option<Loose<'a>>,
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for LooseEvent<'a> {
@@ -426,8 +432,8 @@ pub fn finish<'a>(
         (None, Some(_)) => return Err("payload.properties must be an object".into()),
     };
     for (name, value) in &properties.0 {
-        if matches!(value.get().as_bytes().first(), Some(b'[' | b'{'))
-            && nesting_depth(value.get()) > MAX_VALUE_DEPTH
+        if matches!(value.as_bytes().first(), Some(b'[' | b'{'))
+            && nesting_depth(value) > MAX_VALUE_DEPTH
         {
             return Err(format!(
                 "payload.properties.{name} nests deeper than {MAX_VALUE_DEPTH} levels"
@@ -458,15 +464,30 @@ pub fn validate<'a>(
     raw: &'a str,
     new_event_id: impl FnOnce() -> String,
 ) -> Result<ValidEvent<'a>, String> {
-    let event: LooseEvent<'a> =
-        serde_json::from_str(raw).map_err(|e| format!("invalid JSON: {e}"))?;
+    let event = match scan::event(raw) {
+        Some(event) => event,
+        None => serde_event(raw)?,
+    };
     finish(event, new_event_id)
+}
+
+/// Reads one event with serde: the reference reader, used when [`scan::event`] declines.
+pub fn serde_event(raw: &str) -> Result<LooseEvent<'_>, String> {
+    serde_json::from_str(raw).map_err(|e| format!("invalid JSON: {e}"))
 }
 
 /// Reads a batch body — a JSON array of events, or `{"events": [...]}` — in one pass. Each
 /// element is read loosely, so a bad event fails alone (see [`finish`]); invalid JSON or another
-/// shape fails the whole body.
+/// shape fails the whole body. The scanner reads the common shapes; serde reads the rest.
 pub fn parse_batch(body: &str) -> Result<Vec<LooseEvent<'_>>, String> {
+    match scan::batch(body) {
+        Some(events) => Ok(events),
+        None => serde_batch(body),
+    }
+}
+
+/// Reads a batch body with serde: the reference reader, used when [`scan::batch`] declines.
+pub fn serde_batch(body: &str) -> Result<Vec<LooseEvent<'_>>, String> {
     #[derive(Deserialize)]
     struct Wrapped<'a> {
         #[serde(borrow)]
@@ -506,12 +527,7 @@ mod tests {
     fn keeps_values_exactly() {
         let event = validate(OK, || "generated".into()).expect("valid");
         assert_eq!(event.event_id, "generated");
-        let values: Vec<_> = event
-            .properties
-            .0
-            .iter()
-            .map(|(k, v)| (&**k, v.get()))
-            .collect();
+        let values: Vec<_> = event.properties.0.iter().map(|(k, v)| (&**k, *v)).collect();
         assert_eq!(
             values,
             [

@@ -15,6 +15,7 @@ pub mod error;
 pub mod event;
 pub mod http;
 pub mod metrics;
+pub mod scan;
 pub mod sealer;
 pub mod tenancy;
 
