@@ -60,7 +60,11 @@ fn now_ms() -> u64 {
 const GENERATED_ID_BYTES: usize = 40;
 
 fn new_event_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut text)
+        .to_owned()
 }
 
 fn body_str(body: &Bytes) -> Result<&str, ApiError> {

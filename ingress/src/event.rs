@@ -91,6 +91,16 @@ pub fn check_stream(stream: &str) -> Result<(), String> {
     if stream.is_empty() || stream.len() > MAX_STREAM_CHARS {
         return Err(format!("stream must be 1-{MAX_STREAM_CHARS} characters"));
     }
+    // One pass over the bytes for the usual name; the rules below word what is wrong.
+    let bytes = stream.as_bytes();
+    let allowed = |b: &u8| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.');
+    if bytes.iter().all(allowed)
+        && bytes[0] != b'.'
+        && bytes[bytes.len() - 1] != b'.'
+        && !bytes.windows(2).any(|pair| pair == b"..")
+    {
+        return Ok(());
+    }
     if let Some(c) = stream
         .chars()
         .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_'))
@@ -115,7 +125,9 @@ pub fn check_entity_id(id: &str, field: &str) -> Result<(), String> {
             "{field} must be at most {MAX_ENTITY_ID_BYTES} bytes"
         ));
     }
-    if id.chars().any(char::is_control) {
+    // Printable ASCII, the usual id, is checked by bytes; anything else by characters.
+    let printable_ascii = id.bytes().all(|b| (0x20..0x7F).contains(&b));
+    if !printable_ascii && id.chars().any(char::is_control) {
         return Err(format!("{field} must not contain control characters"));
     }
     Ok(())
@@ -569,9 +581,39 @@ mod tests {
     }
 
     #[test]
+    fn entity_id_control_characters_are_found_by_byte() {
+        for c in (0..0x300u32)
+            .chain([0x2028, 0xFEFF, 0x1F600])
+            .filter_map(char::from_u32)
+        {
+            let id = format!("a{c}b");
+            assert_eq!(
+                check_entity_id(&id, "id").is_err(),
+                c.is_control(),
+                "U+{:04X}",
+                u32::from(c)
+            );
+        }
+    }
+
+    #[test]
     fn stream_rule() {
         assert!(check_stream(&"a".repeat(128)).is_ok());
-        for bad in ["", ".a", "a.", "a..b", "aB", "a b", &"a".repeat(129)] {
+        for good in ["a", "a.b", "sensors.temp-2_x.9", "_", "-"] {
+            assert!(check_stream(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "",
+            ".a",
+            "a.",
+            "a..b",
+            "aB",
+            "a b",
+            "é",
+            "a.",
+            ".",
+            &"a".repeat(129),
+        ] {
             assert!(check_stream(bad).is_err(), "{bad:?}");
         }
     }
