@@ -60,11 +60,35 @@ fn now_ms() -> u64 {
 const GENERATED_ID_BYTES: usize = 40;
 
 fn new_event_id() -> String {
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    uuid::Uuid::now_v7()
-        .hyphenated()
-        .encode_lower(&mut text)
-        .to_owned()
+    EventIds::default().next_id()
+}
+
+/// Generated event ids for one request: a UUIDv7 from the uuid crate for the first, then
+/// counting up in the random low bits (RFC 9562 section 6.2, method 2), so a batch reads the
+/// clock and the random generator once. Ids stay unique (another request starts from fresh
+/// random bits) and ascend within a request.
+#[derive(Default)]
+struct EventIds {
+    next: Option<u128>,
+}
+
+impl EventIds {
+    /// The 62 random bits after the variant (`rand_b`), where the count goes.
+    const RAND_B: u128 = (1 << 62) - 1;
+
+    fn next_id(&mut self) -> String {
+        let id = match self.next {
+            Some(id) => id,
+            None => uuid::Uuid::now_v7().as_u128(),
+        };
+        // A count that would carry out of `rand_b` starts again from a fresh id.
+        self.next = (id & Self::RAND_B != Self::RAND_B).then_some(id + 1);
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        uuid::Uuid::from_u128(id)
+            .hyphenated()
+            .encode_lower(&mut text)
+            .to_owned()
+    }
 }
 
 fn body_str(body: &Bytes) -> Result<&str, ApiError> {
@@ -144,8 +168,9 @@ impl Api {
         let mut batch =
             RecordBatch::with_capacity(body.len() + items.len() * GENERATED_ID_BYTES, items.len());
         let mut results: Vec<Result<ValidEvent<'_>, String>> = Vec::with_capacity(items.len());
+        let mut ids = EventIds::default();
         for item in items {
-            let result = event::finish(item, new_event_id).and_then(|event| {
+            let result = event::finish(item, || ids.next_id()).and_then(|event| {
                 caller
                     .may_write(&event.entity_id, "payload.entity_id")
                     .map_err(|e| e.message)?;
@@ -272,8 +297,9 @@ impl Api {
         let mut batch = RecordBatch::default();
         let mut event_ids = Vec::with_capacity(ids.len());
         let timestamp = now_ms() as i64;
+        let mut generated = EventIds::default();
         for id in ids {
-            let event_id = new_event_id();
+            let event_id = generated.next_id();
             let fields = flux_engine::EventFields {
                 event_id: &event_id,
                 stream: DELETE_STREAM,
@@ -455,7 +481,34 @@ fn parse_time_ms(raw: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_time_ms;
+    use super::{EventIds, parse_time_ms};
+
+    #[test]
+    fn generated_ids_are_unique_ascending_uuid_v7() {
+        let mut first = EventIds::default();
+        let mut second = EventIds::default();
+        let ids: Vec<String> = (0..1000).map(|_| first.next_id()).collect();
+        let others: Vec<String> = (0..1000).map(|_| second.next_id()).collect();
+        let mut all: Vec<&String> = ids.iter().chain(&others).collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "ascending");
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 2000, "unique across requests");
+        for id in ids.iter().chain(&others) {
+            let uuid = uuid::Uuid::parse_str(id).expect("a UUID");
+            assert_eq!(uuid.get_version_num(), 7, "{id}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
+        // A count that would carry into the variant starts from a fresh id instead.
+        let mut full = EventIds {
+            next: Some(uuid::Uuid::now_v7().as_u128() | EventIds::RAND_B),
+        };
+        let last = full.next_id();
+        let fresh = uuid::Uuid::parse_str(&full.next_id()).expect("a UUID");
+        assert_eq!(fresh.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(fresh.get_version_num(), 7);
+        assert_ne!(fresh.to_string(), last);
+    }
 
     #[test]
     fn parses_iso_times() {
