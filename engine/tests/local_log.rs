@@ -1318,6 +1318,43 @@ fn a_torn_write_into_a_spare_is_cut_and_earlier_frames_survive() {
 }
 
 #[test]
+fn large_commits_get_no_spare() {
+    // Commits of ~40 KiB average more than SPARE_MAX_AVERAGE_COMMIT_BYTES: zeros written ahead
+    // would cost the disk more than they save, so the log grows its segment as written.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("log");
+    let opened = open_with(
+        &dir,
+        LocalLogOptions {
+            segment_bytes: 4 << 20,
+            spare_after_commits: Some(3),
+            first_spare_bytes: 64 << 10,
+            ..Default::default()
+        },
+    );
+    let runtime = current_thread_runtime();
+    let value = format!("\"{}\"", "x".repeat(40 << 10));
+    let mut oracle = Vec::new();
+    for i in 0..12 {
+        let mut big = event(&format!("big{i}"), &format!("acme/big-{i}"));
+        big.properties = vec![("blob".to_owned(), value.clone())];
+        oracle.push(runtime.block_on(append_frame(&opened.log, &[big])));
+        settle(&opened.log);
+    }
+    // A spare asked for after the third commit would be written within milliseconds.
+    std::thread::sleep(Duration::from_millis(200));
+    opened.log.close();
+    let segments = segment_files(&dir);
+    assert_eq!(segments.len(), 1, "no roll into a spare: {segments:?}");
+    let bytes = fs::read(&segments[0]).expect("read segment");
+    assert_eq!(data_end(&bytes), bytes.len(), "no zeros after the frames");
+    assert!(!dir.join("spare.prep").exists(), "no spare was made");
+    let reopened = open_with_spares(&dir);
+    check_against_oracle(&reopened, &oracle, "reopen after large commits");
+    reopened.log.close();
+}
+
+#[test]
 fn spares_start_small_and_double_up_to_the_segment_size() {
     const FIRST: u64 = 8 << 10;
     const SEGMENT: u64 = 64 << 10;

@@ -85,7 +85,8 @@ pub struct LocalLogOptions {
     pub leader_commits: bool,
     /// After this many group commits into a segment that is not a spare, the log asks for a
     /// spare ([`super::spare`]) and rolls into it once it is ready; a spare segment asks for
-    /// the next one when a quarter full. `None`: never (every segment grows as written).
+    /// the next one when a quarter full. Either only while the segment's commits average at
+    /// most [`SPARE_MAX_AVERAGE_COMMIT_BYTES`]. `None`: never (every segment grows as written).
     pub spare_after_commits: Option<u64>,
     /// Size of the first spare; each next one is twice the last, up to `segment_bytes`.
     pub first_spare_bytes: u64,
@@ -112,6 +113,13 @@ pub const FIRST_SPARE_BYTES: u64 = 4 << 20;
 /// 200 commits/s this is reached in 0.16 s), while a server that takes a handful of writes
 /// never writes a spare.
 pub const SPARE_AFTER_COMMITS: u64 = 32;
+
+/// Spares pay off for small commits only: zeros written ahead save the inode write of each
+/// `fdatasync` (~50 µs here), but cost a second write of every byte the log takes (~1.4 µs per
+/// KiB marginal). Past ~36 KiB per commit the zeros cost more than they save, and under batch
+/// load (hundreds of KiB per commit) they halve the disk's bandwidth for the log. So a segment
+/// whose commits average more than this gets no spare (decision 0006, addendum).
+pub const SPARE_MAX_AVERAGE_COMMIT_BYTES: u64 = 32 << 10;
 
 /// What [`LocalLog::open`] found.
 #[derive(Debug, Default, Clone)]
@@ -470,6 +478,7 @@ impl LocalLog {
             shared: self.shared.clone(),
             active,
             commits: 0,
+            committed_bytes: 0,
             spares: self.spares.clone(),
             next_spare_bytes: options.first_spare_bytes.min(options.segment_bytes),
             options,
@@ -733,8 +742,10 @@ impl Log for LocalLog {
 struct Writer {
     shared: Arc<Shared>,
     active: Active,
-    /// Group commits into the active segment.
+    /// Group commits into the active segment (since it started or the log opened), and the
+    /// bytes they wrote.
     commits: u64,
+    committed_bytes: u64,
     spares: Option<Arc<Spares>>,
     /// Size of the next spare to ask for.
     next_spare_bytes: u64,
@@ -866,6 +877,7 @@ impl Writer {
             }
         }
         self.commits += 1;
+        self.committed_bytes += self.buf.len() as u64;
         if let Err(error) = self.next_segment(position) {
             self.set_failure(format!("starting a new log segment failed: {error}"));
         }
@@ -896,19 +908,27 @@ impl Writer {
         // the fastest writer seen here (~60 MB/s), and a slow log is not disturbed while
         // making it.
         let prepared = self.active.prepared;
-        if self.busy() || (prepared > 0 && self.segment_len() >= prepared / 4) {
+        let spare_filling = prepared > 0 && self.segment_len() >= prepared / 4;
+        if self.busy() || (spare_filling && self.small_commits()) {
             spares.request(self.next_spare_bytes);
         }
         Ok(())
     }
 
-    /// A growing (not spare) segment that has taken enough commits to be worth a spare.
+    /// A growing (not spare) segment that has taken enough small commits to be worth a spare.
     fn busy(&self) -> bool {
         self.active.prepared == 0
             && self
                 .options
                 .spare_after_commits
                 .is_some_and(|after| self.commits >= after)
+            && self.small_commits()
+    }
+
+    /// Whether the commits into this segment (since it started or the log opened) average at
+    /// most [`SPARE_MAX_AVERAGE_COMMIT_BYTES`].
+    fn small_commits(&self) -> bool {
+        self.committed_bytes <= self.commits.max(1) * SPARE_MAX_AVERAGE_COMMIT_BYTES
     }
 
     fn segment_len(&self) -> u64 {
@@ -984,6 +1004,7 @@ impl Writer {
             prepared: spare.map_or(0, |(_, bytes)| bytes),
         };
         self.commits = 0;
+        self.committed_bytes = 0;
         self.shared
             .segments
             .write()
