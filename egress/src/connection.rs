@@ -9,7 +9,8 @@
 //!   with vectored writes, so a burst costs few syscalls. A writer that wrote very recently waits
 //!   out a short window first ([`Pace`]): the window grows with the rate of frames the hub
 //!   delivers, so heavy fan-out sends many frames per syscall while a lone subscriber is written
-//!   to at once. One small loopback send costs ~6–7 µs of CPU here whatever its size
+//!   to at once. Windows of 2 ms and more are slept out right after each send (one wake-up per
+//!   send instead of two). One small loopback send costs ~6–7 µs of CPU here whatever its size
 //!   (`loopback_probe`), so frames per send is what bounds fan-out CPU per frame.
 //! - A producer may write a change straight to the socket instead ([`Connection::push_direct`]),
 //!   saving the hand-off to the writer task (a thread wake-up, tens of µs in a VM) — but only when
@@ -374,7 +375,8 @@ impl Connection {
                 continue;
             }
             let result = write_all(&mut socket, &mut batch).await;
-            self.lock().last_write = Some(Instant::now());
+            let written = Instant::now();
+            self.lock().last_write = Some(written);
             if result.is_err() {
                 break;
             }
@@ -385,6 +387,13 @@ impl Connection {
                 let _ = tokio::time::timeout(WRITE_STALL_TIMEOUT, socket.write_all(&close)).await;
                 let _ = socket.shutdown().await;
                 break;
+            }
+            // Under heavy fan-out, wait out the window right away while frames gather: waiting
+            // for the next change first and then for the rest of the window cost two wake-ups
+            // per send.
+            let window = pace.window();
+            if window >= SLEEP_FIRST_MIN_WINDOW {
+                tokio::time::sleep_until((written + window).into()).await;
             }
         }
         // No direct write may reach the descriptor once the socket is dropped (and perhaps
@@ -445,6 +454,10 @@ fn write_now(socket: RawFd, frames: &[Bytes]) -> usize {
 const WINDOW_PER_FRAME_RATE: Duration = Duration::from_nanos(60);
 /// The longest a frame waits for company.
 const WINDOW_MAX: Duration = Duration::from_millis(50);
+/// From this window on, a writer sleeps it out right after each send. Shorter windows are
+/// below the timer's 1 ms tick; a writer then waits for the next change first, as a lone
+/// subscriber must be written to at once.
+const SLEEP_FIRST_MIN_WINDOW: Duration = Duration::from_millis(2);
 
 /// The coalescing window every writer uses, set from the hub's delivered-frame rate.
 ///
