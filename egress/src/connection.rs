@@ -245,6 +245,48 @@ impl Connection {
         outcome
     }
 
+    /// Like [`Connection::push`], but leaves the writer asleep: the caller has
+    /// [`Connection::flush_direct`] called soon (by a helper on another thread).
+    pub fn push_quiet(&self, frames: &[Bytes]) -> Push {
+        let outcome = {
+            let mut queue = self.lock();
+            if queue.close.is_some() {
+                return Push::Closed;
+            }
+            self.enqueue(&mut queue, frames)
+        };
+        if outcome != Push::Queued {
+            self.wake.notify_one();
+        }
+        outcome
+    }
+
+    /// Writes what is queued straight to the socket if the connection is idle (no write in
+    /// flight, the window since the last write passed); anything left goes to the writer.
+    pub fn flush_direct(&self, window: Duration) {
+        let drained = {
+            let mut queue = self.lock();
+            let now = Instant::now();
+            let idle = !queue.writing
+                && queue.close.is_none()
+                && queue
+                    .last_write
+                    .is_none_or(|at| now.duration_since(at) >= window);
+            if let Some(socket) = queue.socket.filter(|_| idle && !queue.frames.is_empty()) {
+                let written = write_now(socket, queue.frames.iter());
+                if written > 0 {
+                    queue.last_write = Some(now);
+                    queue.bytes -= written;
+                    drop_front(&mut queue.frames, written);
+                }
+            }
+            queue.frames.is_empty() && queue.close.is_none()
+        };
+        if !drained {
+            self.wake.notify_one();
+        }
+    }
+
     /// Like [`Connection::push`], but writes the frames to the socket at once when the
     /// connection is idle (nothing queued, no write in flight, none within `window`).
     pub fn push_direct(&self, frames: &[Bytes], window: Duration) -> Push {
@@ -427,20 +469,37 @@ fn unwritten(frames: &[Bytes], written: usize) -> Vec<Bytes> {
     rest
 }
 
+/// Removes the first `bytes` bytes of `frames`.
+fn drop_front(frames: &mut VecDeque<Bytes>, mut bytes: usize) {
+    while bytes > 0 {
+        let Some(front) = frames.front_mut() else {
+            break;
+        };
+        if front.len() <= bytes {
+            bytes -= front.len();
+            frames.pop_front();
+        } else {
+            let _ = front.split_to(bytes);
+            bytes = 0;
+        }
+    }
+}
+
 /// One non-blocking `writev` of (the first [`DIRECT_MAX_FRAMES`] of) `frames` to `socket`;
 /// returns the bytes written, 0 when the socket would block or failed (the writer task then
 /// meets the same condition and handles it).
-fn write_now(socket: RawFd, frames: &[Bytes]) -> usize {
+fn write_now<'a>(socket: RawFd, frames: impl IntoIterator<Item = &'a Bytes>) -> usize {
     let mut slices = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
     }; DIRECT_MAX_FRAMES];
-    let count = frames.len().min(DIRECT_MAX_FRAMES);
+    let mut count = 0;
     for (slice, frame) in slices.iter_mut().zip(frames) {
         slice.iov_base = frame.as_ptr() as *mut libc::c_void;
         slice.iov_len = frame.len();
+        count += 1;
     }
-    // SAFETY: the first `count` iovecs point into `frames`, alive for the call; `socket` is the
+    // SAFETY: the first `count` iovecs point into `frames`, borrowed for the call; `socket` is the
     // writer's open, non-blocking descriptor (the caller holds the queue lock, under which the
     // writer withdraws it before closing).
     let written = unsafe { libc::writev(socket, slices.as_ptr(), count as libc::c_int) };
@@ -666,6 +725,50 @@ mod tests {
             let f = next_frame();
             expected.extend_from_slice(&f);
             assert_eq!(conn.push(std::slice::from_ref(&f)), Push::Queued);
+        }
+        conn.close(frame::CLOSE_NORMAL, "");
+        let received = reader.await.expect("reader");
+        writer.await.expect("writer");
+        assert!(received.len() > expected.len(), "the close frame follows");
+        assert_eq!(
+            String::from_utf8_lossy(&received[..expected.len()]),
+            String::from_utf8_lossy(&expected)
+        );
+    }
+
+    /// Frames queued quietly for a helper (`push_quiet`, then `flush_direct` on a blocking
+    /// thread, as the hub splits a change's direct writes) keep their order with the direct and
+    /// queued pushes made meanwhile, and every one arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quiet_pushes_flushed_by_a_helper_keep_their_order() {
+        let Connected {
+            conn,
+            writer,
+            reader,
+        } = connected(std::sync::Arc::new(Stream::default())).await;
+        let mut expected = Vec::new();
+        let mut helpers = Vec::new();
+        for i in 0..3_000u32 {
+            let frame = Bytes::from(format!("<{i:07}>"));
+            expected.extend_from_slice(&frame);
+            let frames = std::slice::from_ref(&frame);
+            match i % 3 {
+                0 => {
+                    assert_eq!(conn.push_quiet(frames), Push::Queued);
+                    let conn = conn.clone();
+                    helpers.push(tokio::task::spawn_blocking(move || {
+                        conn.flush_direct(Duration::ZERO)
+                    }));
+                }
+                1 => assert_eq!(conn.push_direct(frames, Duration::ZERO), Push::Queued),
+                _ => assert_eq!(conn.push(frames), Push::Queued),
+            }
+            if i % 500 == 499 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for helper in helpers {
+            helper.await.expect("helper");
         }
         conn.close(frame::CLOSE_NORMAL, "");
         let received = reader.await.expect("reader");
