@@ -561,19 +561,7 @@ async fn write_all(
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        let mut left = written;
-        while left > 0 {
-            let Some(front) = batch.front_mut() else {
-                break;
-            };
-            if front.len() <= left {
-                left -= front.len();
-                batch.pop_front();
-            } else {
-                let _ = front.split_to(left);
-                left = 0;
-            }
-        }
+        drop_front(batch, written);
     }
     Ok(())
 }

@@ -347,6 +347,22 @@ pub struct EventParts<'a> {
     pub(crate) schema: Option<Loose<'a>>,
 }
 
+impl<'a> EventParts<'a> {
+    /// Where the event field `name` goes when it holds a string or an integer (`payload` and
+    /// unknown members have none).
+    pub(crate) fn field(&mut self, name: &str) -> Option<&mut Option<Loose<'a>>> {
+        Some(match name {
+            "stream" => &mut self.stream,
+            "source" => &mut self.source,
+            "timestamp" => &mut self.timestamp,
+            "eventId" => &mut self.event_id,
+            "key" => &mut self.key,
+            "schema" => &mut self.schema,
+            _ => return None,
+        })
+    }
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for LooseEvent<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct EventVisitor<'a>(std::marker::PhantomData<&'a ()>);
@@ -356,23 +372,13 @@ impl<'de: 'a, 'a> Deserialize<'de> for LooseEvent<'a> {
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut parts = EventParts::default();
                 while let Some(Name(key)) = map.next_key()? {
-                    let slot = match &*key {
-                        "stream" => &mut parts.stream,
-                        "source" => &mut parts.source,
-                        "timestamp" => &mut parts.timestamp,
-                        "eventId" => &mut parts.event_id,
-                        "key" => &mut parts.key,
-                        "schema" => &mut parts.schema,
-                        "payload" => {
-                            parts.payload = Some(map.next_value()?);
-                            continue;
-                        }
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
-                            continue;
-                        }
-                    };
-                    *slot = Some(map.next_value()?);
+                    if key == "payload" {
+                        parts.payload = Some(map.next_value()?);
+                    } else if let Some(slot) = parts.field(&key) {
+                        *slot = Some(map.next_value()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
                 }
                 Ok(LooseEvent::Object(Box::new(parts)))
             }

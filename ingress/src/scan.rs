@@ -314,20 +314,13 @@ impl<'a> Scanner<'a> {
         }
         let mut parts = EventParts::default();
         self.members(|s, name| {
-            let slot = match name {
-                "stream" => &mut parts.stream,
-                "source" => &mut parts.source,
-                "timestamp" => &mut parts.timestamp,
-                "eventId" => &mut parts.event_id,
-                "key" => &mut parts.key,
-                "schema" => &mut parts.schema,
-                "payload" => {
-                    parts.payload = Some(s.payload()?);
-                    return Some(());
-                }
-                _ => return s.skip_value(),
-            };
-            *slot = Some(s.loose()?);
+            if name == "payload" {
+                parts.payload = Some(s.payload()?);
+            } else if let Some(slot) = parts.field(name) {
+                *slot = Some(s.loose()?);
+            } else {
+                s.skip_value()?;
+            }
             Some(())
         })?;
         Some(LooseEvent::Object(Box::new(parts)))
