@@ -57,9 +57,13 @@ const DIRECT_WRITES_PER_CHANGE: usize = 128;
 /// Of the connections a change is written to directly, those after the first this many are
 /// shared with a helper: every second one is queued quietly and the helper, on a thread of the
 /// runtime's blocking pool (a task would wait in the applying worker's LIFO slot), writes them
-/// while the applying thread writes the rest. `e2e --subscribers 100 --rate 200`, 8 pairs:
+/// while the applying thread writes the rest. `e2e --subscribers 100 --rate 200`, 12 pairs:
 /// p99 ~2.0 → ~1.5 ms (medians; decision 0003, session-6 addendum).
 const DIRECT_SPLIT_AFTER: usize = 8;
+/// A helper is used only for changes written directly to at least this many connections: the
+/// hand-off costs ~20 µs of CPU per change (`e2e --subscribers 20 --rate 2000`: 136–143 →
+/// 156–162 µs of server CPU per event with a helper), which a few shared sends do not repay.
+const DIRECT_SPLIT_FROM: usize = 32;
 /// Subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 1024;
 /// How long shutdown waits for connections to send their close frames.
@@ -200,11 +204,6 @@ impl Hub {
                 self.stream.appended.notify_waiters();
             }
         }
-        // Connections to write directly: the applying thread takes `mine`; past the first
-        // few, every second one is queued quietly and written by a helper on another worker.
-        let runtime = self.runtime.get();
-        let mut mine: Vec<Arc<Connection>> = Vec::new();
-        let mut helped: Vec<Arc<Connection>> = Vec::new();
         let mut count = |pushed: Push, frames: usize| match pushed {
             Push::Queued => delivered += frames as u64,
             Push::Overflowed => {
@@ -212,36 +211,52 @@ impl Hub {
             }
             Push::Closed => {}
         };
+        // The first matching connections are written directly (below); the rest are queued.
+        let mut direct: Vec<Arc<Connection>> = Vec::new();
         index.for_each_match(id, |connection| {
             let frames =
                 frames.get_or_insert_with(|| build.take().map(|b| b()).unwrap_or_default());
-            if direct_left == 0 {
+            if direct.len() < direct_left {
+                direct.push(connection.clone());
+            } else {
                 count(connection.push(frames), frames.len());
-                return;
             }
-            direct_left -= 1;
-            let shared = mine.len() + helped.len() >= DIRECT_SPLIT_AFTER;
-            if runtime.is_some() && shared && helped.len() < mine.len() {
+        });
+        let Some(frames) = &frames else {
+            self.counters.frames_queued.inc_by(delivered);
+            return;
+        };
+        // With many, past the first few every second one is queued quietly and written by a
+        // helper on a blocking-pool thread while this thread writes the others.
+        let helper = self
+            .runtime
+            .get()
+            .filter(|_| direct.len() >= DIRECT_SPLIT_FROM);
+        let mut helped: Vec<Arc<Connection>> = Vec::new();
+        if helper.is_some() {
+            let mut i = 0;
+            direct.retain(|connection| {
+                i += 1;
+                if i <= DIRECT_SPLIT_AFTER || i % 2 == 1 {
+                    return true;
+                }
                 let pushed = connection.push_quiet(frames);
                 if pushed == Push::Queued {
                     helped.push(connection.clone());
                 }
                 count(pushed, frames.len());
-            } else {
-                mine.push(connection.clone());
-            }
-        });
-        if let (Some(runtime), false) = (runtime, helped.is_empty()) {
+                false
+            });
+        }
+        if let (Some(runtime), false) = (helper, helped.is_empty()) {
             runtime.spawn_blocking(move || {
                 for connection in helped {
                     connection.flush_direct(window);
                 }
             });
         }
-        if let Some(frames) = &frames {
-            for connection in &mine {
-                count(connection.push_direct(frames, window), frames.len());
-            }
+        for connection in &direct {
+            count(connection.push_direct(frames, window), frames.len());
         }
         self.counters.frames_queued.inc_by(delivered);
     }
