@@ -91,8 +91,12 @@ impl Queue {
     /// Nothing queued, no write in flight, and none within `window` before `now`: a producer
     /// may write to the socket itself without reordering anything.
     fn idle(&self, now: Instant, window: Duration) -> bool {
-        self.frames.is_empty()
-            && !self.writing
+        self.frames.is_empty() && self.socket_free(now, window)
+    }
+
+    /// No write in flight and none within `window` before `now` (frames may be queued).
+    fn socket_free(&self, now: Instant, window: Duration) -> bool {
+        !self.writing
             && self
                 .last_write
                 .is_none_or(|at| now.duration_since(at) >= window)
@@ -267,11 +271,7 @@ impl Connection {
         let drained = {
             let mut queue = self.lock();
             let now = Instant::now();
-            let idle = !queue.writing
-                && queue.close.is_none()
-                && queue
-                    .last_write
-                    .is_none_or(|at| now.duration_since(at) >= window);
+            let idle = queue.close.is_none() && queue.socket_free(now, window);
             if let Some(socket) = queue.socket.filter(|_| idle && !queue.frames.is_empty()) {
                 let written = write_now(socket, queue.frames.iter());
                 if written > 0 {
@@ -627,6 +627,27 @@ mod tests {
         }
     }
 
+    /// Closes `conn`, waits for its writer, and checks that the peer received exactly
+    /// `expected`, then the close frame.
+    async fn close_and_expect(
+        conn: &Connection,
+        writer: tokio::task::JoinHandle<()>,
+        reader: tokio::task::JoinHandle<Vec<u8>>,
+        expected: &[u8],
+    ) {
+        conn.close(frame::CLOSE_NORMAL, "");
+        let received = reader.await.expect("reader");
+        writer.await.expect("writer");
+        assert!(
+            received.len() > expected.len(),
+            "the close frame follows the data"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&received[..expected.len()]),
+            String::from_utf8_lossy(expected)
+        );
+    }
+
     /// Direct writes and queued writes interleave without reordering, idle or busy.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_and_queued_frames_arrive_in_push_order() {
@@ -649,14 +670,7 @@ mod tests {
             };
             assert_eq!(pushed, Push::Queued);
         }
-        conn.close(frame::CLOSE_NORMAL, "");
-        let received = reader.await.expect("reader");
-        writer.await.expect("writer");
-        assert!(
-            received.len() > expected.len(),
-            "the close frame follows the data"
-        );
-        assert_eq!(&received[..expected.len()], &expected[..]);
+        close_and_expect(&conn, writer, reader, &expected).await;
         assert!(
             conn.lock().socket.is_none(),
             "the socket is withdrawn before it closes"
@@ -714,14 +728,7 @@ mod tests {
             expected.extend_from_slice(&f);
             assert_eq!(conn.push(std::slice::from_ref(&f)), Push::Queued);
         }
-        conn.close(frame::CLOSE_NORMAL, "");
-        let received = reader.await.expect("reader");
-        writer.await.expect("writer");
-        assert!(received.len() > expected.len(), "the close frame follows");
-        assert_eq!(
-            String::from_utf8_lossy(&received[..expected.len()]),
-            String::from_utf8_lossy(&expected)
-        );
+        close_and_expect(&conn, writer, reader, &expected).await;
     }
 
     /// Frames queued quietly for a helper (`push_quiet`, then `flush_direct` on a blocking
@@ -758,14 +765,7 @@ mod tests {
         for helper in helpers {
             helper.await.expect("helper");
         }
-        conn.close(frame::CLOSE_NORMAL, "");
-        let received = reader.await.expect("reader");
-        writer.await.expect("writer");
-        assert!(received.len() > expected.len(), "the close frame follows");
-        assert_eq!(
-            String::from_utf8_lossy(&received[..expected.len()]),
-            String::from_utf8_lossy(&expected)
-        );
+        close_and_expect(&conn, writer, reader, &expected).await;
     }
 
     #[test]

@@ -212,12 +212,12 @@ impl Hub {
             Push::Closed => {}
         };
         // The first matching connections are written directly (below); the rest are queued.
-        let mut direct: Vec<Arc<Connection>> = Vec::new();
+        let mut direct: Vec<&Arc<Connection>> = Vec::new();
         index.for_each_match(id, |connection| {
             let frames =
                 frames.get_or_insert_with(|| build.take().map(|b| b()).unwrap_or_default());
             if direct.len() < direct_left {
-                direct.push(connection.clone());
+                direct.push(connection);
             } else {
                 count(connection.push(frames), frames.len());
             }
@@ -242,7 +242,7 @@ impl Hub {
                 }
                 let pushed = connection.push_quiet(frames);
                 if pushed == Push::Queued {
-                    helped.push(connection.clone());
+                    helped.push(Arc::clone(connection));
                 }
                 count(pushed, frames.len());
                 false
@@ -255,7 +255,7 @@ impl Hub {
                 }
             });
         }
-        for connection in &direct {
+        for connection in direct {
             count(connection.push_direct(frames, window), frames.len());
         }
         self.counters.frames_queued.inc_by(delivered);

@@ -109,7 +109,7 @@ impl Index {
 
     /// Calls `visit` once for every connection subscribed to `id` by an exact id or a prefix,
     /// except connections subscribed to `*` too (they read the hub's stream instead).
-    pub fn for_each_match(&self, id: &str, mut visit: impl FnMut(&Arc<Connection>)) {
+    pub fn for_each_match<'a>(&'a self, id: &str, mut visit: impl FnMut(&'a Arc<Connection>)) {
         let exact = self.exact.get(id);
         let mut prefixed: Vec<&Vec<Arc<Connection>>> = Vec::new();
         for &len in self.prefix_lengths.keys() {
@@ -124,7 +124,7 @@ impl Index {
         }
         let sources = usize::from(exact.is_some()) + prefixed.len();
         let lists = exact.into_iter().chain(prefixed);
-        let mut visit = |c: &Arc<Connection>| {
+        let mut visit = |c: &'a Arc<Connection>| {
             if !c.is_streaming() {
                 visit(c);
             }
