@@ -450,7 +450,10 @@ pub fn finish<'a>(
         (None, Some(_)) => return Err("payload.properties must be an object".into()),
     };
     for (name, value) in &properties.0 {
-        if matches!(value.as_bytes().first(), Some(b'[' | b'{'))
+        // Nesting deeper than the limit takes more than twice as many brackets: shorter values
+        // (nearly all) need no walk.
+        if value.len() > 2 * MAX_VALUE_DEPTH
+            && matches!(value.as_bytes().first(), Some(b'[' | b'{'))
             && nesting_depth(value) > MAX_VALUE_DEPTH
         {
             return Err(format!(
