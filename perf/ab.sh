@@ -7,23 +7,25 @@
 #
 # Each round starts OLD then NEW, each a fresh `flux serve` on a free port with an empty data
 # dir, runs `target/release/flux-loadtest GENERATOR_ARGS --url ... --server-pid ...`, prints
-# one line (events/s, latency p50/p99 in µs, server CPU µs per event, load average) and stops
-# the server. Build an OLD binary from another commit with a worktree, e.g.
+# one line (events/s; latency p50/p99/p99.9 in µs; frames lost, for e2e/fanout; server and
+# generator CPU µs per event; the server's mean fdatasync from /metrics; load average) and
+# stops the server. To compare two generators against one server, give the same binary twice
+# and set OLD_GENERATOR / NEW_GENERATOR (default: target/release/flux-loadtest for both).
+# Build an OLD binary from another commit with a worktree, e.g.
 #   git worktree add /tmp/old <commit> && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target \
 #     cargo build --release -p flux) && cp /tmp/old-target/release/flux /tmp/flux-old
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[[ $# -ge 4 && "$4" == "--" ]] || { sed -n 2,13p "$0"; exit 2; }
+[[ $# -ge 4 && "$4" == "--" ]] || { sed -n 2,16p "$0"; exit 2; }
 old=$1 new=$2 rounds=$3
 shift 4
-generator=target/release/flux-loadtest
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 pid=
 for _ in $(seq "$rounds"); do
     for side in old new; do
-        binary=$old
-        [[ $side == new ]] && binary=$new
+        binary=$old generator=${OLD_GENERATOR:-target/release/flux-loadtest}
+        [[ $side == new ]] && binary=$new generator=${NEW_GENERATOR:-target/release/flux-loadtest}
         port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
         rm -rf "$work/data"
         "$binary" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
@@ -32,12 +34,25 @@ for _ in $(seq "$rounds"); do
             curl -sf -o /dev/null "http://127.0.0.1:$port/health" && break
             sleep 0.05
         done
-        timeout 300 "$generator" "$@" --url "http://127.0.0.1:$port" --server-pid "$pid" 2>/dev/null |
-            SIDE=$side python3 -c '
-import json, os, sys
-d = json.load(sys.stdin); l = d["latency_us"]; s = d["server"]
-print(os.environ["SIDE"], "events/s %.0f" % d["throughput_events_per_s"], "p50", l["p50"], "p99", l["p99"],
-      "server µs/event %.1f" % (s["cpu_s"] * 1e6 / max(1, d.get("events", 1))),
+        timeout 300 "$generator" "$@" --url "http://127.0.0.1:$port" --server-pid "$pid" \
+            >"$work/result.json" 2>/dev/null
+        curl -sf "http://127.0.0.1:$port/metrics" >"$work/metrics.txt" || true
+        SIDE=$side WORK=$work python3 -c '
+import json, os
+work = os.environ["WORK"]
+d = json.load(open(work + "/result.json")); l = d["latency_us"]; s = d["server"]
+events = max(1, d.get("events", 1))
+sync = {}
+for line in open(work + "/metrics.txt"):
+    if line.startswith("flux_log_fsync_seconds_"):
+        name, value = line.split()
+        sync[name.rsplit("_", 1)[1]] = float(value)
+lost = (d.get("loss") or {}).get("lost")
+print(os.environ["SIDE"], "events/s %.0f" % d["throughput_events_per_s"],
+      "p50", l["p50"], "p99", l["p99"], "p99.9", l["p999"], *(["lost", lost] if lost is not None else []),
+      "server µs/event %.2f" % (s["cpu_s"] * 1e6 / events),
+      "generator µs/event %.2f" % (d["generator"]["cpu_s"] * 1e6 / events),
+      "fsync mean ms %.2f" % (sync.get("sum", 0) * 1e3 / max(1, sync.get("count", 0))),
       "load", open("/proc/loadavg").read().split()[0])'
         kill "$pid"
         wait "$pid" 2>/dev/null || true
