@@ -66,6 +66,8 @@ pub struct Options {
     pub local_only: bool,
     /// The nats-server of this server's world, when running on JetStream; kept across restarts.
     pub nats: Option<Arc<NatsServer>>,
+    /// How long the start-up line may take.
+    pub start_timeout: Duration,
 }
 
 impl Options {
@@ -89,6 +91,7 @@ impl Default for Options {
             dir: None,
             local_only: false,
             nats: None,
+            start_timeout: START_TIMEOUT,
         }
     }
 }
@@ -183,8 +186,9 @@ impl Server {
         }
     }
 
-    /// Starts a server, or reports why it did not come up (within `START_TIMEOUT`).
+    /// Starts a server, or reports why it did not come up (within `opts.start_timeout`).
     pub fn try_start(mut opts: Options) -> Result<Server, StartFailure> {
+        let start_timeout = opts.start_timeout;
         let dir = opts.dir.clone().unwrap_or_else(DataDir::temp);
         opts.dir = Some(dir.clone());
 
@@ -275,7 +279,7 @@ impl Server {
 
         let fail = |mut child: Child, reason: String| -> StartFailure {
             // Give a process that is exiting on its own the rest of the start-up budget.
-            let deadline = Instant::now() + START_TIMEOUT;
+            let deadline = Instant::now() + start_timeout;
             let mut status = None;
             while Instant::now() < deadline {
                 match child.try_wait() {
@@ -300,14 +304,17 @@ impl Server {
             }
         };
 
-        let line = match line_rx.recv_timeout(START_TIMEOUT) {
+        let line = match line_rx.recv_timeout(start_timeout) {
             Ok(Some(line)) => line,
             Ok(None) => {
                 return Err(fail(child, "stdout closed before the start-up line".into()));
             }
             Err(RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
-                return Err(fail(child, "no start-up line within 20 s".into()));
+                return Err(fail(
+                    child,
+                    format!("no start-up line within {start_timeout:?}"),
+                ));
             }
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(fail(child, "stdout reader ended".into()));
@@ -1334,6 +1341,31 @@ impl NatsServer {
             self.port,
             self.log_text()
         );
+    }
+
+    /// The server name (`-n`) of `stream`'s leader as this server sees it, if it has one.
+    pub fn stream_leader(&self, stream: &str) -> Option<String> {
+        let url = format!(
+            "http://127.0.0.1:{}/jsz?accounts=true&streams=true",
+            self.monitor_port
+        );
+        let jsz: Value = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .get(&url)
+            .call()
+            .ok()?
+            .into_string()
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())?;
+        jsz["account_details"]
+            .as_array()?
+            .iter()
+            .filter_map(|account| account["stream_detail"].as_array())
+            .flatten()
+            .find(|detail| detail["name"] == stream)
+            .and_then(|detail| detail["cluster"]["leader"].as_str())
+            .map(str::to_string)
     }
 
     /// Kills the process (SIGKILL) and waits; port and store stay for `start_again`.

@@ -257,6 +257,35 @@ fn parse_servers(servers: &[String]) -> Result<Vec<ServerAddr>, LogError> {
 }
 
 /// Opens (or creates) the stream and checks it is one Flux can use.
+/// The stream (created when missing), whether it was created, and its state. A cluster that
+/// is electing a leader (a peer just stopped) answers nothing for seconds: unavailability is
+/// retried until nothing has worked for [`REPLAY_IDLE_TIMEOUT`]; a stream Flux cannot use is not.
+async fn open_stream(
+    context: &jetstream::Context,
+    options: &JetStreamOptions,
+) -> Result<(stream::Stream, bool, stream::State), LogError> {
+    let started = Instant::now();
+    loop {
+        let attempt = async {
+            let (mut stream, created) = ensure_stream(context, options).await?;
+            let state = stream
+                .info()
+                .await
+                .map_err(|e| unavailable("reading the stream's state", e))?
+                .state
+                .clone();
+            Ok((stream, created, state))
+        };
+        match attempt.await {
+            Err(LogError::Unavailable(error)) if started.elapsed() < REPLAY_IDLE_TIMEOUT => {
+                tracing::warn!(%error, "opening the stream: retrying");
+                tokio::time::sleep(TAIL_RETRY_DELAY).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 async fn ensure_stream(
     context: &jetstream::Context,
     options: &JetStreamOptions,
@@ -631,13 +660,7 @@ impl JetStreamLog {
             .max_ack_inflight(APPENDS_IN_FLIGHT * 4)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        let (mut stream, created) = ensure_stream(&context, &options).await?;
-        let state = stream
-            .info()
-            .await
-            .map_err(|e| unavailable("reading the stream's state", e))?
-            .state
-            .clone();
+        let (stream, created, state) = open_stream(&context, &options).await?;
         let max_payload = client.server_info().max_payload.max(64 << 10);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
