@@ -1197,6 +1197,10 @@ def main() -> int:
                     suite.record(key, {"run": i, "error": "skipped: --max-minutes reached",
                                        "load_before": loadavg()})
                     continue
+                # The previous run's dirty pages (a batch run leaves ~1 GB) are written back
+                # before this run starts, not during it.
+                os.sync()
+                time.sleep(1.0)
                 print(f"== {key} run {i}/{opts.runs} (load {loadavg()[0]:.2f}, "
                       f"{(time.monotonic() - t0) / 60:.1f} min)", file=sys.stderr)
                 fn(i)
