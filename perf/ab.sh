@@ -16,6 +16,7 @@
 #     cargo build --release -p flux) && cp /tmp/old-target/release/flux /tmp/flux-old
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source perf/lib.sh
 [[ $# -ge 4 && "$4" == "--" ]] || { sed -n 2,16p "$0"; exit 2; }
 old=$1 new=$2 rounds=$3
 shift 4
@@ -26,14 +27,11 @@ for _ in $(seq "$rounds"); do
     for side in old new; do
         binary=$old generator=${OLD_GENERATOR:-target/release/flux-loadtest}
         [[ $side == new ]] && binary=$new generator=${NEW_GENERATOR:-target/release/flux-loadtest}
-        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        port=$(free_port)
         rm -rf "$work/data"
         "$binary" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
         pid=$!
-        for _ in $(seq 100); do
-            curl -sf -o /dev/null "http://127.0.0.1:$port/health" && break
-            sleep 0.05
-        done
+        wait_healthy "$port" 100 0.05 || true
         timeout 300 "$generator" "$@" --url "http://127.0.0.1:$port" --server-pid "$pid" \
             >"$work/result.json" 2>/dev/null
         curl -sf "http://127.0.0.1:$port/metrics" >"$work/metrics.txt" || true

@@ -12,20 +12,18 @@
 # and the log writer. Needs valgrind and a built `target/release/flux-loadtest`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source perf/lib.sh
 [[ $# -ge 1 ]] || { sed -n 2,12p "$0"; exit 2; }
 binary=$1
 out=${2:-$(mktemp -u /tmp/callgrind.XXXXXX)}
 work=$(mktemp -d)
 pid=
 trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 timeout 600 valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$binary" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
 pid=$!
-for _ in $(seq 300); do
-    curl -sf -o /dev/null "http://127.0.0.1:$port/health" && break
-    sleep 0.1
-done
+wait_healthy "$port" 300 0.1 || true
 events=$(timeout 300 target/release/flux-loadtest ingest-batch -c 2 --batch 1000 --props 5 \
     --rate 10000 --duration 10 --warmup 0 --url "http://127.0.0.1:$port" 2>/dev/null |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["events"])')
