@@ -5,10 +5,11 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# Waits until the server on loopback port $1 answers /health, polling $2 times every $3 s.
+# Waits until the Flux server on loopback port $1 answers /api/health, polling $2 times every
+# $3 s.
 wait_healthy() {
     for _ in $(seq "$2"); do
-        curl -sf -o /dev/null "http://127.0.0.1:$1/health" && return 0
+        curl -sf -o /dev/null "http://127.0.0.1:$1/api/health" && return 0
         sleep "$3"
     done
     return 1
