@@ -89,6 +89,10 @@ struct ServeArgs {
     /// How often the built-in `flux-core/directory` entity is recomputed.
     #[arg(long, env = "FLUX_DIRECTORY_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
     directory_interval: Duration,
+    /// A client must send its request headers within this time, and a request body that
+    /// sends nothing for this long is answered 408.
+    #[arg(long, env = "FLUX_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
     /// Log segment size in bytes before a new segment starts.
     #[arg(long, env = "FLUX_SEGMENT_BYTES", default_value_t = 64 << 20)]
     segment_bytes: u64,
@@ -325,6 +329,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics,
         registry: Arc::new(registry),
         websocket: Some(websocket),
+        request_timeout: args.request_timeout,
+    });
+    // The built-in directory exists before the first request is served (bounded: a log that
+    // cannot take the write must not hold the server's start).
+    runtime.block_on(async {
+        let _ = tokio::time::timeout(DIRECTORY_START_TIMEOUT, api.ensure_directory()).await;
     });
     let background = [
         runtime.spawn(hub.clone().run_metrics(engine.clone())),
@@ -347,6 +357,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
+
+/// How long start-up waits for the first write of `flux-core/directory`.
+const DIRECTORY_START_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

@@ -884,6 +884,45 @@ fn sigterm_with_idle_and_stalled_connections_exits_zero() {
     assert_eq!(s.props("acme/idle"), json!({"v": 1}));
 }
 
+/// A client that stops sending in the middle of its body (or its headers) is not waited for
+/// forever: with `--request-timeout 1s` the body gets a 408 naming the timeout, the headers a
+/// closed connection, and the server goes on serving.
+#[test]
+fn stalled_bodies_and_headers_time_out() {
+    use std::io::Write;
+    let s = Server::start_args(&["--request-timeout", "1s"]);
+    let mut half_body = RawConn::connect(s.addr());
+    half_body
+        .stream()
+        .write_all(
+            b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"str",
+        )
+        .expect("partial body");
+    let mut stalled = RawConn::connect(s.addr());
+    stalled
+        .stream()
+        .write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+        .expect("partial headers");
+    let started = std::time::Instant::now();
+    let r = half_body
+        .read_response()
+        .expect("a response to the stalled body");
+    assert_eq!(r.status, 408, "{}", r.text());
+    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("timeout"), "{error}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        stalled.read_response().is_none(),
+        "stalled headers get no response"
+    );
+    assert_eq!(s.get("/api/health").0, 200);
+}
+
 // ------------------------------------------------------------------ start-up failures
 
 #[test]
@@ -943,12 +982,49 @@ fn port_in_use_exits_nonzero() {
     drop(taken);
 }
 
+/// `GET /metrics` is the Prometheus text format: its content type, every sample line well
+/// formed, every counter family named by its samples (`# TYPE x_total counter`), no `# EOF`.
+/// A scraper that asks for OpenMetrics in `Accept` gets that instead.
 #[test]
 fn metrics_is_prometheus_text() {
     let s = Server::start();
     s.put("acme/m", json!({"v": 1}));
-    let (status, text) = s.get_text("/metrics");
-    assert_eq!(status, 200, "{text}");
+    let r = s.get_resp("/metrics");
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = r.text;
+    assert!(!text.contains("# EOF"), "{text}");
+    let counters: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    assert!(counters.contains(&"flux_events_accepted_total"), "{text}");
+    for counter in &counters {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{counter} "))
+                    || l.starts_with(&format!("{counter}{{"))),
+            "counter {counter} has no sample of its name:\n{text}"
+        );
+    }
+    let open = s.request(
+        "GET",
+        "/metrics",
+        &[(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )],
+        None,
+    );
+    assert_eq!(
+        open.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    assert_eq!(open.text.lines().last(), Some("# EOF"));
+    assert!(open.text.contains("# TYPE flux_events_accepted counter"));
     let mut samples = 0;
     for line in text.lines() {
         let line = line.trim();

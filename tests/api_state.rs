@@ -587,3 +587,35 @@ fn directory_entity_lists_namespaces() {
     });
     assert!(body["lastUpdated"].is_string(), "{body}");
 }
+
+/// The directory is built in: it exists from a server's first request on, even on a server
+/// that never took a write, and the counts users see (health, the directory's own) leave it
+/// out.
+#[test]
+fn directory_exists_from_the_first_request_and_counts_leave_it_out() {
+    let s = Server::start();
+    let (status, body) = s.entity("flux-core/directory");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["properties"]["namespace_count"], 0, "{body}");
+    assert_eq!(body["properties"]["entity_count"], 0, "{body}");
+    let (status, health) = s.get("/api/health");
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(
+        (&health["entities"], &health["events"]),
+        (&json!(0), &json!(0))
+    );
+
+    seed(&s, &["count-a/1", "count-a/2", "count-b/3"]);
+    let refreshed = wait_for(Duration::from_secs(30), || {
+        let (_, body) = s.entity("flux-core/directory");
+        (body["properties"]["entity_count"] == 3).then_some(body)
+    });
+    let body = refreshed.expect("the directory counted the three entities");
+    assert_eq!(body["properties"]["namespace_count"], 2, "{body}");
+    // The directory itself was written twice by now; neither write nor the entity counts.
+    let (_, health) = s.get("/api/health");
+    assert_eq!(
+        (&health["entities"], &health["events"]),
+        (&json!(3), &json!(3))
+    );
+}

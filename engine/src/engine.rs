@@ -511,6 +511,7 @@ impl Engine {
             self.inner.dispatcher.send_async(shard, work).await;
             if let Ok(s) = rx.await {
                 stats.entities += s.entities;
+                stats.events_total = stats.events_total.saturating_sub(s.builtin_events);
                 sources.extend(s.active_sources);
             }
         }
@@ -706,9 +707,11 @@ fn lock_data_dir(dir: &Path) -> Result<File, EngineError> {
 /// Totals across shards.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EngineStats {
+    /// Entities, without the built-in ones (`flux-core/...`).
     pub entities: usize,
     pub next_position: LogPosition,
-    /// Event records in the log (replayed at start-up plus applied since).
+    /// Event records in the log (replayed at start-up plus applied since), without those of
+    /// built-in entities.
     pub events_total: u64,
     /// Distinct event sources with a record accepted within [`ACTIVE_PUBLISHER_WINDOW`].
     pub active_publishers: usize,

@@ -46,6 +46,10 @@ pub const HISTORY_KEPT_PER_ENTITY: usize = 500;
 /// Streams of records Flux writes itself (API deletes, the directory).
 pub const INTERNAL_STREAM_PREFIX: &str = "flux.";
 
+/// Ids of Flux's built-in entities (`flux-core/directory`) start with this. They are state like
+/// any other, but the counts users see ([`ShardStats`]) leave them out.
+pub const BUILTIN_ID_PREFIX: &str = "flux-core/";
+
 /// Messages a shard's inbox holds before senders wait (backpressure, never dropped).
 pub const SHARD_INBOX_CAPACITY: usize = 1024;
 
@@ -153,7 +157,10 @@ pub struct ListQuery {
 /// Counters a shard reports.
 #[derive(Debug, Clone, Default)]
 pub struct ShardStats {
+    /// Entities, the built-in ones left out.
     pub entities: usize,
+    /// Event records of built-in entities applied (replay included), to leave out of totals.
+    pub builtin_events: u64,
     /// Event sources seen since the time the stats were asked for.
     pub active_sources: Vec<Arc<str>>,
 }
@@ -696,6 +703,11 @@ struct Shard {
     hasher: DefaultHashBuilder,
     /// Slots whose entity exists.
     entities: usize,
+    /// Of them, built-in entities ([`BUILTIN_ID_PREFIX`]).
+    builtin_entities: usize,
+    /// Event records applied to built-in entities (covered ones included, as the dispatcher
+    /// counts them).
+    builtin_events: u64,
     /// Sorted ids for listings and prefix scans; `None` until the next listing sorts them.
     order: Option<Order>,
     /// State already includes every record at or below this position (from a snapshot).
@@ -798,7 +810,12 @@ impl Shard {
                     let existed = slot.exists();
                     slot.entity = entity;
                     let exists = slot.exists();
+                    let builtin = entity_is_builtin(slot.entity.id());
                     self.entities = self.entities + usize::from(exists) - usize::from(existed);
+                    if builtin {
+                        self.builtin_entities =
+                            self.builtin_entities + usize::from(exists) - usize::from(existed);
+                    }
                 }
             }
             ShardWork::Get { id, reply } => {
@@ -875,7 +892,8 @@ impl Shard {
             } => {
                 self.sources.retain(|_, seen| *seen >= active_since_ms);
                 let stats = ShardStats {
-                    entities: self.entities,
+                    entities: self.entities - self.builtin_entities,
+                    builtin_events: self.builtin_events,
                     active_sources: self.sources.keys().cloned().collect(),
                 };
                 let _ = reply.send(stats);
@@ -895,6 +913,8 @@ impl Shard {
                 }
             };
             let id = record.fields.entity_id;
+            let builtin = entity_is_builtin(id);
+            self.builtin_events += u64::from(builtin);
             let covered = position <= self.covered;
             let accept_ms = frame.accept_time_ms;
             let slot = slot_in(&mut self.slots, &self.hasher, &mut self.order, id);
@@ -908,6 +928,7 @@ impl Shard {
                     slot.entity.set_last_updated_ms(0);
                     slot.entity.revision = 0;
                     self.entities -= 1;
+                    self.builtin_entities -= usize::from(builtin);
                     Order::deleted(&mut self.order, id);
                     Some(false)
                 } else {
@@ -916,6 +937,7 @@ impl Shard {
             } else {
                 if !slot.exists() {
                     self.entities += 1;
+                    self.builtin_entities += usize::from(builtin);
                     Order::created(&mut self.order, id);
                 }
                 slot.entity.merge_properties(record.properties());
@@ -954,6 +976,11 @@ impl Shard {
             self.order = None;
         }
     }
+}
+
+/// Whether `id` names a built-in entity ([`BUILTIN_ID_PREFIX`]).
+fn entity_is_builtin(id: &str) -> bool {
+    id.starts_with(BUILTIN_ID_PREFIX)
 }
 
 /// The slot for `id` in `slots`, created empty if new: the one way slots are inserted. With no

@@ -74,7 +74,7 @@ impl Api {
         struct Body {
             name: Option<serde_json::Value>,
         }
-        let body = read_body(request, ADMIN_BODY_BYTES).await?;
+        let body = read_body(request, ADMIN_BODY_BYTES, self.request_timeout).await?;
         let body: Body = serde_json::from_str(object_body(&body)?).map_err(|e| {
             ApiError::bad_request(if e.is_data() {
                 "body must be a JSON object with a name".to_string()
@@ -181,7 +181,7 @@ impl Api {
     pub async fn put_config(&self, request: Request) -> Result<Response, ApiError> {
         self.auth
             .require_admin(request.headers(), !self.auth.enabled)?;
-        let body = read_body(request, ADMIN_BODY_BYTES).await?;
+        let body = read_body(request, ADMIN_BODY_BYTES, self.request_timeout).await?;
         let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
             .map_err(|e| {
                 ApiError::bad_request(if e.is_data() {
@@ -304,7 +304,7 @@ impl Api {
         struct Body {
             token: Option<serde_json::Value>,
         }
-        let body = read_body(request, ADMIN_BODY_BYTES).await?;
+        let body = read_body(request, ADMIN_BODY_BYTES, self.request_timeout).await?;
         let body: Body = serde_json::from_str(object_body(&body)?)
             .map_err(|_| ApiError::bad_request("body must be a JSON object with a token"))?;
         let token = match body.token {
@@ -344,20 +344,27 @@ impl Api {
         self.get_connector(name)
     }
 
-    /// `GET /metrics`
-    pub async fn metrics_text(&self) -> Response {
+    /// `GET /metrics`: Prometheus text, or OpenMetrics text when `accept` (the request's
+    /// `Accept` header) names it.
+    pub async fn metrics_text(&self, accept: &str) -> Response {
         let stats = self.engine.stats().await;
         self.metrics.entities.set(stats.entities as i64);
         self.metrics
             .log_position
             .set(stats.next_position.saturating_sub(1) as i64);
         let text = crate::metrics::render(&self.registry);
+        let (text, content_type) = if accept.contains("application/openmetrics-text") {
+            (text, crate::metrics::OPENMETRICS_CONTENT_TYPE)
+        } else {
+            (
+                crate::metrics::to_prometheus_text(&text),
+                crate::metrics::PROMETHEUS_CONTENT_TYPE,
+            )
+        };
         let mut response = json_response(StatusCode::OK, text);
         response.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static(
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ),
+            hyper::header::HeaderValue::from_static(content_type),
         );
         response
     }

@@ -48,6 +48,9 @@ pub struct Api {
     /// Every component's metrics, rendered by `GET /metrics`.
     pub registry: Arc<prometheus_client::registry::Registry>,
     pub websocket: Option<WebSocketHandler>,
+    /// A client must send its request headers within this time, and no byte of a body it is
+    /// sending may be more than this late.
+    pub request_timeout: std::time::Duration,
 }
 
 fn now_ms() -> u64 {
@@ -144,7 +147,7 @@ impl Api {
     /// `POST /api/events`
     pub async fn publish(&self, request: Request) -> Result<Response, ApiError> {
         let caller = self.writer(&request)?;
-        let body = read_body(request, self.body_limits().0).await?;
+        let body = read_body(request, self.body_limits().0, self.request_timeout).await?;
         let event =
             event::validate(body_str(&body)?, new_event_id).map_err(ApiError::bad_request)?;
         caller.may_write(&event.entity_id, "payload.entity_id")?;
@@ -161,7 +164,7 @@ impl Api {
     /// `POST /api/events/batch`
     pub async fn publish_batch(&self, request: Request) -> Result<Response, ApiError> {
         let caller = self.writer(&request)?;
-        let body = read_body(request, self.body_limits().1).await?;
+        let body = read_body(request, self.body_limits().1, self.request_timeout).await?;
         let items = event::parse_batch(body_str(&body)?).map_err(ApiError::bad_request)?;
         // Encoded records take fewer bytes than their JSON, plus the ids Flux generates: one
         // allocation, no regrowth.
@@ -227,7 +230,7 @@ impl Api {
             None => now_ms().saturating_sub(HISTORY_DEFAULT_WINDOW_MS),
             Some(raw) => parse_time_ms(raw).ok_or_else(|| {
                 ApiError::bad_request(
-                    "since must be an ISO-8601 time like 2026-02-23T10:30:45.123Z (or epoch ms)",
+                    "since must be an ISO-8601 time like 2026-02-23T10:30:45.123Z or 2026-02-23 (or epoch ms)",
                 )
             })?,
         };
@@ -348,7 +351,7 @@ impl Api {
         }
         const ONE_FILTER: &str = "give exactly one of namespace, prefix, entity_ids";
         let caller = self.writer(&request)?;
-        let body = read_body(request, self.body_limits().0).await?;
+        let body = read_body(request, self.body_limits().0, self.request_timeout).await?;
         let filter: Filter<'_> = serde_json::from_str(object_body(&body)?).map_err(|e| {
             if e.is_data() {
                 ApiError::bad_request(format!("body must be a JSON object: {ONE_FILTER}"))
@@ -470,13 +473,28 @@ impl Api {
     }
 }
 
-/// Parses an RFC 3339 / ISO-8601 time, or integer epoch milliseconds, to epoch milliseconds.
+/// Parses an ISO-8601 time to epoch milliseconds: RFC 3339 (`2026-02-23T10:30:45.123Z`,
+/// `...+01:00`), a date and time without a zone (read as UTC), a date alone (its midnight,
+/// UTC), or integer epoch milliseconds. A `+` of an offset that arrived unencoded in a query
+/// string (and so decoded to a space) is read as `+`.
 fn parse_time_ms(raw: &str) -> Option<u64> {
+    use chrono::{NaiveDate, NaiveDateTime};
     if let Ok(ms) = raw.parse::<u64>() {
         return Some(ms);
     }
-    let time = chrono::DateTime::parse_from_rfc3339(raw).ok()?;
-    u64::try_from(time.timestamp_millis()).ok()
+    let millis = if let Ok(time) = chrono::DateTime::parse_from_rfc3339(raw) {
+        time.timestamp_millis()
+    } else if let Some((head, offset)) = raw.rsplit_once(' ').filter(|(h, _)| h.contains('T')) {
+        chrono::DateTime::parse_from_rfc3339(&format!("{head}+{offset}"))
+            .ok()?
+            .timestamp_millis()
+    } else if let Ok(time) = NaiveDateTime::parse_from_str(raw, "%Y-%m-%dT%H:%M:%S%.f") {
+        time.and_utc().timestamp_millis()
+    } else {
+        let date = NaiveDate::parse_from_str(raw, "%Y-%m-%d").ok()?;
+        date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis()
+    };
+    u64::try_from(millis).ok()
 }
 
 #[cfg(test)]
@@ -521,6 +539,25 @@ mod tests {
             Some(1_771_842_645_123)
         );
         assert_eq!(parse_time_ms("1771842645123"), Some(1_771_842_645_123));
+        // The offset's `+` decoded to a space by a query string.
+        assert_eq!(
+            parse_time_ms("2026-02-23T11:30:45.123 01:00"),
+            Some(1_771_842_645_123)
+        );
+        // No zone: UTC.
+        assert_eq!(
+            parse_time_ms("2026-02-23T10:30:45.123"),
+            Some(1_771_842_645_123)
+        );
+        assert_eq!(
+            parse_time_ms("2026-02-23T10:30:45"),
+            Some(1_771_842_645_000)
+        );
+        // A date alone: its midnight, UTC.
+        assert_eq!(parse_time_ms("2026-02-23"), Some(1_771_804_800_000));
         assert_eq!(parse_time_ms("yesterday"), None);
+        assert_eq!(parse_time_ms("2026-02-30"), None);
+        assert_eq!(parse_time_ms("2026-02-23 10:30"), None);
+        assert_eq!(parse_time_ms("1969-12-31"), None);
     }
 }

@@ -1,8 +1,10 @@
 //! `flux-core/directory`: a built-in entity listing every namespace with its entity count,
 //! plus `namespace_count` and `entity_count`, refreshed every [`DIRECTORY_INTERVAL`].
 //!
-//! It is written through the log like any event (so it replays, and subscribers see it), but
-//! only when its content changed, so an idle server does not grow its log.
+//! It is written through the log like any event (so it replays, and subscribers see it):
+//! before a server takes its first request when none is stored (so it exists from then on,
+//! even on an empty server), then only when its content changed, so an idle server does not
+//! grow its log.
 
 use std::time::Duration;
 
@@ -20,9 +22,10 @@ impl Api {
     /// The directory's properties as `(name, raw JSON)` pairs, from current state.
     async fn directory_properties(&self) -> Vec<(&'static str, String)> {
         let mut counts = self.engine.namespace_counts().await;
-        let internal = counts.remove(DIRECTORY_NAMESPACE).unwrap_or(0);
-        // Every entity counts in the total, ids without a namespace included.
-        let total = self.engine.stats().await.entities.saturating_sub(internal);
+        counts.remove(DIRECTORY_NAMESPACE);
+        // Every entity counts in the total, ids without a namespace included (the engine's
+        // count leaves the built-in ones out).
+        let total = self.engine.stats().await.entities;
         if self.auth.enabled {
             for name in self
                 .engine
@@ -60,40 +63,57 @@ impl Api {
         Some(entity.get_mut("properties")?.take())
     }
 
-    /// Recomputes the directory every `interval`, writing it only when it changed (also
-    /// across restarts: it compares with the stored entity).
+    /// Recomputes the directory every `interval`, the first time one interval after the call
+    /// ([`Api::ensure_directory`] runs before the server takes requests).
     pub async fn run_directory(&self, interval: Duration) {
         let start = tokio::time::Instant::now() + interval;
         let mut ticker = tokio::time::interval_at(start, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let properties = self.directory_properties().await;
-            let fresh: serde_json::Map<String, serde_json::Value> = properties
-                .iter()
-                .filter_map(|(k, v)| Some((k.to_string(), serde_json::from_str(v).ok()?)))
-                .collect();
-            match self.stored_directory().await {
-                Some(stored) if stored == serde_json::Value::Object(fresh) => continue,
-                None if properties[1].1 == "0" && properties[2].1 == "0" => continue, // A fresh server stays empty.
-                _ => {}
-            }
-            let event_id = uuid::Uuid::now_v7().to_string();
-            let fields = EventFields {
-                event_id: &event_id,
-                stream: "flux.directory",
-                source: DIRECTORY_NAMESPACE,
-                timestamp: flux_engine::engine::now_ms() as i64,
-                entity_id: DIRECTORY_ID,
-                key: None,
-                schema: None,
-            };
-            let mut batch = RecordBatch::default();
-            let pairs = properties.iter().map(|(k, v)| (*k, v.as_str()));
-            batch.push_event(self.engine.shard_of(DIRECTORY_ID), &fields, pairs);
-            if let Err(error) = self.engine.append(batch).await {
-                tracing::warn!(%error, "could not write the directory");
-            }
+            self.refresh_directory().await;
+        }
+    }
+
+    /// Writes the directory unless one is stored, so the built-in entity exists from a
+    /// server's first request on, even on a server that never took a write. A stored one is
+    /// brought up to date by the next refresh (a restart alone writes nothing).
+    pub async fn ensure_directory(&self) {
+        if self.engine.get(DIRECTORY_ID).await.is_none() {
+            self.refresh_directory().await;
+        }
+    }
+
+    /// Writes the directory if it differs from the stored one (also across restarts), so an
+    /// idle server does not grow its log.
+    pub async fn refresh_directory(&self) {
+        let properties = self.directory_properties().await;
+        let fresh: serde_json::Map<String, serde_json::Value> = properties
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_string(), serde_json::from_str(v).ok()?)))
+            .collect();
+        if self
+            .stored_directory()
+            .await
+            .is_some_and(|stored| stored == serde_json::Value::Object(fresh))
+        {
+            return;
+        }
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let fields = EventFields {
+            event_id: &event_id,
+            stream: "flux.directory",
+            source: DIRECTORY_NAMESPACE,
+            timestamp: flux_engine::engine::now_ms() as i64,
+            entity_id: DIRECTORY_ID,
+            key: None,
+            schema: None,
+        };
+        let mut batch = RecordBatch::default();
+        let pairs = properties.iter().map(|(k, v)| (*k, v.as_str()));
+        batch.push_event(self.engine.shard_of(DIRECTORY_ID), &fields, pairs);
+        if let Err(error) = self.engine.append(batch).await {
+            tracing::warn!(%error, "could not write the directory");
         }
     }
 }

@@ -43,6 +43,16 @@ impl ApiError {
         ApiError::new(StatusCode::CONFLICT, message)
     }
 
+    pub fn request_timeout(idle: std::time::Duration) -> Self {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body: nothing received for {} s (request timeout)",
+                idle.as_secs_f64()
+            ),
+        )
+    }
+
     pub fn payload_too_large() -> Self {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload too large")
     }

@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -24,8 +25,10 @@ pub fn full(bytes: Bytes) -> Body {
     Full::new(bytes).boxed_unsync()
 }
 
-/// Reads the whole body of `request`, refusing with 413 once it exceeds `limit` bytes.
-pub async fn read_body(request: Request, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads the whole body of `request`, refusing with 413 once it exceeds `limit` bytes, and
+/// with 408 when no byte of it arrives for `idle` (a stalled client never holds a request
+/// open for longer).
+pub async fn read_body(request: Request, limit: usize, idle: Duration) -> Result<Bytes, ApiError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -36,7 +39,11 @@ pub async fn read_body(request: Request, limit: usize) -> Result<Bytes, ApiError
     }
     let mut body = request.into_body();
     let mut buf = BytesMut::with_capacity(declared.map_or(8 << 10, |n| n as usize));
-    while let Some(frame) = body.frame().await {
+    // The timer is only armed when a frame is not already there.
+    while let Some(frame) = tokio::time::timeout(idle, body.frame())
+        .await
+        .map_err(|_| ApiError::request_timeout(idle))?
+    {
         let frame =
             frame.map_err(|e| ApiError::bad_request(format!("reading the body failed: {e}")))?;
         if let Ok(data) = frame.into_data() {

@@ -35,8 +35,6 @@ use http::{Request, Response, add_cors, decode_path, preflight};
 
 /// How long shutdown waits for in-flight requests before closing connections anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// A client must send its request headers within this time.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 const ENTITIES: &str = "/api/state/entities";
 
@@ -80,7 +78,14 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
             _ => Err(ApiError::method_not_allowed("GET")),
         },
         "/metrics" => match method {
-            Method::GET => Ok(api.metrics_text().await),
+            Method::GET => {
+                let accept = request
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                Ok(api.metrics_text(accept).await)
+            }
             _ => Err(ApiError::method_not_allowed("GET")),
         },
         "/api/namespaces" => match method {
@@ -156,7 +161,7 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<O
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(api.request_timeout)
         .keep_alive(true);
     tokio::pin!(shutdown);
     loop {

@@ -1,7 +1,9 @@
-//! Ingress metrics and the `GET /metrics` exposition (Prometheus text, via prometheus-client).
+//! Ingress metrics and the `GET /metrics` exposition (via prometheus-client).
 //!
 //! Every component registers its own metrics into one [`Registry`] at start-up; gauges that
 //! mirror engine state (entities) are refreshed when scraped. Scraping never blocks ingest.
+//! The exposition is the Prometheus text format (0.0.4), or OpenMetrics text for a scraper
+//! that asks for it in `Accept` (as Prometheus itself does).
 
 use std::time::Instant;
 
@@ -111,10 +113,76 @@ impl IngressMetrics {
     }
 }
 
-/// Renders `registry` as Prometheus text.
+/// Content type of the OpenMetrics text [`render`] writes.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text [`to_prometheus_text`] writes.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Renders `registry` as OpenMetrics text.
 pub fn render(registry: &Registry) -> String {
     let mut out = String::with_capacity(8 << 10);
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
+}
+
+/// Rewrites OpenMetrics text (as [`render`] writes it) into the Prometheus text format: a
+/// counter family is named by its sample (`# TYPE x_total counter` where OpenMetrics writes
+/// `# TYPE x counter`), and the `# EOF` and `# UNIT` lines, which that format has no place
+/// for, are left out. Samples and every other line stay as they are.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.insert(name);
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len() + 8 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let family = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let name = rest.split(' ').next()?;
+            counters
+                .contains(name)
+                .then(|| (prefix, name, &rest[name.len()..]))
+        });
+        match family {
+            Some((prefix, name, rest)) => {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(rest);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::to_prometheus_text;
+
+    #[test]
+    fn counters_are_named_by_their_samples_and_eof_goes() {
+        let open = "# HELP flux_a Things.\n# TYPE flux_a counter\nflux_a_total 3\n\
+                    # HELP flux_b Level.\n# TYPE flux_b gauge\n# UNIT flux_b bytes\nflux_b 7\n\
+                    # HELP flux_c Spread.\n# TYPE flux_c histogram\nflux_c_bucket{le=\"1.0\"} 1\n\
+                    flux_c_sum 0.5\nflux_c_count 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(open),
+            "# HELP flux_a_total Things.\n# TYPE flux_a_total counter\nflux_a_total 3\n\
+             # HELP flux_b Level.\n# TYPE flux_b gauge\nflux_b 7\n\
+             # HELP flux_c Spread.\n# TYPE flux_c histogram\nflux_c_bucket{le=\"1.0\"} 1\n\
+             flux_c_sum 0.5\nflux_c_count 1\n"
+        );
+    }
 }
