@@ -619,3 +619,35 @@ fn directory_exists_from_the_first_request_and_counts_leave_it_out() {
         (&json!(3), &json!(3))
     );
 }
+
+/// A namespace matching more entities than one call may delete (`max_batch_delete`,
+/// 10,000): the call deletes 10,000 and says how many remain; the next call takes the rest.
+#[test]
+fn batch_delete_over_the_limit_reports_what_remains() {
+    let s = Server::start();
+    for chunk in 0..11 {
+        let events: Vec<Value> = (0..1000)
+            .map(|i| event(&format!("big/e{:05}", chunk * 1000 + i), json!({"v": 1})))
+            .collect();
+        let (status, body) = s.post("/api/events/batch", &Value::Array(events));
+        assert_eq!((status, &body["failed"]), (200, &json!(0)), "{body}");
+    }
+    seed(&s, &["bigger/x"]);
+    let (status, body) = batch_delete(&s, &json!({"namespace": "big"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["deleted"], &body["remaining"]),
+        (&json!(10_000), &json!(1000))
+    );
+    let (status, body) = batch_delete(&s, &json!({"namespace": "big"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["deleted"], &body["remaining"]),
+        (&json!(1000), &json!(0))
+    );
+    assert_eq!(
+        s.entity("bigger/x").0,
+        200,
+        "another namespace is untouched"
+    );
+}

@@ -1920,3 +1920,66 @@ fn bad_bodies_on_tenancy_routes_are_400_never_500() {
     let (status, body) = s.get("/api/health");
     assert_eq!(status, 200, "{body}");
 }
+
+/// No caller writes the built-in `flux-core` namespace: not the admin, not an open server,
+/// not a namespace token (the name cannot be registered). A wider prefix delete skips the
+/// built-in entities, and the directory keeps being Flux's own.
+#[test]
+fn nobody_writes_the_built_in_namespace() {
+    for mode in [AUTH_ADMIN, NO_AUTH] {
+        let s = start(mode, &[], &[]);
+        let token = mode.admin.then_some(ADMIN);
+        let (status, body) = publish(&s, token, "flux-core/directory", json!({"x": 1}));
+        assert_error(status, &body, 403, "flux-core");
+        let (status, body) = publish(&s, token, "flux-core/other", json!({"x": 1}));
+        assert_error(status, &body, 403, "flux-core");
+        let (status, body) = batch(
+            &s,
+            token,
+            &[
+                event("flux-core/directory", json!({"x": 1})),
+                event("fleet/a", json!({"x": 1})),
+            ],
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (&body["successful"], &body["failed"]),
+            (&json!(1), &json!(1))
+        );
+        assert!(
+            body["results"][0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("flux-core"))
+        );
+        let (status, body) = delete_entity(&s, token, "flux-core/directory");
+        assert_error(status, &body, 403, "flux-core");
+        for filter in [
+            json!({"namespace": "flux-core"}),
+            json!({"prefix": "flux-core/dir"}),
+        ] {
+            let (status, body) = batch_delete(&s, token, &filter);
+            assert_error(status, &body, 403, "flux-core");
+        }
+        let (status, body) =
+            batch_delete(&s, token, &json!({"entity_ids": ["flux-core/directory"]}));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!((&body["deleted"], &body["failed"]), (&json!(0), &json!(1)));
+        // "f" takes in fleet/a and the directory: only fleet/a goes.
+        let (status, body) = batch_delete(&s, token, &json!({"prefix": "f"}));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["deleted"], 1, "{body}");
+        let (status, directory) = s.entity("flux-core/directory");
+        assert_eq!(status, 200, "{directory}");
+        assert!(directory["properties"].get("x").is_none(), "{directory}");
+        if mode.auth {
+            let (status, body) = send(
+                &s,
+                "POST",
+                "/api/namespaces",
+                Some(ADMIN),
+                &json!({"name": "flux-core"}),
+            );
+            assert_error(status, &body, 409, "flux-core");
+        }
+    }
+}

@@ -88,9 +88,10 @@ impl Api {
             None => return Err(ApiError::bad_request("name is required")),
         };
         check_namespace_name(&name)?;
-        if self
-            .engine
-            .with_control(|c| c.namespaces.contains_key(&name))
+        if name == crate::tenancy::BUILTIN_NAMESPACE
+            || self
+                .engine
+                .with_control(|c| c.namespaces.contains_key(&name))
         {
             return Err(ApiError::conflict(format!("namespace {name:?} is taken")));
         }

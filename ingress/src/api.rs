@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use flux_engine::shard::BUILTIN_ID_PREFIX;
 use flux_engine::{Engine, RecordBatch, json};
 use futures::stream;
 use http_body_util::{BodyExt, StreamBody};
@@ -339,6 +340,9 @@ impl Api {
     }
 
     /// `POST /api/state/entities/delete` with exactly one of namespace, prefix, entity_ids.
+    /// Deletes at most [`MAX_BATCH_DELETE`] entities a call; `remaining` in the reply counts
+    /// what a namespace or prefix still matches after it (0 unless the call hit the limit).
+    /// Built-in entities are never deleted.
     pub async fn batch_delete(&self, request: Request) -> Result<Response, ApiError> {
         #[derive(serde::Deserialize)]
         struct Filter<'a> {
@@ -374,6 +378,9 @@ impl Api {
                 .ok_or_else(|| ApiError::bad_request(format!("{field} must be a non-empty string")))
         };
         let mut errors: Vec<(String, String)> = Vec::new();
+        // A namespace or prefix matching more than one call may delete: the rest is counted
+        // in the reply (`remaining`), so a client knows to call again.
+        let mut more_under: Option<String> = None;
         let targets: Vec<String> = if let Some(raw) = filter.entity_ids {
             let ids: Vec<String> = serde_json::from_str(raw.get())
                 .map_err(|_| ApiError::bad_request("entity_ids must be an array of strings"))?;
@@ -419,15 +426,43 @@ impl Api {
                 _ => return Err(ApiError::bad_request(ONE_FILTER)),
             };
             caller.may_write_prefix(&prefix)?;
-            let ids = self.engine.ids_with_prefix(&prefix, MAX_BATCH_DELETE).await;
-            ids.iter().map(|id| id.to_string()).collect()
+            let ids = self
+                .engine
+                .ids_with_prefix(&prefix, MAX_BATCH_DELETE + 1)
+                .await;
+            let mut ids: Vec<String> = ids
+                .iter()
+                .filter(|id| !id.starts_with(BUILTIN_ID_PREFIX))
+                .map(|id| id.to_string())
+                .collect();
+            if ids.len() > MAX_BATCH_DELETE {
+                ids.truncate(MAX_BATCH_DELETE);
+                more_under = Some(prefix);
+            }
+            ids
         };
         self.admit(&caller, targets.len())?;
         let refs: Vec<&str> = targets.iter().map(String::as_str).collect();
         self.delete_entities(&refs).await?;
+        let remaining = match &more_under {
+            Some(prefix) => {
+                let builtin = if BUILTIN_ID_PREFIX.starts_with(prefix.as_str()) {
+                    self.engine.count_with_prefix(BUILTIN_ID_PREFIX).await
+                } else {
+                    0
+                };
+                self.engine
+                    .count_with_prefix(prefix)
+                    .await
+                    .saturating_sub(builtin)
+            }
+            None => 0,
+        };
         let mut out = Vec::with_capacity(64 + 64 * errors.len());
         out.extend_from_slice(b"{\"deleted\":");
         json::write_u64(&mut out, targets.len() as u64);
+        out.extend_from_slice(b",\"remaining\":");
+        json::write_u64(&mut out, remaining as u64);
         out.extend_from_slice(b",\"failed\":");
         json::write_u64(&mut out, errors.len() as u64);
         out.extend_from_slice(b",\"errors\":[");

@@ -4,10 +4,12 @@
 //! Invariants: tokens are never stored or logged, only their SHA-256; the admin token is
 //! compared in constant time; with auth off every write is allowed and nothing is rate limited.
 //! A rate-limit window is fixed per namespace: `limit` events per 60 s, each event of a batch
-//! counting once; over the limit the whole request is refused with `Retry-After`.
+//! counting once; over the limit the whole request is refused with `Retry-After`. No caller,
+//! admin or open, ever writes Flux's built-in entities (namespace `flux-core`).
 
 use std::time::{Duration, Instant};
 
+use flux_engine::shard::BUILTIN_ID_PREFIX;
 use hashbrown::HashMap;
 use hyper::header::{AUTHORIZATION, HeaderMap};
 use sha2::{Digest, Sha256};
@@ -29,7 +31,7 @@ pub struct AuthConfig {
 /// Who made a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// Auth is off: anyone may write anywhere.
+    /// Auth is off: anyone may write anywhere (but the built-in namespace).
     Open,
     Admin,
     /// A namespace's token.
@@ -125,8 +127,12 @@ impl Caller {
         }
     }
 
-    /// Whether this caller may write `entity_id`: its namespace must be the token's.
+    /// Whether this caller may write `entity_id`: its namespace must be the token's, and no
+    /// caller writes Flux's built-in entities (`flux-core/...`).
     pub fn may_write(&self, entity_id: &str, field: &str) -> Result<(), ApiError> {
+        if entity_id.starts_with(BUILTIN_ID_PREFIX) {
+            return Err(builtin_forbidden(field, entity_id));
+        }
         let Caller::Namespace(ns) = self else {
             return Ok(());
         };
@@ -141,8 +147,12 @@ impl Caller {
         }
     }
 
-    /// Whether this caller may act on every id starting with `prefix`.
+    /// Whether this caller may act on every id starting with `prefix` (the built-in ids a
+    /// shorter prefix such as `f` takes in are left to the caller to skip).
     pub fn may_write_prefix(&self, prefix: &str) -> Result<(), ApiError> {
+        if prefix.starts_with(BUILTIN_ID_PREFIX) {
+            return Err(builtin_forbidden("prefix", prefix));
+        }
         let Caller::Namespace(ns) = self else {
             return Ok(());
         };
@@ -155,6 +165,17 @@ impl Caller {
             )))
         }
     }
+}
+
+/// The namespace of Flux's built-in entities: no client writes it, and no namespace of that
+/// name can be registered.
+pub const BUILTIN_NAMESPACE: &str = "flux-core";
+const _: () = assert!(BUILTIN_ID_PREFIX.len() == BUILTIN_NAMESPACE.len() + 1);
+
+fn builtin_forbidden(field: &str, value: &str) -> ApiError {
+    ApiError::forbidden(format!(
+        "{field} {value:?} is in namespace {BUILTIN_NAMESPACE:?}, reserved for Flux's built-in entities"
+    ))
 }
 
 struct Window {
@@ -248,6 +269,20 @@ mod tests {
         assert!(ab.may_write_prefix("ab/tmp-").is_ok());
         assert!(ab.may_write_prefix("abc/").is_err());
         assert!(Caller::Open.may_write("anything", "entity_id").is_ok());
+        for caller in [
+            Caller::Open,
+            Caller::Admin,
+            Caller::Namespace("flux-core".into()),
+        ] {
+            let refused = caller.may_write("flux-core/directory", "entity_id");
+            assert_eq!(refused.unwrap_err().status, StatusCode::FORBIDDEN);
+            assert!(caller.may_write_prefix("flux-core/").is_err());
+        }
+        assert!(
+            Caller::Open.may_write_prefix("flux").is_ok(),
+            "the caller skips built-ins"
+        );
+        assert!(crate::directory::DIRECTORY_ID.starts_with(BUILTIN_ID_PREFIX));
     }
 
     #[test]
