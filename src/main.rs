@@ -25,7 +25,7 @@ use prometheus_client::registry::Registry;
 mod cli;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: flux_engine::alloc::Allocator = flux_engine::alloc::Allocator;
 
 #[derive(Parser)]
 #[command(

@@ -25,7 +25,7 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: flux_engine::alloc::Allocator = flux_engine::alloc::Allocator;
 
 const SHARDS: usize = 2;
 const CONCURRENT_APPENDERS: usize = 32;

@@ -13,7 +13,7 @@ use flux_bench::{SAME_KEYS_UPDATE, SAMPLE_PROPERTIES, TWO_NEW_KEYS_UPDATE};
 use flux_engine::entity::Entity;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: flux_engine::alloc::Allocator = flux_engine::alloc::Allocator;
 
 fn five_key_entity() -> Entity {
     let mut entity = Entity::new("acme/site-3/pump-01234", 1_795_392_000_000, 41);

@@ -14,7 +14,7 @@ use flux_bench::{BATCH_EVENTS, EventGenerator, SEED, new_event_id, parse_batch};
 use flux_ingress::event::{self, finish, validate};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: flux_engine::alloc::Allocator = flux_engine::alloc::Allocator;
 
 /// Shards the server runs on this 2-core machine.
 const SHARDS: usize = 2;

@@ -8,7 +8,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flux_engine::shard::shard_of;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: flux_engine::alloc::Allocator = flux_engine::alloc::Allocator;
 
 fn route(c: &mut Criterion) {
     let id = "acme/site-3/pump-01234";

@@ -14,7 +14,7 @@ use flux_ingress::tenancy::{AuthConfig, RateLimiter, token_hash};
 use hyper::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: flux_engine::alloc::Allocator = flux_engine::alloc::Allocator;
 
 const TOKEN: &str = "flux_4f1c2a9be0d84d7c9d2e3f4a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8";
 

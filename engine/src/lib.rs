@@ -10,6 +10,7 @@
 //!    is the accept time stored in the record.
 //! 3. An append completes only after the log made it durable *and* every owning shard applied it.
 
+pub mod alloc;
 pub mod control;
 pub mod engine;
 pub mod entity;
