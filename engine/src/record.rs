@@ -435,8 +435,13 @@ impl<'a> EventRecord<'a> {
     /// Whether this event deletes its entity (`"__deleted__": true`).
     pub fn is_tombstone(&self) -> bool {
         self.properties()
-            .any(|(name, value)| name == TOMBSTONE_KEY && value == "true")
+            .any(|(name, value)| is_tombstone_property(name, value))
     }
+}
+
+/// Whether a property (name, raw JSON value) makes its event a delete.
+pub fn is_tombstone_property(name: &str, value: &str) -> bool {
+    name == TOMBSTONE_KEY && value == "true"
 }
 
 /// Iterator over a record's properties; the record was validated when decoded.

@@ -34,7 +34,7 @@ use tokio::sync::oneshot;
 
 use crate::control::{ControlChange, ControlState};
 use crate::entity::Entity;
-use crate::record::{CONTROL_OWNER, Frame, LogPosition, PropertyIter};
+use crate::record::{CONTROL_OWNER, Frame, LogPosition, PropertyIter, is_tombstone_property};
 use crate::snapshot::SnapshotJob;
 use crate::threads::{ThreadPolicy, recv_spinning_timeout};
 
@@ -902,6 +902,9 @@ impl Shard {
     }
 
     fn apply(&mut self, frame: &Frame, indexes: &[u32]) {
+        // A record's properties, decoded once for the tombstone check and the merge (each
+        // would otherwise walk the record again); one buffer for the whole frame.
+        let mut properties: Vec<(&str, &str)> = Vec::new();
         for &index in indexes {
             let position = frame.first_position + u64::from(index);
             let record = match frame.record(index as usize) {
@@ -922,7 +925,12 @@ impl Shard {
             if covered {
                 continue;
             }
-            let change = if record.is_tombstone() {
+            properties.clear();
+            properties.extend(record.properties());
+            let tombstone = properties
+                .iter()
+                .any(|&(name, value)| is_tombstone_property(name, value));
+            let change = if tombstone {
                 if slot.exists() {
                     slot.entity.clear_properties();
                     slot.entity.set_last_updated_ms(0);
@@ -940,7 +948,7 @@ impl Shard {
                     self.builtin_entities += usize::from(builtin);
                     Order::created(&mut self.order, id);
                 }
-                slot.entity.merge_properties(record.properties());
+                slot.entity.merge_properties(properties.iter().copied());
                 slot.entity.set_last_updated_ms(accept_ms);
                 slot.entity.revision = position;
                 Some(true)
