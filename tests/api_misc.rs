@@ -848,7 +848,6 @@ fn keepalive_connection_serves_sequential_requests() {
 
 #[test]
 fn sigterm_with_idle_and_stalled_connections_exits_zero() {
-    use std::io::Write;
     let mut s = Server::start();
     s.put("acme/idle", json!({"v": 1}));
     // A kept-alive connection that has finished a request and now sits idle.
@@ -858,20 +857,13 @@ fn sigterm_with_idle_and_stalled_connections_exits_zero() {
     // A connection that never sends anything.
     let silent = RawConn::connect(s.addr());
     // A connection stuck in the middle of its headers.
-    let mut stalled = RawConn::connect(s.addr());
-    stalled
-        .stream()
-        .write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
-        .expect("partial headers");
+    let stalled = stalled_after(s.addr(), b"GET /api/health HTTP/1.1\r\nHost: x\r\n");
     // A connection stuck in the middle of its body.
-    let mut half_body = RawConn::connect(s.addr());
-    half_body
-        .stream()
-        .write_all(
-            b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-              Content-Length: 500\r\n\r\n{\"stream\":",
-        )
-        .expect("partial body");
+    let half_body = stalled_after(
+        s.addr(),
+        b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 500\r\n\r\n{\"stream\":",
+    );
     let status = s.terminate();
     assert_eq!(
         status.code(),
@@ -884,26 +876,26 @@ fn sigterm_with_idle_and_stalled_connections_exits_zero() {
     assert_eq!(s.props("acme/idle"), json!({"v": 1}));
 }
 
+/// A connection that sent `partial` (a request cut short) and then nothing more.
+fn stalled_after(addr: &str, partial: &[u8]) -> RawConn {
+    use std::io::Write;
+    let mut conn = RawConn::connect(addr);
+    conn.stream().write_all(partial).expect("partial request");
+    conn
+}
+
 /// A client that stops sending in the middle of its body (or its headers) is not waited for
 /// forever: with `--request-timeout 1s` the body gets a 408 naming the timeout, the headers a
 /// closed connection, and the server goes on serving.
 #[test]
 fn stalled_bodies_and_headers_time_out() {
-    use std::io::Write;
     let s = Server::start_args(&["--request-timeout", "1s"]);
-    let mut half_body = RawConn::connect(s.addr());
-    half_body
-        .stream()
-        .write_all(
-            b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-              Content-Length: 100\r\n\r\n{\"str",
-        )
-        .expect("partial body");
-    let mut stalled = RawConn::connect(s.addr());
-    stalled
-        .stream()
-        .write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
-        .expect("partial headers");
+    let mut half_body = stalled_after(
+        s.addr(),
+        b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"str",
+    );
+    let mut stalled = stalled_after(s.addr(), b"GET /api/health HTTP/1.1\r\nHost: x\r\n");
     // `read_response` gives up after 20 s: without the timeout there is no response at all.
     let r = half_body
         .read_response()
