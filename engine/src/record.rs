@@ -201,9 +201,29 @@ impl Frame {
 
     /// The event record at `index` (0-based within the frame); an error for a control record.
     pub fn record(&self, index: usize) -> Result<EventRecord<'_>, DecodeError> {
+        self.decode_record(index, None)
+    }
+
+    /// Like [`Frame::record`], and also puts the record's properties in `properties` (cleared
+    /// first), from the same walk over the record that decoding makes anyway.
+    pub fn record_into<'f>(
+        &'f self,
+        index: usize,
+        properties: &mut Vec<(&'f str, &'f str)>,
+    ) -> Result<EventRecord<'f>, DecodeError> {
+        properties.clear();
+        self.decode_record(index, Some(properties))
+    }
+
+    fn decode_record<'f>(
+        &'f self,
+        index: usize,
+        properties: Option<&mut Vec<(&'f str, &'f str)>>,
+    ) -> Result<EventRecord<'f>, DecodeError> {
+        let bytes = self.bytes_of(index)?;
         // The frame's invariant: its strings were checked once already.
-        let (record, used) = EventRecord::decode_prefix(self.bytes_of(index)?, false)?;
-        if used != self.bytes_of(index)?.len() {
+        let (record, used) = EventRecord::decode_prefix(bytes, false, properties)?;
+        if used != bytes.len() {
             return Err(DecodeError::Malformed("trailing bytes after record"));
         }
         Ok(record)
@@ -366,7 +386,7 @@ impl<'a> Cursor<'a> {
 impl<'a> EventRecord<'a> {
     /// Decodes a record occupying exactly `buf`.
     pub fn decode(buf: &'a [u8]) -> Result<Self, DecodeError> {
-        let (record, used) = Self::decode_prefix(buf, true)?;
+        let (record, used) = Self::decode_prefix(buf, true, None)?;
         if used != buf.len() {
             return Err(DecodeError::Malformed("trailing bytes after record"));
         }
@@ -384,10 +404,16 @@ impl<'a> EventRecord<'a> {
             c.str()?;
             return Ok(c.at);
         }
-        EventRecord::decode_prefix(buf, true).map(|(_, used)| used)
+        EventRecord::decode_prefix(buf, true, None).map(|(_, used)| used)
     }
 
-    fn decode_prefix(buf: &'a [u8], check_utf8: bool) -> Result<(Self, usize), DecodeError> {
+    /// Decodes the record at the front of `buf`, returning it and its length; its properties
+    /// also go to `properties` when given.
+    fn decode_prefix(
+        buf: &'a [u8],
+        check_utf8: bool,
+        mut properties: Option<&mut Vec<(&'a str, &'a str)>>,
+    ) -> Result<(Self, usize), DecodeError> {
         let mut c = Cursor {
             buf,
             at: 0,
@@ -408,8 +434,11 @@ impl<'a> EventRecord<'a> {
         let property_count = c.u32()?;
         let start = c.at;
         for _ in 0..property_count {
-            c.str()?;
-            c.str()?;
+            let name = c.str()?;
+            let value = c.str()?;
+            if let Some(properties) = properties.as_mut() {
+                properties.push((name, value));
+            }
         }
         let record = EventRecord {
             fields,
@@ -526,6 +555,14 @@ mod tests {
         );
         assert!(!first.is_tombstone());
         assert!(frame.record(1).expect("record 1").is_tombstone());
+        // The properties a decode hands over are the record's, and replace what was there.
+        let mut taken = vec![("stale", "x")];
+        let again = frame.record_into(0, &mut taken).expect("record 0");
+        assert_eq!(taken, props);
+        assert_eq!(again.fields.entity_id, "acme/pump-01");
+        frame.record_into(1, &mut taken).expect("record 1");
+        assert_eq!(taken, [("__deleted__", "true")]);
+        assert!(frame.record_into(2, &mut taken).is_err());
     }
 
     #[test]

@@ -902,12 +902,12 @@ impl Shard {
     }
 
     fn apply(&mut self, frame: &Frame, indexes: &[u32]) {
-        // A record's properties, decoded once for the tombstone check and the merge (each
-        // would otherwise walk the record again); one buffer for the whole frame.
+        // A record's properties, taken from the decoding walk for the tombstone check and the
+        // merge (each would otherwise walk the record again); one buffer for the whole frame.
         let mut properties: Vec<(&str, &str)> = Vec::new();
         for &index in indexes {
             let position = frame.first_position + u64::from(index);
-            let record = match frame.record(index as usize) {
+            let record = match frame.record_into(index as usize, &mut properties) {
                 Ok(record) => record,
                 Err(error) => {
                     // The frame passed its checksum, so this is a bug, not bad input.
@@ -925,8 +925,6 @@ impl Shard {
             if covered {
                 continue;
             }
-            properties.clear();
-            properties.extend(record.properties());
             let tombstone = properties
                 .iter()
                 .any(|&(name, value)| is_tombstone_property(name, value));
