@@ -46,8 +46,10 @@ pub const HISTORY_KEPT_PER_ENTITY: usize = 500;
 /// Streams of records Flux writes itself (API deletes, the directory).
 pub const INTERNAL_STREAM_PREFIX: &str = "flux.";
 
-/// Ids of Flux's built-in entities (`flux-core/directory`) start with this. They are state like
-/// any other, but the counts users see ([`ShardStats`]) leave them out.
+/// The namespace of Flux's built-in entities (`flux-core/directory`). They are state like any
+/// other, but the counts users see ([`ShardStats`]) leave them out, and no client writes them.
+pub const BUILTIN_NAMESPACE: &str = "flux-core";
+/// Ids of built-in entities start with this: [`BUILTIN_NAMESPACE`] and `/`.
 pub const BUILTIN_ID_PREFIX: &str = "flux-core/";
 
 /// Messages a shard's inbox holds before senders wait (backpressure, never dropped).
@@ -985,7 +987,7 @@ impl Shard {
 }
 
 /// Whether `id` names a built-in entity ([`BUILTIN_ID_PREFIX`]).
-fn entity_is_builtin(id: &str) -> bool {
+pub fn entity_is_builtin(id: &str) -> bool {
     id.starts_with(BUILTIN_ID_PREFIX)
 }
 
@@ -1014,6 +1016,13 @@ fn slot_in<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn built_in_ids_are_the_built_in_namespace() {
+        assert_eq!(BUILTIN_ID_PREFIX, format!("{BUILTIN_NAMESPACE}/"));
+        assert!(entity_is_builtin("flux-core/directory"));
+        assert!(!entity_is_builtin("flux-core") && !entity_is_builtin("flux-corex/a"));
+    }
 
     #[test]
     fn a_slot_stays_40_bytes() {

@@ -88,7 +88,7 @@ impl Api {
             None => return Err(ApiError::bad_request("name is required")),
         };
         check_namespace_name(&name)?;
-        if name == crate::tenancy::BUILTIN_NAMESPACE
+        if name == flux_engine::shard::BUILTIN_NAMESPACE
             || self
                 .engine
                 .with_control(|c| c.namespaces.contains_key(&name))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use flux_engine::shard::BUILTIN_ID_PREFIX;
+use flux_engine::shard::{BUILTIN_ID_PREFIX, entity_is_builtin};
 use flux_engine::{Engine, RecordBatch, json};
 use futures::stream;
 use http_body_util::{BodyExt, StreamBody};
@@ -432,7 +432,7 @@ impl Api {
                 .await;
             let mut ids: Vec<String> = ids
                 .iter()
-                .filter(|id| !id.starts_with(BUILTIN_ID_PREFIX))
+                .filter(|id| !entity_is_builtin(id))
                 .map(|id| id.to_string())
                 .collect();
             if ids.len() > MAX_BATCH_DELETE {

@@ -14,7 +14,7 @@ use crate::api::Api;
 
 /// The built-in entity's id; its namespace is left out of the listing.
 pub const DIRECTORY_ID: &str = "flux-core/directory";
-const DIRECTORY_NAMESPACE: &str = crate::tenancy::BUILTIN_NAMESPACE;
+const DIRECTORY_NAMESPACE: &str = flux_engine::shard::BUILTIN_NAMESPACE;
 /// How often the directory is recomputed by default (`--directory-interval`).
 pub const DIRECTORY_INTERVAL: Duration = Duration::from_secs(3);
 

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use flux_engine::shard::BUILTIN_ID_PREFIX;
+use flux_engine::shard::{BUILTIN_ID_PREFIX, BUILTIN_NAMESPACE, entity_is_builtin};
 use hashbrown::HashMap;
 use hyper::header::{AUTHORIZATION, HeaderMap};
 use sha2::{Digest, Sha256};
@@ -130,7 +130,7 @@ impl Caller {
     /// Whether this caller may write `entity_id`: its namespace must be the token's, and no
     /// caller writes Flux's built-in entities (`flux-core/...`).
     pub fn may_write(&self, entity_id: &str, field: &str) -> Result<(), ApiError> {
-        if entity_id.starts_with(BUILTIN_ID_PREFIX) {
+        if entity_is_builtin(entity_id) {
             return Err(builtin_forbidden(field, entity_id));
         }
         let Caller::Namespace(ns) = self else {
@@ -166,11 +166,6 @@ impl Caller {
         }
     }
 }
-
-/// The namespace of Flux's built-in entities: no client writes it, and no namespace of that
-/// name can be registered.
-pub const BUILTIN_NAMESPACE: &str = "flux-core";
-const _: () = assert!(BUILTIN_ID_PREFIX.len() == BUILTIN_NAMESPACE.len() + 1);
 
 fn builtin_forbidden(field: &str, value: &str) -> ApiError {
     ApiError::forbidden(format!(

@@ -256,7 +256,6 @@ fn parse_servers(servers: &[String]) -> Result<Vec<ServerAddr>, LogError> {
         .collect()
 }
 
-/// Opens (or creates) the stream and checks it is one Flux can use.
 /// The stream (created when missing), whether it was created, and its state. A cluster that
 /// is electing a leader (a peer just stopped) answers nothing for seconds: unavailability is
 /// retried until nothing has worked for [`REPLAY_IDLE_TIMEOUT`]; a stream Flux cannot use is not.
@@ -286,6 +285,7 @@ async fn open_stream(
     }
 }
 
+/// Opens (or creates) the stream and checks it is one Flux can use.
 async fn ensure_stream(
     context: &jetstream::Context,
     options: &JetStreamOptions,
