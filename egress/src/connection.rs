@@ -627,35 +627,34 @@ mod tests {
         }
     }
 
-    /// Closes `conn`, waits for its writer, and checks that the peer received exactly
-    /// `expected`, then the close frame.
-    async fn close_and_expect(
-        conn: &Connection,
-        writer: tokio::task::JoinHandle<()>,
-        reader: tokio::task::JoinHandle<Vec<u8>>,
-        expected: &[u8],
-    ) {
-        conn.close(frame::CLOSE_NORMAL, "");
-        let received = reader.await.expect("reader");
-        writer.await.expect("writer");
-        assert!(
-            received.len() > expected.len(),
-            "the close frame follows the data"
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&received[..expected.len()]),
-            String::from_utf8_lossy(expected)
-        );
+    impl Connected {
+        /// Closes the connection, waits for its writer, and checks that the peer received
+        /// exactly `expected`, then the close frame.
+        async fn close_and_expect(self, expected: &[u8]) {
+            let Connected {
+                conn,
+                writer,
+                reader,
+            } = self;
+            conn.close(frame::CLOSE_NORMAL, "");
+            let received = reader.await.expect("reader");
+            writer.await.expect("writer");
+            assert!(
+                received.len() > expected.len(),
+                "the close frame follows the data"
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&received[..expected.len()]),
+                String::from_utf8_lossy(expected)
+            );
+        }
     }
 
     /// Direct writes and queued writes interleave without reordering, idle or busy.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_and_queued_frames_arrive_in_push_order() {
-        let Connected {
-            conn,
-            writer,
-            reader,
-        } = connected(std::sync::Arc::new(Stream::default())).await;
+        let connected = connected(std::sync::Arc::new(Stream::default())).await;
+        let conn = connected.conn.clone();
         let mut expected = Vec::new();
         // Fewer frames than the queue holds, so no scheduling delay of the writer can overflow.
         const FRAMES: u32 = 12_000;
@@ -670,7 +669,7 @@ mod tests {
             };
             assert_eq!(pushed, Push::Queued);
         }
-        close_and_expect(&conn, writer, reader, &expected).await;
+        connected.close_and_expect(&expected).await;
         assert!(
             conn.lock().socket.is_none(),
             "the socket is withdrawn before it closes"
@@ -683,11 +682,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stream_frames_keep_their_order_around_queued_ones() {
         let stream = std::sync::Arc::new(Stream::default());
-        let Connected {
-            conn,
-            writer,
-            reader,
-        } = connected(stream.clone()).await;
+        let connected = connected(stream.clone()).await;
+        let conn = &connected.conn;
         let mut expected = Vec::new();
         let mut next = 0u32;
         let mut next_frame = || {
@@ -728,7 +724,7 @@ mod tests {
             expected.extend_from_slice(&f);
             assert_eq!(conn.push(std::slice::from_ref(&f)), Push::Queued);
         }
-        close_and_expect(&conn, writer, reader, &expected).await;
+        connected.close_and_expect(&expected).await;
     }
 
     /// Frames queued quietly for a helper (`push_quiet`, then `flush_direct` on a blocking
@@ -736,11 +732,8 @@ mod tests {
     /// queued pushes made meanwhile, and every one arrives.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn quiet_pushes_flushed_by_a_helper_keep_their_order() {
-        let Connected {
-            conn,
-            writer,
-            reader,
-        } = connected(std::sync::Arc::new(Stream::default())).await;
+        let connected = connected(std::sync::Arc::new(Stream::default())).await;
+        let conn = &connected.conn;
         let mut expected = Vec::new();
         let mut helpers = Vec::new();
         for i in 0..3_000u32 {
@@ -765,7 +758,7 @@ mod tests {
         for helper in helpers {
             helper.await.expect("helper");
         }
-        close_and_expect(&conn, writer, reader, &expected).await;
+        connected.close_and_expect(&expected).await;
     }
 
     #[test]

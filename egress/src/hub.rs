@@ -248,7 +248,7 @@ impl Hub {
                 false
             });
         }
-        if let (Some(runtime), false) = (helper, helped.is_empty()) {
+        if let Some(runtime) = helper.filter(|_| !helped.is_empty()) {
             runtime.spawn_blocking(move || {
                 for connection in helped {
                     connection.flush_direct(window);

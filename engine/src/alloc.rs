@@ -22,6 +22,13 @@ const BLOCK_ALIGN: usize = std::mem::size_of::<usize>();
 /// mimalloc as the global allocator (see the module docs).
 pub struct Allocator;
 
+/// Whether a plain mimalloc block serves `layout` (the module invariant): it asks for no more
+/// alignment than every block has.
+#[inline]
+fn plain(layout: &Layout) -> bool {
+    layout.align() <= BLOCK_ALIGN
+}
+
 // SAFETY: every pointer returned comes from mimalloc for at least `layout.size()` bytes at
 // `layout.align()` (the module invariant), or is null on failure; `dealloc` and `realloc` only
 // receive pointers this allocator returned, which mimalloc frees or resizes whatever API
@@ -31,7 +38,7 @@ unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: plain C calls; the size is nonzero as `GlobalAlloc` requires of callers.
         unsafe {
-            if layout.align() <= BLOCK_ALIGN {
+            if plain(&layout) {
                 mi::mi_malloc(layout.size()).cast()
             } else {
                 mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
@@ -43,7 +50,7 @@ unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as in `alloc`.
         unsafe {
-            if layout.align() <= BLOCK_ALIGN {
+            if plain(&layout) {
                 mi::mi_zalloc(layout.size()).cast()
             } else {
                 mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
@@ -62,7 +69,7 @@ unsafe impl GlobalAlloc for Allocator {
         // SAFETY: `ptr` came from this allocator with `layout`; the new block keeps its
         // alignment by the same rule as `alloc`.
         unsafe {
-            if layout.align() <= BLOCK_ALIGN {
+            if plain(&layout) {
                 mi::mi_realloc(ptr.cast::<c_void>(), new_size).cast()
             } else {
                 mi::mi_realloc_aligned(ptr.cast::<c_void>(), new_size, layout.align()).cast()
