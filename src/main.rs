@@ -267,7 +267,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stdout,
         "flux listening on http://{local} (log={}, data_dir={}, shards={shards}, \
          http_workers={http_workers}, auth={}, admin_token={}, connectors={}, retention={}, \
-         snapshot_interval={}, segment_bytes={}, pin={}, spin_us={}, leader_commits={}; \
+         snapshot_interval={}, segment_bytes={}, pin={}, spin_us={}, leader_commits={}, \
+         request_timeout={}, directory_interval={}; \
          recovered snapshot={} with {} entities, {} log records, {} torn bytes dropped)",
         match &engine.config().log {
             LogConfig::Local => engine.log_kind().to_string(),
@@ -297,6 +298,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.pin,
         args.spin_us,
         engine.config().leader_commits && engine.config().log == LogConfig::Local,
+        humantime::format_duration(args.request_timeout),
+        humantime::format_duration(args.directory_interval),
         recovery
             .snapshot_position
             .map_or("none".to_string(), |p| p.to_string()),

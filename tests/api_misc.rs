@@ -890,6 +890,11 @@ fn stalled_after(addr: &str, partial: &[u8]) -> RawConn {
 #[test]
 fn stalled_bodies_and_headers_time_out() {
     let s = Server::start_args(&["--request-timeout", "1s"]);
+    assert!(
+        s.stdout_text().contains("request_timeout=1s"),
+        "the start-up line names the setting: {}",
+        s.stdout_text()
+    );
     let mut half_body = stalled_after(
         s.addr(),
         b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
