@@ -7,6 +7,8 @@
 //!   B killed with SIGKILL and restarted catches up with nothing lost;
 //! - NATS stopped under load: writes turn into 503s (no 500s, no hang), `/api/health` answers
 //!   503; NATS started again on the same port and store: writes resume, no restart of Flux;
+//! - NATS frozen (SIGSTOP) for 5 s under load: every write answered 200 is applied once, and
+//!   every write answered 503 is applied nowhere;
 //! - a three-server cluster with an R3 stream: one server stopped under load, every
 //!   acknowledged event is still there afterwards (on the writing node and on a new node).
 //!
@@ -225,12 +227,21 @@ fn namespaces_tokens_and_admin_config_written_on_one_node_work_on_another() {
 }
 
 /// Publishes `acme/<prefix>-<k>` = `{"seq": i}` from `writers` threads until `stop`; every
-/// status is recorded, and every acknowledged (200) write per writer.
+/// status is recorded, and per writer every acknowledged (200) write and every other one.
 struct Load {
     stop: Arc<AtomicBool>,
     statuses: Arc<Mutex<BTreeMap<String, u64>>>,
     acked: Arc<Mutex<Vec<Vec<u64>>>>,
+    refused: Arc<Mutex<Vec<Vec<u64>>>>,
     threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// What a [`Load`] saw: counts by status, and per writer the `seq`s answered 200 and the
+/// others.
+struct Outcome {
+    statuses: BTreeMap<String, u64>,
+    acked: Vec<Vec<u64>>,
+    refused: Vec<Vec<u64>>,
 }
 
 impl Load {
@@ -238,10 +249,12 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let statuses = Arc::new(Mutex::new(BTreeMap::new()));
         let acked = Arc::new(Mutex::new(vec![Vec::new(); writers]));
+        let refused = Arc::new(Mutex::new(vec![Vec::new(); writers]));
         let threads = (0..writers)
             .map(|k| {
                 let client = Client::new(base);
-                let (stop, statuses, acked) = (stop.clone(), statuses.clone(), acked.clone());
+                let (stop, statuses) = (stop.clone(), statuses.clone());
+                let (acked, refused) = (acked.clone(), refused.clone());
                 let prefix = prefix.to_string();
                 thread::spawn(move || {
                     let mut i = 0u64;
@@ -266,6 +279,7 @@ impl Load {
                         if matches!(outcome, Ok((200, _))) {
                             acked.lock().unwrap_or_else(|e| e.into_inner())[k].push(i);
                         } else {
+                            refused.lock().unwrap_or_else(|e| e.into_inner())[k].push(i);
                             thread::sleep(Duration::from_millis(20));
                         }
                         i += 1;
@@ -277,6 +291,7 @@ impl Load {
             stop,
             statuses,
             acked,
+            refused,
             threads,
         }
     }
@@ -295,14 +310,32 @@ impl Load {
         );
     }
 
-    fn finish(self) -> (BTreeMap<String, u64>, Vec<Vec<u64>>) {
+    fn finish(self) -> Outcome {
         self.stop.store(true, Ordering::Release);
         for thread in self.threads {
             thread.join().expect("writer thread");
         }
-        let statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
-        let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
-        (statuses.clone(), acked.clone())
+        let take = |m: &Mutex<Vec<Vec<u64>>>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let outcome = Outcome {
+            statuses: self
+                .statuses
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            acked: take(&self.acked),
+            refused: take(&self.refused),
+        };
+        let unexpected: Vec<_> = outcome
+            .statuses
+            .keys()
+            .filter(|k| *k != "200" && *k != "503")
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "statuses besides 200/503: {:?}",
+            outcome.statuses
+        );
+        outcome
     }
 }
 
@@ -328,15 +361,7 @@ fn nats_outage_turns_writes_into_503s_and_they_resume_when_it_returns() {
     let before = load.count("200");
     nats.start_again();
     load.wait_count("200", before + 200, "after NATS returned");
-    let (statuses, acked) = load.finish();
-    let unexpected: Vec<_> = statuses
-        .keys()
-        .filter(|k| *k != "200" && *k != "503")
-        .collect();
-    assert!(
-        unexpected.is_empty(),
-        "statuses besides 200/503: {statuses:?}"
-    );
+    let Outcome { acked, .. } = load.finish();
     let (status, health) = s.get("/api/health");
     assert_eq!(status, 200, "{health}");
 
@@ -351,6 +376,54 @@ fn nats_outage_turns_writes_into_503s_and_they_resume_when_it_returns() {
             "writer {k}: state {seq} < acknowledged {newest}"
         );
     }
+}
+
+#[test]
+fn a_stalled_nats_server_costs_no_acknowledged_write_and_a_503_accepted_nothing() {
+    let nats = NatsServer::start();
+    let s = node(&nats.url(), &[]);
+    let load = Load::start(s.url(), "stall", 4, true);
+    load.wait_count("200", 100, "before the stall");
+
+    // The server stops answering for longer than one wait for an ack, its connections open:
+    // the writes in flight get their acks only once it resumes. Each must then be answered
+    // 200 and applied once; a write answered 503 must have been accepted nowhere (SPEC).
+    nats.stall(Duration::from_secs(5));
+    let before = load.count("200");
+    load.wait_count("200", before + 100, "after the stall");
+    let Outcome {
+        statuses,
+        acked,
+        refused,
+    } = load.finish();
+
+    let ids: std::collections::BTreeSet<String> = s
+        .list_ids("?prefix=acme/stall-&limit=100000")
+        .into_iter()
+        .collect();
+    for (k, (acked, refused)) in acked.iter().zip(&refused).enumerate() {
+        for i in acked {
+            let id = format!("acme/stall-{k}-{i}");
+            assert!(ids.contains(&id), "acknowledged {id} is missing");
+        }
+        for i in refused {
+            let id = format!("acme/stall-{k}-{i}");
+            assert!(!ids.contains(&id), "{id} was answered 503 but applied");
+        }
+    }
+    // Each write is one event: none was stored twice by a retried publish.
+    let (status, health) = s.get("/api/health");
+    assert_eq!(status, 200, "{health}");
+    let total: usize = acked.iter().map(Vec::len).sum();
+    assert_eq!(health["events"], total as u64, "{health} {statuses:?}");
+    // The stall outlasted an ack's wait: the writes in flight were published again.
+    let metrics = s.get_resp("/metrics").text;
+    let retries: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flux_log_publish_retries_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no retry counter in {metrics}"));
+    assert!(retries >= 1.0, "{metrics}");
 }
 
 #[test]
@@ -416,15 +489,7 @@ fn three_server_cluster_loses_no_acknowledged_event_when_one_server_stops() {
     cluster[0].stop();
     let before = load.count("200");
     load.wait_count("200", before + 300, "after a server stopped");
-    let (statuses, acked) = load.finish();
-    let unexpected: Vec<_> = statuses
-        .keys()
-        .filter(|k| *k != "200" && *k != "503")
-        .collect();
-    assert!(
-        unexpected.is_empty(),
-        "statuses besides 200/503: {statuses:?}"
-    );
+    let Outcome { acked, .. } = load.finish();
 
     // Every acknowledged event is on the writing node and on a node that replays the stream.
     // The cluster may still be electing leaders (meta, stream) after the stop, more slowly on a

@@ -1376,6 +1376,17 @@ impl NatsServer {
         }
     }
 
+    /// Freezes the process (SIGSTOP) for `stall`, then lets it go on (SIGCONT): a server that
+    /// stops answering while its connections stay open.
+    pub fn stall(&self, stall: Duration) {
+        let pid = self.pid().expect("nats-server is running") as libc::pid_t;
+        // SAFETY: plain kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+        std::thread::sleep(stall);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0, "SIGCONT");
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -24,10 +24,14 @@
 //! - Completing: an append is registered under `Flux-Append: <node>.<counter>` before it is
 //!   published; its [`Completion`] fires when the tail dispatches that message, so the HTTP 200
 //!   comes after JetStream's ack *and* after this node applied the write (read-your-writes).
-//!   A publish that fails or times out ([`PUBLISH_TIMEOUT`]) fails the append; an append that
-//!   was acknowledged but not applied within [`APPLY_TIMEOUT`] fails too (it may still be
-//!   applied later: the outcome of a write whose ack was lost is unknown, as with any remote
-//!   log).
+//! - Publishing: every message carries a `Nats-Msg-Id` unique to this process, append and
+//!   part, and is published again while no ack came within [`ATTEMPT_TIMEOUT`] or JetStream
+//!   answered with an error, for up to [`PUBLISH_BUDGET`]. JetStream stores a repeated id once
+//!   (streams Flux creates keep ids for [`DUPLICATE_WINDOW`]), so a stalled server or a dropped
+//!   connection costs a write nothing and never stores it twice: a 503 after a stall means
+//!   nothing was accepted. Only an append that got no ack for the whole budget fails with its
+//!   outcome unknown (the server may still store it), as with any remote log; so does an
+//!   append acknowledged but not applied within [`APPLY_TIMEOUT`].
 //! - Faults: while NATS is unreachable, a publish failed, or the tail cannot read, appends fail
 //!   at once with [`LogError::Unavailable`] and [`Log::unavailable_reason`] says why; reads keep
 //!   being served from the shards. A background task probes the stream and clears a publish
@@ -66,11 +70,24 @@ use crate::shard::{Completion, Dispatcher};
 pub const POSITION_SHIFT: u32 = 20;
 /// Records one frame may hold: the index must fit below [`POSITION_SHIFT`].
 pub const MAX_FRAME_RECORDS: usize = 1 << POSITION_SHIFT;
-/// How long a publish may wait for JetStream's ack (and API requests for their reply).
+/// How long a request to NATS (connect, a JetStream API call) may wait for its reply.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(4);
-/// How long an acknowledged append may wait for this node's tail to apply it. With
-/// [`PUBLISH_TIMEOUT`] it bounds a write's reply to about 8 s, under common client timeouts.
+/// How long one publish of a message waits for its ack before the message is published again
+/// (same `Nats-Msg-Id`, so JetStream stores it once).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an append keeps publishing a message before it fails. With [`APPLY_TIMEOUT`] it
+/// bounds a write's reply to about 12 s, under common client timeouts.
+pub const PUBLISH_BUDGET: Duration = Duration::from_secs(8);
+/// How long an acknowledged append may wait for this node's tail to apply it.
 pub const APPLY_TIMEOUT: Duration = Duration::from_secs(4);
+/// The window in which JetStream drops a message whose `Nats-Msg-Id` it already stored, for
+/// streams Flux creates: longer than [`PUBLISH_BUDGET`], short enough that the server's table
+/// of ids stays small at tens of thousands of appends per second.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(30);
+/// How often a publish waiting for NATS to come back looks at the connection.
+const RECONNECT_POLL: Duration = Duration::from_millis(20);
+/// Pause before publishing again after JetStream answered with an error.
+const REPUBLISH_DELAY: Duration = Duration::from_millis(100);
 /// Appends published and not yet acknowledged before new appends wait (backpressure).
 pub const APPENDS_IN_FLIGHT: usize = 1024;
 /// Frames read from the stream and not yet dispatched before the reader waits.
@@ -89,6 +106,9 @@ const TAIL_RETRY_DELAY: Duration = Duration::from_millis(250);
 const HEADER_APPEND: &str = "Flux-Append";
 const HEADER_PART: &str = "Flux-Part";
 const HEADER_PARTS: &str = "Flux-Parts";
+/// JetStream's de-duplication header: a message whose id the stream stored within its
+/// duplicate window is acknowledged again and not stored.
+const HEADER_MSG_ID: &str = "Nats-Msg-Id";
 
 /// The first position of the frame completed by stream message `sequence`.
 pub fn position_of(sequence: u64) -> LogPosition {
@@ -185,6 +205,8 @@ struct Shared {
     /// (after a reconnect, or when it stalls behind the stream).
     tail_reset: Arc<TailReset>,
     metrics: LogMetrics,
+    /// Messages published again after a lost ack or an error answer.
+    publish_retries: prometheus_client::metrics::counter::Counter,
 }
 
 /// Requests that the tail re-create its consumer. Requests are counted: one made before the
@@ -319,6 +341,7 @@ async fn ensure_stream(
                 discard: stream::DiscardPolicy::Old,
                 num_replicas: options.replicas.max(1),
                 max_age: options.max_age,
+                duplicate_window: DUPLICATE_WINDOW,
                 ..stream::Config::default()
             };
             let created = context
@@ -692,6 +715,7 @@ impl JetStreamLog {
             in_flight: Arc::new(Semaphore::new(APPENDS_IN_FLIGHT)),
             tail_reset,
             metrics: LogMetrics::default(),
+            publish_retries: Default::default(),
         });
         Ok((shared, summary))
     }
@@ -949,47 +973,91 @@ fn chunks(bytes: Vec<u8>, chunk: usize) -> Vec<Bytes> {
         .collect()
 }
 
-/// Publishes one append's messages: parts first (pipelined, all acks awaited), then the
+/// Publishes one message until JetStream acknowledges it or `deadline` passes, and returns
+/// its stream sequence. Every attempt carries the same `Nats-Msg-Id` (in `headers`), so an
+/// attempt whose ack was lost (the server stalled, the connection dropped) and the attempt
+/// after it are stored once, and the later ack names the sequence of the first.
+async fn publish_message(
+    shared: &Shared,
+    headers: HeaderMap,
+    payload: Bytes,
+    deadline: tokio::time::Instant,
+) -> Result<u64, String> {
+    loop {
+        // A message handed to the client while it is disconnected would wait in its buffer
+        // and could be stored after this append gave up: publish only on a live connection.
+        while shared.client.connection_state() != State::Connected {
+            if tokio::time::Instant::now() + RECONNECT_POLL >= deadline {
+                return Err(format!(
+                    "NATS unreachable at {} for {PUBLISH_BUDGET:?}",
+                    shared.options.servers.join(",")
+                ));
+            }
+            tokio::time::sleep(RECONNECT_POLL).await;
+        }
+        let attempt = async {
+            let ack = shared
+                .context
+                .publish_with_headers(
+                    shared.options.subject.clone(),
+                    headers.clone(),
+                    payload.clone(),
+                )
+                .await
+                .map_err(|e| format!("publishing to JetStream failed: {e}"))?;
+            ack.await
+                .map_err(|e| format!("JetStream did not acknowledge a write: {e}"))
+        };
+        let attempt_deadline = deadline.min(tokio::time::Instant::now() + ATTEMPT_TIMEOUT);
+        let error = match tokio::time::timeout_at(attempt_deadline, attempt).await {
+            Ok(Ok(ack)) => return Ok(ack.sequence),
+            Ok(Err(error)) => error,
+            Err(_) => format!(
+                "JetStream did not acknowledge a write within {:?}",
+                PUBLISH_BUDGET
+            ),
+        };
+        let now = tokio::time::Instant::now();
+        if now + REPUBLISH_DELAY >= deadline {
+            return Err(error);
+        }
+        if now < attempt_deadline {
+            // An error answer, not a lost ack: do not hammer a server that refuses.
+            tokio::time::sleep(REPUBLISH_DELAY).await;
+        }
+        shared.publish_retries.inc();
+        tracing::debug!(%error, "publishing the message again");
+    }
+}
+
+/// Publishes one append's messages: parts first (concurrently, all acks awaited), then the
 /// message that completes the frame. Returns its stream sequence.
 async fn publish_append(
     shared: &Shared,
     counter: u64,
     mut payloads: Vec<Bytes>,
 ) -> Result<u64, String> {
-    let subject = shared.options.subject.clone();
+    let deadline = tokio::time::Instant::now() + PUBLISH_BUDGET;
     let append_id = format!("{}.{counter}", shared.node);
     let last = payloads.pop().ok_or("nothing to publish")?;
-    let mut acks = Vec::with_capacity(payloads.len());
-    for payload in payloads {
+    let parts = payloads.into_iter().enumerate().map(|(i, payload)| {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_PART, append_id.as_str());
-        let ack = shared
-            .context
-            .publish_with_headers(subject.clone(), headers, payload)
-            .await
-            .map_err(|e| format!("publishing to JetStream failed: {e}"))?;
-        acks.push(ack);
-    }
-    let mut sequences = Vec::with_capacity(acks.len());
-    for ack in acks {
-        let ack = ack
-            .await
-            .map_err(|e| format!("JetStream did not acknowledge a write: {e}"))?;
-        sequences.push(ack.sequence.to_string());
-    }
+        headers.insert(HEADER_MSG_ID, format!("{append_id}.{i}").as_str());
+        publish_message(shared, headers, payload, deadline)
+    });
+    let sequences: Vec<String> = futures::future::try_join_all(parts)
+        .await?
+        .iter()
+        .map(u64::to_string)
+        .collect();
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_APPEND, append_id.as_str());
+    headers.insert(HEADER_MSG_ID, append_id.as_str());
     if !sequences.is_empty() {
         headers.insert(HEADER_PARTS, sequences.join(",").as_str());
     }
-    let ack = shared
-        .context
-        .publish_with_headers(subject, headers, last)
-        .await
-        .map_err(|e| format!("publishing to JetStream failed: {e}"))?
-        .await
-        .map_err(|e| format!("JetStream did not acknowledge a write: {e}"))?;
-    Ok(ack.sequence)
+    publish_message(shared, headers, last, deadline).await
 }
 
 impl Log for JetStreamLog {
@@ -1147,7 +1215,7 @@ impl Log for JetStreamLog {
             return;
         }
         // Let the appends already published finish: acknowledged, then applied.
-        let deadline = Instant::now() + PUBLISH_TIMEOUT + Duration::from_secs(1);
+        let deadline = Instant::now() + PUBLISH_BUDGET + Duration::from_secs(1);
         while Instant::now() < deadline
             && (shared.in_flight.available_permits() < APPENDS_IN_FLIGHT
                 || !lock(&shared.pending).is_empty())
@@ -1176,6 +1244,11 @@ impl Log for JetStreamLog {
 
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.shared.metrics.register(registry);
+        registry.register(
+            "flux_log_publish_retries",
+            "JetStream messages published again (same Nats-Msg-Id) after a lost ack or an error",
+            self.shared.publish_retries.clone(),
+        );
     }
 }
 
