@@ -390,6 +390,13 @@ fn check_stream(config: &stream::Config, options: &JetStreamOptions) -> Result<(
             "the stream exists with another max_age; keeping the stream's"
         );
     }
+    if config.duplicate_window < PUBLISH_BUDGET {
+        tracing::warn!(
+            stream = %name, duplicate_window = ?config.duplicate_window,
+            "the stream forgets message ids sooner than a write is published again \
+             ({PUBLISH_BUDGET:?}): a write whose ack was lost may be stored twice"
+        );
+    }
     Ok(())
 }
 
