@@ -30,8 +30,9 @@
 //!   (streams Flux creates keep ids for [`DUPLICATE_WINDOW`]), so a stalled server or a dropped
 //!   connection costs a write nothing and never stores it twice: a 503 after a stall means
 //!   nothing was accepted. Only an append that got no ack for the whole budget fails with its
-//!   outcome unknown (the server may still store it), as with any remote log; so does an
-//!   append acknowledged but not applied within [`APPLY_TIMEOUT`].
+//!   outcome unknown (the server may still store it), as with any remote log. An append
+//!   acknowledged but not applied within [`APPLY_TIMEOUT`] is in the stream, hence accepted:
+//!   it is answered then, without read-your-writes.
 //! - Faults: while NATS is unreachable, a publish failed, or the tail cannot read, appends fail
 //!   at once with [`LogError::Unavailable`] and [`Log::unavailable_reason`] says why; reads keep
 //!   being served from the shards. A background task probes the stream and clears a publish
@@ -168,10 +169,11 @@ pub struct OpenSummary {
     pub last_sequence: u64,
 }
 
-/// An append waiting for the tail: its completion and, once acknowledged, its deadline.
+/// An append waiting for the tail: its completion and, once acknowledged, its message's
+/// sequence and the deadline for applying it.
 struct PendingAppend {
     completion: Arc<Completion>,
-    apply_deadline: Option<Instant>,
+    acked: Option<(u64, Instant)>,
 }
 
 struct Shared {
@@ -923,16 +925,22 @@ async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
             let mut pending = lock(&shared.pending);
             let ids: Vec<u64> = pending
                 .iter()
-                .filter(|(_, p)| p.apply_deadline.is_some_and(|d| d <= now))
+                .filter(|(_, p)| p.acked.is_some_and(|(_, deadline)| deadline <= now))
                 .map(|(&id, _)| id)
                 .collect();
             ids.iter().filter_map(|id| pending.remove(id)).collect()
         };
         for p in late {
-            p.completion.fail(format!(
-                "the write was acknowledged by JetStream but not applied by this node within \
-                 {APPLY_TIMEOUT:?}"
-            ));
+            // The write is in the stream, so it is accepted (a 503 would say it was not):
+            // answer now, without read-your-writes; the tail applies it when it gets there.
+            if let Some((sequence, _)) = p.acked {
+                tracing::warn!(
+                    sequence,
+                    "a write acknowledged by JetStream was not applied by this node within \
+                     {APPLY_TIMEOUT:?}; answering it before it is applied"
+                );
+                p.completion.succeed(position_of(sequence));
+            }
         }
         let probe = lock(&shared.publish_failure).is_some() || ticks.is_multiple_of(4);
         if probe && shared.client.connection_state() == State::Connected {
@@ -1108,7 +1116,7 @@ impl Log for JetStreamLog {
                 counter,
                 PendingAppend {
                     completion,
-                    apply_deadline: None,
+                    acked: None,
                 },
             );
             self.handle.spawn(async move {
@@ -1118,12 +1126,12 @@ impl Log for JetStreamLog {
                 drop(permit);
                 let mut pending = lock(&shared.pending);
                 match result {
-                    Ok(_) => {
+                    Ok(sequence) => {
                         shared
                             .newest_success_start_us
                             .fetch_max(started_us, Ordering::AcqRel);
                         if let Some(p) = pending.get_mut(&counter) {
-                            p.apply_deadline = Some(Instant::now() + APPLY_TIMEOUT);
+                            p.acked = Some((sequence, Instant::now() + APPLY_TIMEOUT));
                         }
                         drop(pending);
                         let metrics = &shared.metrics;
