@@ -25,11 +25,11 @@
 //!   published; its [`Completion`] fires when the tail dispatches that message, so the HTTP 200
 //!   comes after JetStream's ack *and* after this node applied the write (read-your-writes).
 //! - Publishing: every message carries a `Nats-Msg-Id` unique to this process, append and
-//!   part, and is published again while no ack came within [`ATTEMPT_TIMEOUT`] or JetStream
-//!   answered with an error, for up to [`PUBLISH_BUDGET`]. JetStream stores a repeated id once
-//!   (streams Flux creates keep ids for [`DUPLICATE_WINDOW`]), so a stalled server or a dropped
-//!   connection costs a write nothing and never stores it twice: a 503 after a stall means
-//!   nothing was accepted. Only an append that got no ack for the whole budget fails with its
+//!   part, and is published again when no ack came within [`ATTEMPT_TIMEOUT`], the
+//!   connection dropped meanwhile (once it is back), or JetStream answered with an error, for
+//!   up to [`PUBLISH_BUDGET`]. JetStream stores a repeated id once (streams Flux creates keep
+//!   ids for [`DUPLICATE_WINDOW`]), so a stalled server or a dropped connection costs a write
+//!   nothing and never stores it twice: a 503 after a stall means nothing was accepted. Only an append that got no ack for the whole budget fails with its
 //!   outcome unknown (the server may still store it), as with any remote log. An append
 //!   acknowledged but not applied within [`APPLY_TIMEOUT`] is in the stream, hence accepted:
 //!   it is answered then, without read-your-writes.
@@ -206,6 +206,8 @@ struct Shared {
     /// Tells the tail to drop its consumer and re-create it after the last applied message
     /// (after a reconnect, or when it stalls behind the stream).
     tail_reset: Arc<TailReset>,
+    /// Counts the client's disconnections: an ack awaited across one will not come.
+    disconnects: tokio::sync::watch::Receiver<u64>,
     metrics: LogMetrics,
     /// Messages published again after a lost ack or an error answer.
     publish_retries: prometheus_client::metrics::counter::Counter,
@@ -655,10 +657,13 @@ impl JetStreamLog {
         }
         let tail_reset = Arc::new(TailReset::default());
         let on_event = tail_reset.clone();
+        let (disconnected, disconnects) = tokio::sync::watch::channel(0u64);
+        let disconnected = Arc::new(disconnected);
         let client = async_nats::ConnectOptions::new()
             .name("flux")
             .event_callback(move |event| {
                 let tail_reset = on_event.clone();
+                let disconnected = disconnected.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
@@ -666,6 +671,7 @@ impl JetStreamLog {
                             tail_reset.request();
                         }
                         async_nats::Event::Disconnected => {
+                            disconnected.send_modify(|n| *n += 1);
                             tracing::warn!(
                                 "disconnected from NATS; writes answer 503 until it is back"
                             )
@@ -723,6 +729,7 @@ impl JetStreamLog {
             newest_success_start_us: AtomicU64::new(0),
             in_flight: Arc::new(Semaphore::new(APPENDS_IN_FLIGHT)),
             tail_reset,
+            disconnects,
             metrics: LogMetrics::default(),
             publish_retries: Default::default(),
         });
@@ -998,7 +1005,9 @@ async fn publish_message(
     payload: Bytes,
     deadline: tokio::time::Instant,
 ) -> Result<u64, String> {
+    let mut disconnects = shared.disconnects.clone();
     loop {
+        disconnects.mark_unchanged();
         // A message handed to the client while it is disconnected would wait in its buffer
         // and could be stored after this append gave up: publish only on a live connection.
         while shared.client.connection_state() != State::Connected {
@@ -1024,13 +1033,15 @@ async fn publish_message(
                 .map_err(|e| format!("JetStream did not acknowledge a write: {e}"))
         };
         let attempt_deadline = deadline.min(tokio::time::Instant::now() + ATTEMPT_TIMEOUT);
-        let error = match tokio::time::timeout_at(attempt_deadline, attempt).await {
-            Ok(Ok(ack)) => return Ok(ack.sequence),
-            Ok(Err(error)) => error,
-            Err(_) => format!(
-                "JetStream did not acknowledge a write within {:?}",
-                PUBLISH_BUDGET
-            ),
+        let lost = format!("JetStream did not acknowledge a write within {PUBLISH_BUDGET:?}");
+        let error = tokio::select! {
+            outcome = tokio::time::timeout_at(attempt_deadline, attempt) => match outcome {
+                Ok(Ok(ack)) => return Ok(ack.sequence),
+                Ok(Err(error)) => error,
+                Err(_) => lost,
+            },
+            // The connection dropped after this attempt began: publish again once it is back.
+            _ = disconnects.changed() => lost,
         };
         let now = tokio::time::Instant::now();
         if now + REPUBLISH_DELAY >= deadline {
