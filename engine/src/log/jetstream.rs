@@ -29,10 +29,11 @@
 //!   connection dropped meanwhile (once it is back), or JetStream answered with an error, for
 //!   up to [`PUBLISH_BUDGET`]. JetStream stores a repeated id once (streams Flux creates keep
 //!   ids for [`DUPLICATE_WINDOW`]), so a stalled server or a dropped connection costs a write
-//!   nothing and never stores it twice: a 503 after a stall means nothing was accepted. Only an append that got no ack for the whole budget fails with its
-//!   outcome unknown (the server may still store it), as with any remote log. An append
-//!   acknowledged but not applied within [`APPLY_TIMEOUT`] is in the stream, hence accepted:
-//!   it is answered then, without read-your-writes.
+//!   nothing and never stores it twice: a 503 after a stall means nothing was accepted. Only
+//!   an append that got no ack for the whole budget fails with its outcome unknown (the
+//!   server may still store it), as with any remote log. An append acknowledged but not
+//!   applied within [`APPLY_TIMEOUT`] is in the stream, hence accepted: it is answered then,
+//!   without read-your-writes.
 //! - Faults: while NATS is unreachable, a publish failed, or the tail cannot read, appends fail
 //!   at once with [`LogError::Unavailable`] and [`Log::unavailable_reason`] says why; reads keep
 //!   being served from the shards. A background task probes the stream and clears a publish
@@ -1033,15 +1034,15 @@ async fn publish_message(
                 .map_err(|e| format!("JetStream did not acknowledge a write: {e}"))
         };
         let attempt_deadline = deadline.min(tokio::time::Instant::now() + ATTEMPT_TIMEOUT);
-        let lost = format!("JetStream did not acknowledge a write within {PUBLISH_BUDGET:?}");
+        let lost = || format!("JetStream did not acknowledge a write within {PUBLISH_BUDGET:?}");
         let error = tokio::select! {
             outcome = tokio::time::timeout_at(attempt_deadline, attempt) => match outcome {
                 Ok(Ok(ack)) => return Ok(ack.sequence),
                 Ok(Err(error)) => error,
-                Err(_) => lost,
+                Err(_) => lost(),
             },
             // The connection dropped after this attempt began: publish again once it is back.
-            _ = disconnects.changed() => lost,
+            _ = disconnects.changed() => lost(),
         };
         let now = tokio::time::Instant::now();
         if now + REPUBLISH_DELAY >= deadline {
