@@ -821,6 +821,27 @@ fn rapid_updates_to_one_entity_arrive_in_publish_order() {
             );
         }
     }
+    // Writes are counted, and each carries one frame or more.
+    let (status, metrics) = s.get_text("/metrics");
+    assert_eq!(status, 200, "GET /metrics -> {metrics}");
+    let sample = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("{name} "))?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}")) as u64
+    };
+    let frames = sample("flux_websocket_frames_queued_total");
+    let writes = sample("flux_websocket_writes_total");
+    assert!(frames >= 2 * (TOTAL + 50), "{frames} frames");
+    assert!(
+        (2..=frames).contains(&writes),
+        "{writes} writes for {frames} frames"
+    );
 }
 
 // ------------------------------------------------------------------ slow consumer

@@ -101,6 +101,11 @@ impl Counters {
             "Frames queued to connections (one per delivery of a shared frame)",
             self.frames_queued.clone(),
         );
+        registry.register(
+            "flux_websocket_writes",
+            "Socket writes that sent WebSocket frames (each may carry many)",
+            crate::connection::SOCKET_WRITES.clone(),
+        );
     }
 }
 

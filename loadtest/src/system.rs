@@ -12,6 +12,8 @@ use crate::report::round3;
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessSample {
     pub cpu_s: f64,
+    /// The part of `cpu_s` spent in the kernel (stime).
+    pub sys_s: f64,
     pub rss_bytes: u64,
     pub at: Instant,
 }
@@ -27,10 +29,10 @@ pub fn sample(pid: u32) -> anyhow::Result<ProcessSample> {
         .context("malformed /proc stat")?;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     // After the name: state is field 3 of the line, so utime (14) and stime (15) are 11 and 12.
-    let ticks: u64 = fields
+    let (user, sys): (u64, u64) = fields
         .get(11)
         .zip(fields.get(12))
-        .and_then(|(u, s)| Some(u.parse::<u64>().ok()? + s.parse::<u64>().ok()?))
+        .and_then(|(u, s)| Some((u.parse().ok()?, s.parse().ok()?)))
         .context("malformed utime/stime in /proc stat")?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
@@ -40,7 +42,8 @@ pub fn sample(pid: u32) -> anyhow::Result<ProcessSample> {
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .unwrap_or(0);
     Ok(ProcessSample {
-        cpu_s: ticks as f64 / clock_ticks_per_second(),
+        cpu_s: (user + sys) as f64 / clock_ticks_per_second(),
+        sys_s: sys as f64 / clock_ticks_per_second(),
         rss_bytes: rss_kib * 1024,
         at: Instant::now(),
     })
@@ -71,8 +74,8 @@ impl ServerProbe {
         Ok(())
     }
 
-    /// `{"cpu_s","rss_bytes","rss_before_bytes","cpu_us_per_<unit>"}` over the window, or
-    /// `None` without a pid.
+    /// `{"cpu_s","cpu_sys_s","rss_bytes","rss_before_bytes","cpu_us_per_<unit>"}` over the
+    /// window (`cpu_sys_s`: the kernel's part of `cpu_s`), or `None` without a pid.
     pub fn finish(&self, work: u64, unit: &str) -> anyhow::Result<Option<Value>> {
         let (Some(pid), Some(before)) = (self.pid, self.before) else {
             return Ok(None);
@@ -87,6 +90,7 @@ impl ServerProbe {
         let mut server = json!({
             "pid": pid,
             "cpu_s": round3(cpu_s),
+            "cpu_sys_s": round3(after.sys_s - before.sys_s),
             "cpu_utilization": round3(cpu_s / after.at.duration_since(before.at).as_secs_f64()),
             "rss_bytes": after.rss_bytes,
             "rss_before_bytes": before.rss_bytes,
@@ -127,6 +131,6 @@ mod tests {
     fn samples_itself() {
         let me = sample(std::process::id()).unwrap();
         assert!(me.rss_bytes > 0);
-        assert!(me.cpu_s >= 0.0);
+        assert!(me.cpu_s >= me.sys_s && me.sys_s >= 0.0);
     }
 }

@@ -228,7 +228,11 @@ fn ingest_reports_the_documented_fields_and_server_usage() {
         "{result}"
     );
     assert_eq!(result["params"]["connections"], 2);
-    assert!(result["server"]["cpu_s"].as_f64().is_some(), "{result}");
+    let cpu = result["server"]["cpu_s"].as_f64().expect("server cpu_s");
+    let sys = result["server"]["cpu_sys_s"]
+        .as_f64()
+        .expect("server cpu_sys_s");
+    assert!((0.0..=cpu).contains(&sys), "{result}");
     assert!(u64_at(&result, "/server/rss_bytes") > 0);
     assert!(result["server"]["cpu_us_per_event"].as_f64().is_some());
 }
