@@ -8,7 +8,8 @@
 //! - NATS stopped under load: writes turn into 503s (no 500s, no hang), `/api/health` answers
 //!   503; NATS started again on the same port and store: writes resume, no restart of Flux;
 //! - NATS frozen (SIGSTOP) for 5 s under load: every write answered 200 is applied once, and
-//!   every write answered 503 is applied nowhere;
+//!   every write answered 503 is applied nowhere; frozen under load and SIGTERM sent to the
+//!   node: it exits 0 within SPEC's 10 s;
 //! - a three-server cluster with an R3 stream: one server stopped under load, every
 //!   acknowledged event is still there afterwards (on the writing node and on a new node).
 //!
@@ -310,6 +311,14 @@ impl Load {
         );
     }
 
+    /// Stops the writers and joins them, whatever their last requests got.
+    fn abandon(self) {
+        self.stop.store(true, Ordering::Release);
+        for thread in self.threads {
+            thread.join().expect("writer thread");
+        }
+    }
+
     fn finish(self) -> Outcome {
         self.stop.store(true, Ordering::Release);
         for thread in self.threads {
@@ -424,6 +433,28 @@ fn a_stalled_nats_server_costs_no_acknowledged_write_and_a_503_accepted_nothing(
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no retry counter in {metrics}"));
     assert!(retries >= 1.0, "{metrics}");
+}
+
+#[test]
+fn sigterm_while_nats_stalls_exits_0_within_10_s() {
+    let nats = NatsServer::start();
+    let mut s = node(&nats.url(), &[]);
+    let load = Load::start(s.url(), "exit", 4, true);
+    load.wait_count("200", 50, "before the stall");
+    thread::scope(|scope| {
+        // Writes in flight wait on a server that answers nothing, longer than shutdown may take.
+        scope.spawn(|| nats.stall(Duration::from_secs(14)));
+        thread::sleep(Duration::from_secs(1));
+        let started = Instant::now();
+        let status = s.terminate();
+        let took = started.elapsed();
+        assert!(status.success(), "exit status {status:?}");
+        assert!(
+            took < Duration::from_secs(10),
+            "SIGTERM to exit took {took:?}"
+        );
+        load.abandon();
+    });
 }
 
 #[test]

@@ -86,6 +86,10 @@ pub const APPLY_TIMEOUT: Duration = Duration::from_secs(4);
 /// streams Flux creates: longer than [`PUBLISH_BUDGET`], short enough that the server's table
 /// of ids stays small at tens of thousands of appends per second.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(30);
+/// How long closing waits for appends still in flight. Their requests already had the HTTP
+/// shutdown grace period, so what is left is waiting on an absent NATS: a node must still exit
+/// within SPEC's 10 s.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// How often a publish waiting for NATS to come back looks at the connection.
 const RECONNECT_POLL: Duration = Duration::from_millis(20);
 /// Pause before publishing again after JetStream answered with an error.
@@ -1242,7 +1246,7 @@ impl Log for JetStreamLog {
             return;
         }
         // Let the appends already published finish: acknowledged, then applied.
-        let deadline = Instant::now() + PUBLISH_BUDGET + Duration::from_secs(1);
+        let deadline = Instant::now() + CLOSE_WAIT;
         while Instant::now() < deadline
             && (shared.in_flight.available_permits() < APPENDS_IN_FLIGHT
                 || !lock(&shared.pending).is_empty())
