@@ -78,10 +78,11 @@ pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(4);
 /// (same `Nats-Msg-Id`, so JetStream stores it once).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an append keeps publishing a message before it fails. With [`APPLY_TIMEOUT`] it
-/// bounds a write's reply to about 12 s, under common client timeouts.
-pub const PUBLISH_BUDGET: Duration = Duration::from_secs(8);
+/// bounds a write's reply to about 8 s, under the 10 s many clients wait (12 s was too long: a
+/// writer with a 10 s timeout gave up during a cluster election).
+pub const PUBLISH_BUDGET: Duration = Duration::from_secs(6);
 /// How long an acknowledged append may wait for this node's tail to apply it.
-pub const APPLY_TIMEOUT: Duration = Duration::from_secs(4);
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// The window in which JetStream drops a message whose `Nats-Msg-Id` it already stored, for
 /// streams Flux creates: longer than [`PUBLISH_BUDGET`], short enough that the server's table
 /// of ids stays small at tens of thousands of appends per second.
