@@ -651,3 +651,35 @@ fn batch_delete_over_the_limit_reports_what_remains() {
         "another namespace is untouched"
     );
 }
+
+/// A prefix whose first 10,001 ids include a built-in one (`flux-core/directory` under `f`)
+/// and more after it: the call skips the built-in, deletes 10,000, and says one remains.
+#[test]
+fn batch_delete_limit_counts_past_a_skipped_built_in() {
+    let s = Server::start();
+    for chunk in 0..10 {
+        let events: Vec<Value> = (0..1000)
+            .map(|i| event(&format!("fa/e{:05}", chunk * 1000 + i), json!({"v": 1})))
+            .collect();
+        let (status, body) = s.post("/api/events/batch", &Value::Array(events));
+        assert_eq!((status, &body["failed"]), (200, &json!(0)), "{body}");
+    }
+    seed(&s, &["fz/x"]);
+    let (status, body) = batch_delete(&s, &json!({"prefix": "f"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["deleted"], &body["remaining"]),
+        (&json!(10_000), &json!(1))
+    );
+    let (status, body) = batch_delete(&s, &json!({"prefix": "f"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["deleted"], &body["remaining"]),
+        (&json!(1), &json!(0))
+    );
+    assert_eq!(
+        s.entity("flux-core/directory").0,
+        200,
+        "the directory stays"
+    );
+}

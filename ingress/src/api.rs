@@ -430,16 +430,16 @@ impl Api {
                 .engine
                 .ids_with_prefix(&prefix, MAX_BATCH_DELETE + 1)
                 .await;
-            let mut ids: Vec<String> = ids
-                .iter()
-                .filter(|id| !entity_is_builtin(id))
-                .map(|id| id.to_string())
-                .collect();
+            // Decided before the built-ins are skipped: they may sit among the first ids with
+            // more after them.
             if ids.len() > MAX_BATCH_DELETE {
-                ids.truncate(MAX_BATCH_DELETE);
                 more_under = Some(prefix);
             }
-            ids
+            ids.iter()
+                .filter(|id| !entity_is_builtin(id))
+                .take(MAX_BATCH_DELETE)
+                .map(|id| id.to_string())
+                .collect()
         };
         self.admit(&caller, targets.len())?;
         let refs: Vec<&str> = targets.iter().map(String::as_str).collect();
