@@ -103,9 +103,9 @@ impl Queue {
     }
 }
 
-/// Socket writes that sent frames, from writer tasks and direct writes alike, in this process:
-/// with the frames delivered, how well writes coalesce (each costs ~7 µs of CPU on loopback here, whatever it
-/// carries; decision 0003).
+/// Socket writes that sent frames, from writer tasks and direct writes alike, in this process.
+/// With the frames delivered, it tells how well writes coalesce: each costs ~7 µs of CPU on
+/// loopback here, whatever it carries (decision 0003).
 pub static SOCKET_WRITES: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
 /// Frames one direct write hands to `writev`.
 const DIRECT_MAX_FRAMES: usize = 16;
