@@ -411,3 +411,86 @@ fn live_state_equals_replay_when_single_events_and_batches_race() {
         );
     }
 }
+
+/// `tests/fixtures/log-kind1` is a log written by `fe763a5`, the last version that wrote event
+/// records of kind 1 (fixed-width lengths, ids as text): single events with generated, custom
+/// and upper-case UUID ids, key and schema, JSON values of every type, a batch, a DELETE and an
+/// admin-config change, then `kill -9` (no snapshot). Its answers below are what `fe763a5`
+/// itself gave after a restart on a copy.
+#[test]
+fn a_log_of_kind_1_records_from_an_earlier_version_replays_to_the_same_answers() {
+    let dir = DataDir::temp();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/log-kind1/log");
+    fs::create_dir(dir.path().join("log")).expect("log dir");
+    for entry in fs::read_dir(&fixture).expect("fixture") {
+        let path = entry.expect("entry").path();
+        fs::copy(
+            &path,
+            dir.path().join("log").join(path.file_name().expect("name")),
+        )
+        .expect("copy fixture");
+    }
+    let opts = Options {
+        local_only: true,
+        ..options(&dir, &[])
+    };
+    let mut server = Server::start_with(opts.clone());
+    // Parsed from text, so the 30-digit number goes through the same conversion as the answer.
+    let expected_state: Value = serde_json::from_str(
+        r#"[
+        {"id":"acme/pump-01","properties":{"temp":23.0,"on":true,"tags":["a","b"],"nested":{"x":null},"note":"caf\u00e9 \"q\""},"lastUpdated":"2026-11-24T08:03:54.462Z"},
+        {"id":"acme/pump-02","properties":{"temp":1},"lastUpdated":"2026-11-24T08:03:54.472Z"},
+        {"id":"acme/site-3/v-1","properties":{"open":false},"lastUpdated":"2026-11-24T08:03:54.482Z"},
+        {"id":"acme/site-3/v-2","properties":{"open":true,"big":123456789012345678901234567890},"lastUpdated":"2026-11-24T08:03:54.482Z"}
+    ]"#,
+    )
+    .expect("expected state");
+    let history =
+        |server: &Server, entity: &str| server.history(entity, "&since=2020-01-01T00:00:00Z");
+    let check = |server: &Server| {
+        let old: Vec<Value> = (server.list("?prefix=acme/").into_iter())
+            .filter(|e| e["id"] != "acme/pump-03")
+            .collect();
+        assert_eq!(Value::Array(old), expected_state);
+        let (status, body) = server.get_text("/api/state/entities/acme%2Fsite-3%2Fv-2");
+        assert_eq!(status, 200);
+        assert!(
+            body.contains(r#""big":123456789012345678901234567890"#),
+            "{body}"
+        );
+        assert_eq!(
+            Value::Array(history(server, "acme/pump-01")),
+            json!([
+                {"eventId":"evt-custom-1","stream":"sensors","source":"fixture","timestamp":1708694400001u64,"payload":{"entity_id":"acme/pump-01","properties":{"temp":23.0,"note":"caf\u{e9} \"q\""}},"key":"k1","schema":"v1","acceptedAt":"2026-11-24T08:03:54.462Z","position":3},
+                {"eventId":"01a20c95-33d4-70c0-87bf-2e30ccacd479","stream":"sensors","source":"fixture","timestamp":1708694400000u64,"payload":{"entity_id":"acme/pump-01","properties":{"temp":22.5,"on":true,"tags":["a","b"],"nested":{"x":null}}},"acceptedAt":"2026-11-24T08:03:54.452Z","position":2}
+            ])
+        );
+        assert_eq!(
+            history(server, "acme/pump-02")[0]["eventId"],
+            "0190A1B2-C3D4-7E5F-8A9B-0C1D2E3F4A5B"
+        );
+        let gone = history(server, "acme/gone");
+        assert_eq!(gone.len(), 2);
+        assert_eq!(gone[0]["eventId"], "01a20c95-33fe-7237-82f8-7973d7e260ec");
+        assert_eq!(
+            gone[0]["payload"]["properties"],
+            json!({"__deleted__": true})
+        );
+        assert_eq!(gone[1]["eventId"], "01a20c95-33f2-774c-9dd8-4fb08f8aa40e");
+        assert_eq!(server.entity("acme/gone").0, 404);
+        let (_, config) = server.get("/api/admin/config");
+        assert_eq!(config["rate_limit_per_namespace_per_minute"], 12345);
+    };
+    check(&server);
+    // New records (the compact kind) after the old ones, both replayed after another crash.
+    let mut ev = event("acme/pump-03", json!({"temp": 7}));
+    ev["eventId"] = json!("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b");
+    server.publish_ok(&ev);
+    server.kill9();
+    let server = Server::start_with(opts);
+    check(&server);
+    let after = history(&server, "acme/pump-03");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0]["eventId"], "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b");
+    assert_eq!(server.props("acme/pump-03"), json!({"temp": 7}));
+}

@@ -658,9 +658,9 @@ fn render_event(
     position: LogPosition,
     accept_ms: u64,
 ) {
-    let f = &record.fields;
+    let f = record;
     out.extend_from_slice(b"{\"eventId\":");
-    json::write_str(out, f.event_id);
+    json::write_str(out, f.event_id.as_str(&mut [0; 36]));
     out.extend_from_slice(b",\"stream\":");
     json::write_str(out, f.stream);
     out.extend_from_slice(b",\"source\":");

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     };
     for (i, (entity_id, properties)) in expected.iter().enumerate() {
         let record = frame.record(i).expect("record decodes");
-        assert_eq!(record.fields.entity_id, entity_id);
+        assert_eq!(record.entity_id, entity_id);
         assert_eq!(record.properties().count(), *properties);
     }
 });
