@@ -158,7 +158,17 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Unsigned LEB128: seven bits a byte, low bits first, the high bit set on all but the last.
-fn put_var(out: &mut Vec<u8>, mut value: u64) {
+#[inline]
+fn put_var(out: &mut Vec<u8>, value: u64) {
+    if value < 0x80 {
+        out.push(value as u8);
+    } else {
+        put_var_long(out, value);
+    }
+}
+
+#[cold]
+fn put_var_long(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push(value as u8 | 0x80);
         value >>= 7;
@@ -166,6 +176,7 @@ fn put_var(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
+#[inline]
 fn put_var_str(out: &mut Vec<u8>, s: &str) {
     put_var(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
@@ -183,8 +194,10 @@ fn unzigzag(value: u64) -> i64 {
 /// The 16 bytes of `id` when it is a UUID in exactly the form [`EventId`] renders (36
 /// characters, lowercase, hyphenated), so storing the bytes gives back the same text.
 fn canonical_uuid(id: &str) -> Option<[u8; 16]> {
-    // At 36 bytes the parser takes only the hyphenated form; it also takes uppercase hex.
-    if id.len() != 36 || id.bytes().any(|b| b.is_ascii_uppercase()) {
+    // At 36 bytes the parser takes only the hyphenated form; it also takes uppercase hex
+    // (`A`-`F`; other letters fail it). A fold, not `any`, so the check is vectorized.
+    let upper_hex = |b: u8| b.wrapping_sub(b'A') < 6;
+    if id.len() != 36 || id.bytes().fold(false, |seen, b| seen | upper_hex(b)) {
         return None;
     }
     uuid::Uuid::try_parse(id).ok().map(|u| u.into_bytes())
@@ -458,7 +471,20 @@ impl<'a> Cursor<'a> {
     }
 
     /// A LEB128 number of at most `max_bytes` (≤ 10) bytes.
+    #[inline]
     fn var(&mut self, max_bytes: u32) -> Result<u64, DecodeError> {
+        // Nearly every length is under 128: one byte.
+        if let Some(&byte) = self.buf.get(self.at)
+            && byte < 0x80
+        {
+            self.at += 1;
+            return Ok(u64::from(byte));
+        }
+        self.var_long(max_bytes)
+    }
+
+    #[cold]
+    fn var_long(&mut self, max_bytes: u32) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for shift in (0..7 * max_bytes).step_by(7) {
             let byte = self.u8()?;
@@ -474,6 +500,7 @@ impl<'a> Cursor<'a> {
         Err(DecodeError::Malformed("number overflow"))
     }
 
+    #[inline]
     fn var_u32(&mut self) -> Result<u32, DecodeError> {
         u32::try_from(self.var(5)?).map_err(|_| DecodeError::Malformed("number overflow"))
     }
@@ -497,6 +524,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// A string with a LEB128 length (kind 3).
+    #[inline]
     fn var_str(&mut self) -> Result<&'a str, DecodeError> {
         let len = self.var_u32()? as usize;
         let bytes = self.take(len)?;
@@ -504,6 +532,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// A string whose length is a `u32` when `wide`, else LEB128.
+    #[inline]
     fn str_of(&mut self, wide: bool) -> Result<&'a str, DecodeError> {
         if wide { self.str() } else { self.var_str() }
     }
@@ -547,7 +576,7 @@ impl<'a> EventRecord<'a> {
     fn decode_prefix(
         buf: &'a [u8],
         check_utf8: bool,
-        mut properties: Option<&mut Vec<(&'a str, &'a str)>>,
+        properties: Option<&mut Vec<(&'a str, &'a str)>>,
     ) -> Result<(Self, usize), DecodeError> {
         let mut c = Cursor {
             buf,
@@ -560,16 +589,32 @@ impl<'a> EventRecord<'a> {
             _ => return Err(DecodeError::Malformed("unknown record kind")),
         };
         let start = c.at;
-        for _ in 0..property_count {
-            let name = c.str_of(record.wide)?;
-            let value = c.str_of(record.wide)?;
-            if let Some(properties) = properties.as_mut() {
-                properties.push((name, value));
-            }
+        if record.wide {
+            Self::walk_properties(&mut c, property_count, properties, Cursor::str)?;
+        } else {
+            Self::walk_properties(&mut c, property_count, properties, Cursor::var_str)?;
         }
         record.property_count = property_count;
         record.properties = &buf[start..c.at];
         Ok((record, c.at))
+    }
+
+    /// Reads `count` (name, value) pairs with `read`, one loop per length encoding.
+    #[inline(always)]
+    fn walk_properties(
+        c: &mut Cursor<'a>,
+        count: u32,
+        mut properties: Option<&mut Vec<(&'a str, &'a str)>>,
+        read: impl Fn(&mut Cursor<'a>) -> Result<&'a str, DecodeError>,
+    ) -> Result<(), DecodeError> {
+        for _ in 0..count {
+            let name = read(c)?;
+            let value = read(c)?;
+            if let Some(properties) = properties.as_mut() {
+                properties.push((name, value));
+            }
+        }
+        Ok(())
     }
 
     /// The fields of a kind-3 record after its kind byte, and its property count.
