@@ -27,9 +27,10 @@
 //! against the buffer and every string for UTF-8: it never panics on corrupt input.
 //!
 //! Kind 3 spends ~1 byte on a length where kind 1 spent 4, and 16 on a generated id where kind 1
-//! spent 40: a typical 5-property event is ~35 % smaller, and every byte is written, synced and
-//! (with JetStream) sent once per node. A node reads both kinds; only kind 3 is written, so a log
-//! written by this version is not readable by an older one (decision 0009).
+//! spent 40: a 5-property event with a generated id takes ~118 bytes instead of ~193, and every
+//! byte is written, synced and (with JetStream) sent once per node. A node reads both kinds;
+//! only kind 3 is written, so a log written by this version is not readable by an older one
+//! (decision 0009).
 
 use bytes::Bytes;
 
