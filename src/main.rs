@@ -103,6 +103,17 @@ struct ServeArgs {
     /// once; an idle server never spins longer than this after its last message).
     #[arg(long, env = "FLUX_SPIN_US", default_value_t = 0)]
     spin_us: u64,
+    /// Event records to write: `compact`, or `v1`, which versions before the compact format
+    /// can read. Both are always read. While a JetStream world is upgraded node by node, run
+    /// every upgraded node with `v1` until none runs an older version (decision 0009).
+    #[arg(long, env = "FLUX_RECORD_FORMAT", value_enum, default_value_t = RecordFormatArg::Compact)]
+    record_format: RecordFormatArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RecordFormatArg {
+    Compact,
+    V1,
 }
 
 fn main() {
@@ -216,6 +227,10 @@ fn log_config(args: &ServeArgs) -> anyhow::Result<LogConfig> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let log = log_config(&args)?;
+    flux_engine::record::set_record_format(match args.record_format {
+        RecordFormatArg::Compact => flux_engine::record::RecordFormat::Compact,
+        RecordFormatArg::V1 => flux_engine::record::RecordFormat::V1,
+    });
     if args.segment_bytes < 4096 {
         bail!("--segment-bytes must be at least 4096");
     }
@@ -268,7 +283,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "flux listening on http://{local} (log={}, data_dir={}, shards={shards}, \
          http_workers={http_workers}, auth={}, admin_token={}, connectors={}, retention={}, \
          snapshot_interval={}, segment_bytes={}, pin={}, spin_us={}, leader_commits={}, \
-         request_timeout={}, directory_interval={}; \
+         request_timeout={}, directory_interval={}, record_format={}; \
          recovered snapshot={} with {} entities, {} log records, {} torn bytes dropped)",
         match &engine.config().log {
             LogConfig::Local => engine.log_kind().to_string(),
@@ -300,6 +315,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         engine.config().leader_commits && engine.config().log == LogConfig::Local,
         humantime::format_duration(args.request_timeout),
         humantime::format_duration(args.directory_interval),
+        match args.record_format {
+            RecordFormatArg::Compact => "compact",
+            RecordFormatArg::V1 => "v1",
+        },
         recovery
             .snapshot_position
             .map_or("none".to_string(), |p| p.to_string()),

@@ -494,3 +494,86 @@ fn a_log_of_kind_1_records_from_an_earlier_version_replays_to_the_same_answers()
     assert_eq!(after[0]["eventId"], "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b");
     assert_eq!(server.props("acme/pump-03"), json!({"temp": 7}));
 }
+
+/// The formats of the event records in the data dir's log, in log order, but for the
+/// built-in `flux-core/` entities (written on a timer).
+fn record_formats(dir: &Path) -> Vec<flux_engine::record::RecordFormat> {
+    use flux_engine::record::{FrameRead, decode_frame};
+    let mut formats = Vec::new();
+    for segment in segments(dir) {
+        let bytes = fs::read(&segment).expect("segment");
+        let mut at = 0;
+        // A spare segment ends in zeros.
+        while at < bytes.len() && bytes[at..].iter().any(|&b| b != 0) {
+            let Ok(FrameRead::Frame(frame, used)) = decode_frame(&bytes[at..]) else {
+                panic!("{}: no whole frame at {at}", segment.display())
+            };
+            for i in 0..frame.len() {
+                if frame.control(i).expect("record").is_none() {
+                    let record = frame.record(i).expect("event");
+                    if !record.entity_id.starts_with("flux-core/") {
+                        formats.push(record.format());
+                    }
+                }
+            }
+            at += used;
+        }
+    }
+    formats
+}
+
+#[test]
+fn record_format_v1_writes_what_earlier_versions_read_and_both_formats_replay() {
+    use flux_engine::record::RecordFormat::{Compact, V1};
+    let dir = DataDir::temp();
+    let world = |server: &Server| {
+        let ids = ["acme/a", "acme/b", "acme/c", "acme/gone"];
+        let histories: Vec<Value> = (ids.iter())
+            .map(|id| Value::Array(server.history(id, "&since=2020-01-01T00:00:00Z")))
+            .collect();
+        (server.list("?prefix=acme/"), histories)
+    };
+    let v1 = Options {
+        local_only: true,
+        ..options(&dir, &["--record-format", "v1"])
+    };
+    let mut server = Server::start_with(v1);
+    assert!(server.stdout_text().contains("record_format=v1"));
+    server.publish_ok(&event("acme/a", json!({"t": 1, "s": "x"})));
+    let mut custom = event("acme/b", json!({"on": true}));
+    custom["eventId"] = json!("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b");
+    custom["key"] = json!("k");
+    server.publish_ok(&custom);
+    let batch = json!([
+        event("acme/c", json!({"n": [1, 2]})),
+        event("acme/gone", json!({"x": 1})),
+        event("acme/a", json!({"t": 2})),
+    ]);
+    let (status, body) = server.post("/api/events/batch", &batch);
+    assert_eq!((status, &body["successful"]), (200, &json!(3)), "{body}");
+    assert_eq!(server.delete("/api/state/entities/acme%2Fgone").0, 200);
+    let before = world(&server);
+    server.kill9();
+    let written = record_formats(dir.path());
+    assert_eq!(written, [V1; 6]);
+
+    // The default format from here on: the v1 records replay, new ones are compact.
+    let compact = Options {
+        local_only: true,
+        ..options(&dir, &[])
+    };
+    let mut server = Server::start_with(compact.clone());
+    assert!(server.stdout_text().contains("record_format=compact"));
+    assert_eq!(world(&server), before);
+    server.publish_ok(&event("acme/a", json!({"t": 3})));
+    server.kill9();
+    let after = record_formats(dir.path());
+    assert_eq!(after[..written.len()], written[..]);
+    assert_eq!(after[written.len()..], [Compact]);
+    let server = Server::start_with(compact);
+    let (list, histories) = world(&server);
+    assert_eq!(histories[1..], before.1[1..]);
+    assert_eq!(histories[0].as_array().expect("history").len(), 3);
+    assert_eq!(server.props("acme/a"), json!({"t": 3, "s": "x"}));
+    assert_eq!(list.len(), before.0.len());
+}

@@ -28,9 +28,11 @@
 //!
 //! Kind 3 spends ~1 byte on a length where kind 1 spent 4, and 16 on a generated id where kind 1
 //! spent 40: a 5-property event with a generated id takes ~118 bytes instead of ~193, and every
-//! byte is written, synced and (with JetStream) sent once per node. A node reads both kinds;
-//! only kind 3 is written, so a log written by this version is not readable by an older one
-//! (decision 0009).
+//! byte is written, synced and (with JetStream) sent once per node. A node reads both kinds and
+//! writes kind 3, or kind 1 while [`RecordFormat::V1`] is set (for a JetStream world whose
+//! older nodes cannot read kind 3; decision 0009).
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
@@ -58,6 +60,25 @@ pub const CONTROL_OWNER: u16 = u16::MAX;
 const ABSENT: u32 = u32::MAX;
 /// The property key that turns an event into a delete when its value is `true`.
 pub const TOMBSTONE_KEY: &str = "__deleted__";
+
+/// Which kind of event record this process writes (it reads both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecordFormat {
+    /// Kind 3: LEB128 lengths, canonical UUID ids as 16 bytes.
+    #[default]
+    Compact,
+    /// Kind 1, which versions before kind 3 read: for a JetStream world upgraded node by node
+    /// (every node writes kind 1 until the last one runs this version; decision 0009).
+    V1,
+}
+
+static WRITE_KIND_1: AtomicBool = AtomicBool::new(false);
+
+/// Sets the kind of event record [`RecordBatch::push_event`] writes from now on, process-wide
+/// (the server sets it once, at start).
+pub fn set_record_format(format: RecordFormat) {
+    WRITE_KIND_1.store(format == RecordFormat::V1, Ordering::Relaxed);
+}
 
 /// The fields of one validated event, borrowed from wherever they were parsed.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +130,9 @@ impl RecordBatch {
         fields: &EventFields<'_>,
         properties: impl ExactSizeIterator<Item = (&'p str, &'p str)>,
     ) {
+        if WRITE_KIND_1.load(Ordering::Relaxed) {
+            return self.push_event_v1(shard, fields, properties);
+        }
         let out = &mut self.bytes;
         self.offsets.push(out.len() as u32);
         self.shards.push(shard);
@@ -144,6 +168,36 @@ impl RecordBatch {
 }
 
 impl RecordBatch {
+    /// Appends one event record of kind 1, the kind versions before kind 3 wrote and read
+    /// ([`RecordFormat::V1`]).
+    pub fn push_event_v1<'p>(
+        &mut self,
+        shard: u16,
+        fields: &EventFields<'_>,
+        properties: impl ExactSizeIterator<Item = (&'p str, &'p str)>,
+    ) {
+        let out = &mut self.bytes;
+        self.offsets.push(out.len() as u32);
+        self.shards.push(shard);
+        out.push(KIND_EVENT_V1);
+        put_str(out, fields.event_id);
+        put_str(out, fields.stream);
+        put_str(out, fields.source);
+        out.extend_from_slice(&fields.timestamp.to_le_bytes());
+        put_str(out, fields.entity_id);
+        for opt in [fields.key, fields.schema] {
+            match opt {
+                Some(s) => put_str(out, s),
+                None => out.extend_from_slice(&ABSENT.to_le_bytes()),
+            }
+        }
+        out.extend_from_slice(&(properties.len() as u32).to_le_bytes());
+        for (name, value) in properties {
+            put_str(out, name);
+            put_str(out, value);
+        }
+    }
+
     /// Appends one control record (JSON text), applied by the dispatcher rather than a shard.
     pub fn push_control(&mut self, json: &str) {
         self.offsets.push(self.bytes.len() as u32);
@@ -669,6 +723,15 @@ impl<'a> EventRecord<'a> {
         Ok((record, c.u32()?))
     }
 
+    /// The kind the record was written as.
+    pub fn format(&self) -> RecordFormat {
+        if self.wide {
+            RecordFormat::V1
+        } else {
+            RecordFormat::Compact
+        }
+    }
+
     /// `(name, raw JSON value)` pairs in the order they were sent.
     pub fn properties(&self) -> PropertyIter<'a> {
         PropertyIter {
@@ -884,28 +947,6 @@ mod tests {
         }
     }
 
-    /// The bytes of a kind-1 record, as versions before the compact kind wrote them.
-    fn v1_record(fields: &EventFields<'_>, properties: &[(&str, &str)]) -> Vec<u8> {
-        let mut out = vec![KIND_EVENT_V1];
-        let opt = |out: &mut Vec<u8>, s: Option<&str>| match s {
-            Some(s) => put_str(out, s),
-            None => out.extend_from_slice(&ABSENT.to_le_bytes()),
-        };
-        put_str(&mut out, fields.event_id);
-        put_str(&mut out, fields.stream);
-        put_str(&mut out, fields.source);
-        out.extend_from_slice(&fields.timestamp.to_le_bytes());
-        put_str(&mut out, fields.entity_id);
-        opt(&mut out, fields.key);
-        opt(&mut out, fields.schema);
-        out.extend_from_slice(&(properties.len() as u32).to_le_bytes());
-        for (name, value) in properties {
-            put_str(&mut out, name);
-            put_str(&mut out, value);
-        }
-        out
-    }
-
     #[test]
     fn kind_1_records_written_by_earlier_versions_still_decode() {
         let old = EventFields {
@@ -916,9 +957,7 @@ mod tests {
         let props = [("temp", "22.5"), ("__deleted__", "true")];
         // A frame mixing both kinds, as a log written across an upgrade holds (in two frames).
         let mut batch = RecordBatch::default();
-        batch.offsets.push(0);
-        batch.shards.push(0);
-        batch.bytes = v1_record(&old, &props);
+        batch.push_event_v1(0, &old, props.into_iter());
         batch.push_event(
             1,
             &event("new", 5, "acme/pump-02"),
@@ -946,9 +985,53 @@ mod tests {
         assert_eq!((record.key, record.schema), (Some("k"), None));
         assert_eq!(taken, props);
         assert_eq!(record.properties().collect::<Vec<_>>(), props);
+        assert_eq!(record.format(), RecordFormat::V1);
         let record = frame.record(1).expect("kind 3");
         assert_eq!((record.entity_id, record.timestamp), ("acme/pump-02", 5));
+        assert_eq!(record.format(), RecordFormat::Compact);
         assert_eq!(frame.control(2).expect("control"), Some("{}"));
+    }
+
+    #[test]
+    fn push_event_v1_writes_the_bytes_earlier_versions_wrote() {
+        // The log `fe763a5` wrote (see the test that replays it in tests/crash.rs).
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/log-kind1/log/00000000000000000001.seg"
+        );
+        let log = std::fs::read(path).expect("fixture");
+        let (mut at, mut events) = (0, 0);
+        while at < log.len() {
+            let Ok(FrameRead::Frame(frame, used)) = decode_frame(&log[at..]) else {
+                panic!("a whole frame at {at}")
+            };
+            let mut batch = RecordBatch::default();
+            for i in 0..frame.len() {
+                if let Some(json) = frame.control(i).expect("record") {
+                    batch.push_control(json);
+                    continue;
+                }
+                let r = frame.record(i).expect("record");
+                let EventId::Text(event_id) = r.event_id else {
+                    panic!("kind 1 ids are text")
+                };
+                let fields = EventFields {
+                    event_id,
+                    stream: r.stream,
+                    source: r.source,
+                    timestamp: r.timestamp,
+                    entity_id: r.entity_id,
+                    key: r.key,
+                    schema: r.schema,
+                };
+                batch.push_event_v1(0, &fields, r.properties());
+                events += 1;
+            }
+            let records = &log[at + FRAME_PREFIX_BYTES + FRAME_HEADER_BYTES..at + used];
+            assert_eq!(batch.bytes, records, "frame at {at}");
+            at += used;
+        }
+        assert!(events >= 8, "{events} events");
     }
 
     #[test]
