@@ -36,7 +36,7 @@ REPORTS = ROOT / "perf" / "reports"
 DATA_ROOT = ROOT / "target" / "perf-data"
 
 ORDER = ["ingest-batch", "ingest", "e2e-1", "e2e-100", "fanout-1000-200", "fanout-1000-1000",
-         "connections", "memory-list", "recovery"]
+         "publish-1000", "connections", "memory-list", "recovery"]
 MB = 1_000_000  # goals in MB are decimal megabytes
 KIB = 1024
 
@@ -397,6 +397,11 @@ class Suite:
             ("fanout-1000-1000", lambda i: gen("fanout-1000-1000", i, [
                 "fanout", "--subscribers", "1000", "--rate", "1000", *self.timing()],
                 self.opts.duration + self.opts.warmup + 120)),
+            # No goal: fanout-1000-1000's publisher alone (the same requests, no subscriber),
+            # to split that run's server CPU between the publish path and the writes.
+            ("publish-1000", lambda i: gen("publish-1000", i, [
+                "ingest", "--connections", "1", "--rate", "1000", *self.timing()],
+                self.opts.duration + self.opts.warmup + 60)),
             ("connections", lambda i: gen("connections", i, [
                 "connections", "--connections", str(o.connections), "--hold", str(o.hold)],
                 o.hold + 150)),
@@ -1050,9 +1055,24 @@ def bounds_section(suite: Suite, meta: dict, goals: list[Goal], raw_rel: str) ->
                     text += (f" Each write carried {fpw:.1f} frames and cost {s_frame * fpw:.1f} µs of "
                              f"server CPU and {gen_frame * fpw:.1f} µs of generator CPU: "
                              f"{writes_s:,.0f} writes/s took {writes_s * per_write / 1e6:.2f} of the "
-                             f"{cores} cores. A 10 ms p99 needs a window of ~8 ms, "
-                             f"{window_ms / 8:.1f}× the writes: ~{writes_s * per_write / 1e6 * window_ms / 8:.2f}"
-                             " cores for the writes alone.")
+                             f"{cores} cores.")
+                    if gl.run_key == "fanout-1000-200":
+                        text += (f" A 10 ms p99 needs a window of ~8 ms, {window_ms / 8:.1f}× the "
+                                 f"writes: ~{writes_s * per_write / 1e6 * window_ms / 8:.2f} cores for "
+                                 "the writes alone.")
+            publish = med([g(r["result"], "server", "cpu_us_per_event")
+                           for r in ok_runs(suite.runs.get("publish-1000", []))])
+            if gl.run_key == "fanout-1000-1000" and publish and s_frame and frames_s:
+                events_s = res("throughput_events_per_s") or 1000
+                per_event = s_frame * frames_s / events_s
+                text = (text or "") + (
+                    f" The server spent {per_event:.0f} µs of CPU per event. The same 1,000 "
+                    f"single-event POSTs a second with no subscriber (`ingest -c 1 --rate 1000`, "
+                    f"run publish-1000) took {publish:.0f} µs each: the publish path (request, "
+                    f"commit with its fdatasync, apply) is {publish / per_event:.0%} of the run's "
+                    f"server CPU, {publish * events_s / frames_s:.3f} µs per frame, and the writes "
+                    f"to the 1,000 sockets the other {(per_event - publish) * events_s / frames_s:.3f}"
+                    " µs per frame.")
         elif gl.run_key == "e2e-1":
             p50 = res("latency_us", "p50")
             paced = med([g(r, "fsync_paced", "p50_us") for r in runs])
@@ -1304,7 +1324,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, help="measured seconds per rate run (default 5; quick 2)")
     ap.add_argument("--warmup", type=float, help="warmup seconds (default 1; quick 0.5)")
     ap.add_argument("--only", help="comma-separated scenarios to run (ingest-batch, ingest, e2e-1, "
-                    "e2e-100, fanout-1000-200, fanout-1000-1000, connections, memory-list, recovery)")
+                    "e2e-100, fanout-1000-200, fanout-1000-1000, publish-1000, connections, memory-list, "
+                    "recovery)")
     ap.add_argument("--max-minutes", type=float, default=45,
                     help="stop starting new runs after this long (default 45)")
     ap.add_argument("--out", help="report path (default perf/reports/<date>-<commit>[-quick].md)")
