@@ -1074,6 +1074,25 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A record whose bytes after the kind are anything at all decodes or is refused: no
+        /// panic, and what decodes can be walked (frames are checksummed, the decoder is not).
+        #[test]
+        fn arbitrary_bytes_of_either_event_kind_never_panic(
+            kind in proptest::sample::select(vec![KIND_EVENT_V1, KIND_EVENT]),
+            flags in 0u8..8,
+            rest in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+        ) {
+            let mut bytes = vec![kind, flags];
+            bytes.extend_from_slice(&rest);
+            for end in 0..=bytes.len() {
+                if let Ok(record) = EventRecord::decode(&bytes[..end]) {
+                    let walked = record.properties().count();
+                    proptest::prop_assert_eq!(walked, record.property_count as usize);
+                    let _ = record.event_id.to_string();
+                }
+            }
+        }
+
         #[test]
         fn any_event_round_trips(
             id in "[0-9a-fA-F-]{0,40}|\\PC{0,40}",
