@@ -90,9 +90,9 @@ pub fn entity_id(n: u64) -> String {
     format!("acme/site-{}/pump-{:05}", n % 10, n)
 }
 
-/// Stand-in for the server's event id generator (a UUIDv7 string of the same length).
-pub fn new_event_id() -> String {
-    String::from("019ab3c2-7d41-7e55-9c1a-5f2e8d4b6a01")
+/// Stand-in for the server's event id generator (a UUIDv7's bytes).
+pub fn new_event_id() -> [u8; 16] {
+    0x019a_b3c2_7d41_7e55_9c1a_5f2e_8d4b_6a01_u128.to_be_bytes()
 }
 
 /// The ingress path for a batch body: parse it in one pass, validate each event, route it,
@@ -111,7 +111,7 @@ pub fn parse_batch(body: &str, shards: usize) -> Result<RecordBatch, String> {
 pub fn one_record_batch(n: u64, shards: usize) -> RecordBatch {
     let entity_id = entity_id(n % FLEET_ENTITIES);
     let fields = EventFields {
-        event_id: "019ab3c2-7d41-7e55-9c1a-5f2e8d4b6a01",
+        event_id: flux_engine::record::EventId::Text("019ab3c2-7d41-7e55-9c1a-5f2e8d4b6a01"),
         stream: "iot",
         source: "gw-4",
         timestamp: 1_795_392_000_000,

@@ -83,7 +83,9 @@ pub fn set_record_format(format: RecordFormat) {
 /// The fields of one validated event, borrowed from wherever they were parsed.
 #[derive(Debug, Clone, Copy)]
 pub struct EventFields<'a> {
-    pub event_id: &'a str,
+    /// An id the server generated is a [`EventId::Uuid`]; one a client sent is
+    /// [`EventId::Text`] (stored as 16 bytes too when it is a UUID in canonical form).
+    pub event_id: EventId<'a>,
     pub stream: &'a str,
     pub source: &'a str,
     pub timestamp: i64,
@@ -136,7 +138,10 @@ impl RecordBatch {
         let out = &mut self.bytes;
         self.offsets.push(out.len() as u32);
         self.shards.push(shard);
-        let uuid = canonical_uuid(fields.event_id);
+        let uuid = match fields.event_id {
+            EventId::Uuid(bytes) => Some(bytes),
+            EventId::Text(text) => canonical_uuid(text),
+        };
         let flags = if uuid.is_some() { FLAG_UUID_ID } else { 0 }
             | if fields.key.is_some() { FLAG_KEY } else { 0 }
             | if fields.schema.is_some() {
@@ -147,7 +152,7 @@ impl RecordBatch {
         out.extend_from_slice(&[KIND_EVENT, flags]);
         match uuid {
             Some(bytes) => out.extend_from_slice(&bytes),
-            None => put_var_str(out, fields.event_id),
+            None => put_var_str(out, fields.event_id.as_str(&mut [0; 36])),
         }
         put_var_str(out, fields.stream);
         put_var_str(out, fields.source);
@@ -180,7 +185,7 @@ impl RecordBatch {
         self.offsets.push(out.len() as u32);
         self.shards.push(shard);
         out.push(KIND_EVENT_V1);
-        put_str(out, fields.event_id);
+        put_str(out, fields.event_id.as_str(&mut [0; 36]));
         put_str(out, fields.stream);
         put_str(out, fields.source);
         out.extend_from_slice(&fields.timestamp.to_le_bytes());
@@ -787,7 +792,7 @@ mod tests {
     fn sample_batch() -> RecordBatch {
         let mut batch = RecordBatch::default();
         let fields = EventFields {
-            event_id: "e1",
+            event_id: EventId::Text("e1"),
             stream: "sensors",
             source: "test",
             timestamp: 1_708_694_400_000,
@@ -883,7 +888,7 @@ mod tests {
 
     fn event<'a>(id: &'a str, timestamp: i64, entity_id: &'a str) -> EventFields<'a> {
         EventFields {
-            event_id: id,
+            event_id: EventId::Text(id),
             stream: "s",
             source: "src",
             timestamp,
@@ -972,7 +977,7 @@ mod tests {
         assert_eq!((used, frame.len()), (out.len(), 3));
         let mut taken = Vec::new();
         let record = frame.record_into(0, &mut taken).expect("kind 1");
-        assert_eq!(record.event_id, EventId::Text(old.event_id));
+        assert_eq!(record.event_id, old.event_id);
         assert_eq!(
             (
                 record.stream,
@@ -1012,11 +1017,12 @@ mod tests {
                     continue;
                 }
                 let r = frame.record(i).expect("record");
-                let EventId::Text(event_id) = r.event_id else {
-                    panic!("kind 1 ids are text")
-                };
+                assert!(
+                    matches!(r.event_id, EventId::Text(_)),
+                    "kind 1 ids are text"
+                );
                 let fields = EventFields {
-                    event_id,
+                    event_id: r.event_id,
                     stream: r.stream,
                     source: r.source,
                     timestamp: r.timestamp,
@@ -1102,7 +1108,7 @@ mod tests {
             props in proptest::collection::vec(("\\PC{0,12}", "\\PC{0,200}"), 0..6),
         ) {
             let fields = EventFields {
-                event_id: &id,
+                event_id: EventId::Text(&id),
                 stream: &stream,
                 source: "s",
                 timestamp,

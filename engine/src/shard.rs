@@ -1067,7 +1067,7 @@ mod tests {
     /// A frame at `position` holding one record of `id`: an update, or a tombstone.
     fn change(id: &str, exists: bool, position: u64) -> Frame {
         let fields = crate::record::EventFields {
-            event_id: "e",
+            event_id: crate::record::EventId::Text("e"),
             stream: "test",
             source: "test",
             timestamp: 0,

@@ -23,7 +23,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flux_engine::log::local::{LocalLog, LocalLogOptions, OpenSummary};
 use flux_engine::log::{Log, LogError};
-use flux_engine::record::{EventFields, Frame, FrameRead, LogPosition, RecordBatch, decode_frame};
+use flux_engine::record::{
+    EventFields, EventId, Frame, FrameRead, LogPosition, RecordBatch, decode_frame,
+};
 use flux_engine::shard::{Completion, Dispatcher, start_shards};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -105,7 +107,7 @@ fn batch_of(events: &[Event]) -> RecordBatch {
     let mut batch = RecordBatch::default();
     for e in events {
         let fields = EventFields {
-            event_id: &e.event_id,
+            event_id: EventId::Text(&e.event_id),
             stream: &e.stream,
             source: &e.source,
             timestamp: e.timestamp,

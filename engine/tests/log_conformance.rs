@@ -24,7 +24,7 @@ use flux_engine::control::{ConfigPatch, ControlChange};
 use flux_engine::log::jetstream::{JetStreamLog, JetStreamOptions};
 use flux_engine::log::local::{LocalLog, LocalLogOptions};
 use flux_engine::log::{Log, LogError};
-use flux_engine::record::{EventFields, Frame, LogPosition, PropertyIter, RecordBatch};
+use flux_engine::record::{EventFields, EventId, Frame, LogPosition, PropertyIter, RecordBatch};
 use flux_engine::shard::{ChangeObserver, Completion, Dispatcher, start_observed_shards};
 
 /// Every bounded wait of these tests.
@@ -68,7 +68,7 @@ fn batch_of(items: &[Item]) -> RecordBatch {
         match item {
             Item::Event(event_id, entity_id, temp) => {
                 let fields = EventFields {
-                    event_id,
+                    event_id: EventId::Text(event_id),
                     stream: "sensors",
                     source: "conformance",
                     timestamp: 1_708_694_400_000,

@@ -20,12 +20,13 @@ fuzz_target!(|data: &[u8]| {
     let mut batch = RecordBatch::default();
     let mut expected = Vec::new();
     let valid: Vec<_> = match parse_batch(text) {
-        Ok(items) => items.into_iter().filter_map(|e| finish(e, || "generated".into()).ok()).collect(),
-        Err(_) => validate(text, || "generated".into()).into_iter().collect(),
+        Ok(items) => items.into_iter().filter_map(|e| finish(e, || [7; 16]).ok()).collect(),
+        Err(_) => validate(text, || [7; 16]).into_iter().collect(),
     };
     for event in valid {
         event.push_to(&mut batch, 0);
-        expected.push((event.entity_id.to_string(), event.properties.0.len()));
+        let id = event.event_id.as_event_id().to_string();
+        expected.push((event.entity_id.to_string(), event.properties.0.len(), id));
     }
     if batch.is_empty() {
         return;
@@ -35,9 +36,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(FrameRead::Frame(frame, _)) = decode_frame(&out) else {
         panic!("an encoded frame must decode");
     };
-    for (i, (entity_id, properties)) in expected.iter().enumerate() {
+    for (i, (entity_id, properties, id)) in expected.iter().enumerate() {
         let record = frame.record(i).expect("record decodes");
         assert_eq!(record.entity_id, entity_id);
         assert_eq!(record.properties().count(), *properties);
+        assert_eq!(record.event_id.to_string(), *id);
     }
 });

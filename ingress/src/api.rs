@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use flux_engine::record::EventId;
 use flux_engine::shard::{BUILTIN_ID_PREFIX, entity_is_builtin};
 use flux_engine::{Engine, RecordBatch, json};
 use futures::stream;
@@ -60,10 +61,10 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Room a generated event id takes in a record (a UUID's 36 characters and its length).
-const GENERATED_ID_BYTES: usize = 40;
+/// Room a generated event id takes in a record (a UUID's 16 bytes).
+const GENERATED_ID_BYTES: usize = 16;
 
-fn new_event_id() -> String {
+fn new_event_id() -> [u8; 16] {
     EventIds::default().next_id()
 }
 
@@ -80,18 +81,15 @@ impl EventIds {
     /// The 62 random bits after the variant (`rand_b`), where the count goes.
     const RAND_B: u128 = (1 << 62) - 1;
 
-    fn next_id(&mut self) -> String {
+    /// The next id's 16 bytes (`EventId::Uuid` renders them).
+    fn next_id(&mut self) -> [u8; 16] {
         let id = match self.next {
             Some(id) => id,
             None => uuid::Uuid::now_v7().as_u128(),
         };
         // A count that would carry out of `rand_b` starts again from a fresh id.
         self.next = (id & Self::RAND_B != Self::RAND_B).then_some(id + 1);
-        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        uuid::Uuid::from_u128(id)
-            .hyphenated()
-            .encode_lower(&mut text)
-            .to_owned()
+        id.to_be_bytes()
     }
 }
 
@@ -101,7 +99,7 @@ fn body_str(body: &Bytes) -> Result<&str, ApiError> {
 
 fn write_ack(out: &mut Vec<u8>, event: &ValidEvent<'_>) {
     out.extend_from_slice(b"{\"eventId\":");
-    json::write_str(out, &event.event_id);
+    json::write_str(out, event.event_id.as_event_id().as_str(&mut [0; 36]));
     out.extend_from_slice(b",\"stream\":");
     json::write_str(out, &event.stream);
     out.push(b'}');
@@ -303,9 +301,9 @@ impl Api {
         let timestamp = now_ms() as i64;
         let mut generated = EventIds::default();
         for id in ids {
-            let event_id = generated.next_id();
+            let event_id = EventId::Uuid(generated.next_id());
             let fields = flux_engine::EventFields {
-                event_id: &event_id,
+                event_id,
                 stream: DELETE_STREAM,
                 source: DELETE_SOURCE,
                 timestamp,
@@ -315,7 +313,7 @@ impl Api {
             };
             let tombstone = [(flux_engine::record::TOMBSTONE_KEY, "true")];
             batch.push_event(self.engine.shard_of(id), &fields, tombstone.into_iter());
-            event_ids.push(event_id);
+            event_ids.push(event_id.to_string());
         }
         self.engine.append(batch).await?;
         Ok(event_ids)
@@ -535,13 +533,16 @@ fn parse_time_ms(raw: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::{EventIds, parse_time_ms};
+    use flux_engine::record::EventId;
 
     #[test]
     fn generated_ids_are_unique_ascending_uuid_v7() {
         let mut first = EventIds::default();
         let mut second = EventIds::default();
-        let ids: Vec<String> = (0..1000).map(|_| first.next_id()).collect();
-        let others: Vec<String> = (0..1000).map(|_| second.next_id()).collect();
+        // The text a reply and the history show.
+        let text = |bytes| EventId::Uuid(bytes).to_string();
+        let ids: Vec<String> = (0..1000).map(|_| text(first.next_id())).collect();
+        let others: Vec<String> = (0..1000).map(|_| text(second.next_id())).collect();
         let mut all: Vec<&String> = ids.iter().chain(&others).collect();
         assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "ascending");
         all.sort();
@@ -556,8 +557,8 @@ mod tests {
         let mut full = EventIds {
             next: Some(uuid::Uuid::now_v7().as_u128() | EventIds::RAND_B),
         };
-        let last = full.next_id();
-        let fresh = uuid::Uuid::parse_str(&full.next_id()).expect("a UUID");
+        let last = text(full.next_id());
+        let fresh = uuid::Uuid::parse_str(&text(full.next_id())).expect("a UUID");
         assert_eq!(fresh.get_variant(), uuid::Variant::RFC4122);
         assert_eq!(fresh.get_version_num(), 7);
         assert_ne!(fresh.to_string(), last);

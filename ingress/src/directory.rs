@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use flux_engine::record::EventId;
 use flux_engine::{EventFields, RecordBatch, json};
 
 use crate::api::Api;
@@ -99,9 +100,8 @@ impl Api {
         {
             return;
         }
-        let event_id = uuid::Uuid::now_v7().to_string();
         let fields = EventFields {
-            event_id: &event_id,
+            event_id: EventId::Uuid(uuid::Uuid::now_v7().into_bytes()),
             stream: "flux.directory",
             source: DIRECTORY_NAMESPACE,
             timestamp: flux_engine::engine::now_ms() as i64,

@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use flux_engine::record::EventId;
 use flux_engine::{EventFields, RecordBatch};
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -53,9 +54,27 @@ fn nesting_depth(raw: &str) -> usize {
 #[derive(Debug, PartialEq)]
 pub struct Properties<'a>(pub Vec<(Cow<'a, str>, &'a str)>);
 
+/// An event's id: as the client sent it, or generated here (a UUIDv7, kept as its bytes until
+/// a reply renders it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValidId<'a> {
+    Sent(Cow<'a, str>),
+    Generated([u8; 16]),
+}
+
+impl ValidId<'_> {
+    /// The id as a record stores it.
+    pub fn as_event_id(&self) -> EventId<'_> {
+        match self {
+            ValidId::Sent(text) => EventId::Text(text),
+            ValidId::Generated(bytes) => EventId::Uuid(*bytes),
+        }
+    }
+}
+
 /// A validated event, borrowing from the request body.
 pub struct ValidEvent<'a> {
-    pub event_id: Cow<'a, str>,
+    pub event_id: ValidId<'a>,
     pub stream: Cow<'a, str>,
     pub source: Cow<'a, str>,
     pub timestamp: i64,
@@ -69,7 +88,7 @@ impl ValidEvent<'_> {
     /// Encodes the event as one record of `batch`, owned by `shard`.
     pub fn push_to(&self, batch: &mut RecordBatch, shard: u16) {
         let fields = EventFields {
-            event_id: &self.event_id,
+            event_id: self.event_id.as_event_id(),
             stream: &self.stream,
             source: &self.source,
             timestamp: self.timestamp,
@@ -411,7 +430,7 @@ fn optional_str<'a>(value: Option<Loose<'a>>, field: &str) -> Result<Option<Cow<
 /// Validates one event read by the parser; `new_event_id` supplies an id when none was sent.
 pub fn finish<'a>(
     event: LooseEvent<'a>,
-    new_event_id: impl FnOnce() -> String,
+    new_event_id: impl FnOnce() -> [u8; 16],
 ) -> Result<ValidEvent<'a>, String> {
     let LooseEvent::Object(parts) = event else {
         return Err("event must be a JSON object".into());
@@ -465,8 +484,8 @@ pub fn finish<'a>(
         Some(id) if id.is_empty() || id.len() > MAX_EVENT_ID_BYTES => {
             return Err(format!("eventId must be 1-{MAX_EVENT_ID_BYTES} bytes"));
         }
-        Some(id) => id,
-        None => Cow::Owned(new_event_id()),
+        Some(id) => ValidId::Sent(id),
+        None => ValidId::Generated(new_event_id()),
     };
     Ok(ValidEvent {
         event_id,
@@ -483,7 +502,7 @@ pub fn finish<'a>(
 /// Validates one event given as JSON text, in one pass over it.
 pub fn validate<'a>(
     raw: &'a str,
-    new_event_id: impl FnOnce() -> String,
+    new_event_id: impl FnOnce() -> [u8; 16],
 ) -> Result<ValidEvent<'a>, String> {
     let event = match scan::event(raw) {
         Some(event) => event,
@@ -537,17 +556,15 @@ mod tests {
     use super::*;
 
     fn err(raw: &str) -> String {
-        validate(raw, || "id".into())
-            .err()
-            .expect("should be invalid")
+        validate(raw, || [7; 16]).err().expect("should be invalid")
     }
 
     const OK: &str = r#"{"stream":"s","source":"x","timestamp":1,"payload":{"entity_id":"a/b","properties":{"n":123456789012345678901234567890,"o":{"k": [1, null]}}}}"#;
 
     #[test]
     fn keeps_values_exactly() {
-        let event = validate(OK, || "generated".into()).expect("valid");
-        assert_eq!(event.event_id, "generated");
+        let event = validate(OK, || [9; 16]).expect("valid");
+        assert_eq!(event.event_id, ValidId::Generated([9; 16]));
         let values: Vec<_> = event.properties.0.iter().map(|(k, v)| (&**k, *v)).collect();
         assert_eq!(
             values,
@@ -633,7 +650,7 @@ mod tests {
         let items = parse_batch(&body).expect("array");
         let results: Vec<_> = items
             .into_iter()
-            .map(|e| finish(e, || "id".into()).err())
+            .map(|e| finish(e, || [7; 16]).err())
             .collect();
         assert_eq!(results[0].as_deref(), Some("event must be a JSON object"));
         assert_eq!(results[1].as_deref(), Some("stream is required"));
@@ -656,7 +673,7 @@ mod tests {
         assert_eq!(err(&null_stream), "stream is required");
         let null_key = OK.replace(r#""stream":"s""#, r#""stream":"s","key":null"#);
         assert!(
-            validate(&null_key, || "id".into())
+            validate(&null_key, || [7; 16])
                 .expect("valid")
                 .key
                 .is_none()
@@ -667,7 +684,7 @@ mod tests {
         assert!(err(&big).contains("timestamp must be an integer"));
         let null_payload = OK.replace(r#""stream":"s""#, r#""payload":null,"stream":"s""#);
         assert!(
-            validate(&null_payload, || "id".into()).is_ok(),
+            validate(&null_payload, || [7; 16]).is_ok(),
             "a later payload wins"
         );
         assert_eq!(
@@ -676,7 +693,7 @@ mod tests {
         );
         let escaped = OK.replace("a/b", r"a\/b\u00e9");
         assert_eq!(
-            validate(&escaped, || "id".into()).expect("valid").entity_id,
+            validate(&escaped, || [7; 16]).expect("valid").entity_id,
             "a/bé"
         );
     }
