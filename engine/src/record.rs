@@ -142,13 +142,9 @@ impl RecordBatch {
             EventId::Uuid(bytes) => Some(bytes),
             EventId::Text(text) => canonical_uuid(text),
         };
-        let flags = if uuid.is_some() { FLAG_UUID_ID } else { 0 }
-            | if fields.key.is_some() { FLAG_KEY } else { 0 }
-            | if fields.schema.is_some() {
-                FLAG_SCHEMA
-            } else {
-                0
-            };
+        let flags = (u8::from(uuid.is_some()) * FLAG_UUID_ID)
+            | (u8::from(fields.key.is_some()) * FLAG_KEY)
+            | (u8::from(fields.schema.is_some()) * FLAG_SCHEMA);
         out.extend_from_slice(&[KIND_EVENT, flags]);
         match uuid {
             Some(bytes) => out.extend_from_slice(&bytes),
