@@ -511,7 +511,7 @@ fn record_formats(dir: &Path) -> Vec<flux_engine::record::RecordFormat> {
             for i in 0..frame.len() {
                 if frame.control(i).expect("record").is_none() {
                     let record = frame.record(i).expect("event");
-                    if !record.entity_id.starts_with("flux-core/") {
+                    if !record.fields.entity_id.starts_with("flux-core/") {
                         formats.push(record.format());
                     }
                 }

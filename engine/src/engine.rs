@@ -658,7 +658,7 @@ fn render_event(
     position: LogPosition,
     accept_ms: u64,
 ) {
-    let f = record;
+    let f = &record.fields;
     out.extend_from_slice(b"{\"eventId\":");
     json::write_str(out, f.event_id.as_str(&mut [0; 36]));
     out.extend_from_slice(b",\"stream\":");

@@ -475,13 +475,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<FrameRead, DecodeError> {
 /// One decoded event record, borrowing from the frame.
 #[derive(Debug, Clone, Copy)]
 pub struct EventRecord<'a> {
-    pub event_id: EventId<'a>,
-    pub stream: &'a str,
-    pub source: &'a str,
-    pub timestamp: i64,
-    pub entity_id: &'a str,
-    pub key: Option<&'a str>,
-    pub schema: Option<&'a str>,
+    pub fields: EventFields<'a>,
     property_count: u32,
     properties: &'a [u8],
     /// The properties' lengths are `u32`s (kind 1), not LEB128 (kind 3).
@@ -684,7 +678,7 @@ impl<'a> EventRecord<'a> {
         } else {
             EventId::Text(c.var_str()?)
         };
-        let record = EventRecord {
+        let fields = EventFields {
             event_id,
             stream: c.var_str()?,
             source: c.var_str()?,
@@ -700,6 +694,9 @@ impl<'a> EventRecord<'a> {
             } else {
                 None
             },
+        };
+        let record = EventRecord {
+            fields,
             property_count: 0,
             properties: &[],
             wide: false,
@@ -709,7 +706,7 @@ impl<'a> EventRecord<'a> {
 
     /// The fields of a kind-1 record after its kind byte, and its property count.
     fn v1_fields(c: &mut Cursor<'a>) -> Result<(Self, u32), DecodeError> {
-        let record = EventRecord {
+        let fields = EventFields {
             event_id: EventId::Text(c.str()?),
             stream: c.str()?,
             source: c.str()?,
@@ -717,6 +714,9 @@ impl<'a> EventRecord<'a> {
             entity_id: c.str()?,
             key: c.opt()?,
             schema: c.opt()?,
+        };
+        let record = EventRecord {
+            fields,
             property_count: 0,
             properties: &[],
             wide: true,
@@ -828,12 +828,16 @@ mod tests {
         assert_eq!(frame.control(0).expect("event"), None);
         assert!(frame.record(2).is_err());
         let first = frame.record(0).expect("record 0");
-        assert_eq!(first.entity_id, "acme/pump-01");
-        assert_eq!(first.key, Some("k"));
-        assert_eq!(first.schema, None);
-        assert_eq!(first.event_id, EventId::Text("e1"));
+        assert_eq!(first.fields.entity_id, "acme/pump-01");
+        assert_eq!(first.fields.key, Some("k"));
+        assert_eq!(first.fields.schema, None);
+        assert_eq!(first.fields.event_id, EventId::Text("e1"));
         assert_eq!(
-            (first.stream, first.source, first.timestamp),
+            (
+                first.fields.stream,
+                first.fields.source,
+                first.fields.timestamp
+            ),
             ("sensors", "test", 1_708_694_400_000)
         );
         let props: Vec<_> = first.properties().collect();
@@ -849,7 +853,7 @@ mod tests {
         let mut taken = vec![("stale", "x")];
         let again = frame.record_into(0, &mut taken).expect("record 0");
         assert_eq!(taken, props);
-        assert_eq!(again.entity_id, "acme/pump-01");
+        assert_eq!(again.fields.entity_id, "acme/pump-01");
         frame.record_into(1, &mut taken).expect("record 1");
         assert_eq!(taken, [("__deleted__", "true")]);
         assert!(frame.record_into(2, &mut taken).is_err());
@@ -912,10 +916,10 @@ mod tests {
             batch.push_event(0, &event(id, 1, "a/b"), [("x", "1")].into_iter());
             let (frame, bytes) = decode_one(&batch);
             let record = frame.record(0).expect("record");
-            assert_eq!(record.event_id.to_string(), id);
-            assert_eq!(record.event_id.as_str(&mut [0; 36]), id);
+            assert_eq!(record.fields.event_id.to_string(), id);
+            assert_eq!(record.fields.event_id.as_str(&mut [0; 36]), id);
             assert_eq!(
-                matches!(record.event_id, EventId::Uuid(_)),
+                matches!(record.fields.event_id, EventId::Uuid(_)),
                 id == canonical,
                 "{id}"
             );
@@ -939,9 +943,12 @@ mod tests {
                 batch.push_event(0, &fields, [(value, value), ("n", "1")].into_iter());
                 let (frame, _) = decode_one(&batch);
                 let record = frame.record(0).expect("record");
-                assert_eq!(record.timestamp, timestamp);
-                assert_eq!((record.entity_id, record.key), (value, Some(value)));
-                assert_eq!(record.schema, Some("v2"));
+                assert_eq!(record.fields.timestamp, timestamp);
+                assert_eq!(
+                    (record.fields.entity_id, record.fields.key),
+                    (value, Some(value))
+                );
+                assert_eq!(record.fields.schema, Some("v2"));
                 let props: Vec<_> = record.properties().collect();
                 assert_eq!(props, [(value, value), ("n", "1")]);
             }
@@ -973,22 +980,25 @@ mod tests {
         assert_eq!((used, frame.len()), (out.len(), 3));
         let mut taken = Vec::new();
         let record = frame.record_into(0, &mut taken).expect("kind 1");
-        assert_eq!(record.event_id, old.event_id);
+        assert_eq!(record.fields.event_id, old.event_id);
         assert_eq!(
             (
-                record.stream,
-                record.source,
-                record.timestamp,
-                record.entity_id
+                record.fields.stream,
+                record.fields.source,
+                record.fields.timestamp,
+                record.fields.entity_id
             ),
             ("s", "src", -7, "acme/pump-01")
         );
-        assert_eq!((record.key, record.schema), (Some("k"), None));
+        assert_eq!((record.fields.key, record.fields.schema), (Some("k"), None));
         assert_eq!(taken, props);
         assert_eq!(record.properties().collect::<Vec<_>>(), props);
         assert_eq!(record.format(), RecordFormat::V1);
         let record = frame.record(1).expect("kind 3");
-        assert_eq!((record.entity_id, record.timestamp), ("acme/pump-02", 5));
+        assert_eq!(
+            (record.fields.entity_id, record.fields.timestamp),
+            ("acme/pump-02", 5)
+        );
         assert_eq!(record.format(), RecordFormat::Compact);
         assert_eq!(frame.control(2).expect("control"), Some("{}"));
     }
@@ -1014,19 +1024,10 @@ mod tests {
                 }
                 let r = frame.record(i).expect("record");
                 assert!(
-                    matches!(r.event_id, EventId::Text(_)),
+                    matches!(r.fields.event_id, EventId::Text(_)),
                     "kind 1 ids are text"
                 );
-                let fields = EventFields {
-                    event_id: r.event_id,
-                    stream: r.stream,
-                    source: r.source,
-                    timestamp: r.timestamp,
-                    entity_id: r.entity_id,
-                    key: r.key,
-                    schema: r.schema,
-                };
-                batch.push_event_v1(0, &fields, r.properties());
+                batch.push_event_v1(0, &r.fields, r.properties());
                 events += 1;
             }
             let records = &log[at + FRAME_PREFIX_BYTES + FRAME_HEADER_BYTES..at + used];
@@ -1090,7 +1091,7 @@ mod tests {
                 if let Ok(record) = EventRecord::decode(&bytes[..end]) {
                     let walked = record.properties().count();
                     proptest::prop_assert_eq!(walked, record.property_count as usize);
-                    let _ = record.event_id.to_string();
+                    let _ = record.fields.event_id.to_string();
                 }
             }
         }
@@ -1116,10 +1117,10 @@ mod tests {
             batch.push_event(0, &fields, props.iter().map(|(n, v)| (n.as_str(), v.as_str())));
             let (frame, _) = decode_one(&batch);
             let record = frame.record(0).expect("record");
-            proptest::prop_assert_eq!(record.event_id.to_string(), id);
-            proptest::prop_assert_eq!(record.stream, stream.as_str());
-            proptest::prop_assert_eq!(record.timestamp, timestamp);
-            proptest::prop_assert_eq!(record.key, key.as_deref());
+            proptest::prop_assert_eq!(record.fields.event_id.to_string(), id);
+            proptest::prop_assert_eq!(record.fields.stream, stream.as_str());
+            proptest::prop_assert_eq!(record.fields.timestamp, timestamp);
+            proptest::prop_assert_eq!(record.fields.key, key.as_deref());
             let decoded: Vec<_> = record.properties().collect();
             let sent: Vec<_> = props.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
             proptest::prop_assert_eq!(decoded, sent);

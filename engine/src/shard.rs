@@ -917,7 +917,7 @@ impl Shard {
                     continue;
                 }
             };
-            let id = record.entity_id;
+            let id = record.fields.entity_id;
             let builtin = entity_is_builtin(id);
             self.builtin_events += u64::from(builtin);
             let covered = position <= self.covered;
@@ -954,8 +954,8 @@ impl Shard {
                 Some(true)
             };
             // Flux's own writes (`flux.*` streams: deletes, the directory) are not publishers.
-            if !record.stream.starts_with(INTERNAL_STREAM_PREFIX) {
-                let source = record.source;
+            if !record.fields.stream.starts_with(INTERNAL_STREAM_PREFIX) {
+                let source = record.fields.source;
                 match self.sources.get_mut(source) {
                     Some(seen) => *seen = accept_ms,
                     None => {

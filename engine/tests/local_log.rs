@@ -62,7 +62,7 @@ impl StoredFrame {
         let events = (0..frame.len())
             .map(|i| {
                 let record = frame.record(i).expect("a stored record decodes");
-                let f = record;
+                let f = record.fields;
                 Event {
                     event_id: f.event_id.to_string(),
                     stream: f.stream.to_owned(),
@@ -948,7 +948,7 @@ async fn concurrent_appends_get_unique_dense_positions_in_log_order() {
         let record = frame
             .record((position - frame.first_position) as usize)
             .expect("record");
-        assert_eq!(record.event_id.to_string(), *id);
+        assert_eq!(record.fields.event_id.to_string(), *id);
     }
     reopened.log.close();
 }

@@ -52,8 +52,8 @@ fn items_of(frame: &Frame) -> Vec<Item> {
                         .find(|(n, _)| *n == "temp")
                         .map_or(String::new(), |(_, v)| v.to_owned());
                     Item::Event(
-                        record.event_id.to_string(),
-                        record.entity_id.to_owned(),
+                        record.fields.event_id.to_string(),
+                        record.fields.entity_id.to_owned(),
                         temp,
                     )
                 }

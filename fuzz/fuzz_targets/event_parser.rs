@@ -38,8 +38,8 @@ fuzz_target!(|data: &[u8]| {
     };
     for (i, (entity_id, properties, id)) in expected.iter().enumerate() {
         let record = frame.record(i).expect("record decodes");
-        assert_eq!(record.entity_id, entity_id);
+        assert_eq!(record.fields.entity_id, entity_id);
         assert_eq!(record.properties().count(), *properties);
-        assert_eq!(record.event_id.to_string(), *id);
+        assert_eq!(record.fields.event_id.to_string(), *id);
     }
 });

@@ -572,7 +572,7 @@ fn run_writer(
 pub fn owners_of(frame: &Frame, shards: usize) -> Vec<u16> {
     (0..frame.len())
         .map(|i| match frame.record(i) {
-            Ok(record) => shard_of(record.entity_id, shards),
+            Ok(record) => shard_of(record.fields.entity_id, shards),
             Err(_) => CONTROL_OWNER,
         })
         .collect()
