@@ -633,19 +633,28 @@ impl<'a> EventRecord<'a> {
             at: 0,
             check_utf8,
         };
-        let (mut record, property_count) = match c.u8()? {
-            KIND_EVENT => Self::compact_fields(&mut c)?,
-            KIND_EVENT_V1 => Self::v1_fields(&mut c)?,
+        let wide = match c.u8()? {
+            KIND_EVENT => false,
+            KIND_EVENT_V1 => true,
             _ => return Err(DecodeError::Malformed("unknown record kind")),
         };
+        let (fields, property_count) = if wide {
+            Self::v1_fields(&mut c)?
+        } else {
+            Self::compact_fields(&mut c)?
+        };
         let start = c.at;
-        if record.wide {
+        if wide {
             Self::walk_properties(&mut c, property_count, properties, Cursor::str)?;
         } else {
             Self::walk_properties(&mut c, property_count, properties, Cursor::var_str)?;
         }
-        record.property_count = property_count;
-        record.properties = &buf[start..c.at];
+        let record = EventRecord {
+            fields,
+            property_count,
+            properties: &buf[start..c.at],
+            wide,
+        };
         Ok((record, c.at))
     }
 
@@ -668,7 +677,7 @@ impl<'a> EventRecord<'a> {
     }
 
     /// The fields of a kind-3 record after its kind byte, and its property count.
-    fn compact_fields(c: &mut Cursor<'a>) -> Result<(Self, u32), DecodeError> {
+    fn compact_fields(c: &mut Cursor<'a>) -> Result<(EventFields<'a>, u32), DecodeError> {
         let flags = c.u8()?;
         if flags & !FLAGS_KNOWN != 0 {
             return Err(DecodeError::Malformed("unknown record flags"));
@@ -695,17 +704,11 @@ impl<'a> EventRecord<'a> {
                 None
             },
         };
-        let record = EventRecord {
-            fields,
-            property_count: 0,
-            properties: &[],
-            wide: false,
-        };
-        Ok((record, c.var_u32()?))
+        Ok((fields, c.var_u32()?))
     }
 
     /// The fields of a kind-1 record after its kind byte, and its property count.
-    fn v1_fields(c: &mut Cursor<'a>) -> Result<(Self, u32), DecodeError> {
+    fn v1_fields(c: &mut Cursor<'a>) -> Result<(EventFields<'a>, u32), DecodeError> {
         let fields = EventFields {
             event_id: EventId::Text(c.str()?),
             stream: c.str()?,
@@ -715,13 +718,7 @@ impl<'a> EventRecord<'a> {
             key: c.opt()?,
             schema: c.opt()?,
         };
-        let record = EventRecord {
-            fields,
-            property_count: 0,
-            properties: &[],
-            wide: true,
-        };
-        Ok((record, c.u32()?))
+        Ok((fields, c.u32()?))
     }
 
     /// The kind the record was written as.
