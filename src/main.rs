@@ -116,6 +116,21 @@ enum RecordFormatArg {
     V1,
 }
 
+impl RecordFormatArg {
+    fn format(self) -> flux_engine::record::RecordFormat {
+        match self {
+            RecordFormatArg::Compact => flux_engine::record::RecordFormat::Compact,
+            RecordFormatArg::V1 => flux_engine::record::RecordFormat::V1,
+        }
+    }
+
+    /// The value as given on the command line.
+    fn name(self) -> String {
+        use clap::ValueEnum;
+        (self.to_possible_value()).map_or_else(String::new, |v| v.get_name().to_string())
+    }
+}
+
 fn main() {
     disable_transparent_huge_pages();
     shorten_allocator_purge_delay();
@@ -227,10 +242,7 @@ fn log_config(args: &ServeArgs) -> anyhow::Result<LogConfig> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let log = log_config(&args)?;
-    flux_engine::record::set_record_format(match args.record_format {
-        RecordFormatArg::Compact => flux_engine::record::RecordFormat::Compact,
-        RecordFormatArg::V1 => flux_engine::record::RecordFormat::V1,
-    });
+    flux_engine::record::set_record_format(args.record_format.format());
     if args.segment_bytes < 4096 {
         bail!("--segment-bytes must be at least 4096");
     }
@@ -315,10 +327,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         engine.config().leader_commits && engine.config().log == LogConfig::Local,
         humantime::format_duration(args.request_timeout),
         humantime::format_duration(args.directory_interval),
-        match args.record_format {
-            RecordFormatArg::Compact => "compact",
-            RecordFormatArg::V1 => "v1",
-        },
+        args.record_format.name(),
         recovery
             .snapshot_position
             .map_or("none".to_string(), |p| p.to_string()),
