@@ -27,13 +27,16 @@
 //!   the `*` subscription are older than anything the stream holds for it; frames queued while
 //!   it lasts are control frames (errors, pongs, metrics), whose order against changes does not
 //!   matter; on unsubscribing, the stream's unsent remainder is queued before anything later.
-//!   A position the stream no longer keeps is an overflow (1008).
+//!   A position the stream no longer keeps is an overflow (1008), noticed as soon as the stream
+//!   drops it, also while the writer waits on a full socket (the close frame then follows the
+//!   batch in flight once the client reads again).
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -420,7 +423,9 @@ impl Connection {
                 }
                 continue;
             }
-            let result = write_all(&mut socket, &mut batch).await;
+            let result = self
+                .write_watching_the_stream(&mut socket, &mut batch, stream, overflows)
+                .await;
             let written = Instant::now();
             self.lock().last_write = Some(written);
             if result.is_err() {
@@ -451,6 +456,49 @@ impl Connection {
         }
         // Make sure producers stop queueing for a connection nobody writes any more.
         self.close(frame::CLOSE_GOING_AWAY, "connection ended");
+    }
+
+    /// Writes `batch`; while the socket does not take it, a `*` subscriber whose position the
+    /// stream stops keeping overflows at once (counted, close frame queued), not only when its
+    /// client reads again. The batch in flight still goes out first, then the close frame.
+    async fn write_watching_the_stream(
+        &self,
+        socket: &mut OwnedWriteHalf,
+        batch: &mut VecDeque<Bytes>,
+        stream: &Stream,
+        overflows: &Counter,
+    ) -> std::io::Result<()> {
+        let mut write = std::pin::pin!(write_all(socket, batch));
+        // Most writes complete at once: watch the stream only while the socket holds one back.
+        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+        if let Poll::Ready(result) = first {
+            return result;
+        }
+        loop {
+            let mut appended = std::pin::pin!(stream.appended.notified());
+            appended.as_mut().enable();
+            {
+                let mut queue = self.lock();
+                match queue.stream {
+                    None => break,
+                    Some(position) if !stream.keeps(position) => {
+                        if queue.close.is_some() {
+                            // Closing already: the stream is of no more use to it.
+                            queue.stream = None;
+                        } else if self.overflow(&mut queue) == Push::Overflowed {
+                            overflows.inc();
+                        }
+                        break;
+                    }
+                    Some(_) => {}
+                }
+            }
+            tokio::select! {
+                result = write.as_mut() => return result,
+                _ = appended => {}
+            }
+        }
+        write.await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {

@@ -16,7 +16,7 @@
 //!   (release), so readers (acquire) see whole frames only.
 //! - The stream keeps at least the last [`KEEP_BYTES`] bytes. A reader whose position fell
 //!   behind what is kept has lagged: its connection is closed (1008), as an overflowing queue
-//!   would be. What a reader took stays alive while it holds it (the chunk is shared), so a
+//!   would be, and its writer checks this on every append while a full socket holds it back. What a reader took stays alive while it holds it (the chunk is shared), so a
 //!   writer stuck on a full socket keeps at most one batch, not the stream. When the last `*`
 //!   subscriber leaves, the stream lets go of every chunk ([`Stream::release`]).
 
@@ -164,6 +164,14 @@ impl Stream {
     /// reader still finishing reads nothing more.
     pub fn release(&self) {
         self.lock().clear();
+    }
+
+    /// Whether a reader at `position` has not lagged: the stream still keeps it (or keeps
+    /// nothing, having been released).
+    pub fn keeps(&self, position: u64) -> bool {
+        self.lock()
+            .front()
+            .is_none_or(|first| position >= first.start)
     }
 
     /// Takes the published bytes from `from` on, at most about `max_bytes` (whole chunks past
