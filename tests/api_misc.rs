@@ -184,7 +184,93 @@ fn wrong_methods_are_404_or_405() {
             r.text
         );
         error_message(&r.json());
+        if r.status == 405 {
+            let allow = r
+                .header("allow")
+                .unwrap_or_else(|| panic!("{method} {path}: 405 without an Allow header"));
+            assert!(
+                !allow.contains(method) && allow.contains("OPTIONS"),
+                "{method} {path}: Allow: {allow}"
+            );
+        }
     }
+    let r = s.request("PUT", "/api/events", &[], Some(b"{}"));
+    assert_eq!(r.header("allow"), Some("GET, HEAD, POST, OPTIONS"));
+}
+
+/// HEAD answers what GET would, without the body: same status, type and length.
+#[test]
+fn head_is_answered_like_get_without_a_body() {
+    let s = Server::start();
+    let (status, body) = s.post(
+        "/api/events",
+        &json!({"stream": "s", "source": "t", "timestamp": 1708694400000u64,
+                "payload": {"entity_id": "acme/h1", "properties": {"v": 1}}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    for path in [
+        "/api/health",
+        "/api/state/entities",
+        "/api/state/entities/acme%2Fh1",
+        "/api/state/entities/acme/missing",
+        "/api/events?entity_id=acme/h1",
+        "/metrics",
+    ] {
+        let get = s.request("GET", path, &[], None);
+        // Everything the server sends until it closes: the head, and no body after it.
+        let request = format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (status, headers) = match s.raw(request.as_bytes()) {
+            // A chunked head with nothing after it parses as a complete, empty response.
+            RawOutcome::Response(r) => {
+                assert!(r.body.is_empty(), "HEAD {path} sent a body: {}", r.text());
+                (r.status, r.headers)
+            }
+            // A head with a Content-Length and no body parses as cut short.
+            RawOutcome::Closed { partial } => {
+                let text = String::from_utf8_lossy(&partial).into_owned();
+                let (head, after) = text
+                    .split_once("\r\n\r\n")
+                    .unwrap_or_else(|| panic!("HEAD {path}: no complete head: {text}"));
+                assert_eq!(after, "", "HEAD {path} sent a body");
+                let mut lines = head.lines();
+                let status = lines
+                    .next()
+                    .and_then(|l| l.split(' ').nth(1))
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or_else(|| panic!("HEAD {path}: status line of {head}"));
+                let headers = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .collect();
+                (status, headers)
+            }
+            RawOutcome::TimedOut { partial } => panic!(
+                "HEAD {path}: the server neither finished nor closed: {}",
+                String::from_utf8_lossy(&partial)
+            ),
+        };
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(status, get.status, "HEAD {path}");
+        assert_eq!(
+            header("content-type").as_deref(),
+            get.header("content-type"),
+            "HEAD {path}"
+        );
+        if let Some(length) = header("content-length")
+            && path != "/metrics"
+        {
+            // Same length (the metrics text changes between two requests).
+            assert_eq!(length, get.text.len().to_string(), "HEAD {path}");
+        }
+    }
+    // No WebSocket upgrade by HEAD.
+    let r = s.request("HEAD", "/api/ws", &[], None);
+    assert_eq!(r.status, 405);
 }
 
 // ------------------------------------------------------------------ hostile input

@@ -338,8 +338,8 @@ impl Api {
     }
 
     /// `POST /api/state/entities/delete` with exactly one of namespace, prefix, entity_ids.
-    /// Deletes at most [`MAX_BATCH_DELETE`] entities a call; `remaining` in the reply counts
-    /// what a namespace or prefix still matches after it (0 unless the call hit the limit).
+    /// Deletes at most [`MAX_BATCH_DELETE`] entities a call; when a namespace or prefix matched
+    /// more, `remaining` in the reply counts what it still matches (absent otherwise).
     /// Built-in entities are never deleted.
     pub async fn batch_delete(&self, request: Request) -> Result<Response, ApiError> {
         #[derive(serde::Deserialize)]
@@ -459,8 +459,12 @@ impl Api {
         let mut out = Vec::with_capacity(64 + 64 * errors.len());
         out.extend_from_slice(b"{\"deleted\":");
         json::write_u64(&mut out, targets.len() as u64);
-        out.extend_from_slice(b",\"remaining\":");
-        json::write_u64(&mut out, remaining as u64);
+        // SPEC's reply has exactly deleted, failed and errors; `remaining` is added only when
+        // the call stopped at the limit, so every other reply matches it key for key.
+        if remaining > 0 {
+            out.extend_from_slice(b",\"remaining\":");
+            json::write_u64(&mut out, remaining as u64);
+        }
         out.extend_from_slice(b",\"failed\":");
         json::write_u64(&mut out, errors.len() as u64);
         out.extend_from_slice(b",\"errors\":[");

@@ -12,6 +12,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `Retry-After` header (429).
     pub retry_after: Option<u64>,
+    /// The methods for an `Allow` header (405).
+    pub allow: Option<String>,
 }
 
 impl ApiError {
@@ -20,6 +22,7 @@ impl ApiError {
             status,
             message: message.into(),
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -68,14 +71,20 @@ impl ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
+    /// 405 for a route that takes `allowed` (every route also answers `OPTIONS`, the CORS
+    /// preflight); the list goes into the message and the `Allow` header.
     pub fn method_not_allowed(allowed: &str) -> Self {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method not allowed; allowed: {allowed}"),
-        )
+        let allowed = format!("{allowed}, OPTIONS");
+        ApiError {
+            allow: Some(allowed.clone()),
+            ..ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method not allowed; allowed: {allowed}"),
+            )
+        }
     }
 
-    /// The response: status plus `{"error": message}` (and `Retry-After` when set). A 413
+    /// The response: status plus `{"error": message}` (and `Retry-After` or `Allow` when set). A 413
     /// also says `Connection: close`: the rest of its body is never read, so the connection
     /// cannot carry another request.
     pub fn into_response(self) -> Response {
@@ -85,6 +94,9 @@ impl ApiError {
                 hyper::header::CONNECTION,
                 hyper::header::HeaderValue::from_static("close"),
             );
+        }
+        if let Some(allow) = self.allow.and_then(|a| a.parse().ok()) {
+            response.headers_mut().insert(hyper::header::ALLOW, allow);
         }
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(

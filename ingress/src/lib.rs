@@ -52,12 +52,15 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
     if method == Method::OPTIONS {
         return Ok(preflight());
     }
+    // HEAD is answered as GET would be; hyper leaves the body out and keeps its length.
+    let head = method == Method::HEAD;
+    let method = if head { Method::GET } else { method };
     let path = request.uri().path().to_string();
     match path.as_str() {
         "/api/events" => match method {
             Method::POST => observe_write(api, api.publish(request)).await,
             Method::GET => api.history(request).await,
-            _ => Err(ApiError::method_not_allowed("GET, POST")),
+            _ => Err(ApiError::method_not_allowed("GET, HEAD, POST")),
         },
         "/api/events/batch" => match method {
             Method::POST => observe_write(api, api.publish_batch(request)).await,
@@ -65,17 +68,17 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
         },
         "/api/state/entities" | "/api/state/entities/" => match method {
             Method::GET => api.list(&request),
-            _ => Err(ApiError::method_not_allowed("GET")),
+            _ => Err(ApiError::method_not_allowed("GET, HEAD")),
         },
         "/api/state/entities/delete" if method == Method::POST => api.batch_delete(request).await,
         "/api/ws" => match (&method, &api.websocket) {
-            (&Method::GET, Some(upgrade)) => Ok(upgrade(request)),
+            (&Method::GET, Some(upgrade)) if !head => Ok(upgrade(request)),
             (&Method::GET, None) => Err(ApiError::not_found("WebSocket is not enabled")),
             _ => Err(ApiError::method_not_allowed("GET")),
         },
         "/api/health" => match method {
             Method::GET => Ok(api.health().await),
-            _ => Err(ApiError::method_not_allowed("GET")),
+            _ => Err(ApiError::method_not_allowed("GET, HEAD")),
         },
         "/metrics" => match method {
             Method::GET => {
@@ -86,7 +89,7 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                     .unwrap_or_default();
                 Ok(api.metrics_text(accept).await)
             }
-            _ => Err(ApiError::method_not_allowed("GET")),
+            _ => Err(ApiError::method_not_allowed("GET, HEAD")),
         },
         "/api/namespaces" => match method {
             Method::POST => api.register_namespace(request).await,
@@ -95,11 +98,11 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
         "/api/admin/config" => match method {
             Method::GET => api.get_config(&request),
             Method::PUT => api.put_config(request).await,
-            _ => Err(ApiError::method_not_allowed("GET, PUT")),
+            _ => Err(ApiError::method_not_allowed("GET, HEAD, PUT")),
         },
         "/api/connectors" => match method {
             Method::GET => Ok(api.list_connectors()),
-            _ => Err(ApiError::method_not_allowed("GET")),
+            _ => Err(ApiError::method_not_allowed("GET, HEAD")),
         },
         _ => {
             if let Some(raw_id) = path
@@ -110,7 +113,7 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                 return match method {
                     Method::GET => api.get(&id).await,
                     Method::DELETE => observe_write(api, api.delete(&request, &id)).await,
-                    _ => Err(ApiError::method_not_allowed("GET, DELETE")),
+                    _ => Err(ApiError::method_not_allowed("GET, HEAD, DELETE")),
                 };
             }
             if let Some(raw) = path.strip_prefix("/api/namespaces/") {
@@ -118,7 +121,7 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                 return match method {
                     Method::GET => api.get_namespace(&name).await,
                     Method::DELETE => api.delete_namespace(&request, &name).await,
-                    _ => Err(ApiError::method_not_allowed("GET, DELETE")),
+                    _ => Err(ApiError::method_not_allowed("GET, HEAD, DELETE")),
                 };
             }
             if let Some(rest) = path.strip_prefix("/api/connectors/") {
@@ -129,7 +132,7 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                     }
                     (Some(_), _) => Err(ApiError::method_not_allowed("POST, DELETE")),
                     (None, Method::GET) => api.get_connector(rest),
-                    (None, _) => Err(ApiError::method_not_allowed("GET")),
+                    (None, _) => Err(ApiError::method_not_allowed("GET, HEAD")),
                 };
             }
             Err(ApiError::not_found(format!("no route for {method} {path}")))
