@@ -213,7 +213,7 @@ fn head_is_answered_like_get_without_a_body() {
         "/api/state/entities",
         "/api/state/entities/acme%2Fh1",
         "/api/state/entities/acme/missing",
-        "/api/events?entity_id=acme/h1",
+        "/api/events?entity=acme/h1",
         "/metrics",
     ] {
         let get = s.request("GET", path, &[], None);
