@@ -6,6 +6,37 @@
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
+/// A count that must be at least 1 (connections, subscribers, events per batch, ...).
+fn count(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a whole number")),
+    }
+}
+
+fn count_usize(text: &str) -> Result<usize, String> {
+    count(text).and_then(|n| usize::try_from(n).map_err(|_| "too large".into()))
+}
+
+/// Seconds: finite, not negative, at most ~115 days.
+fn seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..=1e7).contains(&s) => Ok(s),
+        Ok(_) => Err("must be between 0 and 10000000 seconds".into()),
+        Err(_) => Err(format!("{text:?} is not a number of seconds")),
+    }
+}
+
+/// A rate per second: finite and above 0.
+fn rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        Ok(_) => Err("must be a positive number per second".into()),
+        Err(_) => Err(format!("{text:?} is not a number")),
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "flux-loadtest",
@@ -29,7 +60,7 @@ pub enum Scenario {
     E2e(DeliveryArgs),
     /// Many subscribers on `*` (over several processes when needed): frames/s, loss, lag.
     Fanout(DeliveryArgs),
-    /// Idle subscribers held open; reports server memory per connection.
+    /// Idle subscribers held open; with --server-pid, reports server memory per connection.
     Connections(ConnectionsArgs),
     /// Populate events, restart the server, time until the last event is readable again.
     Recovery(RecoveryArgs),
@@ -44,6 +75,11 @@ pub struct CommonArgs {
     /// Base URL of the server.
     #[arg(long, env = "FLUX_URL", default_value = "http://127.0.0.1:3000")]
     pub url: String,
+    /// Bearer token sent with every HTTP request (a server in auth mode: a namespace token, or
+    /// the admin token). Never echoed in the result.
+    #[arg(long, env = "FLUX_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
+    pub token: Option<String>,
     /// Server process id: sample its CPU time and RSS from /proc before and after.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -56,10 +92,11 @@ pub struct CommonArgs {
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct TimingArgs {
     /// Measured seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     pub duration: f64,
-    /// Seconds of load before measuring starts (not counted).
-    #[arg(long, default_value_t = 1.0)]
+    /// Seconds of load before measuring starts (not counted in the measured figures; the
+    /// result's `total` counts them).
+    #[arg(long, default_value_t = 1.0, value_parser = seconds)]
     pub warmup: f64,
 }
 
@@ -67,10 +104,10 @@ pub struct TimingArgs {
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct LoadArgs {
     /// Keep-alive HTTP connections (one request in flight each).
-    #[arg(long, short = 'c', default_value_t = 16)]
+    #[arg(long, short = 'c', default_value_t = 16, value_parser = count_usize)]
     pub connections: usize,
     /// Open loop: requests are due at this many events per second. Without it: closed loop.
-    #[arg(long)]
+    #[arg(long, value_parser = rate)]
     pub rate: Option<f64>,
     /// Open loop: requests due but not yet started beyond this many are dropped.
     #[arg(long)]
@@ -82,7 +119,7 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 10)]
     pub late_ms: u64,
     /// A request without a response after this long is a `timeout` error.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = count)]
     pub timeout_ms: u64,
 }
 
@@ -97,14 +134,14 @@ pub struct IngestArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub load: LoadArgs,
-    /// Events per request (ingest-batch only).
-    #[arg(long, short = 'b', default_value_t = 100)]
-    pub batch: u64,
+    /// Events per request: ingest-batch only [default: 100]; ingest sends one.
+    #[arg(long, short = 'b', value_parser = count)]
+    pub batch: Option<u64>,
     /// Properties per event.
     #[arg(long, default_value_t = 5)]
     pub props: usize,
     /// Distinct entity ids (`loadtest/dev-<n>`, n = event sequence modulo this).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = count)]
     pub entities: u64,
 }
 
@@ -117,19 +154,19 @@ pub struct FleetArgs {
     #[serde(flatten)]
     pub timing: TimingArgs,
     /// Keep-alive HTTP connections shared by all devices.
-    #[arg(long, short = 'c', default_value_t = 16)]
+    #[arg(long, short = 'c', default_value_t = 16, value_parser = count_usize)]
     pub connections: usize,
     /// Simulated devices.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = count)]
     pub devices: u64,
     /// Devices per site (`fleet/site-<k>/device-<n>`).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = count)]
     pub devices_per_site: u64,
     /// Sensors per device; each value drifts as a random walk.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = count_usize)]
     pub sensors: usize,
     /// Each device reports once per interval (open loop).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = count)]
     pub interval_ms: u64,
     /// Seed of the random walks: the same seed gives the same values.
     #[arg(long, default_value_t = 1)]
@@ -141,7 +178,7 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 10)]
     pub late_ms: u64,
     /// A request without a response after this long is a `timeout` error.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = count)]
     pub timeout_ms: u64,
 }
 
@@ -154,28 +191,29 @@ pub struct DeliveryArgs {
     #[serde(flatten)]
     pub timing: TimingArgs,
     /// WebSocket subscribers.
-    #[arg(long, short = 's', default_value_t = 100)]
+    #[arg(long, short = 's', default_value_t = 100, value_parser = count_usize)]
     pub subscribers: usize,
     /// Subscription pattern (default: `loadtest/*` for e2e, `*` for fanout).
     #[arg(long)]
     pub pattern: Option<String>,
     /// Published events per second (open loop).
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(long, default_value_t = 1000.0, value_parser = rate)]
     pub rate: f64,
     /// Publisher connections.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = count_usize)]
     pub connections: usize,
     /// Events per publish request (1: POST /api/events, more: /api/events/batch).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count)]
     pub batch: u64,
     /// Properties per published event; the first is always `sent_ns`.
     #[arg(long, default_value_t = 1)]
     pub props: usize,
     /// Distinct published entity ids.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = count)]
     pub entities: u64,
-    /// Subscribers per process; more are spread over child processes.
-    #[arg(long, default_value_t = 8000)]
+    /// Subscribers per process; more are spread over child processes. Lowered to fit the
+    /// open-files limit (raised to its hard maximum first).
+    #[arg(long, default_value_t = 8000, value_parser = count_usize)]
     pub subscribers_per_process: usize,
     /// Subscriber threads per process (default: available cores).
     #[arg(long)]
@@ -194,16 +232,17 @@ pub struct ConnectionsArgs {
     #[serde(flatten)]
     pub common: CommonArgs,
     /// Idle WebSocket subscribers to hold open.
-    #[arg(long, short = 'c', default_value_t = 1000)]
+    #[arg(long, short = 'c', default_value_t = 1000, value_parser = count_usize)]
     pub connections: usize,
     /// Seconds to hold them open.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     pub hold: f64,
     /// Subscription of every idle connection (a pattern no traffic matches).
     #[arg(long, default_value = "loadtest/idle")]
     pub pattern: String,
-    /// Connections per process; more are spread over child processes.
-    #[arg(long, default_value_t = 8000)]
+    /// Connections per process; more are spread over child processes. Lowered to fit the
+    /// open-files limit (raised to its hard maximum first).
+    #[arg(long, default_value_t = 8000, value_parser = count_usize)]
     pub subscribers_per_process: usize,
     /// Subscriber threads per process (default: available cores).
     #[arg(long)]
@@ -216,26 +255,26 @@ pub struct RecoveryArgs {
     #[serde(flatten)]
     pub common: CommonArgs,
     /// Events to populate before the restart.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = count)]
     pub events: u64,
     /// Events per populating batch.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = count)]
     pub batch: u64,
     /// Populating connections.
-    #[arg(long, short = 'c', default_value_t = 4)]
+    #[arg(long, short = 'c', default_value_t = 4, value_parser = count_usize)]
     pub connections: usize,
     /// Properties per event.
     #[arg(long, default_value_t = 5)]
     pub props: usize,
     /// Distinct entity ids.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = count)]
     pub entities: u64,
     /// Shell command that kills the server (kill -9) and starts it again in the background; it
     /// must return. Without it, the tool waits for you to restart the server.
     #[arg(long)]
     pub restart_cmd: Option<String>,
     /// Give up when the server is not back after this many seconds.
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(long, default_value_t = 120.0, value_parser = seconds)]
     pub restart_timeout: f64,
 }
 

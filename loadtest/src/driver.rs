@@ -240,6 +240,9 @@ async fn connection_task(shared: Arc<Shared>) -> Tally {
         largest_body = largest_body.max(buffer.len());
         let body = buffer.split().freeze();
 
+        if connection.as_ref().is_some_and(Connection::is_closed) {
+            connection = None;
+        }
         let path = shared.source.path();
         let (target, timeout) = (&shared.target, shared.plan.timeout);
         let result = match &mut connection {

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -24,6 +24,8 @@ pub struct Target {
     pub host: HeaderValue,
     /// `host:port` as given, for the WebSocket handshake.
     pub authority: String,
+    /// `Bearer <token>` for every HTTP request, from `--token`.
+    pub authorization: Option<HeaderValue>,
 }
 
 impl Target {
@@ -32,9 +34,15 @@ impl Target {
         let Some(rest) = url.strip_prefix("http://") else {
             bail!("--url must start with http:// (got {url:?})");
         };
-        let authority = rest.split('/').next().unwrap_or_default();
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         if authority.is_empty() {
             bail!("--url has no host: {url:?}");
+        }
+        if !path.is_empty() {
+            bail!(
+                "--url {url:?} has a path; give the server's root (http://host:port): the API \
+                 paths are fixed"
+            );
         }
         let with_port = if authority
             .rsplit_once(':')
@@ -52,8 +60,29 @@ impl Target {
             addr,
             host: HeaderValue::from_str(authority).context("host header")?,
             authority: authority.to_string(),
+            authorization: None,
         })
     }
+
+    /// The target of `--url`, sending `--token` (if any) as a bearer token.
+    pub fn from_common(common: &crate::cli::CommonArgs) -> anyhow::Result<Target> {
+        let mut target = Target::parse(&common.url)?;
+        if let Some(token) = &common.token {
+            let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .context("--token must be printable ASCII")?;
+            value.set_sensitive(true);
+            target.authorization = Some(value);
+        }
+        Ok(target)
+    }
+}
+
+/// The first connect failure of this process, to say why a run got no reply at all.
+static FIRST_CONNECT_ERROR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Why the first connection attempt that failed did, if one did.
+pub fn first_connect_error() -> Option<&'static str> {
+    FIRST_CONNECT_ERROR.get().map(String::as_str)
 }
 
 /// What came back for one request.
@@ -84,13 +113,16 @@ impl TransportError {
 /// One keep-alive client connection.
 pub struct Connection {
     sender: SendRequest<Full<Bytes>>,
+    /// The server answered `Connection: close`: it takes no more requests on this one.
+    closing: bool,
 }
 
 impl Connection {
     pub async fn open(target: &Target) -> Result<Connection, TransportError> {
-        let stream = TcpStream::connect(target.addr)
-            .await
-            .map_err(|_| TransportError::Io)?;
+        let stream = TcpStream::connect(target.addr).await.map_err(|error| {
+            let _ = FIRST_CONNECT_ERROR.set(format!("connecting to {}: {error}", target.addr));
+            TransportError::Io
+        })?;
         stream.set_nodelay(true).map_err(|_| TransportError::Io)?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -100,7 +132,16 @@ impl Connection {
             // the request that saw it already reported the failure.
             let _ = connection.await;
         });
-        Ok(Connection { sender })
+        Ok(Connection {
+            sender,
+            closing: false,
+        })
+    }
+
+    /// Whether the next request needs a new connection: the server said it closes this one
+    /// (a 413 does), or it is closed already.
+    pub fn is_closed(&self) -> bool {
+        self.closing || self.sender.is_closed()
     }
 
     /// Sends one request and reads the whole reply.
@@ -118,6 +159,9 @@ impl Connection {
         let headers = request.headers_mut();
         headers.insert(HOST, target.host.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(authorization) = &target.authorization {
+            headers.insert(AUTHORIZATION, authorization.clone());
+        }
         let exchange = async {
             self.sender.ready().await.map_err(|_| TransportError::Io)?;
             let response = self
@@ -126,6 +170,11 @@ impl Connection {
                 .await
                 .map_err(|_| TransportError::Io)?;
             let status = response.status();
+            self.closing = response
+                .headers()
+                .get(CONNECTION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
             let body = response
                 .into_body()
                 .collect()
@@ -178,6 +227,7 @@ mod tests {
         assert_eq!(target.authority, "127.0.0.1:3000");
         assert!(Target::parse("https://x").is_err());
         assert_eq!(Target::parse("http://127.0.0.1").unwrap().addr.port(), 80);
+        assert!(Target::parse("http://127.0.0.1:3000/prefix").is_err());
     }
 
     #[test]

@@ -27,6 +27,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = Cli::parse();
+    system::raise_open_files_limit();
     if let Err(error) = run(cli) {
         eprintln!("flux-loadtest: {error:#}");
         std::process::exit(1);
@@ -67,5 +68,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // Connection tasks still parked in the runtime must not outlive the result.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     result["generator"] = system::generator_json();
-    report::emit(&result)
+    report::emit(&result)?;
+    nothing_succeeded(&result)
+}
+
+/// A write scenario whose every request failed printed its result (the errors are in it), but
+/// it is not a successful run: say why on stderr and exit non-zero.
+fn nothing_succeeded(result: &serde_json::Value) -> anyhow::Result<()> {
+    let writes = ["ingest", "ingest-batch", "fleet"];
+    let scenario = result["scenario"].as_str().unwrap_or_default();
+    let succeeded = result["total"]["requests"].as_u64().unwrap_or(0);
+    let failed = &result["errors_by_status"];
+    if !writes.contains(&scenario)
+        || succeeded > 0
+        || failed.as_object().is_none_or(|f| f.is_empty())
+    {
+        return Ok(());
+    }
+    let why = http::first_connect_error().map_or(String::new(), |e| format!("; {e}"));
+    anyhow::bail!("no request succeeded (errors by status: {failed}{why})")
 }

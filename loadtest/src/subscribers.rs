@@ -527,9 +527,10 @@ pub enum SubscriberGroup {
 
 impl SubscriberGroup {
     /// Starts `config.subscribers` subscribers, in `per_process` chunks over child processes
-    /// when there are more than that.
+    /// when there are more than that (or than one process's open-files limit allows).
     pub fn start(config: PoolConfig, per_process: usize) -> anyhow::Result<SubscriberGroup> {
-        if config.subscribers <= per_process.max(1) {
+        let per_process = per_process.min(crate::system::open_files_budget()).max(1);
+        if config.subscribers <= per_process {
             return Ok(SubscriberGroup::Local(LocalPool::start(config)?));
         }
         let executable = std::env::current_exe().context("locating flux-loadtest")?;

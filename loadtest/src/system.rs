@@ -75,12 +75,21 @@ impl ServerProbe {
     }
 
     /// `{"cpu_s","cpu_sys_s","rss_bytes","rss_before_bytes","cpu_us_per_<unit>"}` over the
-    /// window (`cpu_sys_s`: the kernel's part of `cpu_s`), or `None` without a pid.
-    pub fn finish(&self, work: u64, unit: &str) -> anyhow::Result<Option<Value>> {
+    /// window (`cpu_sys_s`: the kernel's part of `cpu_s`), or `None` without a pid. A server
+    /// gone by then gives `{"pid","error"}`: the rest of the run's result still stands.
+    pub fn finish(&self, work: u64, unit: &str) -> Option<Value> {
         let (Some(pid), Some(before)) = (self.pid, self.before) else {
-            return Ok(None);
+            return None;
         };
-        let after = sample(pid)?;
+        let after = match sample(pid) {
+            Ok(after) => after,
+            Err(error) => {
+                return Some(json!({
+                    "pid": pid,
+                    "error": format!("the server process was gone at the end of the run: {error:#}"),
+                }));
+            }
+        };
         let cpu_s = after.cpu_s - before.cpu_s;
         let per_unit = if work > 0 {
             cpu_s * 1e6 / work as f64
@@ -96,8 +105,36 @@ impl ServerProbe {
             "rss_before_bytes": before.rss_bytes,
         });
         server[format!("cpu_us_per_{unit}")] = json!(round3(per_unit));
-        Ok(Some(server))
+        Some(server)
     }
+}
+
+/// Descriptors a process keeps for itself besides its subscribers' sockets.
+const RESERVED_FDS: u64 = 64;
+
+/// Raises this process's open-files limit to its hard maximum (children inherit it).
+pub fn raise_open_files_limit() {
+    // SAFETY: an all-zero rlimit is a valid value of this plain C struct.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `limit` is a valid, writable rlimit for the duration of each call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// How many subscriber sockets one process can hold under its open-files limit.
+pub fn open_files_budget() -> usize {
+    // SAFETY: as in `raise_open_files_limit`.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `limit` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return usize::MAX;
+    }
+    usize::try_from(limit.rlim_cur.saturating_sub(RESERVED_FDS).max(1)).unwrap_or(usize::MAX)
 }
 
 /// The generator's CPU seconds: this process and its waited-for children (fanout workers).

@@ -70,10 +70,16 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// A server with these extra `flux serve` flags.
+    fn start_with(flags: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("temp data dir");
         let mut child = Command::new(server_binary())
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -137,9 +143,32 @@ impl Drop for Server {
     }
 }
 
-/// Runs `flux-loadtest <args>` and parses its single stdout line.
+/// Runs `flux-loadtest <args>` and parses its single stdout line; it must succeed.
 fn loadtest(args: &[&str]) -> Value {
+    let (status, stdout, stderr) = run_loadtest(args);
+    assert!(
+        status.success(),
+        "flux-loadtest {args:?} failed ({status}): {stderr}"
+    );
+    single_json(&stdout)
+}
+
+/// The one JSON line on stdout.
+fn single_json(stdout: &str) -> Value {
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one JSON line on stdout, got {stdout:?}"
+    );
+    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+/// Runs `flux-loadtest <args>` to its end (bounded): exit status, stdout, stderr.
+fn run_loadtest(args: &[&str]) -> (std::process::ExitStatus, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_flux-loadtest"))
+        .env_remove("FLUX_TOKEN")
+        .env_remove("FLUX_URL")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -162,16 +191,10 @@ fn loadtest(args: &[&str]) -> Value {
     let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
     let status = status.unwrap_or_else(|| panic!("flux-loadtest {args:?} timed out: {stderr}"));
     assert!(
-        status.success(),
-        "flux-loadtest {args:?} failed ({status}): {stderr}"
+        !stderr.contains("panicked"),
+        "flux-loadtest {args:?} panicked: {stderr}"
     );
-    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "exactly one JSON line on stdout, got {stdout:?}"
-    );
-    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+    (status, stdout, stderr)
 }
 
 fn u64_at(value: &Value, pointer: &str) -> u64 {
@@ -451,6 +474,7 @@ impl Drop for RestartedServer {
 fn recovery_times_a_kill_9_restart() {
     let mut server = Server::start();
     let restarted = RestartedServer(server.dir.path().join("restarted.pid"));
+    let pid = server.pid().to_string();
     // Kill the server, wait until it is gone (a zombie until this test reaps it, but its
     // sockets and lock are released), start it again on the same port and data directory.
     let restart = format!(
@@ -477,9 +501,17 @@ fn recovery_times_a_kill_9_restart() {
         &restart,
         "--restart-timeout",
         "30",
+        "--server-pid",
+        &pid,
     ]);
     let _ = server.child.wait();
     assert_core_fields(&result, "recovery");
+    // The server as it was while being populated.
+    assert_eq!(u64_at(&result, "/server/pid").to_string(), pid, "{result}");
+    assert!(
+        result["server"]["cpu_us_per_event"].as_f64().is_some(),
+        "{result}"
+    );
     assert_eq!(u64_at(&result, "/events"), 2000, "{result}");
     assert_eq!(result["recovery"]["mode"], "command");
     let seconds = result["recovery"]["seconds"]
@@ -487,4 +519,174 @@ fn recovery_times_a_kill_9_restart() {
         .expect("recovery seconds");
     assert!(seconds > 0.0, "{result}");
     drop(restarted);
+}
+
+#[test]
+fn ingest_sends_its_token_to_a_server_in_auth_mode() {
+    let server = Server::start_with(&["--auth", "--admin-token", "admin-secret"]);
+    let registered = ureq::post(&format!("{}/api/namespaces", server.url))
+        .set("Authorization", "Bearer admin-secret")
+        .timeout(Duration::from_secs(10))
+        .set("Content-Type", "application/json")
+        .send_string(r#"{"name":"loadtest"}"#)
+        .expect("register the namespace");
+    let registered: Value =
+        serde_json::from_str(&registered.into_string().expect("registration body"))
+            .expect("registration JSON");
+    let token = registered["token"].as_str().expect("namespace token");
+    let args = [
+        "ingest",
+        "--url",
+        &server.url,
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "-c",
+        "2",
+    ];
+
+    let with_token = [&args[..], &["--token", token]].concat();
+    let result = loadtest(&with_token);
+    assert!(u64_at(&result, "/events") > 0, "{result}");
+    assert_eq!(
+        result["errors_by_status"],
+        serde_json::json!({}),
+        "{result}"
+    );
+    assert!(
+        !result.to_string().contains(token),
+        "the token is echoed in the result: {result}"
+    );
+
+    // Without it every request is refused: the result says so, and the run fails.
+    let (status, stdout, stderr) = run_loadtest(&args);
+    assert!(!status.success(), "a run of nothing but 401s succeeded");
+    let result = single_json(&stdout);
+    assert!(u64_at(&result, "/errors_by_status/401") > 0, "{result}");
+    assert!(stderr.contains("no request succeeded"), "{stderr}");
+}
+
+#[test]
+fn a_server_that_is_not_there_fails_the_run_and_says_why() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let (status, stdout, stderr) = run_loadtest(&[
+        "ingest",
+        "--url",
+        &url,
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+        "-c",
+        "1",
+    ]);
+    assert!(!status.success(), "a run against a closed port succeeded");
+    assert!(u64_at(&single_json(&stdout), "/errors_by_status/transport") > 0);
+    assert!(
+        stderr.contains("no request succeeded") && stderr.to_lowercase().contains("refused"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_reply_that_closes_the_connection_is_not_counted_as_a_transport_error() {
+    let server = Server::start();
+    // A batch body limit below what the generator sends: every request is a 413, which
+    // closes its connection.
+    ureq::put(&format!("{}/api/admin/config", server.url))
+        .timeout(Duration::from_secs(10))
+        .set("Content-Type", "application/json")
+        .send_string(r#"{"body_size_limit_batch_bytes":2000}"#)
+        .expect("lower the batch body limit");
+    let (_, stdout, _) = run_loadtest(&[
+        "ingest-batch",
+        "--url",
+        &server.url,
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "-c",
+        "2",
+        "--batch",
+        "50",
+    ]);
+    let result = single_json(&stdout);
+    let errors = result["errors_by_status"].as_object().expect("errors");
+    assert!(u64_at(&result, "/errors_by_status/413") > 0, "{result}");
+    assert_eq!(errors.len(), 1, "only 413s: {result}");
+}
+
+#[test]
+fn the_total_counts_the_warmup_and_matches_the_server() {
+    let server = Server::start();
+    let result = loadtest(&[
+        "ingest",
+        "--url",
+        &server.url,
+        "--duration",
+        "1",
+        "--warmup",
+        "1",
+        "-c",
+        "2",
+        "--entities",
+        "1000000000",
+    ]);
+    let total = u64_at(&result, "/total/events");
+    assert!(total > u64_at(&result, "/events"), "{result}");
+    let entities = server.get("/api/state/entities?prefix=loadtest/");
+    assert_eq!(
+        entities.as_array().expect("entity list").len() as u64,
+        total,
+        "one entity per accepted event, warmup included"
+    );
+}
+
+#[test]
+fn recovery_refuses_a_restart_command_that_restarted_nothing() {
+    let server = Server::start();
+    let (status, _, stderr) = run_loadtest(&[
+        "recovery",
+        "--url",
+        &server.url,
+        "--events",
+        "100",
+        "--batch",
+        "10",
+        "--restart-cmd",
+        "true",
+    ]);
+    assert!(!status.success(), "a restart of nothing was timed");
+    assert!(stderr.contains("not restarted"), "{stderr}");
+}
+
+#[test]
+fn bad_values_are_refused_before_anything_runs() {
+    for args in [
+        &["ingest", "--duration", "inf"][..],
+        &["ingest", "--warmup", "1e30"],
+        &["ingest", "-c", "0"],
+        &["ingest", "--rate", "0"],
+        &["ingest", "--batch", "5"],
+        &["ingest-batch", "--batch", "0"],
+        &["fleet", "--sensors", "0"],
+        &["e2e", "-s", "0"],
+        &["e2e", "--rate", "0"],
+        &["connections", "-c", "0"],
+        &["ingest", "--url", "http://127.0.0.1:1/prefix"],
+    ] {
+        let (status, stdout, stderr) = run_loadtest(args);
+        assert!(!status.success(), "{args:?} ran");
+        assert!(
+            stdout.trim().is_empty(),
+            "{args:?} printed a result: {stdout}"
+        );
+        assert!(!stderr.trim().is_empty(), "{args:?} failed without a word");
+    }
 }

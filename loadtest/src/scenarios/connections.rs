@@ -17,7 +17,7 @@ use crate::subscribers::{PoolConfig, SubscriberGroup};
 use crate::system::{ProcessSample, sample};
 
 pub async fn run(args: ConnectionsArgs) -> anyhow::Result<Value> {
-    let target = Target::parse(&args.common.url)?;
+    let target = Target::from_common(&args.common)?;
     let pid = args.common.server_pid;
     let take =
         |pid: Option<u32>| -> anyhow::Result<Option<ProcessSample>> { pid.map(sample).transpose() };

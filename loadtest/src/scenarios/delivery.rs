@@ -27,13 +27,15 @@ use crate::system::ServerProbe;
 /// How long subscribers may take to see a sync probe.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub async fn run(args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> {
+pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> {
     let scenario = if fanout { "fanout" } else { "e2e" };
     let pattern = args
         .pattern
         .clone()
         .unwrap_or_else(|| if fanout { "*" } else { "loadtest/*" }.to_string());
-    let target = Target::parse(&args.common.url)?;
+    // Echo what ran.
+    args.pattern = Some(pattern.clone());
+    let target = Target::from_common(&args.common)?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let group = SubscriberGroup::start(
         PoolConfig {
@@ -131,7 +133,9 @@ pub async fn run(args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> {
     });
     result["loss"] = outcome.loss_json();
     result["subscribers"] = outcome.subscribers_json();
-    if let Some(server) = probe.finish(outcome.received_measured, "frame")? {
+    // Warmup included: `loss.expected` counts frames for these events.
+    result["total"] = json!({"requests": tally.total_requests, "events": tally.total_events});
+    if let Some(server) = probe.finish(outcome.received_measured, "frame") {
         result["server"] = server;
     }
     Ok(result)

@@ -16,12 +16,14 @@ use crate::report::round3;
 use crate::system::ServerProbe;
 
 pub async fn ingest(mut args: IngestArgs, batched: bool) -> anyhow::Result<Value> {
-    if !batched {
-        // Echo what ran: single-event ingest ignores --batch.
-        args.batch = 1;
-    }
-    let target = Target::parse(&args.common.url)?;
-    let batch = if batched { args.batch.max(1) } else { 1 };
+    let batch = match (batched, args.batch) {
+        (true, given) => given.unwrap_or(100),
+        (false, None | Some(1)) => 1,
+        (false, Some(_)) => anyhow::bail!("--batch is for ingest-batch; ingest sends one event"),
+    };
+    // Echo what ran.
+    args.batch = Some(batch);
+    let target = Target::from_common(&args.common)?;
     let source = Arc::new(IngestEvents {
         batch,
         props: args.props,
@@ -46,9 +48,7 @@ pub async fn ingest(mut args: IngestArgs, batched: bool) -> anyhow::Result<Value
 }
 
 pub async fn fleet(args: FleetArgs) -> anyhow::Result<Value> {
-    let target = Target::parse(&args.common.url)?;
-    anyhow::ensure!(args.devices > 0, "--devices must be positive");
-    anyhow::ensure!(args.interval_ms > 0, "--interval-ms must be positive");
+    let target = Target::from_common(&args.common)?;
     let rate = args.devices as f64 * 1000.0 / args.interval_ms as f64;
     let source = Arc::new(Fleet::new(
         args.devices,
@@ -127,7 +127,9 @@ async fn measure(
     result["loop"] = json!(if open_loop { "open" } else { "closed" });
     result["late"] = json!(tally.late);
     result["dropped"] = json!(tally.dropped);
-    if let Some(server) = probe.finish(tally.events, "event")? {
+    // Warmup included: what the server holds from this run.
+    result["total"] = json!({"requests": tally.total_requests, "events": tally.total_events});
+    if let Some(server) = probe.finish(tally.events, "event") {
         result["server"] = server;
     }
     Ok(result)

@@ -3,7 +3,8 @@
 //! marker's entity returns that value again, polling every 5 ms.
 //!
 //! The clock starts when the restart command is launched or, without one, when the server is
-//! first seen down.
+//! first seen down. With `--server-pid`, `server` describes the process while it was being
+//! populated (the restart replaces it).
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -17,9 +18,10 @@ use serde_json::{Value, json};
 use super::{core_result, driver_progress};
 use crate::cli::RecoveryArgs;
 use crate::driver::{self, Live, Plan, Schedule};
-use crate::http::{Target, request_once};
+use crate::http::{Connection, Target, request_once};
 use crate::payload::{EVENTS_PATH, IngestEvents, marker_body};
 use crate::report::round3;
+use crate::system::ServerProbe;
 
 /// The entity whose marker value proves the populated log is back.
 const MARKER_ENTITY: &str = "loadtest/recovery-marker";
@@ -27,7 +29,29 @@ const POLL_INTERVAL: Duration = Duration::from_millis(5);
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
-    let target = Target::parse(&args.common.url)?;
+    let target = Target::from_common(&args.common)?;
+    // A server that is not there would otherwise cost every populating request a failure.
+    match request_once(
+        &target,
+        Method::GET,
+        "/api/health",
+        Bytes::new(),
+        POLL_TIMEOUT,
+    )
+    .await
+    {
+        Ok(reply) if reply.status == StatusCode::OK => {}
+        Ok(reply) => bail!(
+            "the server's health check answered {} before populating",
+            reply.status
+        ),
+        Err(error) => bail!(
+            "cannot reach the server at {} ({}{})",
+            args.common.url,
+            error.key(),
+            crate::http::first_connect_error().map_or(String::new(), |e| format!(": {e}"))
+        ),
+    }
     let batch = args.batch.max(1);
     let source = Arc::new(IngestEvents {
         batch,
@@ -47,9 +71,13 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
     let live = Arc::new(Live::default());
     let progress = driver_progress("events", &live);
     let schedule = Schedule::new(Duration::ZERO, Duration::from_secs(365 * 24 * 3600));
+    // The server as it was while populating: the restart replaces the process.
+    let mut probe = ServerProbe::new(args.common.server_pid);
+    probe.start()?;
     let populate_started = Instant::now();
     let tally = driver::run(target.clone(), source, plan, schedule, live).await;
     let populate_time = populate_started.elapsed();
+    let populated = probe.finish(tally.total_events, "event");
     drop(progress);
     if tally.total_events < args.events {
         eprintln!(
@@ -79,6 +107,10 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
     let timeout = Duration::from_secs_f64(args.restart_timeout.max(0.0));
     let (clock_start, mode, restart_cmd_s) = match &args.restart_cmd {
         Some(cmd) => {
+            // A connection to the running server: after a real restart it is dead.
+            let mut before = Connection::open(&target)
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting before the restart: {}", e.key()))?;
             let started = Instant::now();
             let status = tokio::task::spawn_blocking({
                 let cmd = cmd.clone();
@@ -97,7 +129,25 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
             if !status.success() {
                 bail!("--restart-cmd failed: {status}");
             }
-            (started, "command", Some(started.elapsed().as_secs_f64()))
+            let restart_cmd_s = started.elapsed().as_secs_f64();
+            let still_up = !before.is_closed()
+                && before
+                    .send(
+                        &target,
+                        Method::GET,
+                        "/api/health",
+                        Bytes::new(),
+                        POLL_TIMEOUT,
+                    )
+                    .await
+                    .is_ok();
+            if still_up {
+                bail!(
+                    "--restart-cmd returned, but a connection opened before it still gets \
+                     answers: the server was not restarted"
+                );
+            }
+            (started, "command", Some(restart_cmd_s))
         }
         None => {
             eprintln!(
@@ -139,6 +189,9 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
         &tally.latency,
         &tally.errors,
     );
+    if let Some(server) = populated {
+        result["server"] = server;
+    }
     result["recovery"] = json!({
         "mode": mode,
         "seconds": round3(recovered.duration_since(clock_start).as_secs_f64()),
