@@ -591,6 +591,10 @@ fn a_server_that_is_not_there_fails_the_run_and_says_why() {
         stderr.contains("no request succeeded") && stderr.to_lowercase().contains("refused"),
         "{stderr}"
     );
+    let (status, _, stderr) =
+        run_loadtest(&["connections", "--url", &url, "-c", "3", "--hold", "0.2"]);
+    assert!(!status.success(), "holding no connection succeeded");
+    assert!(stderr.contains("no subscriber could connect"), "{stderr}");
 }
 
 #[test]

@@ -43,6 +43,14 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<Value> {
     })
     .await?;
     let status = status?;
+    if status.connected == 0 {
+        let _ = group.finish(0, Duration::ZERO);
+        anyhow::bail!(
+            "no subscriber could connect to {} ({} attempts failed)",
+            args.common.url,
+            status.failed
+        );
+    }
     let connect_s = started.elapsed().as_secs_f64();
     let connected = take(pid)?;
 

@@ -95,7 +95,9 @@ pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> 
         drop_after: Duration::from_secs(1),
         late_after: Duration::from_millis(10),
         max_backlog: None,
-        timeout: Duration::from_secs(10),
+        // A publish still unanswered when the drain ends would not count anyway: the run
+        // ends within duration + drain (+ the last request's own bound).
+        timeout: Duration::from_millis(args.drain_ms.clamp(1000, 10_000)),
     };
     let run = tokio::spawn(driver::run(target.clone(), publisher, plan, schedule, live));
     tokio::time::sleep_until(schedule.measure_start.into()).await;
