@@ -36,7 +36,6 @@ use std::io::IoSlice;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -423,9 +422,23 @@ impl Connection {
                 }
                 continue;
             }
-            let result = self
-                .write_watching_the_stream(&mut socket, &mut batch, stream, overflows)
-                .await;
+            // Most writes complete at once, without a future. One the socket holds back waits
+            // (watching the stream) in a box: inline, that state would grow every
+            // connection's task. The writer's future (release build) was 480 bytes before the
+            // watch, 688 with it inline, and is 416 this way.
+            let result = match write_ready(&socket, &mut batch) {
+                Ok(()) if batch.is_empty() => Ok(()),
+                Ok(()) => {
+                    Box::pin(self.write_watching_the_stream(
+                        &mut socket,
+                        &mut batch,
+                        stream,
+                        overflows,
+                    ))
+                    .await
+                }
+                Err(error) => Err(error),
+            };
             let written = Instant::now();
             self.lock().last_write = Some(written);
             if result.is_err() {
@@ -458,9 +471,10 @@ impl Connection {
         self.close(frame::CLOSE_GOING_AWAY, "connection ended");
     }
 
-    /// Writes `batch`; while the socket does not take it, a `*` subscriber whose position the
-    /// stream stops keeping overflows at once (counted, close frame queued), not only when its
-    /// client reads again. The batch in flight still goes out first, then the close frame.
+    /// Writes the rest of `batch`, which the socket held back; meanwhile a `*` subscriber whose
+    /// position the stream stops keeping overflows at once (counted, close frame queued), not
+    /// only when its client reads again. The batch in flight still goes out first, then the
+    /// close frame.
     async fn write_watching_the_stream(
         &self,
         socket: &mut OwnedWriteHalf,
@@ -469,11 +483,6 @@ impl Connection {
         overflows: &Counter,
     ) -> std::io::Result<()> {
         let mut write = std::pin::pin!(write_all(socket, batch));
-        // Most writes complete at once: watch the stream only while the socket holds one back.
-        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-        if let Poll::Ready(result) = first {
-            return result;
-        }
         loop {
             let mut appended = std::pin::pin!(stream.appended.notified());
             appended.as_mut().enable();
@@ -598,6 +607,27 @@ impl Pace {
 }
 
 /// Writes every frame of `batch` with vectored writes, draining it.
+/// Writes what the socket takes now (no waiting), dropping it from `batch`; stops when the
+/// batch is empty or the socket would block.
+fn write_ready(socket: &OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+    while !batch.is_empty() {
+        let slices: Vec<IoSlice<'_>> = batch
+            .iter()
+            .take(WRITEV_MAX_FRAMES)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        let written = match socket.try_write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(written) => written,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        SOCKET_WRITES.inc();
+        drop_front(batch, written);
+    }
+    Ok(())
+}
+
 async fn write_all(
     socket: &mut OwnedWriteHalf,
     batch: &mut VecDeque<Bytes>,
