@@ -31,15 +31,7 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
     let target = Target::from_common(&args.common)?;
     // A server that is not there would otherwise cost every populating request a failure.
-    match request_once(
-        &target,
-        Method::GET,
-        "/api/health",
-        Bytes::new(),
-        POLL_TIMEOUT,
-    )
-    .await
-    {
+    match health(&target).await {
         Ok(reply) if reply.status == StatusCode::OK => {}
         Ok(reply) => bail!(
             "the server's health check answered {} before populating",
@@ -204,18 +196,23 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
     Ok(result)
 }
 
+/// One `GET /api/health` on a fresh connection.
+async fn health(target: &Target) -> Result<crate::http::Reply, crate::http::TransportError> {
+    request_once(
+        target,
+        Method::GET,
+        "/api/health",
+        Bytes::new(),
+        POLL_TIMEOUT,
+    )
+    .await
+}
+
 /// Polls health until the server stops answering; returns when that was first seen.
 async fn wait_until_down(target: &Target, timeout: Duration) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + timeout;
     loop {
-        let reply = request_once(
-            target,
-            Method::GET,
-            "/api/health",
-            Bytes::new(),
-            POLL_TIMEOUT,
-        )
-        .await;
+        let reply = health(target).await;
         let now = Instant::now();
         match reply {
             Ok(reply) if reply.status == StatusCode::OK => {}
