@@ -429,13 +429,8 @@ impl Connection {
             let result = match write_ready(&socket, &mut batch) {
                 Ok(()) if batch.is_empty() => Ok(()),
                 Ok(()) => {
-                    Box::pin(self.write_watching_the_stream(
-                        &mut socket,
-                        &mut batch,
-                        stream,
-                        overflows,
-                    ))
-                    .await
+                    Box::pin(self.write_watching_the_stream(&socket, &mut batch, stream, overflows))
+                        .await
                 }
                 Err(error) => Err(error),
             };
@@ -477,7 +472,7 @@ impl Connection {
     /// close frame.
     async fn write_watching_the_stream(
         &self,
-        socket: &mut OwnedWriteHalf,
+        socket: &OwnedWriteHalf,
         batch: &mut VecDeque<Bytes>,
         stream: &Stream,
         overflows: &Counter,
@@ -606,7 +601,6 @@ impl Pace {
     }
 }
 
-/// Writes every frame of `batch` with vectored writes, draining it.
 /// Writes what the socket takes now (no waiting), dropping it from `batch`; stops when the
 /// batch is empty or the socket would block.
 fn write_ready(socket: &OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<()> {
@@ -628,28 +622,18 @@ fn write_ready(socket: &OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io:
     Ok(())
 }
 
-async fn write_all(
-    socket: &mut OwnedWriteHalf,
-    batch: &mut VecDeque<Bytes>,
-) -> std::io::Result<()> {
-    while !batch.is_empty() {
-        let written = {
-            let slices: Vec<IoSlice<'_>> = batch
-                .iter()
-                .take(WRITEV_MAX_FRAMES)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            tokio::time::timeout(WRITE_STALL_TIMEOUT, socket.write_vectored(&slices))
-                .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??
-        };
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+/// Writes every frame of `batch`, draining it: what the socket takes now, then the rest as it
+/// becomes writable. A socket that takes nothing for [`WRITE_STALL_TIMEOUT`] is an error.
+async fn write_all(socket: &OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+    loop {
+        write_ready(socket, batch)?;
+        if batch.is_empty() {
+            return Ok(());
         }
-        SOCKET_WRITES.inc();
-        drop_front(batch, written);
+        tokio::time::timeout(WRITE_STALL_TIMEOUT, socket.writable())
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -16,8 +16,9 @@
 //!   (release), so readers (acquire) see whole frames only.
 //! - The stream keeps at least the last [`KEEP_BYTES`] bytes. A reader whose position fell
 //!   behind what is kept has lagged: its connection is closed (1008), as an overflowing queue
-//!   would be, and its writer checks this on every append while a full socket holds it back. What a reader took stays alive while it holds it (the chunk is shared), so a
-//!   writer stuck on a full socket keeps at most one batch, not the stream. When the last `*`
+//!   would be, and its writer checks this on every append while a full socket holds it back.
+//!   What a reader took stays alive while it holds it (the chunk is shared), so a writer
+//!   stuck on a full socket keeps at most one batch, not the stream. When the last `*`
 //!   subscriber leaves, the stream lets go of every chunk ([`Stream::release`]).
 
 use std::collections::VecDeque;

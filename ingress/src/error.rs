@@ -84,9 +84,9 @@ impl ApiError {
         }
     }
 
-    /// The response: status plus `{"error": message}` (and `Retry-After` or `Allow` when set). A 413
-    /// also says `Connection: close`: the rest of its body is never read, so the connection
-    /// cannot carry another request.
+    /// The response: status plus `{"error": message}` (and `Retry-After` or `Allow` when
+    /// set). A 413 also says `Connection: close`: the rest of its body is never read, so the
+    /// connection cannot carry another request.
     pub fn into_response(self) -> Response {
         let mut response = json_response(self.status, error_body(&self.message));
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {

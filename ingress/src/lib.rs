@@ -54,6 +54,7 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
     }
     // HEAD is answered as GET would be; hyper leaves the body out and keeps its length.
     let head = method == Method::HEAD;
+    let asked = method.clone();
     let method = if head { Method::GET } else { method };
     let path = request.uri().path().to_string();
     match path.as_str() {
@@ -135,7 +136,7 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                     (None, _) => Err(ApiError::method_not_allowed("GET, HEAD")),
                 };
             }
-            Err(ApiError::not_found(format!("no route for {method} {path}")))
+            Err(ApiError::not_found(format!("no route for {asked} {path}")))
         }
     }
 }
