@@ -1083,6 +1083,95 @@ fn two_thousand_subscribers_all_receive_a_burst() {
     assert_eq!(total, (THREADS * PER_THREAD) as u64 * UPDATES);
 }
 
+/// Heavy fan-out to `*` (more subscribers than a change writes directly, ~300,000 frames/s):
+/// the sweeper writes them, and each still gets every update in order.
+#[test]
+fn heavy_fan_out_to_star_subscribers_arrives_whole_and_in_order() {
+    const THREADS: usize = 3;
+    const PER_THREAD: usize = 50;
+    const EVENTS: u64 = 2_000;
+    const BATCH: u64 = 100;
+    let s = Server::start();
+    let addr = s.addr().to_string();
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let addr = addr.clone();
+            let ready_tx = ready_tx.clone();
+            thread::spawn(move || -> Result<u64, String> {
+                let mut sockets: Vec<Ws> = (0..PER_THREAD)
+                    .map(|_| {
+                        let mut ws = Ws::connect(&addr);
+                        ws.subscribe("*");
+                        ws
+                    })
+                    .collect();
+                let _ = ready_tx.send(());
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let mut next = vec![0u64; sockets.len()];
+                // Round-robin, a little from each, so no socket backs up while another is read.
+                while next.iter().any(|&n| n < EVENTS) {
+                    for (n, ws) in sockets.iter_mut().enumerate() {
+                        for _ in 0..100 {
+                            if next[n] == EVENTS {
+                                break;
+                            }
+                            let text = match ws.recv_until(deadline) {
+                                Incoming::Text(t) => t,
+                                other => {
+                                    return Err(format!(
+                                        "connection {n}: wanted seq {}, got {other:?}",
+                                        next[n]
+                                    ));
+                                }
+                            };
+                            if !text.contains("\"sweep/e\"") {
+                                continue; // metrics_update, the directory
+                            }
+                            let update = state_update(&text);
+                            if update.value.as_u64() != Some(next[n]) {
+                                return Err(format!("connection {n}: wanted {}: {text}", next[n]));
+                            }
+                            next[n] += 1;
+                        }
+                    }
+                }
+                Ok(next.iter().sum())
+            })
+        })
+        .collect();
+    drop(ready_tx);
+    for _ in 0..THREADS {
+        ready_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("all subscribers connected and subscribed");
+    }
+    let client = s.client();
+    for start in (0..EVENTS).step_by(BATCH as usize) {
+        let events: Vec<Value> = (start..start + BATCH)
+            .map(|seq| event("sweep/e", json!({"seq": seq})))
+            .collect();
+        publish_batch(&client, &events);
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut total = 0;
+    for worker in workers {
+        total += worker
+            .join()
+            .expect("worker thread")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(total, (THREADS * PER_THREAD) as u64 * EVENTS);
+    let (status, metrics) = s.get_text("/metrics");
+    assert_eq!(status, 200, "GET /metrics -> {metrics}");
+    let swept = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flux_websocket_sweep_writes_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no flux_websocket_sweep_writes_total in /metrics:\n{metrics}"));
+    assert!(swept >= 1.0, "the sweeper wrote ({swept} writes)");
+}
+
 // ------------------------------------------------------------------ control frames, limits
 
 #[test]

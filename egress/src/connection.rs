@@ -5,12 +5,12 @@
 //!   [`QUEUE_MAX_FRAMES`] and [`QUEUE_MAX_BYTES`]; a push past either bound drops what is
 //!   queued and closes the connection with 1008 and a reason naming the overflow. Producers
 //!   (whatever thread applied the change) never wait on a connection.
-//! - Only the writer task writes to the socket. It takes everything queued at once and sends it
-//!   with vectored writes, so a burst costs few syscalls. A writer that wrote very recently waits
+//! - The writer task takes everything queued at once and sends it with vectored writes, so a
+//!   burst costs few syscalls. A writer that wrote very recently waits
 //!   out a short window first ([`Pace`]): the window grows with the rate of frames the hub
 //!   delivers, so heavy fan-out sends many frames per syscall while a lone subscriber is written
 //!   to at once. Windows of 2 ms and more are slept out right after each send (one wake-up per
-//!   send instead of two). One small loopback send costs ~6–7 µs of CPU here whatever its size
+//!   send instead of two), except by `*` connections, which the sweeper writes then. One small loopback send costs ~6–7 µs of CPU here whatever its size
 //!   (`loopback_probe`), so frames per send is what bounds fan-out CPU per frame.
 //! - A producer may write a change straight to the socket instead ([`Connection::push_direct`]),
 //!   saving the hand-off to the writer task (a thread wake-up, tens of µs in a VM) — but only when
@@ -19,6 +19,9 @@
 //!   lock; whatever the socket does not take is queued for the writer. The writer withdraws the
 //!   socket (under the same lock) before it is closed, so a direct write never reaches a reused
 //!   descriptor.
+//! - Under heavy fan-out the sweeper thread writes the stream to `*` connections on the same
+//!   terms as a direct write ([`Connection::sweep_begin`], `crate::sweep`), holding the queue
+//!   lock until its write completed.
 //! - Once a close frame is queued, nothing more is accepted; the writer sends it and shuts the
 //!   socket down.
 //! - A connection subscribed to `*` reads the hub's [`Stream`] instead of receiving handles:
@@ -62,6 +65,45 @@ const IDLE_QUEUE_SLOTS: usize = 64;
 const STREAM_BATCH_BYTES: usize = 256 << 10;
 /// Stream bytes one direct write takes.
 const DIRECT_STREAM_BYTES: usize = 64 << 10;
+
+/// A sweep's write to one connection, prepared by [`Connection::sweep_begin`]: the stream's
+/// bytes from the connection's position, with its queue locked until [`SweepWrite::finish`].
+pub struct SweepWrite<'a> {
+    connection: &'a Connection,
+    queue: std::sync::MutexGuard<'a, Queue>,
+    /// The connection's socket (open while the lock is held).
+    pub socket: RawFd,
+    /// The bytes to send, in order (shared slices of the stream).
+    pub slices: Vec<Bytes>,
+    bytes: usize,
+    /// The stream position after `slices`.
+    end: u64,
+}
+
+impl SweepWrite<'_> {
+    /// Records the write's outcome (`result`: the bytes the socket took, or a negative errno)
+    /// and unlocks the queue. The position moves past what was sent; a rest is queued for the
+    /// writer task. Nothing sent (a full socket, an error) leaves the position where it was
+    /// and wakes the writer, which meets the same condition and handles it.
+    pub fn finish(mut self, result: i32, now: Instant) {
+        let written = usize::try_from(result).unwrap_or(0);
+        if written == 0 {
+            drop(self.queue);
+            self.connection.wake.notify_one();
+            return;
+        }
+        SOCKET_WRITES.inc();
+        SWEEP_WRITES.inc();
+        self.connection.wrote(&mut self.queue, now);
+        self.queue.stream = Some(self.end);
+        if written < self.bytes {
+            let rest = unwritten(&self.slices, written);
+            self.connection.enqueue(&mut self.queue, &rest);
+            drop(self.queue);
+            self.connection.wake.notify_one();
+        }
+    }
+}
 
 /// Result of queueing frames on a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +151,8 @@ impl Queue {
 /// With the frames delivered, it tells how well writes coalesce: each costs ~7 µs of CPU on
 /// loopback here, whatever it carries (decision 0003).
 pub static SOCKET_WRITES: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
+/// The part of [`SOCKET_WRITES`] made by the sweeper (`crate::sweep`).
+pub static SWEEP_WRITES: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
 /// Frames one direct write hands to `writev`.
 const DIRECT_MAX_FRAMES: usize = 16;
 
@@ -122,7 +166,13 @@ pub struct Connection {
     /// Mirrors `Queue::stream.is_some()` for the hub's index walk (changed only under the
     /// index's write lock, read under its read lock).
     streaming: AtomicBool,
+    /// Mirrors `Queue::last_write` (nanoseconds since [`EPOCH`]; 0: never) for the sweeper,
+    /// which skips connections within their window without taking their lock.
+    last_write_ns: AtomicU64,
 }
+
+/// The origin of [`Connection::last_write_ns`].
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
 impl Connection {
     pub fn new(id: u64) -> Self {
@@ -132,7 +182,24 @@ impl Connection {
             wake: Notify::new(),
             overflowed: AtomicBool::new(false),
             streaming: AtomicBool::new(false),
+            last_write_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Records a write to the socket at `now` (under the queue lock).
+    fn wrote(&self, queue: &mut Queue, now: Instant) {
+        queue.last_write = Some(now);
+        self.last_write_ns.store(
+            now.duration_since(*EPOCH).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether a write at `now` is within `window` of the last one (read without the lock).
+    pub fn within_window(&self, now: Instant, window: Duration) -> bool {
+        let last = self.last_write_ns.load(Ordering::Relaxed);
+        let now = now.duration_since(*EPOCH).as_nanos() as u64;
+        last != 0 && now.saturating_sub(last) < window.as_nanos() as u64
     }
 
     /// Whether the connection reads the hub's stream (is subscribed to `*`).
@@ -190,6 +257,44 @@ impl Connection {
         sent
     }
 
+    /// Starts a sweep's write of the stream to this connection: when it reads the stream, is
+    /// behind its end, and is idle with its `window` passed at `now` (as for
+    /// [`Connection::stream_direct`]). The queue stays locked until [`SweepWrite::finish`], so
+    /// nobody else writes to the socket meanwhile. A position the stream no longer keeps wakes
+    /// the writer, which closes the connection.
+    pub fn sweep_begin<'a>(
+        &'a self,
+        stream: &Stream,
+        now: Instant,
+        window: Duration,
+    ) -> Option<SweepWrite<'a>> {
+        let queue = self.lock();
+        let position = queue.stream?;
+        if queue.close.is_some() || position == stream.end() {
+            return None;
+        }
+        let socket = queue.socket.filter(|_| queue.idle(now, window))?;
+        let mut slices: Vec<Bytes> = Vec::new();
+        if stream
+            .read(position, DIRECT_STREAM_BYTES, &mut slices)
+            .is_err()
+        {
+            drop(queue);
+            self.wake.notify_one();
+            return None;
+        }
+        slices.truncate(DIRECT_MAX_FRAMES);
+        let bytes: usize = slices.iter().map(Bytes::len).sum();
+        Some(SweepWrite {
+            connection: self,
+            queue,
+            socket,
+            end: position + bytes as u64,
+            bytes,
+            slices,
+        })
+    }
+
     /// [`Connection::stream_direct`] under the queue lock; also says whether it queued a rest.
     fn stream_direct_locked(
         &self,
@@ -227,7 +332,7 @@ impl Connection {
         if written == 0 {
             return (false, false); // The writer will take it from the stream.
         }
-        queue.last_write = Some(now);
+        self.wrote(&mut queue, now);
         queue.stream = Some(end);
         if written == total {
             return (end == stream.end(), false);
@@ -281,7 +386,7 @@ impl Connection {
             if let Some(socket) = queue.socket.filter(|_| idle && !queue.frames.is_empty()) {
                 let written = write_now(socket, queue.frames.iter());
                 if written > 0 {
-                    queue.last_write = Some(now);
+                    self.wrote(&mut queue, now);
                     queue.bytes -= written;
                     drop_front(&mut queue.frames, written);
                 }
@@ -307,7 +412,7 @@ impl Connection {
                 _ => 0,
             };
             if written > 0 {
-                queue.last_write = Some(now);
+                self.wrote(&mut queue, now);
             }
             if written == frames.iter().map(Bytes::len).sum::<usize>() {
                 return Push::Queued;
@@ -435,7 +540,7 @@ impl Connection {
                 Err(error) => Err(error),
             };
             let written = Instant::now();
-            self.lock().last_write = Some(written);
+            self.wrote(&mut self.lock(), written);
             if result.is_err() {
                 break;
             }
@@ -449,9 +554,9 @@ impl Connection {
             }
             // Under heavy fan-out, wait out the window right away while frames gather: waiting
             // for the next change first and then for the rest of the window cost two wake-ups
-            // per send.
+            // per send. (A `*` connection is written by the sweeper then.)
             let window = pace.window();
-            if window >= SLEEP_FIRST_MIN_WINDOW {
+            if window >= SWEEP_MIN_WINDOW && !self.is_streaming() {
                 tokio::time::sleep_until((written + window).into()).await;
             }
         }
@@ -572,10 +677,11 @@ fn write_now<'a>(socket: RawFd, frames: impl IntoIterator<Item = &'a Bytes>) -> 
 const WINDOW_PER_FRAME_RATE: Duration = Duration::from_nanos(60);
 /// The longest a frame waits for company.
 const WINDOW_MAX: Duration = Duration::from_millis(50);
-/// From this window on, a writer sleeps it out right after each send. Shorter windows are
+/// From this window on, the sweeper writes the `*` connections (the window is then twice its
+/// tick or more), and other writers sleep it out right after each send. Shorter windows are
 /// below the timer's 1 ms tick; a writer then waits for the next change first, as a lone
 /// subscriber must be written to at once.
-const SLEEP_FIRST_MIN_WINDOW: Duration = Duration::from_millis(2);
+pub const SWEEP_MIN_WINDOW: Duration = Duration::from_millis(2);
 
 /// The coalescing window every writer uses, set from the hub's delivered-frame rate.
 ///
@@ -591,6 +697,12 @@ pub struct Pace {
 impl Pace {
     pub fn window(&self) -> Duration {
         Duration::from_nanos(self.window_ns.load(Ordering::Relaxed))
+    }
+
+    /// Heavy fan-out: from a window of [`SWEEP_MIN_WINDOW`] on, the sweeper writes the `*`
+    /// connections (`crate::sweep`), not their writer tasks.
+    pub fn swept(&self) -> bool {
+        self.window() >= SWEEP_MIN_WINDOW
     }
 
     /// Sets the window for a hub delivering `frames_per_second`.
@@ -795,6 +907,111 @@ mod tests {
             assert_eq!(conn.push(std::slice::from_ref(&f)), Push::Queued);
         }
         connected.close_and_expect(&expected).await;
+    }
+
+    /// A sweep sender using io_uring (if the kernel allows) or `writev`.
+    fn sweep_sender(io_uring: bool) -> crate::sweep::Sender {
+        if !io_uring {
+            return crate::sweep::Sender::without_io_uring();
+        }
+        let sender = crate::sweep::Sender::new();
+        if !sender.uses_io_uring() {
+            eprintln!("io_uring is not available here: both runs use writev");
+        }
+        sender
+    }
+
+    /// Sweeps (as one io_uring submission, or one `writev` each) and the writer task take turns
+    /// on a `*` connection: the stream arrives whole and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sweeps_and_the_writer_send_the_stream_in_order() {
+        for io_uring in [true, false] {
+            let stream = std::sync::Arc::new(Stream::default());
+            let connected = connected(stream.clone()).await;
+            let conn = &connected.conn;
+            let mut sender = sweep_sender(io_uring);
+            conn.start_stream(stream.end());
+            let mut expected = Vec::new();
+            for i in 0..6_000u32 {
+                let frame = Bytes::from(format!("<{i:07}>"));
+                expected.extend_from_slice(&frame);
+                stream.append(std::slice::from_ref(&frame));
+                if i % 3 == 0 {
+                    stream.appended.notify_waiters();
+                } else {
+                    let now = Instant::now();
+                    let writes: Vec<_> = conn
+                        .sweep_begin(&stream, now, Duration::ZERO)
+                        .into_iter()
+                        .collect();
+                    sender.send(writes, now);
+                }
+                if i % 500 == 499 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            // Whatever neither sent yet goes out with the last wake.
+            stream.appended.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            connected.close_and_expect(&expected).await;
+        }
+    }
+
+    /// A `*` connection whose client reads nothing: sweeps fill its socket without ever
+    /// blocking (what the socket refuses goes to the writer), and once the stream drops its
+    /// position the writer closes it as overflowed, while still stuck on the full socket.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_client_never_blocks_a_sweep_and_overflows() {
+        for io_uring in [true, false] {
+            let stream = std::sync::Arc::new(Stream::default());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let _stalled = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+                .await
+                .expect("connect");
+            let (server, _) = listener.accept().await.expect("accept");
+            let (_read, write) = server.into_split();
+            let conn = std::sync::Arc::new(Connection::new(1));
+            let overflows = std::sync::Arc::new(Counter::default());
+            let writer = {
+                let (conn, stream, overflows) = (conn.clone(), stream.clone(), overflows.clone());
+                tokio::spawn(async move {
+                    let pace = Pace::default();
+                    conn.write_loop(write, &pace, &stream, &overflows).await
+                })
+            };
+            while conn.lock().socket.is_none() {
+                tokio::task::yield_now().await;
+            }
+            conn.start_stream(stream.end());
+            let mut sender = sweep_sender(io_uring);
+            let frame = frame::encode(frame::OPCODE_TEXT, &[b'x'; 60_000]);
+            // Twice what the stream keeps: far more than any socket buffer takes.
+            let appends = 2 * crate::stream::KEEP_BYTES as usize / frame.len();
+            for _ in 0..appends {
+                stream.append(std::slice::from_ref(&frame));
+                let now = Instant::now();
+                let writes: Vec<_> = conn
+                    .sweep_begin(&stream, now, Duration::ZERO)
+                    .into_iter()
+                    .collect();
+                sender.send(writes, now);
+                tokio::task::yield_now().await;
+            }
+            stream.appended.notify_waiters();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !conn.overflowed() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(
+                conn.overflowed(),
+                "io_uring {io_uring}: the stalled connection overflowed"
+            );
+            assert_eq!(overflows.get(), 1, "io_uring {io_uring}: counted once");
+            assert!(conn.is_closing());
+            writer.abort();
+        }
     }
 
     /// Frames queued quietly for a helper (`push_quiet`, then `flush_direct` on a blocking

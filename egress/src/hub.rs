@@ -106,6 +106,11 @@ impl Counters {
             "Socket writes that sent WebSocket frames (each may carry many)",
             crate::connection::SOCKET_WRITES.clone(),
         );
+        registry.register(
+            "flux_websocket_sweep_writes",
+            "Socket writes made by the sweeper under heavy fan-out (part of flux_websocket_writes)",
+            crate::connection::SWEEP_WRITES.clone(),
+        );
     }
 }
 
@@ -122,6 +127,10 @@ pub struct Hub {
     runtime: std::sync::OnceLock<tokio::runtime::Handle>,
     /// The frames of every change, for the connections subscribed to `*`.
     stream: Stream,
+    /// The thread that writes `*` connections under heavy fan-out (`crate::sweep`).
+    sweeper: std::sync::OnceLock<Option<std::thread::Thread>>,
+    /// Bumped whenever the set of `*` connections changes.
+    all_generation: AtomicU64,
     next_id: AtomicU64,
     pub counters: Counters,
 }
@@ -135,6 +144,8 @@ impl Default for Hub {
             pace: Pace::default(),
             runtime: std::sync::OnceLock::new(),
             stream: Stream::default(),
+            sweeper: std::sync::OnceLock::new(),
+            all_generation: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             counters: Counters::default(),
         }
@@ -144,6 +155,14 @@ impl Default for Hub {
 thread_local! {
     /// Scratch space for building a frame's JSON on the applying thread.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The sweeper's copy of the `*` connections, taken again when they change.
+#[derive(Default)]
+pub(crate) struct SweepCache {
+    all: Vec<Arc<Connection>>,
+    /// `Hub::all_generation` when `all` was taken.
+    generation: Option<u64>,
 }
 
 /// Encodes a text frame whose payload `build` writes.
@@ -198,7 +217,14 @@ impl Hub {
             let at = self.stream.append(frames);
             delivered += (frames.len() * all.len()) as u64;
             let mut wake = true;
-            if all.len() <= direct_left {
+            if all.len() > direct_left
+                && self.pace.swept()
+                && let Some(Some(sweeper)) = self.sweeper.get()
+            {
+                // Heavy fan-out: the sweeper writes them (woken in case it waits).
+                wake = false;
+                sweeper.unpark();
+            } else if all.len() <= direct_left {
                 direct_left -= all.len();
                 wake = false;
                 for connection in all {
@@ -264,6 +290,51 @@ impl Hub {
             count(connection.push_direct(frames, window), frames.len());
         }
         self.counters.frames_queued.inc_by(delivered);
+    }
+
+    /// Starts the sweeper thread once (at the first `*` subscription); it ends with the hub.
+    fn start_sweeper(self: &Arc<Self>) {
+        let hub = Arc::downgrade(self);
+        self.sweeper.get_or_init(|| match crate::sweep::spawn(hub) {
+            Ok(thread) => Some(thread),
+            Err(error) => {
+                tracing::error!(%error, "could not start the WebSocket sweeper thread");
+                None
+            }
+        });
+    }
+
+    /// One round of the sweeper: when fan-out is heavy, writes every `*` connection that is
+    /// due (window passed) and behind the stream; false when it is not heavy (the sweeper then
+    /// waits). `cache` keeps the `*` connections between rounds.
+    pub(crate) fn sweep(&self, cache: &mut SweepCache, sender: &mut crate::sweep::Sender) -> bool {
+        if !self.pace.swept() {
+            *cache = SweepCache::default();
+            return false;
+        }
+        let generation = self.all_generation.load(Ordering::Acquire);
+        if cache.generation != Some(generation) {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            cache.all = index.all().to_vec();
+            cache.generation = Some(generation);
+        }
+        let window = self.pace.window();
+        let now = Instant::now();
+        let mut due = cache
+            .all
+            .iter()
+            .filter(|c| !c.within_window(now, window))
+            .peekable();
+        while due.peek().is_some() {
+            // The locks of one submission's connections at a time (see `crate::sweep`).
+            let writes: Vec<_> = due
+                .by_ref()
+                .filter_map(|c| c.sweep_begin(&self.stream, now, window))
+                .take(crate::sweep::SUBMISSION_WRITES)
+                .collect();
+            sender.send(writes, now);
+        }
+        true
     }
 
     /// Answers `GET /api/ws`: upgrades and starts serving the connection.
@@ -372,8 +443,11 @@ impl Hub {
                     self.subscriptions.fetch_sub(1, Ordering::AcqRel);
                 }
             }
-            if patterns.contains(&Pattern::All) && index.all().is_empty() {
-                self.stream.release();
+            if patterns.contains(&Pattern::All) {
+                self.all_generation.fetch_add(1, Ordering::AcqRel);
+                if index.all().is_empty() {
+                    self.stream.release();
+                }
             }
         }
         let _ = writer.await;
@@ -384,7 +458,12 @@ impl Hub {
         self.counters.connections.dec();
     }
 
-    fn on_text(&self, connection: &Arc<Connection>, patterns: &mut Vec<Pattern>, text: &[u8]) {
+    fn on_text(
+        self: &Arc<Self>,
+        connection: &Arc<Connection>,
+        patterns: &mut Vec<Pattern>,
+        text: &[u8],
+    ) {
         // Client messages are small and rare: a plain JSON value is simple and exact.
         let message: serde_json::Value = match serde_json::from_slice(text) {
             Ok(m) => m,
@@ -442,12 +521,15 @@ impl Hub {
                 self.subscriptions.fetch_add(1, Ordering::AcqRel);
                 if pattern == Pattern::All {
                     connection.start_stream(self.stream.end());
+                    self.all_generation.fetch_add(1, Ordering::AcqRel);
+                    self.start_sweeper();
                 }
                 patterns.push(pattern);
             }
         } else if index.remove(&pattern, connection.id) {
             self.subscriptions.fetch_sub(1, Ordering::AcqRel);
             if pattern == Pattern::All {
+                self.all_generation.fetch_add(1, Ordering::AcqRel);
                 if connection.stop_stream(&self.stream) == Push::Overflowed {
                     self.counters.overflow_closes.inc();
                 }

@@ -9,12 +9,14 @@
 //! `ChangeObserver`) looks up matching connections in the [`index`] → builds the frames once
 //! ([`frame`]) → pushes handles onto each [`connection`]'s bounded queue, or, for connections
 //! subscribed to `*`, appends them once to the [`stream`] → each connection's writer task
-//! sends what is queued and what it has not sent of the stream with vectored writes.
+//! sends what is queued and what it has not sent of the stream with vectored writes (under
+//! heavy fan-out, the [`sweep`] thread sends the stream to the `*` connections instead).
 
 pub mod connection;
 pub mod frame;
 pub mod hub;
 pub mod index;
 pub mod stream;
+pub mod sweep;
 
 pub use hub::Hub;

@@ -6,7 +6,11 @@
 //! `getrusage(RUSAGE_THREAD)`). On loopback the sender's `write` also runs the receiving side of
 //! TCP (softirq) and the receiver's wake-up, so this is what one send costs a server here.
 //!
-//! Usage: `loopback_probe [connections=1000] [seconds-per-size=2]`.
+//! With `uring:N` as third argument, the sender submits one io_uring `send` per connection,
+//! `N` per submission (`uring` alone: all connections in one), instead of one `write` syscall
+//! each: what batching the syscalls of a fan-out saves.
+//!
+//! Usage: `loopback_probe [connections=1000] [seconds-per-size=2] [write|uring[:N]]`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -30,6 +34,22 @@ fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let connections: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
     let seconds: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(2.0);
+    // Sends per io_uring submission; `None`: one `write` each.
+    let per_submission = match args.next().as_deref() {
+        None | Some("write") => None,
+        Some("uring") => Some(connections),
+        Some(mode) => match mode.strip_prefix("uring:").and_then(|n| n.parse().ok()) {
+            Some(n) if n > 0 => Some(n),
+            _ => {
+                eprintln!("unknown mode {mode:?}: write, uring or uring:N");
+                std::process::exit(2);
+            }
+        },
+    };
+    let mut ring = match per_submission {
+        Some(n) => Some(io_uring::IoUring::new((n as u32).next_power_of_two())?),
+        None => None,
+    };
 
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let address = listener.local_addr()?;
@@ -52,8 +72,13 @@ fn main() -> std::io::Result<()> {
         std::thread::spawn(move || receive(receivers, &stop, &received, &receiver_cpu))
     };
 
+    let how = match per_submission {
+        Some(n) => format!("io_uring sends, {n} per submission"),
+        None => "one write per connection".to_string(),
+    };
     println!(
-        "{connections} loopback TCP connections, one sender thread, one epoll receiver thread"
+        "{connections} loopback TCP connections, one sender thread ({how}), one epoll receiver \
+         thread"
     );
     println!("frames/write  writes/s   sender µs/write  sender µs/frame  receiver µs/frame");
     for frames in [1usize, 2, 4, 8, 16, 32, 64] {
@@ -64,10 +89,19 @@ fn main() -> std::io::Result<()> {
         let started = Instant::now();
         let mut writes = 0u64;
         while started.elapsed().as_secs_f64() < seconds {
-            for sender in &mut senders {
-                sender.write_all(&message)?;
-                writes += 1;
+            match &mut ring {
+                Some(ring) => {
+                    for part in senders.chunks(per_submission.unwrap_or(1)) {
+                        send_uring(ring, part, &message)?;
+                    }
+                }
+                None => {
+                    for sender in &mut senders {
+                        sender.write_all(&message)?;
+                    }
+                }
             }
+            writes += senders.len() as u64;
         }
         let wall = started.elapsed().as_secs_f64();
         let sender_cpu = (thread_cpu() - cpu_before).as_secs_f64() * 1e6;
@@ -91,6 +125,36 @@ fn main() -> std::io::Result<()> {
     stop.store(true, Ordering::Relaxed);
     drop(senders);
     let _ = reader.join();
+    Ok(())
+}
+
+/// Sends `message` to every sender with one io_uring submission, then waits for all of them.
+fn send_uring(
+    ring: &mut io_uring::IoUring,
+    senders: &[TcpStream],
+    message: &[u8],
+) -> std::io::Result<()> {
+    for sender in senders {
+        let send = io_uring::opcode::Send::new(
+            io_uring::types::Fd(sender.as_raw_fd()),
+            message.as_ptr(),
+            message.len() as u32,
+        )
+        .build();
+        // SAFETY: `message` and the sockets outlive the operation, which completes before this
+        // function returns (it waits for every completion).
+        unsafe { ring.submission().push(&send) }
+            .map_err(|_| std::io::Error::other("submission queue full"))?;
+    }
+    ring.submit_and_wait(senders.len())?;
+    for completion in ring.completion() {
+        if completion.result() != message.len() as i32 {
+            return Err(std::io::Error::other(format!(
+                "send returned {}",
+                completion.result()
+            )));
+        }
+    }
     Ok(())
 }
 
