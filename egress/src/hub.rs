@@ -129,6 +129,8 @@ pub struct Hub {
     stream: Stream,
     /// The thread that writes `*` connections under heavy fan-out (`crate::sweep`).
     sweeper: std::sync::OnceLock<Option<std::thread::Thread>>,
+    /// Set if the sweeper stopped on a panic: `*` writers then write for themselves again.
+    sweeper_failed: std::sync::atomic::AtomicBool,
     /// Bumped whenever the set of `*` connections changes.
     all_generation: AtomicU64,
     next_id: AtomicU64,
@@ -145,6 +147,7 @@ impl Default for Hub {
             runtime: std::sync::OnceLock::new(),
             stream: Stream::default(),
             sweeper: std::sync::OnceLock::new(),
+            sweeper_failed: std::sync::atomic::AtomicBool::new(false),
             all_generation: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             counters: Counters::default(),
@@ -220,6 +223,7 @@ impl Hub {
             if all.len() > direct_left
                 && self.pace.swept()
                 && let Some(Some(sweeper)) = self.sweeper.get()
+                && !self.sweeper_failed.load(Ordering::Relaxed)
             {
                 // Heavy fan-out: the sweeper writes them (woken in case it waits).
                 wake = false;
@@ -302,6 +306,12 @@ impl Hub {
                 None
             }
         });
+    }
+
+    /// The sweeper stopped on a panic: changes wake the `*` writers from now on.
+    pub(crate) fn sweeper_failed(&self) {
+        self.sweeper_failed.store(true, Ordering::Relaxed);
+        self.stream.appended.notify_waiters();
     }
 
     /// One round of the sweeper: when fan-out is heavy, writes every `*` connection that is

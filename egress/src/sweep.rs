@@ -22,7 +22,8 @@
 //! - Without io_uring (an old kernel, a seccomp filter) the same writes go out one `writev`
 //!   each.
 //! - The thread starts at the first `*` subscription, waits (parked) while fan-out is light,
-//!   and ends once the hub is dropped.
+//!   and ends once the hub is dropped. Should a round panic, the thread ends and the hub goes
+//!   back to waking the `*` writer tasks on every change: no connection is left unwritten.
 
 use std::sync::Weak;
 use std::time::{Duration, Instant};
@@ -52,10 +53,21 @@ fn run(hub: Weak<Hub>) {
     let mut sender = Sender::new();
     let mut cache = SweepCache::default();
     loop {
-        let heavy = match hub.upgrade() {
-            Some(hub) => hub.sweep(&mut cache, &mut sender),
-            None => return,
+        let Some(strong) = hub.upgrade() else { return };
+        // A panic must not leave the `*` connections unwritten: the hub then wakes their
+        // writers on every change, as under light fan-out.
+        let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            strong.sweep(&mut cache, &mut sender)
+        }));
+        let heavy = match round {
+            Ok(heavy) => heavy,
+            Err(_) => {
+                tracing::error!("the WebSocket sweeper panicked; writer tasks take over");
+                strong.sweeper_failed();
+                return;
+            }
         };
+        drop(strong);
         if heavy {
             std::thread::sleep(TICK);
         } else {
@@ -140,6 +152,12 @@ impl Sender {
                     *result = writev(write);
                 }
             }
+        }
+        // A kernel whose io_uring lacks `sendmsg` refuses every send: use writev from now on.
+        let unsupported = [-libc::EINVAL, -libc::EOPNOTSUPP, -libc::ENOSYS];
+        if self.ring.is_some() && self.results.iter().any(|r| unsupported.contains(r)) {
+            tracing::warn!("io_uring refused a send; the sweeper writes with writev from now on");
+            self.ring = None;
         }
         for (write, &result) in writes.into_iter().zip(&self.results) {
             write.finish(result, now);
