@@ -1008,6 +1008,19 @@ fn overflow_is_counted_in_prometheus_metrics_while_the_client_is_still_stalled()
 
 // ------------------------------------------------------------------ many subscribers
 
+/// Joins reader threads that each return how many updates they checked; panics with the first
+/// failure.
+fn join_counts(workers: Vec<thread::JoinHandle<Result<u64, String>>>) -> u64 {
+    workers
+        .into_iter()
+        .map(|w| {
+            w.join()
+                .expect("worker thread")
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .sum()
+}
+
 #[test]
 fn two_thousand_subscribers_all_receive_a_burst() {
     const THREADS: usize = 20;
@@ -1073,13 +1086,7 @@ fn two_thousand_subscribers_all_receive_a_burst() {
     for _ in 0..THREADS {
         let _ = go_tx.send(());
     }
-    let mut total = 0;
-    for worker in workers {
-        total += worker
-            .join()
-            .expect("worker thread")
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    let total = join_counts(workers);
     assert_eq!(total, (THREADS * PER_THREAD) as u64 * UPDATES);
 }
 
@@ -1154,13 +1161,7 @@ fn heavy_fan_out_to_star_subscribers_arrives_whole_and_in_order() {
         publish_batch(&client, &events);
         thread::sleep(Duration::from_millis(50));
     }
-    let mut total = 0;
-    for worker in workers {
-        total += worker
-            .join()
-            .expect("worker thread")
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    let total = join_counts(workers);
     assert_eq!(total, (THREADS * PER_THREAD) as u64 * EVENTS);
     let (status, metrics) = s.get_text("/metrics");
     assert_eq!(status, 200, "GET /metrics -> {metrics}");

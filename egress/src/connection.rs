@@ -921,6 +921,16 @@ mod tests {
         sender
     }
 
+    /// One sweep of one connection, as the sweeper makes it (without a window).
+    fn sweep_once(conn: &Connection, stream: &Stream, sender: &mut crate::sweep::Sender) {
+        let now = Instant::now();
+        let writes: Vec<_> = conn
+            .sweep_begin(stream, now, Duration::ZERO)
+            .into_iter()
+            .collect();
+        sender.send(writes, now);
+    }
+
     /// Sweeps (as one io_uring submission, or one `writev` each) and the writer task take turns
     /// on a `*` connection: the stream arrives whole and in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -939,12 +949,7 @@ mod tests {
                 if i % 3 == 0 {
                     stream.appended.notify_waiters();
                 } else {
-                    let now = Instant::now();
-                    let writes: Vec<_> = conn
-                        .sweep_begin(&stream, now, Duration::ZERO)
-                        .into_iter()
-                        .collect();
-                    sender.send(writes, now);
+                    sweep_once(conn, &stream, &mut sender);
                 }
                 if i % 500 == 499 {
                     tokio::task::yield_now().await;
@@ -991,12 +996,7 @@ mod tests {
             let appends = 2 * crate::stream::KEEP_BYTES as usize / frame.len();
             for _ in 0..appends {
                 stream.append(std::slice::from_ref(&frame));
-                let now = Instant::now();
-                let writes: Vec<_> = conn
-                    .sweep_begin(&stream, now, Duration::ZERO)
-                    .into_iter()
-                    .collect();
-                sender.send(writes, now);
+                sweep_once(&conn, &stream, &mut sender);
                 tokio::task::yield_now().await;
             }
             stream.appended.notify_waiters();
