@@ -78,6 +78,8 @@ pub struct SweepWrite<'a> {
     bytes: usize,
     /// The stream position after `slices`.
     end: u64,
+    /// `slices` is as much as one write takes ([`STREAM_BATCH_BYTES`]): more may follow.
+    batch_full: bool,
 }
 
 impl SweepWrite<'_> {
@@ -85,23 +87,32 @@ impl SweepWrite<'_> {
     /// and unlocks the queue. The position moves past what was sent; a rest is queued for the
     /// writer task. Nothing sent (a full socket, an error) leaves the position where it was
     /// and wakes the writer, which meets the same condition and handles it.
-    pub fn finish(mut self, result: i32, now: Instant) {
+    ///
+    /// Returns whether the rest queued for the writer overflowed the queue (the connection then
+    /// closes with 1008; the caller counts it).
+    pub fn finish(mut self, result: i32, now: Instant) -> bool {
         let written = usize::try_from(result).unwrap_or(0);
         if written == 0 {
             drop(self.queue);
             self.connection.wake.notify_one();
-            return;
+            return false;
         }
         SOCKET_WRITES.inc();
         SWEEP_WRITES.inc();
-        self.connection.wrote(&mut self.queue, now);
+        // A connection that got a whole batch may have more waiting: it stays due (its window
+        // is for coalescing small sends, not for capping a backlog).
+        if !(self.batch_full && written == self.bytes) {
+            self.connection.wrote(&mut self.queue, now);
+        }
         self.queue.stream = Some(self.end);
         if written < self.bytes {
             let rest = unwritten(&self.slices, written);
-            self.connection.enqueue(&mut self.queue, &rest);
+            let overflowed = self.connection.enqueue(&mut self.queue, &rest) == Push::Overflowed;
             drop(self.queue);
             self.connection.wake.notify_one();
+            return overflowed;
         }
+        false
     }
 }
 
@@ -182,7 +193,11 @@ impl Connection {
             wake: Notify::new(),
             overflowed: AtomicBool::new(false),
             streaming: AtomicBool::new(false),
-            last_write_ns: AtomicU64::new(0),
+            last_write_ns: {
+                // Start the clock before any write, so that no write reads as "never" (0).
+                std::sync::LazyLock::force(&EPOCH);
+                AtomicU64::new(0)
+            },
         }
     }
 
@@ -268,7 +283,12 @@ impl Connection {
         now: Instant,
         window: Duration,
     ) -> Option<SweepWrite<'a>> {
-        let queue = self.lock();
+        // Never wait for a lock while holding others': one busy now is swept next round.
+        let queue = match self.queue.try_lock() {
+            Ok(queue) => queue,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
         let position = queue.stream?;
         if queue.close.is_some() || position == stream.end() {
             return None;
@@ -276,14 +296,13 @@ impl Connection {
         let socket = queue.socket.filter(|_| queue.idle(now, window))?;
         let mut slices: Vec<Bytes> = Vec::new();
         if stream
-            .read(position, DIRECT_STREAM_BYTES, &mut slices)
+            .read(position, STREAM_BATCH_BYTES, &mut slices)
             .is_err()
         {
             drop(queue);
             self.wake.notify_one();
             return None;
         }
-        slices.truncate(DIRECT_MAX_FRAMES);
         let bytes: usize = slices.iter().map(Bytes::len).sum();
         Some(SweepWrite {
             connection: self,
@@ -292,6 +311,7 @@ impl Connection {
             end: position + bytes as u64,
             bytes,
             slices,
+            batch_full: bytes >= STREAM_BATCH_BYTES,
         })
     }
 
@@ -554,9 +574,9 @@ impl Connection {
             }
             // Under heavy fan-out, wait out the window right away while frames gather: waiting
             // for the next change first and then for the rest of the window cost two wake-ups
-            // per send. (A `*` connection is written by the sweeper then.)
+            // per send. (Not when the sweeper writes the `*` connections.)
             let window = pace.window();
-            if window >= SWEEP_MIN_WINDOW && !self.is_streaming() {
+            if window >= SWEEP_MIN_WINDOW && !(self.is_streaming() && pace.stream_swept()) {
                 tokio::time::sleep_until((written + window).into()).await;
             }
         }
@@ -584,8 +604,8 @@ impl Connection {
     ) -> std::io::Result<()> {
         let mut write = std::pin::pin!(write_all(socket, batch));
         loop {
-            let mut appended = std::pin::pin!(stream.appended.notified());
-            appended.as_mut().enable();
+            let mut moved = std::pin::pin!(stream.moved.notified());
+            moved.as_mut().enable();
             {
                 let mut queue = self.lock();
                 match queue.stream {
@@ -604,7 +624,7 @@ impl Connection {
             }
             tokio::select! {
                 result = write.as_mut() => return result,
-                _ = appended => {}
+                _ = moved => {}
             }
         }
         write.await
@@ -692,6 +712,8 @@ pub const SWEEP_MIN_WINDOW: Duration = Duration::from_millis(2);
 #[derive(Default)]
 pub struct Pace {
     window_ns: AtomicU64,
+    /// The hub hands the `*` connections to the sweeper (set per change).
+    stream_swept: AtomicBool,
 }
 
 impl Pace {
@@ -703,6 +725,18 @@ impl Pace {
     /// connections (`crate::sweep`), not their writer tasks.
     pub fn swept(&self) -> bool {
         self.window() >= SWEEP_MIN_WINDOW
+    }
+
+    /// Whether the last change's `*` connections were left to the sweeper.
+    pub fn stream_swept(&self) -> bool {
+        self.stream_swept.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the hub leaves the `*` connections to the sweeper.
+    pub fn set_stream_swept(&self, swept: bool) {
+        if self.stream_swept() != swept {
+            self.stream_swept.store(swept, Ordering::Relaxed);
+        }
     }
 
     /// Sets the window for a hub delivering `frames_per_second`.
@@ -923,11 +957,18 @@ mod tests {
 
     /// One sweep of one connection, as the sweeper makes it (without a window).
     fn sweep_once(conn: &Connection, stream: &Stream, sender: &mut crate::sweep::Sender) {
+        sweep_once_within(conn, stream, sender, Duration::ZERO);
+    }
+
+    /// One sweep of one connection with a coalescing `window`.
+    fn sweep_once_within(
+        conn: &Connection,
+        stream: &Stream,
+        sender: &mut crate::sweep::Sender,
+        window: Duration,
+    ) {
         let now = Instant::now();
-        let writes: Vec<_> = conn
-            .sweep_begin(stream, now, Duration::ZERO)
-            .into_iter()
-            .collect();
+        let writes: Vec<_> = conn.sweep_begin(stream, now, window).into_iter().collect();
         sender.send(writes, now);
     }
 
@@ -960,6 +1001,43 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             connected.close_and_expect(&expected).await;
         }
+    }
+
+    /// A `*` connection far behind gets a whole batch per sweep without waiting its window
+    /// between them: a backlog drains in consecutive sweeps.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backlog_drains_in_consecutive_sweeps() {
+        let stream = std::sync::Arc::new(Stream::default());
+        let connected = connected(stream.clone()).await;
+        let conn = &connected.conn;
+        let mut sender = sweep_sender(true);
+        conn.start_stream(stream.end());
+        // Let the writer, woken by the subscription, find nothing and wait again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut expected = Vec::new();
+        // 1 MiB behind: four batches.
+        for i in 0..1024u32 {
+            let frame = Bytes::from(format!("<{i:07}>").repeat(128));
+            expected.extend_from_slice(&frame);
+            stream.append(std::slice::from_ref(&frame));
+        }
+        // A window far longer than the test: a batch per window would leave it behind. (A
+        // socket that takes only part of a batch hands the rest to the writer, which then
+        // goes on reading the stream itself: caught up either way.)
+        let window = Duration::from_secs(60);
+        for _ in 0..100 {
+            if conn.lock().stream == Some(stream.end()) {
+                break;
+            }
+            sweep_once_within(conn, &stream, &mut sender, window);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            conn.lock().stream,
+            Some(stream.end()),
+            "caught up within the window"
+        );
+        connected.close_and_expect(&expected).await;
     }
 
     /// A `*` connection whose client reads nothing: sweeps fill its socket without ever
@@ -999,7 +1077,8 @@ mod tests {
                 sweep_once(&conn, &stream, &mut sender);
                 tokio::task::yield_now().await;
             }
-            stream.appended.notify_waiters();
+            // Nobody wakes the writer for the stream here (as under heavy fan-out): the
+            // appends themselves make it notice its position is gone.
             let deadline = Instant::now() + Duration::from_secs(10);
             while !conn.overflowed() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;

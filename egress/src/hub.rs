@@ -10,7 +10,9 @@
 //!   ones behind them).
 //! - Connections subscribed to `*` are not visited per change: the change's frames are
 //!   appended once to the hub's [`Stream`], which their writers read (woken through
-//!   [`Stream::appended`]). When there are few of them, each idle one is written to at once.
+//!   [`Stream::appended`]). When there are few of them (up to 128), each idle one is written
+//!   to at once; when there are more under heavy fan-out, the sweeper thread writes them
+//!   (`crate::sweep`) and no writer is woken.
 //! - The first few matching connections of a change are written to directly from the applying
 //!   thread when idle (one wake-up less on the path to a quiet subscriber); see
 //!   [`Connection::push_direct`] and [`Connection::stream_direct`]. Past the first
@@ -131,6 +133,8 @@ pub struct Hub {
     sweeper: std::sync::OnceLock<Option<std::thread::Thread>>,
     /// Set if the sweeper stopped on a panic: `*` writers then write for themselves again.
     sweeper_failed: std::sync::atomic::AtomicBool,
+    /// A change was left to the sweeper and it has not looked since.
+    handed: std::sync::atomic::AtomicBool,
     /// Bumped whenever the set of `*` connections changes.
     all_generation: AtomicU64,
     next_id: AtomicU64,
@@ -148,6 +152,7 @@ impl Default for Hub {
             stream: Stream::default(),
             sweeper: std::sync::OnceLock::new(),
             sweeper_failed: std::sync::atomic::AtomicBool::new(false),
+            handed: std::sync::atomic::AtomicBool::new(false),
             all_generation: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             counters: Counters::default(),
@@ -220,13 +225,18 @@ impl Hub {
             let at = self.stream.append(frames);
             delivered += (frames.len() * all.len()) as u64;
             let mut wake = true;
-            if all.len() > direct_left
-                && self.pace.swept()
-                && let Some(Some(sweeper)) = self.sweeper.get()
-                && !self.sweeper_failed.load(Ordering::Relaxed)
-            {
-                // Heavy fan-out: the sweeper writes them (woken in case it waits).
+            let sweeper = self
+                .sweeper
+                .get()
+                .and_then(Option::as_ref)
+                .filter(|_| all.len() > direct_left && self.pace.swept())
+                .filter(|_| !self.sweeper_failed.load(Ordering::Relaxed));
+            self.pace.set_stream_swept(sweeper.is_some());
+            if let Some(sweeper) = sweeper {
+                // Heavy fan-out: the sweeper writes them (woken in case it waits). Should it
+                // find fan-out light by then, it wakes their writers instead.
                 wake = false;
+                self.handed.store(true, Ordering::Release);
                 sweeper.unpark();
             } else if all.len() <= direct_left {
                 direct_left -= all.len();
@@ -318,8 +328,14 @@ impl Hub {
     /// due (window passed) and behind the stream; false when it is not heavy (the sweeper then
     /// waits). `cache` keeps the `*` connections between rounds.
     pub(crate) fn sweep(&self, cache: &mut SweepCache, sender: &mut crate::sweep::Sender) -> bool {
+        let handed = self.handed.swap(false, Ordering::AcqRel);
         if !self.pace.swept() {
             *cache = SweepCache::default();
+            if handed {
+                // Fan-out turned light after a change was left to the sweeper (or while some
+                // connections were within their window): their writers take over.
+                self.stream.appended.notify_waiters();
+            }
             return false;
         }
         let generation = self.all_generation.load(Ordering::Acquire);
@@ -329,20 +345,22 @@ impl Hub {
             cache.generation = Some(generation);
         }
         let window = self.pace.window();
-        let now = Instant::now();
+        let round = Instant::now();
         let mut due = cache
             .all
             .iter()
-            .filter(|c| !c.within_window(now, window))
+            .filter(|c| !c.within_window(round, window))
             .peekable();
         while due.peek().is_some() {
             // The locks of one submission's connections at a time (see `crate::sweep`).
+            let now = Instant::now();
             let writes: Vec<_> = due
                 .by_ref()
                 .filter_map(|c| c.sweep_begin(&self.stream, now, window))
                 .take(crate::sweep::SUBMISSION_WRITES)
                 .collect();
-            sender.send(writes, now);
+            let overflows = sender.send(writes, now);
+            self.counters.overflow_closes.inc_by(overflows);
         }
         true
     }

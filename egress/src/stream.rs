@@ -115,7 +115,11 @@ pub struct Stream {
     /// Position after the last published byte.
     end: AtomicU64,
     /// Woken after every append: writers of `*` connections that have nothing left to send.
+    /// Under heavy fan-out the hub leaves it to the sweeper (`crate::sweep`).
     pub appended: tokio::sync::Notify,
+    /// Woken by every append, which is what drops old chunks: writers held back by a full
+    /// socket, to check that their position is still kept (else they overflow at once).
+    pub moved: tokio::sync::Notify,
 }
 
 impl Default for Stream {
@@ -124,6 +128,7 @@ impl Default for Stream {
             chunks: Mutex::new(VecDeque::new()),
             end: AtomicU64::new(0),
             appended: tokio::sync::Notify::new(),
+            moved: tokio::sync::Notify::new(),
         }
     }
 }
@@ -139,9 +144,15 @@ impl Stream {
     }
 
     /// Appends `frames` (in order) and drops chunks no longer needed to keep [`KEEP_BYTES`];
-    /// returns the position of the first appended byte. Does not wake anyone: see
+    /// returns the position of the first appended byte. Wakes [`Stream::moved`], not
     /// [`Stream::appended`].
     pub fn append(&self, frames: &[Bytes]) -> u64 {
+        let start = self.append_locked(frames);
+        self.moved.notify_waiters();
+        start
+    }
+
+    fn append_locked(&self, frames: &[Bytes]) -> u64 {
         let mut chunks = self.lock();
         let start = self.end.load(Ordering::Relaxed);
         let mut end = start;

@@ -1,29 +1,36 @@
 //! The sweeper: under heavy fan-out, one thread writes the connections subscribed to `*`,
 //! instead of each connection's writer task on its own timer.
 //!
-//! Heavy means a coalescing window of `SWEEP_MIN_WINDOW` or more (about
-//! 33,000 delivered frames/s and up; `Pace::swept`). Every [`TICK`] the sweeper takes the `*` connections
-//! whose window has passed and that are behind the stream, and sends each what it has not sent,
-//! [`SUBMISSION_WRITES`] connections per io_uring submission. One submission of many sends
-//! spares a syscall per send, and no writer task is woken or timed: `fanout --subscribers 1000
-//! --rate 1000`, 4 pairs, server 323 → 279 µs per event (medians; perf/README, session 12).
+//! The hub hands a change's `*` connections to the sweeper when fan-out is heavy (a coalescing
+//! window of `SWEEP_MIN_WINDOW` or more, about 33,000 delivered frames/s and up;
+//! `Pace::swept`) and there are more of them than a change writes directly (128). Every
+//! [`TICK`] the sweeper takes the `*` connections whose window has passed (a lock-free check)
+//! and sends each what it has not sent of the stream, [`SUBMISSION_WRITES`] connections per
+//! io_uring submission. One submission of many sends spares a syscall per send, and no writer
+//! task is woken or timed: `fanout --subscribers 1000 --rate 1000`, 4 pairs, server 323 → 279
+//! µs per event (medians; perf/README, session 12).
 //!
 //! Invariants:
 //! - The sweeper writes a connection only as a direct writer does ([`Connection::sweep_begin`]):
 //!   nothing queued, no write in flight, its window passed, under its queue lock, and without
 //!   blocking (`MSG_DONTWAIT`). A socket that takes only part goes to the writer task, which
-//!   sends the rest (and watches the stream meanwhile): one stalled client never holds the
-//!   sweeper up.
-//! - It holds the locks of at most [`SUBMISSION_WRITES`] connections at once, for one
-//!   submission whose sends have all completed when it returns (none stays in flight, so the
-//!   buffers they point into outlive them). No other code holds two connection locks at once,
-//!   so this cannot deadlock; a producer or writer task meets such a lock held for at most one
-//!   submission (~16 loopback sends).
+//!   sends the rest and meanwhile watches the stream (woken by every append,
+//!   `Stream::moved`): one stalled client never holds the sweeper up, and it still overflows
+//!   (1008, counted) as soon as the stream drops its position.
+//! - A write takes up to 256 KiB of the stream; a connection that got that much stays due, so
+//!   a backlog drains at once rather than a batch per window.
+//! - It holds the locks of at most [`SUBMISSION_WRITES`] connections at once, and takes them
+//!   with `try_lock` (a busy one waits for the next round), so it never waits while holding
+//!   one. They are held until the submission's sends have all completed, so the buffers the
+//!   sends point into outlive them. Should io_uring fail with sends not known to have
+//!   completed, their buffers are leaked and their sockets shut down (those connections end),
+//!   and the sweeper goes on with `writev`.
 //! - Without io_uring (an old kernel, a seccomp filter) the same writes go out one `writev`
 //!   each.
 //! - The thread starts at the first `*` subscription, waits (parked) while fan-out is light,
-//!   and ends once the hub is dropped. Should a round panic, the thread ends and the hub goes
-//!   back to waking the `*` writer tasks on every change: no connection is left unwritten.
+//!   and ends once the hub is dropped. If fan-out turns light after changes were handed to
+//!   it, it wakes the `*` writers, which take over. Should a round panic, the thread ends and
+//!   the hub goes back to waking the `*` writer tasks on every change.
 
 use std::sync::Weak;
 use std::time::{Duration, Instant};
@@ -125,26 +132,25 @@ impl Sender {
     }
 
     /// Sends each write without blocking, then finishes it with its outcome (which unlocks its
-    /// connection).
-    pub fn send(&mut self, writes: Vec<SweepWrite<'_>>, now: Instant) {
+    /// connection). Returns how many connections overflowed on the rest of a partial send.
+    pub fn send(&mut self, writes: Vec<SweepWrite<'_>>, now: Instant) -> u64 {
         if writes.is_empty() {
-            return;
+            return 0;
         }
         self.results.clear();
-        self.results.resize(writes.len(), 0);
+        self.results.resize(writes.len(), UNKNOWN);
         match self.ring.as_mut() {
             Some(ring) => {
-                if let Err(error) = submit(
+                let submitted = submit(
                     ring,
                     &writes,
                     &mut self.iovecs,
                     &mut self.headers,
                     &mut self.results,
-                ) {
-                    // The sends that ran have their results; the others count as not sent
-                    // (their writers take over). Later rounds use writev.
-                    tracing::warn!(%error, "io_uring send failed; the sweeper writes with writev from now on");
-                    self.ring = None;
+                );
+                if let Err(error) = submitted {
+                    tracing::error!(%error, "io_uring failed; the sweeper writes with writev from now on");
+                    self.abandon(&writes);
                 }
             }
             None => {
@@ -159,17 +165,43 @@ impl Sender {
             tracing::warn!("io_uring refused a send; the sweeper writes with writev from now on");
             self.ring = None;
         }
+        let mut overflows = 0;
         for (write, &result) in writes.into_iter().zip(&self.results) {
-            write.finish(result, now);
+            overflows += u64::from(write.finish(result, now));
         }
+        overflows
+    }
+
+    /// After io_uring failed with sends whose completion never came: those may still run, so
+    /// the memory they point into is leaked (never freed) and their sockets are shut down (their
+    /// connections end, rather than risk bytes sent twice); the ring is dropped.
+    fn abandon(&mut self, writes: &[SweepWrite<'_>]) {
+        for (write, result) in writes.iter().zip(self.results.iter_mut()) {
+            if *result == UNKNOWN {
+                std::mem::forget(write.slices.clone());
+                // SAFETY: the socket is open (its connection's lock is held); shutting it down
+                // only makes later reads and writes on it fail.
+                unsafe { libc::shutdown(write.socket, libc::SHUT_RDWR) };
+                *result = -libc::EIO;
+            }
+        }
+        std::mem::forget(std::mem::take(&mut self.iovecs));
+        std::mem::forget(std::mem::take(&mut self.headers));
+        self.ring = None;
     }
 }
 
-/// One submission of a `sendmsg` per write; each completed send's result goes to `results`.
+/// A result slot whose send has not completed.
+const UNKNOWN: i32 = i32::MIN;
+
+/// One submission of a `sendmsg` per write; each completed send's result goes to `results`
+/// (the others stay [`UNKNOWN`]).
 ///
-/// A send with `MSG_DONTWAIT` completes within the `io_uring_enter` that submits it (a full
-/// socket answers `EAGAIN`, it is never left waiting), so once this returns no send is in
-/// flight: on an error, those not submitted yet stay in the queue and the ring is dropped.
+/// It returns once every send has completed, so the buffers they point into may then go. A
+/// send with `MSG_DONTWAIT` normally completes within the `io_uring_enter` that submits it (a
+/// full socket answers `EAGAIN`). Should `io_uring_enter` keep failing (it is retried for
+/// about a second), the error is returned and the caller must treat the sends still
+/// [`UNKNOWN`] as in flight.
 fn submit(
     ring: &mut io_uring::IoUring,
     writes: &[SweepWrite<'_>],
@@ -205,25 +237,35 @@ fn submit(
             .build()
             .user_data(i as u64);
         // SAFETY: the header, its iovecs and the bytes they point to (held by `writes`) stay
-        // alive and unmoved until the send completes, which happens before this function
-        // returns (see above); the socket stays open while its connection's lock is held.
+        // alive and unmoved until the send completes: this function waits for every
+        // completion, and if it cannot, the caller leaks them. The socket stays open while
+        // its connection's lock is held.
         unsafe { ring.submission().push(&send) }
             .map_err(|_| std::io::Error::other("io_uring submission queue full"))?;
     }
     let mut completed = 0;
+    let mut failures = 0;
     while completed < writes.len() {
         match ring.submit_and_wait(writes.len() - completed) {
             Ok(_) => {}
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
             Err(error) => {
-                reap(ring, results);
-                return Err(error);
+                completed += reap(ring, results);
+                failures += 1;
+                if failures == SUBMIT_RETRIES {
+                    return Err(error);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
             }
         }
         completed += reap(ring, results);
     }
     Ok(())
 }
+
+/// Times a failing `io_uring_enter` is tried again, 1 ms apart, before the ring is given up.
+const SUBMIT_RETRIES: u32 = 1000;
 
 /// Takes the completions there are into `results`; returns how many.
 fn reap(ring: &mut io_uring::IoUring, results: &mut [i32]) -> usize {
