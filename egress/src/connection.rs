@@ -6,12 +6,13 @@
 //!   queued and closes the connection with 1008 and a reason naming the overflow. Producers
 //!   (whatever thread applied the change) never wait on a connection.
 //! - The writer task takes everything queued at once and sends it with vectored writes, so a
-//!   burst costs few syscalls. A writer that wrote very recently waits
-//!   out a short window first ([`Pace`]): the window grows with the rate of frames the hub
-//!   delivers, so heavy fan-out sends many frames per syscall while a lone subscriber is written
-//!   to at once. Windows of 2 ms and more are slept out right after each send (one wake-up per
-//!   send instead of two), except by `*` connections, which the sweeper writes then. One small loopback send costs ~6–7 µs of CPU here whatever its size
-//!   (`loopback_probe`), so frames per send is what bounds fan-out CPU per frame.
+//!   burst costs few syscalls. A writer that wrote very recently waits out a short window
+//!   first ([`Pace`]): the window grows with the rate of frames the hub delivers, so heavy
+//!   fan-out sends many frames per syscall while a lone subscriber is written to at once.
+//!   Windows of 2 ms and more are slept out right after each send (one wake-up per send
+//!   instead of two), except by `*` connections the sweeper writes. One small loopback send
+//!   costs ~4–7 µs of CPU here whatever its size (`loopback_probe`), so frames per send is
+//!   what bounds fan-out CPU per frame.
 //! - A producer may write a change straight to the socket instead ([`Connection::push_direct`]),
 //!   saving the hand-off to the writer task (a thread wake-up, tens of µs in a VM) — but only when
 //!   nothing is queued, the writer holds no batch, and the window since the last write has passed,
@@ -104,15 +105,15 @@ impl SweepWrite<'_> {
         if !(self.batch_full && written == self.bytes) {
             self.connection.wrote(&mut self.queue, now);
         }
-        self.queue.stream = Some(self.end);
-        if written < self.bytes {
-            let rest = unwritten(&self.slices, written);
-            let overflowed = self.connection.enqueue(&mut self.queue, &rest) == Push::Overflowed;
-            drop(self.queue);
-            self.connection.wake.notify_one();
-            return overflowed;
-        }
-        false
+        let rest = self
+            .connection
+            .sent_stream(&mut self.queue, &self.slices, written, self.end);
+        let Some(pushed) = rest else {
+            return false;
+        };
+        drop(self.queue);
+        self.connection.wake.notify_one();
+        pushed == Push::Overflowed
     }
 }
 
@@ -353,13 +354,26 @@ impl Connection {
             return (false, false); // The writer will take it from the stream.
         }
         self.wrote(&mut queue, now);
-        queue.stream = Some(end);
-        if written == total {
-            return (end == stream.end(), false);
+        match self.sent_stream(&mut queue, slices, written, end) {
+            None => (end == stream.end(), false),
+            Some(_) => (false, true),
         }
-        let rest = unwritten(slices, written);
-        self.enqueue(&mut queue, &rest);
-        (false, true)
+    }
+
+    /// After the first `written` bytes of `slices` (the stream up to `end`) went to the socket:
+    /// the position moves to `end`, and what the socket did not take is queued for the writer
+    /// (ahead of the stream from `end`). Returns the outcome of queueing that rest, `None` when
+    /// everything went.
+    fn sent_stream(
+        &self,
+        queue: &mut Queue,
+        slices: &[Bytes],
+        written: usize,
+        end: u64,
+    ) -> Option<Push> {
+        queue.stream = Some(end);
+        let total: usize = slices.iter().map(Bytes::len).sum();
+        (written < total).then(|| self.enqueue(queue, &unwritten(slices, written)))
     }
 
     /// Queues `frames` (in order) unless that would pass a bound.
@@ -666,10 +680,19 @@ fn drop_front(frames: &mut VecDeque<Bytes>, mut bytes: usize) {
     }
 }
 
+/// [`writev_now`], counted in [`SOCKET_WRITES`] when it sent something.
+fn write_now<'a>(socket: RawFd, frames: impl IntoIterator<Item = &'a Bytes>) -> usize {
+    let written = writev_now(socket, frames);
+    if written > 0 {
+        SOCKET_WRITES.inc();
+    }
+    written
+}
+
 /// One non-blocking `writev` of (the first [`DIRECT_MAX_FRAMES`] of) `frames` to `socket`;
 /// returns the bytes written, 0 when the socket would block or failed (the writer task then
-/// meets the same condition and handles it).
-fn write_now<'a>(socket: RawFd, frames: impl IntoIterator<Item = &'a Bytes>) -> usize {
+/// meets the same condition and handles it). The caller holds the connection's queue lock.
+pub(crate) fn writev_now<'a>(socket: RawFd, frames: impl IntoIterator<Item = &'a Bytes>) -> usize {
     let mut slices = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
@@ -684,9 +707,6 @@ fn write_now<'a>(socket: RawFd, frames: impl IntoIterator<Item = &'a Bytes>) -> 
     // writer's open, non-blocking descriptor (the caller holds the queue lock, under which the
     // writer withdraws it before closing).
     let written = unsafe { libc::writev(socket, slices.as_ptr(), count as libc::c_int) };
-    if written > 0 {
-        SOCKET_WRITES.inc();
-    }
     written.max(0) as usize
 }
 

@@ -133,8 +133,6 @@ pub struct Hub {
     sweeper: std::sync::OnceLock<Option<std::thread::Thread>>,
     /// Set if the sweeper stopped on a panic: `*` writers then write for themselves again.
     sweeper_failed: std::sync::atomic::AtomicBool,
-    /// A change was left to the sweeper and it has not looked since.
-    handed: std::sync::atomic::AtomicBool,
     /// Bumped whenever the set of `*` connections changes.
     all_generation: AtomicU64,
     next_id: AtomicU64,
@@ -152,7 +150,6 @@ impl Default for Hub {
             stream: Stream::default(),
             sweeper: std::sync::OnceLock::new(),
             sweeper_failed: std::sync::atomic::AtomicBool::new(false),
-            handed: std::sync::atomic::AtomicBool::new(false),
             all_generation: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             counters: Counters::default(),
@@ -236,7 +233,6 @@ impl Hub {
                 // Heavy fan-out: the sweeper writes them (woken in case it waits). Should it
                 // find fan-out light by then, it wakes their writers instead.
                 wake = false;
-                self.handed.store(true, Ordering::Release);
                 sweeper.unpark();
             } else if all.len() <= direct_left {
                 direct_left -= all.len();
@@ -328,12 +324,13 @@ impl Hub {
     /// due (window passed) and behind the stream; false when it is not heavy (the sweeper then
     /// waits). `cache` keeps the `*` connections between rounds.
     pub(crate) fn sweep(&self, cache: &mut SweepCache, sender: &mut crate::sweep::Sender) -> bool {
-        let handed = self.handed.swap(false, Ordering::AcqRel);
         if !self.pace.swept() {
             *cache = SweepCache::default();
-            if handed {
-                // Fan-out turned light after a change was left to the sweeper (or while some
-                // connections were within their window): their writers take over.
+            if self.pace.stream_swept() {
+                // Fan-out turned light since the last change, which was left to the sweeper
+                // (a later change under light fan-out would have woken the writers): they
+                // take over.
+                self.pace.set_stream_swept(false);
                 self.stream.appended.notify_waiters();
             }
             return false;

@@ -16,7 +16,8 @@
 //!   (release), so readers (acquire) see whole frames only.
 //! - The stream keeps at least the last [`KEEP_BYTES`] bytes. A reader whose position fell
 //!   behind what is kept has lagged: its connection is closed (1008), as an overflowing queue
-//!   would be, and its writer checks this on every append while a full socket holds it back.
+//!   would be, and its writer checks this whenever chunks are dropped while a full socket
+//!   holds it back.
 //!   What a reader took stays alive while it holds it (the chunk is shared), so a writer
 //!   stuck on a full socket keeps at most one batch, not the stream. When the last `*`
 //!   subscriber leaves, the stream lets go of every chunk ([`Stream::release`]).
@@ -117,8 +118,8 @@ pub struct Stream {
     /// Woken after every append: writers of `*` connections that have nothing left to send.
     /// Under heavy fan-out the hub leaves it to the sweeper (`crate::sweep`).
     pub appended: tokio::sync::Notify,
-    /// Woken by every append, which is what drops old chunks: writers held back by a full
-    /// socket, to check that their position is still kept (else they overflow at once).
+    /// Woken by an append that dropped old chunks: writers held back by a full socket, to
+    /// check that their position is still kept (else they overflow at once).
     pub moved: tokio::sync::Notify,
 }
 
@@ -144,15 +145,18 @@ impl Stream {
     }
 
     /// Appends `frames` (in order) and drops chunks no longer needed to keep [`KEEP_BYTES`];
-    /// returns the position of the first appended byte. Wakes [`Stream::moved`], not
-    /// [`Stream::appended`].
+    /// returns the position of the first appended byte. Wakes [`Stream::moved`] when it
+    /// dropped a chunk, never [`Stream::appended`].
     pub fn append(&self, frames: &[Bytes]) -> u64 {
-        let start = self.append_locked(frames);
-        self.moved.notify_waiters();
+        let (start, dropped) = self.append_locked(frames);
+        if dropped {
+            self.moved.notify_waiters();
+        }
         start
     }
 
-    fn append_locked(&self, frames: &[Bytes]) -> u64 {
+    /// [`Stream::append`] under the lock; also says whether a chunk was dropped.
+    fn append_locked(&self, frames: &[Bytes]) -> (u64, bool) {
         let mut chunks = self.lock();
         let start = self.end.load(Ordering::Relaxed);
         let mut end = start;
@@ -165,10 +169,12 @@ impl Stream {
             end += frame.len() as u64;
         }
         self.end.store(end, Ordering::Release);
+        let mut dropped = false;
         while chunks.len() > 1 && end - chunks[1].start >= KEEP_BYTES {
             chunks.pop_front();
+            dropped = true;
         }
-        start
+        (start, dropped)
     }
 
     /// Drops every chunk: the last `*` subscriber left (the caller holds the index's write

@@ -14,7 +14,7 @@
 //! - The sweeper writes a connection only as a direct writer does ([`Connection::sweep_begin`]):
 //!   nothing queued, no write in flight, its window passed, under its queue lock, and without
 //!   blocking (`MSG_DONTWAIT`). A socket that takes only part goes to the writer task, which
-//!   sends the rest and meanwhile watches the stream (woken by every append,
+//!   sends the rest and meanwhile watches the stream (woken by appends that drop chunks,
 //!   `Stream::moved`): one stalled client never holds the sweeper up, and it still overflows
 //!   (1008, counted) as soon as the stream drops its position.
 //! - A write takes up to 256 KiB of the stream; a connection that got that much stays due, so
@@ -35,7 +35,7 @@
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use crate::connection::SweepWrite;
+use crate::connection::{SweepWrite, writev_now};
 use crate::hub::{Hub, SweepCache};
 
 /// How often the sweeper looks for due connections while fan-out is heavy: at most half the
@@ -155,7 +155,8 @@ impl Sender {
             }
             None => {
                 for (write, result) in writes.iter().zip(self.results.iter_mut()) {
-                    *result = writev(write);
+                    let written = writev_now(write.socket, &write.slices);
+                    *result = i32::try_from(written).unwrap_or(i32::MAX);
                 }
             }
         }
@@ -277,26 +278,4 @@ fn reap(ring: &mut io_uring::IoUring, results: &mut [i32]) -> usize {
         count += 1;
     }
     count
-}
-
-/// One non-blocking `writev` of a sweep write; the bytes written or a negative errno.
-fn writev(write: &SweepWrite<'_>) -> i32 {
-    let iovecs: Vec<libc::iovec> = write
-        .slices
-        .iter()
-        .map(|b| libc::iovec {
-            iov_base: b.as_ptr() as *mut libc::c_void,
-            iov_len: b.len(),
-        })
-        .collect();
-    // SAFETY: the iovecs point into `write.slices`, alive for the call; the socket is open
-    // while its connection's lock is held.
-    let written = unsafe { libc::writev(write.socket, iovecs.as_ptr(), iovecs.len() as i32) };
-    if written < 0 {
-        -std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
-    } else {
-        i32::try_from(written).unwrap_or(i32::MAX)
-    }
 }
