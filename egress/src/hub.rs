@@ -321,9 +321,13 @@ impl Hub {
     }
 
     /// One round of the sweeper: when fan-out is heavy, writes every `*` connection that is
-    /// due (window passed) and behind the stream; false when it is not heavy (the sweeper then
-    /// waits). `cache` keeps the `*` connections between rounds.
-    pub(crate) fn sweep(&self, cache: &mut SweepCache, sender: &mut crate::sweep::Sender) -> bool {
+    /// due (window passed) and behind the stream, and returns the window; `None` when fan-out
+    /// is not heavy (the sweeper then waits). `cache` keeps the `*` connections between rounds.
+    pub(crate) fn sweep(
+        &self,
+        cache: &mut SweepCache,
+        sender: &mut crate::sweep::Sender,
+    ) -> Option<Duration> {
         if !self.pace.swept() {
             *cache = SweepCache::default();
             if self.pace.stream_swept() {
@@ -333,7 +337,7 @@ impl Hub {
                 self.pace.set_stream_swept(false);
                 self.stream.appended.notify_waiters();
             }
-            return false;
+            return None;
         }
         let generation = self.all_generation.load(Ordering::Acquire);
         if cache.generation != Some(generation) {
@@ -362,7 +366,7 @@ impl Hub {
             let overflows = sender.send(writes, now);
             self.counters.overflow_closes.inc_by(overflows);
         }
-        true
+        Some(window)
     }
 
     /// Answers `GET /api/ws`: upgrades and starts serving the connection.

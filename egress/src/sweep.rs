@@ -3,8 +3,9 @@
 //!
 //! The hub hands a change's `*` connections to the sweeper when fan-out is heavy (a coalescing
 //! window of `SWEEP_MIN_WINDOW` or more, about 33,000 delivered frames/s and up;
-//! `Pace::swept`) and there are more of them than a change writes directly (128). Every
-//! [`TICK`] the sweeper takes the `*` connections whose window has passed (a lock-free check)
+//! `Pace::swept`) and there are more of them than a change writes directly (128). Every tick
+//! ([`tick`]: a sixteenth of the window, 1–4 ms) the sweeper takes the `*` connections whose
+//! window has passed (a lock-free check)
 //! and sends each what it has not sent of the stream, [`SUBMISSION_WRITES`] connections per
 //! io_uring submission. One submission of many sends spares a syscall per send, and no writer
 //! task is woken or timed: `fanout --subscribers 1000 --rate 1000`, 4 pairs, server 323 → 279
@@ -38,9 +39,19 @@ use std::time::{Duration, Instant};
 use crate::connection::{SweepWrite, writev_now};
 use crate::hub::{Hub, SweepCache};
 
-/// How often the sweeper looks for due connections while fan-out is heavy: at most half the
-/// smallest window it serves.
-pub const TICK: Duration = Duration::from_millis(1);
+/// The shortest time between two looks for due connections: half the smallest window the
+/// sweeper serves ([`crate::connection::SWEEP_MIN_WINDOW`]).
+pub const TICK_MIN: Duration = Duration::from_millis(1);
+/// The longest: a frame waits at most its window plus one tick.
+const TICK_MAX: Duration = Duration::from_millis(4);
+
+/// How long the sweeper sleeps between looks for due connections at `window`: a sixteenth of
+/// it, within [`TICK_MIN`]..=[`TICK_MAX`]. Each look is a wake-up of an idle thread; at long
+/// windows few connections fall due per millisecond, so looking every millisecond costs more
+/// wake-ups than it saves waiting.
+pub fn tick(window: Duration) -> Duration {
+    (window / 16).clamp(TICK_MIN, TICK_MAX)
+}
 /// Connections written per io_uring submission: their locks are held until it completes.
 /// `loopback_probe 1000 2 uring:16` costs what one submission of all 1,000 does.
 pub const SUBMISSION_WRITES: usize = 16;
@@ -66,8 +77,8 @@ fn run(hub: Weak<Hub>) {
         let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             strong.sweep(&mut cache, &mut sender)
         }));
-        let heavy = match round {
-            Ok(heavy) => heavy,
+        let window = match round {
+            Ok(window) => window,
             Err(_) => {
                 tracing::error!("the WebSocket sweeper panicked; writer tasks take over");
                 strong.sweeper_failed();
@@ -75,8 +86,8 @@ fn run(hub: Weak<Hub>) {
             }
         };
         drop(strong);
-        if heavy {
-            std::thread::sleep(TICK);
+        if let Some(window) = window {
+            std::thread::sleep(tick(window));
         } else {
             std::thread::park_timeout(IDLE_WAIT);
         }
@@ -278,4 +289,20 @@ fn reap(ring: &mut io_uring::IoUring, results: &mut [i32]) -> usize {
         count += 1;
     }
     count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tick_follows_the_window_within_its_bounds() {
+        let ms = Duration::from_millis;
+        // At the smallest swept window the sweeper still looks twice per window.
+        assert_eq!(tick(crate::connection::SWEEP_MIN_WINDOW), ms(1));
+        assert_eq!(tick(ms(12)), ms(1));
+        assert_eq!(tick(ms(32)), ms(2));
+        assert_eq!(tick(ms(50)), Duration::from_micros(3125));
+        assert_eq!(tick(ms(500)), ms(4));
+    }
 }
