@@ -266,6 +266,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // A leading worker blocks for one fdatasync; with one worker nothing would serve.
         leader_commits: http_workers >= 2,
     };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(http_workers)
+        .thread_name("flux-http")
+        // Request buffers are freed by shard threads; the owning worker's heap reclaims them
+        // only when it next allocates, so an idle server kept ~5 MB. Collect on going idle.
+        .on_thread_park(collect_worker_heap_now_and_then)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // The stop signals are caught from here on, recovery included: a SIGTERM that arrives
+    // before the server answers its first request still stops it cleanly (exit 0).
+    let stop = {
+        let _context = runtime.enter();
+        StopSignals::listen()
+    };
     let hub = Hub::new();
     let config = EngineConfig {
         observer: Some(hub.clone()),
@@ -276,15 +291,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // keep those pages, so give them back now (tens of MB after a large replay).
     // SAFETY: `mi_collect` only walks this thread's own heap; no pointers are involved.
     unsafe { libmimalloc_sys::mi_collect(true) };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(http_workers)
-        .thread_name("flux-http")
-        // Request buffers are freed by shard threads; the owning worker's heap reclaims them
-        // only when it next allocates, so an idle server kept ~5 MB. Collect on going idle.
-        .on_thread_park(collect_worker_heap_now_and_then)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(addr))
         .with_context(|| format!("binding {addr}"))?;
@@ -377,7 +383,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
     ];
     runtime.block_on(async {
-        flux_ingress::serve(listener, api, shutdown_signal()).await;
+        flux_ingress::serve(listener, api, stop.wait()).await;
         for task in background {
             task.abort();
         }
@@ -392,19 +398,44 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// How long start-up waits for the first write of `flux-core/directory`.
 const DIRECTORY_START_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, caught from the moment [`StopSignals::listen`] ran (before that, their
+/// default action would end the process).
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    /// Installs the handlers; needs the runtime's context.
+    fn listen() -> StopSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let catch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(signal) => Some(signal),
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for {name}");
+                None
+            }
+        };
+        StopSignals {
+            term: catch(SignalKind::terminate(), "SIGTERM"),
+            interrupt: catch(SignalKind::interrupt(), "SIGINT"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    }
+
+    /// Resolves at the first stop signal (one delivered before this was polled included).
+    async fn wait(mut self) {
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = next(&mut self.term) => {}
+            _ = next(&mut self.interrupt) => {}
+        }
     }
 }
 

@@ -552,6 +552,23 @@ fn startup_line_names_the_address() {
 }
 
 #[test]
+fn sigterm_right_after_the_start_up_line_exits_zero() {
+    // The start-up line comes before the server answers its first request. A SIGTERM sent the
+    // moment it appears once found no handler yet and ended the process by the signal's
+    // default action (status 143), so a supervisor saw a crash instead of a clean stop.
+    for _ in 0..3 {
+        let mut s = Server::start();
+        let status = s.terminate();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "exit status after an early SIGTERM: {status:?}\n{}",
+            s.stderr_text()
+        );
+    }
+}
+
+#[test]
 fn sigterm_exits_zero_and_data_survives() {
     let mut s = Server::start();
     for i in 0..20 {
