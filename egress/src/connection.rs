@@ -117,6 +117,51 @@ impl SweepWrite<'_> {
     }
 }
 
+/// A direct write of a change's frames to an idle connection, prepared by
+/// [`Connection::direct_begin`]: its queue stays locked until [`DirectWrite::finish`], so the
+/// send can go out in a batch with others' (`crate::sweep::Sender`).
+pub struct DirectWrite<'a> {
+    connection: &'a Connection,
+    queue: std::sync::MutexGuard<'a, Queue>,
+    /// The connection's socket (open while the lock is held).
+    pub socket: RawFd,
+    /// The frames to send, in order.
+    pub frames: &'a [Bytes],
+    now: Instant,
+}
+
+/// What [`Connection::direct_begin`] made of a change for one connection.
+pub enum DirectBegin<'a> {
+    /// Idle: send these frames, then finish the write.
+    Write(DirectWrite<'a>),
+    /// Queued for the writer (or refused); nothing to send.
+    Done(Push),
+    /// Its lock is held elsewhere and the caller may not wait for it.
+    Busy,
+}
+
+impl DirectWrite<'_> {
+    /// Records the send's outcome (`result`: the bytes the socket took, or a negative errno)
+    /// and unlocks the queue; what the socket did not take is queued for the writer, as in
+    /// [`Connection::push_direct`].
+    pub fn finish(mut self, result: i32) -> Push {
+        let written = usize::try_from(result).unwrap_or(0);
+        if written > 0 {
+            SOCKET_WRITES.inc();
+            self.connection.wrote(&mut self.queue, self.now);
+        }
+        if written == self.frames.iter().map(Bytes::len).sum::<usize>() {
+            return Push::Queued;
+        }
+        let outcome = self
+            .connection
+            .enqueue(&mut self.queue, &unwritten(self.frames, written));
+        drop(self.queue);
+        self.connection.wake.notify_one();
+        outcome
+    }
+}
+
 /// Result of queueing frames on a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -432,30 +477,55 @@ impl Connection {
         }
     }
 
+    /// [`Connection::push_direct`] in two steps, for sends batched with others': an idle
+    /// connection comes back locked with its socket, to be sent `frames` and finished; any
+    /// other is queued at once. With `wait` false a lock held elsewhere answers
+    /// [`DirectBegin::Busy`] (a caller holding other connections' locks must not wait).
+    pub fn direct_begin<'a>(
+        &'a self,
+        frames: &'a [Bytes],
+        window: Duration,
+        wait: bool,
+    ) -> DirectBegin<'a> {
+        let mut queue = if wait {
+            self.lock()
+        } else {
+            match self.queue.try_lock() {
+                Ok(queue) => queue,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return DirectBegin::Busy,
+            }
+        };
+        if queue.close.is_some() {
+            return DirectBegin::Done(Push::Closed);
+        }
+        let now = Instant::now();
+        if let Some(socket) = queue.socket.filter(|_| queue.idle(now, window)) {
+            return DirectBegin::Write(DirectWrite {
+                connection: self,
+                queue,
+                socket,
+                frames,
+                now,
+            });
+        }
+        let outcome = self.enqueue(&mut queue, frames);
+        drop(queue);
+        self.wake.notify_one();
+        DirectBegin::Done(outcome)
+    }
+
     /// Like [`Connection::push`], but writes the frames to the socket at once when the
     /// connection is idle (nothing queued, no write in flight, none within `window`).
     pub fn push_direct(&self, frames: &[Bytes], window: Duration) -> Push {
-        let outcome = {
-            let mut queue = self.lock();
-            if queue.close.is_some() {
-                return Push::Closed;
+        match self.direct_begin(frames, window, true) {
+            DirectBegin::Write(write) => {
+                let written = writev_now(write.socket, write.frames);
+                write.finish(i32::try_from(written).unwrap_or(i32::MAX))
             }
-            let now = Instant::now();
-            let written = match queue.socket {
-                Some(socket) if queue.idle(now, window) => write_now(socket, frames),
-                _ => 0,
-            };
-            if written > 0 {
-                self.wrote(&mut queue, now);
-            }
-            if written == frames.iter().map(Bytes::len).sum::<usize>() {
-                return Push::Queued;
-            }
-            // What the socket did not take (rare: a full socket buffer or a failed write).
-            self.enqueue(&mut queue, &unwritten(frames, written))
-        };
-        self.wake.notify_one();
-        outcome
+            DirectBegin::Done(pushed) => pushed,
+            DirectBegin::Busy => self.push(frames), // never with `wait`
+        }
     }
 
     /// Appends frames to the queue, or closes the connection (1008) if that would pass a bound.
@@ -994,6 +1064,50 @@ mod tests {
 
     /// Sweeps (as one io_uring submission, or one `writev` each) and the writer task take turns
     /// on a `*` connection: the stream arrives whole and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_writes_go_out_in_one_submission_and_a_busy_lock_is_not_waited_for() {
+        for io_uring in [true, false] {
+            let stream = std::sync::Arc::new(Stream::default());
+            let (a, b, c) = (
+                connected(stream.clone()).await,
+                connected(stream.clone()).await,
+                connected(stream.clone()).await,
+            );
+            let mut sender = sweep_sender(io_uring);
+            let first = [Bytes::from_static(b"<one>"), Bytes::from_static(b"<two>")];
+            let DirectBegin::Write(to_a) = a.conn.direct_begin(&first, Duration::ZERO, true) else {
+                panic!("an idle connection is written directly");
+            };
+            // Someone else holds b's lock: a caller holding a's must not wait for it.
+            let held = b.conn.lock();
+            assert!(matches!(
+                b.conn.direct_begin(&first, Duration::ZERO, false),
+                DirectBegin::Busy
+            ));
+            drop(held);
+            let mut batch = vec![to_a];
+            for conn in [&b.conn, &c.conn] {
+                match conn.direct_begin(&first, Duration::ZERO, false) {
+                    DirectBegin::Write(write) => batch.push(write),
+                    _ => panic!("an idle connection is written directly"),
+                }
+            }
+            let mut outcomes = Vec::new();
+            sender.send_direct(&mut batch, |pushed| outcomes.push(pushed));
+            drop(batch);
+            assert_eq!(outcomes, [Push::Queued; 3]);
+            // Within its window a connection is not idle: the next change is queued behind.
+            let second = [Bytes::from_static(b"<three>")];
+            assert!(matches!(
+                a.conn.direct_begin(&second, Duration::from_secs(60), true),
+                DirectBegin::Done(Push::Queued)
+            ));
+            a.close_and_expect(b"<one><two><three>").await;
+            b.close_and_expect(b"<one><two>").await;
+            c.close_and_expect(b"<one><two>").await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sweeps_and_the_writer_send_the_stream_in_order() {
         for io_uring in [true, false] {

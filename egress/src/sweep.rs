@@ -33,10 +33,13 @@
 //!   it, it wakes the `*` writers, which take over. Should a round panic, the thread ends and
 //!   the hub goes back to waking the `*` writer tasks on every change.
 
+use std::os::fd::RawFd;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use crate::connection::{SweepWrite, writev_now};
+use bytes::Bytes;
+
+use crate::connection::{DirectWrite, Push, SweepWrite, writev_now};
 use crate::hub::{Hub, SweepCache};
 
 /// The shortest time between two looks for due connections: half the smallest window the
@@ -94,8 +97,8 @@ fn run(hub: Weak<Hub>) {
     }
 }
 
-/// Sends sweep writes: as one io_uring submission when the kernel allows, else one `writev`
-/// each.
+/// Sends sweep writes, and the hub's direct writes of a change: as one io_uring submission
+/// when the kernel allows, else one `writev` each.
 pub struct Sender {
     ring: Option<io_uring::IoUring>,
     /// Scratch space of a submission, kept between rounds.
@@ -148,25 +151,50 @@ impl Sender {
         if writes.is_empty() {
             return 0;
         }
+        self.transmit(&writes, true);
+        let mut overflows = 0;
+        for (write, &result) in writes.into_iter().zip(&self.results) {
+            overflows += u64::from(write.finish(result, now));
+        }
+        overflows
+    }
+
+    /// Sends a change's direct writes ([`crate::connection::Connection::direct_begin`]) as
+    /// one submission, then finishes each with its outcome, which goes to `done` in order.
+    pub fn send_direct(&mut self, writes: &mut Vec<DirectWrite<'_>>, mut done: impl FnMut(Push)) {
+        if writes.is_empty() {
+            return;
+        }
+        // A lone send costs more as a submission than as a syscall of its own
+        // (`loopback_probe … uring:1`).
+        self.transmit(writes, writes.len() > 1);
+        for (write, &result) in writes.drain(..).zip(&self.results) {
+            done(write.finish(result));
+        }
+    }
+
+    /// Sends each write without blocking, through the ring when `batch` (and io_uring works),
+    /// else one `writev` each; the outcomes land in `self.results`, in order.
+    fn transmit<W: Outgoing>(&mut self, writes: &[W], batch: bool) {
         self.results.clear();
         self.results.resize(writes.len(), UNKNOWN);
-        match self.ring.as_mut() {
+        match self.ring.as_mut().filter(|_| batch) {
             Some(ring) => {
                 let submitted = submit(
                     ring,
-                    &writes,
+                    writes,
                     &mut self.iovecs,
                     &mut self.headers,
                     &mut self.results,
                 );
                 if let Err(error) = submitted {
                     tracing::error!(%error, "io_uring failed; the sweeper writes with writev from now on");
-                    self.abandon(&writes);
+                    self.abandon(writes);
                 }
             }
             None => {
                 for (write, result) in writes.iter().zip(self.results.iter_mut()) {
-                    let written = writev_now(write.socket, &write.slices);
+                    let written = writev_now(write.socket(), write.slices());
                     *result = i32::try_from(written).unwrap_or(i32::MAX);
                 }
             }
@@ -177,29 +205,49 @@ impl Sender {
             tracing::warn!("io_uring refused a send; the sweeper writes with writev from now on");
             self.ring = None;
         }
-        let mut overflows = 0;
-        for (write, &result) in writes.into_iter().zip(&self.results) {
-            overflows += u64::from(write.finish(result, now));
-        }
-        overflows
     }
 
     /// After io_uring failed with sends whose completion never came: those may still run, so
     /// the memory they point into is leaked (never freed) and their sockets are shut down (their
     /// connections end, rather than risk bytes sent twice); the ring is dropped.
-    fn abandon(&mut self, writes: &[SweepWrite<'_>]) {
+    fn abandon<W: Outgoing>(&mut self, writes: &[W]) {
         for (write, result) in writes.iter().zip(self.results.iter_mut()) {
             if *result == UNKNOWN {
-                std::mem::forget(write.slices.clone());
+                std::mem::forget(write.slices().to_vec());
                 // SAFETY: the socket is open (its connection's lock is held); shutting it down
                 // only makes later reads and writes on it fail.
-                unsafe { libc::shutdown(write.socket, libc::SHUT_RDWR) };
+                unsafe { libc::shutdown(write.socket(), libc::SHUT_RDWR) };
                 *result = -libc::EIO;
             }
         }
         std::mem::forget(std::mem::take(&mut self.iovecs));
         std::mem::forget(std::mem::take(&mut self.headers));
         self.ring = None;
+    }
+}
+
+/// A write the [`Sender`] sends: bytes to one socket, whose connection stays locked (so the
+/// socket stays open and the bytes alive) until its outcome is recorded.
+trait Outgoing {
+    fn socket(&self) -> RawFd;
+    fn slices(&self) -> &[Bytes];
+}
+
+impl Outgoing for SweepWrite<'_> {
+    fn socket(&self) -> RawFd {
+        self.socket
+    }
+    fn slices(&self) -> &[Bytes] {
+        &self.slices
+    }
+}
+
+impl Outgoing for DirectWrite<'_> {
+    fn socket(&self) -> RawFd {
+        self.socket
+    }
+    fn slices(&self) -> &[Bytes] {
+        self.frames
     }
 }
 
@@ -214,9 +262,9 @@ const UNKNOWN: i32 = i32::MIN;
 /// full socket answers `EAGAIN`). Should `io_uring_enter` keep failing (it is retried for
 /// about a second), the error is returned and the caller must treat the sends still
 /// [`UNKNOWN`] as in flight.
-fn submit(
+fn submit<W: Outgoing>(
     ring: &mut io_uring::IoUring,
-    writes: &[SweepWrite<'_>],
+    writes: &[W],
     iovecs: &mut Vec<libc::iovec>,
     headers: &mut Vec<libc::msghdr>,
     results: &mut [i32],
@@ -227,7 +275,7 @@ fn submit(
     iovecs.extend(
         writes
             .iter()
-            .flat_map(|w| w.slices.iter())
+            .flat_map(|w| w.slices().iter())
             .map(|b| libc::iovec {
                 iov_base: b.as_ptr() as *mut libc::c_void,
                 iov_len: b.len(),
@@ -239,12 +287,12 @@ fn submit(
         // SAFETY: all-zero bytes are a valid `msghdr` (null pointers, zero lengths).
         let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
         header.msg_iov = iovecs[first..].as_mut_ptr();
-        header.msg_iovlen = write.slices.len();
-        first += write.slices.len();
+        header.msg_iovlen = write.slices().len();
+        first += write.slices().len();
         headers.push(header);
     }
     for (i, (write, header)) in writes.iter().zip(headers.iter()).enumerate() {
-        let send = io_uring::opcode::SendMsg::new(io_uring::types::Fd(write.socket), header)
+        let send = io_uring::opcode::SendMsg::new(io_uring::types::Fd(write.socket()), header)
             .flags(libc::MSG_DONTWAIT as u32)
             .build()
             .user_data(i as u64);
