@@ -305,6 +305,10 @@ impl Hub {
                 }
             });
         }
+        if direct.is_empty() {
+            self.counters.frames_queued.inc_by(delivered);
+            return;
+        }
         // Idle ones are sent in io_uring submissions of up to 16 (one syscall for many sends).
         DIRECT_SENDER.with_borrow_mut(|sender| {
             let sender = sender.get_or_insert_with(crate::sweep::Sender::new);

@@ -118,7 +118,7 @@ impl Sender {
         let ring = match io_uring::IoUring::new(SUBMISSION_WRITES as u32) {
             Ok(ring) => Some(ring),
             Err(error) => {
-                tracing::info!(%error, "io_uring unavailable; the sweeper writes with writev");
+                tracing::info!(%error, "io_uring unavailable; WebSocket sends use writev");
                 None
             }
         };
@@ -188,7 +188,7 @@ impl Sender {
                     &mut self.results,
                 );
                 if let Err(error) = submitted {
-                    tracing::error!(%error, "io_uring failed; the sweeper writes with writev from now on");
+                    tracing::error!(%error, "io_uring failed; these WebSocket sends use writev from now on");
                     self.abandon(writes);
                 }
             }
@@ -202,7 +202,7 @@ impl Sender {
         // A kernel whose io_uring lacks `sendmsg` refuses every send: use writev from now on.
         let unsupported = [-libc::EINVAL, -libc::EOPNOTSUPP, -libc::ENOSYS];
         if self.ring.is_some() && self.results.iter().any(|r| unsupported.contains(r)) {
-            tracing::warn!("io_uring refused a send; the sweeper writes with writev from now on");
+            tracing::warn!("io_uring refused a send; these WebSocket sends use writev from now on");
             self.ring = None;
         }
     }
