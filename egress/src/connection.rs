@@ -142,8 +142,8 @@ pub enum DirectBegin<'a> {
 
 impl DirectWrite<'_> {
     /// Records the send's outcome (`result`: the bytes the socket took, or a negative errno)
-    /// and unlocks the queue; what the socket did not take is queued for the writer, as in
-    /// [`Connection::push_direct`].
+    /// and unlocks the queue; what the socket did not take is queued for the writer, as a
+    /// direct write always did.
     pub fn finish(mut self, result: i32) -> Push {
         let written = usize::try_from(result).unwrap_or(0);
         if written > 0 {
@@ -330,11 +330,7 @@ impl Connection {
         window: Duration,
     ) -> Option<SweepWrite<'a>> {
         // Never wait for a lock while holding others': one busy now is swept next round.
-        let queue = match self.queue.try_lock() {
-            Ok(queue) => queue,
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
+        let queue = self.try_lock()?;
         let position = queue.stream?;
         if queue.close.is_some() || position == stream.end() {
             return None;
@@ -477,7 +473,7 @@ impl Connection {
         }
     }
 
-    /// [`Connection::push_direct`] in two steps, for sends batched with others': an idle
+    /// A direct write in two steps, for sends batched with others': an idle
     /// connection comes back locked with its socket, to be sent `frames` and finished; any
     /// other is queued at once. With `wait` false a lock held elsewhere answers
     /// [`DirectBegin::Busy`] (a caller holding other connections' locks must not wait).
@@ -487,14 +483,13 @@ impl Connection {
         window: Duration,
         wait: bool,
     ) -> DirectBegin<'a> {
-        let mut queue = if wait {
-            self.lock()
+        let queue = if wait {
+            Some(self.lock())
         } else {
-            match self.queue.try_lock() {
-                Ok(queue) => queue,
-                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => return DirectBegin::Busy,
-            }
+            self.try_lock()
+        };
+        let Some(mut queue) = queue else {
+            return DirectBegin::Busy;
         };
         if queue.close.is_some() {
             return DirectBegin::Done(Push::Closed);
@@ -516,7 +511,9 @@ impl Connection {
     }
 
     /// Like [`Connection::push`], but writes the frames to the socket at once when the
-    /// connection is idle (nothing queued, no write in flight, none within `window`).
+    /// connection is idle (nothing queued, no write in flight, none within `window`): one
+    /// connection's [`Connection::direct_begin`] with a `writev` (the hub batches them).
+    #[cfg(test)]
     pub fn push_direct(&self, frames: &[Bytes], window: Duration) -> Push {
         match self.direct_begin(frames, window, true) {
             DirectBegin::Write(write) => {
@@ -712,6 +709,15 @@ impl Connection {
             }
         }
         write.await
+    }
+
+    /// The queue's lock if nobody holds it now.
+    fn try_lock(&self) -> Option<std::sync::MutexGuard<'_, Queue>> {
+        match self.queue.try_lock() {
+            Ok(queue) => Some(queue),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -1062,8 +1068,8 @@ mod tests {
         sender.send(writes, now);
     }
 
-    /// Sweeps (as one io_uring submission, or one `writev` each) and the writer task take turns
-    /// on a `*` connection: the stream arrives whole and in order.
+    /// A change's direct writes to several connections go out in one submission (or one
+    /// `writev` each), in order with what is queued behind them; a held lock is not waited for.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_writes_go_out_in_one_submission_and_a_busy_lock_is_not_waited_for() {
         for io_uring in [true, false] {
@@ -1108,6 +1114,8 @@ mod tests {
         }
     }
 
+    /// Sweeps (as one io_uring submission, or one `writev` each) and the writer task take turns
+    /// on a `*` connection: the stream arrives whole and in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sweeps_and_the_writer_send_the_stream_in_order() {
         for io_uring in [true, false] {

@@ -60,11 +60,6 @@ const PACE_INTERVAL: Duration = Duration::from_millis(100);
 /// (`e2e --subscribers 100 --rate 200`: p99 1.6–1.7 ms here, against 2.3–2.6 ms with 4).
 const DIRECT_WRITES_PER_CHANGE: usize = 128;
 
-thread_local! {
-    /// The io_uring sender of direct writes made on this thread (made at its first).
-    static DIRECT_SENDER: std::cell::RefCell<Option<crate::sweep::Sender>> =
-        const { std::cell::RefCell::new(None) };
-}
 /// Of the connections a change is written to directly, those after the first this many are
 /// shared with a helper: every second one is queued quietly and the helper, on a thread of the
 /// runtime's blocking pool (a task would wait in the applying worker's LIFO slot), writes them
@@ -75,6 +70,12 @@ const DIRECT_SPLIT_AFTER: usize = 8;
 /// hand-off costs ~20 µs of CPU per change (`e2e --subscribers 20 --rate 2000`: 136–143 →
 /// 156–162 µs of server CPU per event with a helper), which a few shared sends do not repay.
 const DIRECT_SPLIT_FROM: usize = 32;
+
+thread_local! {
+    /// The io_uring sender of direct writes made on this thread (made at its first).
+    static DIRECT_SENDER: std::cell::RefCell<Option<crate::sweep::Sender>> =
+        const { std::cell::RefCell::new(None) };
+}
 /// Subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 1024;
 /// How long shutdown waits for connections to send their close frames.
@@ -305,34 +306,34 @@ impl Hub {
                 }
             });
         }
-        if direct.is_empty() {
-            self.counters.frames_queued.inc_by(delivered);
-            return;
-        }
-        // Idle ones are sent in io_uring submissions of up to 16 (one syscall for many sends).
-        DIRECT_SENDER.with_borrow_mut(|sender| {
-            let sender = sender.get_or_insert_with(crate::sweep::Sender::new);
-            let mut batch = Vec::with_capacity(crate::sweep::SUBMISSION_WRITES);
-            for connection in direct {
-                loop {
+        if !direct.is_empty() {
+            // Idle ones are sent in io_uring submissions of up to 16 (one syscall for many).
+            DIRECT_SENDER.with_borrow_mut(|sender| {
+                let sender = sender.get_or_insert_with(crate::sweep::Sender::new);
+                let mut done = |pushed| count(pushed, frames.len());
+                let mut batch = Vec::with_capacity(crate::sweep::SUBMISSION_WRITES);
+                for connection in direct {
                     // Holding others' locks, a busy one is not waited for: the batch goes
                     // first, then it is taken with nothing held.
-                    match connection.direct_begin(frames, window, batch.is_empty()) {
-                        DirectBegin::Write(write) => batch.push(write),
-                        DirectBegin::Done(pushed) => count(pushed, frames.len()),
+                    let begun = match connection.direct_begin(frames, window, batch.is_empty()) {
                         DirectBegin::Busy => {
-                            sender.send_direct(&mut batch, |pushed| count(pushed, frames.len()));
-                            continue;
+                            sender.send_direct(&mut batch, &mut done);
+                            connection.direct_begin(frames, window, true)
                         }
+                        begun => begun,
+                    };
+                    match begun {
+                        DirectBegin::Write(write) => batch.push(write),
+                        DirectBegin::Done(pushed) => done(pushed),
+                        DirectBegin::Busy => done(connection.push(frames)), // never with `wait`
                     }
-                    break;
+                    if batch.len() == crate::sweep::SUBMISSION_WRITES {
+                        sender.send_direct(&mut batch, &mut done);
+                    }
                 }
-                if batch.len() == crate::sweep::SUBMISSION_WRITES {
-                    sender.send_direct(&mut batch, |pushed| count(pushed, frames.len()));
-                }
-            }
-            sender.send_direct(&mut batch, |pushed| count(pushed, frames.len()));
-        });
+                sender.send_direct(&mut batch, &mut done);
+            });
+        }
         self.counters.frames_queued.inc_by(delivered);
     }
 

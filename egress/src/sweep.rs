@@ -5,9 +5,9 @@
 //! window of `SWEEP_MIN_WINDOW` or more, about 33,000 delivered frames/s and up;
 //! `Pace::swept`) and there are more of them than a change writes directly (128). Every tick
 //! ([`tick`]: a sixteenth of the window, 1–4 ms) the sweeper takes the `*` connections whose
-//! window has passed (a lock-free check)
-//! and sends each what it has not sent of the stream, [`SUBMISSION_WRITES`] connections per
-//! io_uring submission. One submission of many sends spares a syscall per send, and no writer
+//! window has passed (a lock-free check) and sends each what it has not sent of the stream,
+//! [`SUBMISSION_WRITES`] connections per io_uring submission. (The hub's direct writes to
+//! exact and prefix subscribers go out through the same [`Sender`].) One submission of many sends spares a syscall per send, and no writer
 //! task is woken or timed: `fanout --subscribers 1000 --rate 1000`, 4 pairs, server 323 → 279
 //! µs per event (medians; perf/README, session 12).
 //!
@@ -55,6 +55,7 @@ const TICK_MAX: Duration = Duration::from_millis(4);
 pub fn tick(window: Duration) -> Duration {
     (window / 16).clamp(TICK_MIN, TICK_MAX)
 }
+
 /// Connections written per io_uring submission: their locks are held until it completes.
 /// `loopback_probe 1000 2 uring:16` costs what one submission of all 1,000 does.
 pub const SUBMISSION_WRITES: usize = 16;
