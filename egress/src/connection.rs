@@ -35,6 +35,7 @@
 //!   drops it, also while the writer waits on a full socket (the close frame then follows the
 //!   batch in flight once the client reads again).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, RawFd};
@@ -125,8 +126,9 @@ pub struct DirectWrite<'a> {
     queue: std::sync::MutexGuard<'a, Queue>,
     /// The connection's socket (open while the lock is held).
     pub socket: RawFd,
-    /// The frames to send, in order.
-    pub frames: &'a [Bytes],
+    /// The frames to send, in order: a change's, or those a helper took out of the queue
+    /// ([`Connection::flush_begin`]).
+    pub frames: Cow<'a, [Bytes]>,
     now: Instant,
 }
 
@@ -155,7 +157,7 @@ impl DirectWrite<'_> {
         }
         let outcome = self
             .connection
-            .enqueue(&mut self.queue, &unwritten(self.frames, written));
+            .enqueue(&mut self.queue, &unwritten(&self.frames, written));
         drop(self.queue);
         self.connection.wake.notify_one();
         outcome
@@ -436,7 +438,7 @@ impl Connection {
     }
 
     /// Like [`Connection::push`], but leaves the writer asleep: the caller has
-    /// [`Connection::flush_direct`] called soon (by a helper on another thread).
+    /// [`Connection::flush_begin`] called soon (by a helper on another thread).
     pub fn push_quiet(&self, frames: &[Bytes]) -> Push {
         let outcome = {
             let mut queue = self.lock();
@@ -451,26 +453,44 @@ impl Connection {
         outcome
     }
 
-    /// Writes what is queued straight to the socket if the connection is idle (no write in
-    /// flight, the window since the last write passed); anything left goes to the writer.
-    pub fn flush_direct(&self, window: Duration) {
-        let drained = {
-            let mut queue = self.lock();
-            let now = Instant::now();
-            let idle = queue.close.is_none() && queue.socket_free(now, window);
-            if let Some(socket) = queue.socket.filter(|_| idle && !queue.frames.is_empty()) {
-                let written = write_now(socket, queue.frames.iter());
-                if written > 0 {
-                    self.wrote(&mut queue, now);
-                    queue.bytes -= written;
-                    drop_front(&mut queue.frames, written);
-                }
-            }
-            queue.frames.is_empty() && queue.close.is_none()
+    /// The helper's half of a split change (queued by [`Connection::push_quiet`]): like
+    /// [`Connection::direct_begin`], but for what is queued. With no write in flight and the
+    /// window since the last passed, up to [`DIRECT_MAX_FRAMES`] queued frames come back taken
+    /// out of the queue, locked with the socket; [`DirectWrite::finish`] queues again what the
+    /// socket does not take, and the lock held in between lets nothing queued meanwhile pass
+    /// them. Otherwise the writer is woken to send them.
+    pub fn flush_begin(&self, window: Duration, wait: bool) -> DirectBegin<'_> {
+        let queue = if wait {
+            Some(self.lock())
+        } else {
+            self.try_lock()
         };
-        if !drained {
-            self.wake.notify_one();
+        let Some(mut queue) = queue else {
+            return DirectBegin::Busy;
+        };
+        if queue.frames.is_empty() && queue.close.is_none() {
+            return DirectBegin::Done(Push::Queued); // The writer sent them already.
         }
+        let now = Instant::now();
+        let socket = queue.socket.filter(|_| {
+            queue.close.is_none()
+                && queue.frames.len() <= DIRECT_MAX_FRAMES
+                && queue.socket_free(now, window)
+        });
+        if let Some(socket) = socket {
+            let frames: Vec<Bytes> = queue.frames.drain(..).collect();
+            queue.bytes = 0;
+            return DirectBegin::Write(DirectWrite {
+                connection: self,
+                queue,
+                socket,
+                frames: Cow::Owned(frames),
+                now,
+            });
+        }
+        drop(queue);
+        self.wake.notify_one();
+        DirectBegin::Done(Push::Queued)
     }
 
     /// A direct write in two steps, for sends batched with others': an idle
@@ -500,7 +520,7 @@ impl Connection {
                 connection: self,
                 queue,
                 socket,
-                frames,
+                frames: Cow::Borrowed(frames),
                 now,
             });
         }
@@ -517,7 +537,7 @@ impl Connection {
     pub fn push_direct(&self, frames: &[Bytes], window: Duration) -> Push {
         match self.direct_begin(frames, window, true) {
             DirectBegin::Write(write) => {
-                let written = writev_now(write.socket, write.frames);
+                let written = writev_now(write.socket, write.frames.iter());
                 write.finish(i32::try_from(written).unwrap_or(i32::MAX))
             }
             DirectBegin::Done(pushed) => pushed,
@@ -584,6 +604,9 @@ impl Connection {
         overflows: &Counter,
     ) {
         self.lock().socket = Some(socket.as_ref().as_raw_fd());
+        // Declared after `socket`, so dropped before it even when the task is dropped
+        // unfinished (its runtime shutting down).
+        let withdraw = Withdraw(self);
         let mut batch: VecDeque<Bytes> = VecDeque::new();
         loop {
             // Listen for appends before looking at the stream, so none is missed.
@@ -661,13 +684,7 @@ impl Connection {
                 tokio::time::sleep_until((written + window).into()).await;
             }
         }
-        // No direct write may reach the descriptor once the socket is dropped (and perhaps
-        // reused by a new connection).
-        {
-            let mut queue = self.lock();
-            queue.socket = None;
-            queue.writing = true;
-        }
+        drop(withdraw);
         // Make sure producers stop queueing for a connection nobody writes any more.
         self.close(frame::CLOSE_GOING_AWAY, "connection ended");
     }
@@ -722,6 +739,19 @@ impl Connection {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Withdraws a writer's socket from direct writers and the sweeper when the writer ends,
+/// returning or dropped: none may reach the descriptor once the socket is closed (and
+/// perhaps reused for a new connection or a file). Taking the lock waits for a send in flight.
+struct Withdraw<'a>(&'a Connection);
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.lock();
+        queue.socket = None;
+        queue.writing = true;
     }
 }
 
@@ -1114,6 +1144,113 @@ mod tests {
         }
     }
 
+    /// A writer task dropped unfinished (as its runtime shuts down) withdraws its socket: no
+    /// direct write, flush or sweep may reach a descriptor that is closed or reused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_writer_withdraws_its_socket() {
+        let stream = std::sync::Arc::new(Stream::default());
+        let connected = connected(stream.clone()).await;
+        let conn = connected.conn.clone();
+        assert!(
+            conn.lock().socket.is_some(),
+            "registered while the writer runs"
+        );
+        connected.writer.abort();
+        assert!(connected.writer.await.is_err_and(|e| e.is_cancelled()));
+        assert!(conn.lock().socket.is_none());
+        let frames = [Bytes::from_static(b"<late>")];
+        assert!(!matches!(
+            conn.direct_begin(&frames, Duration::ZERO, true),
+            DirectBegin::Write(_)
+        ));
+        assert!(!matches!(
+            conn.flush_begin(Duration::ZERO, true),
+            DirectBegin::Write(_)
+        ));
+    }
+
+    /// A helper's flushes of quietly queued frames go out in one submission (or one `writev`
+    /// each), ahead of what is queued after them; a held lock is not waited for; a connection
+    /// within its window, or with more queued than one write takes, is left to its writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flushes_go_out_in_one_submission_and_leave_the_rest_to_the_writer() {
+        for io_uring in [true, false] {
+            let stream = std::sync::Arc::new(Stream::default());
+            let (a, b, c) = (
+                connected(stream.clone()).await,
+                connected(stream.clone()).await,
+                connected(stream.clone()).await,
+            );
+            let mut sender = sweep_sender(io_uring);
+            let first = [Bytes::from_static(b"<one>"), Bytes::from_static(b"<two>")];
+            for connected in [&a, &b, &c] {
+                assert_eq!(connected.conn.push_quiet(&first), Push::Queued);
+            }
+            let DirectBegin::Write(to_a) = a.conn.flush_begin(Duration::ZERO, true) else {
+                panic!("an idle connection's queue is flushed directly");
+            };
+            assert_eq!(
+                &*to_a.frames, &first,
+                "the queued frames, taken out in order"
+            );
+            let held = b.conn.lock();
+            assert!(matches!(
+                b.conn.flush_begin(Duration::ZERO, false),
+                DirectBegin::Busy
+            ));
+            drop(held);
+            let mut batch = vec![to_a];
+            for conn in [&b.conn, &c.conn] {
+                match conn.flush_begin(Duration::ZERO, false) {
+                    DirectBegin::Write(write) => batch.push(write),
+                    _ => panic!("an idle connection's queue is flushed directly"),
+                }
+            }
+            let mut outcomes = Vec::new();
+            sender.send_direct(&mut batch, |pushed| outcomes.push(pushed));
+            drop(batch);
+            assert_eq!(outcomes, [Push::Queued; 3]);
+            // Nothing left to flush: the writer (or an earlier flush) sent it.
+            assert!(matches!(
+                a.conn.flush_begin(Duration::ZERO, true),
+                DirectBegin::Done(Push::Queued)
+            ));
+            // A change after a quiet push is queued behind it; within its window, the flush
+            // leaves both to the writer.
+            assert_eq!(
+                a.conn.push_quiet(&[Bytes::from_static(b"<three>")]),
+                Push::Queued
+            );
+            assert!(matches!(
+                a.conn
+                    .direct_begin(&[Bytes::from_static(b"<four>")], Duration::ZERO, true),
+                DirectBegin::Done(Push::Queued)
+            ));
+            assert!(matches!(
+                a.conn.flush_begin(Duration::from_secs(60), true),
+                DirectBegin::Done(Push::Queued)
+            ));
+            // More queued than one write takes: the writer sends it all.
+            let mut many = Vec::new();
+            for i in 0..=DIRECT_MAX_FRAMES {
+                let frame = Bytes::from(format!("<{i}>"));
+                many.extend_from_slice(&frame);
+                assert_eq!(
+                    b.conn.push_quiet(std::slice::from_ref(&frame)),
+                    Push::Queued
+                );
+            }
+            assert!(matches!(
+                b.conn.flush_begin(Duration::ZERO, true),
+                DirectBegin::Done(Push::Queued)
+            ));
+            a.close_and_expect(b"<one><two><three><four>").await;
+            b.close_and_expect(&[&b"<one><two>"[..], &many].concat())
+                .await;
+            c.close_and_expect(b"<one><two>").await;
+        }
+    }
+
     /// Sweeps (as one io_uring submission, or one `writev` each) and the writer task take turns
     /// on a `*` connection: the stream arrives whole and in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1235,7 +1372,7 @@ mod tests {
         }
     }
 
-    /// Frames queued quietly for a helper (`push_quiet`, then `flush_direct` on a blocking
+    /// Frames queued quietly for a helper (`push_quiet`, then `flush_begin` on a blocking
     /// thread, as the hub splits a change's direct writes) keep their order with the direct and
     /// queued pushes made meanwhile, and every one arrives.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1253,7 +1390,10 @@ mod tests {
                     assert_eq!(conn.push_quiet(frames), Push::Queued);
                     let conn = conn.clone();
                     helpers.push(tokio::task::spawn_blocking(move || {
-                        conn.flush_direct(Duration::ZERO)
+                        let mut sender = sweep_sender(false);
+                        if let DirectBegin::Write(write) = conn.flush_begin(Duration::ZERO, true) {
+                            sender.send_direct(&mut vec![write], |_| {});
+                        }
                     }));
                 }
                 1 => assert_eq!(conn.push_direct(frames, Duration::ZERO), Push::Queued),

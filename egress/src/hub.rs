@@ -20,8 +20,9 @@
 //!   applying thread); a connection whose lock is busy is not waited for while the batch holds
 //!   others' locks (the batch is sent first). Past the first
 //!   `DIRECT_SPLIT_AFTER`, every second one is queued quietly ([`Connection::push_quiet`]) and
-//!   written by a helper on a blocking-pool thread ([`Connection::flush_direct`]) while the
-//!   applying thread writes the others: two cores share the loopback sends of one change.
+//!   written by a helper on a blocking-pool thread ([`Connection::flush_begin`], batched the
+//!   same way) while the applying thread writes the others: two cores share the loopback sends
+//!   of one change.
 //! - Producers never wait for a connection: pushes are bounded and overflow closes the
 //!   connection (1008), counted in [`Counters::overflow_closes`].
 //! - A connection with no subscription receives only `metrics_update`.
@@ -76,6 +77,44 @@ thread_local! {
     static DIRECT_SENDER: std::cell::RefCell<Option<crate::sweep::Sender>> =
         const { std::cell::RefCell::new(None) };
 }
+/// Sends each of `connections` what `begin` prepares for it (a change's frames, or what a
+/// helper flushes), [`crate::sweep::SUBMISSION_WRITES`] per io_uring submission through this
+/// thread's sender (one syscall for many); `done` gets each connection's outcome. Holding
+/// others' locks, a busy connection is not waited for: the batch goes first, then it is taken
+/// with nothing held.
+fn send_batched<'a>(
+    connections: impl IntoIterator<Item = &'a Connection>,
+    mut begin: impl FnMut(&'a Connection, bool) -> DirectBegin<'a>,
+    mut done: impl FnMut(Push),
+) {
+    let mut connections = connections.into_iter().peekable();
+    if connections.peek().is_none() {
+        return; // No ring is made on a thread that has nothing to send.
+    }
+    DIRECT_SENDER.with_borrow_mut(|sender| {
+        let sender = sender.get_or_insert_with(crate::sweep::Sender::new);
+        let mut batch = Vec::with_capacity(crate::sweep::SUBMISSION_WRITES);
+        for connection in connections {
+            let begun = match begin(connection, batch.is_empty()) {
+                DirectBegin::Busy => {
+                    sender.send_direct(&mut batch, &mut done);
+                    begin(connection, true)
+                }
+                begun => begun,
+            };
+            match begun {
+                DirectBegin::Write(write) => batch.push(write),
+                DirectBegin::Done(pushed) => done(pushed),
+                DirectBegin::Busy => unreachable!("a begin allowed to wait takes the lock"),
+            }
+            if batch.len() == crate::sweep::SUBMISSION_WRITES {
+                sender.send_direct(&mut batch, &mut done);
+            }
+        }
+        sender.send_direct(&mut batch, &mut done);
+    });
+}
+
 /// Subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 1024;
 /// How long shutdown waits for connections to send their close frames.
@@ -301,39 +340,18 @@ impl Hub {
         }
         if let Some(runtime) = helper.filter(|_| !helped.is_empty()) {
             runtime.spawn_blocking(move || {
-                for connection in helped {
-                    connection.flush_direct(window);
-                }
+                send_batched(
+                    helped.iter().map(|connection| &**connection),
+                    |connection, wait| connection.flush_begin(window, wait),
+                    |_| {}, // Counted when queued.
+                );
             });
         }
-        if !direct.is_empty() {
-            // Idle ones are sent in io_uring submissions of up to 16 (one syscall for many).
-            DIRECT_SENDER.with_borrow_mut(|sender| {
-                let sender = sender.get_or_insert_with(crate::sweep::Sender::new);
-                let mut done = |pushed| count(pushed, frames.len());
-                let mut batch = Vec::with_capacity(crate::sweep::SUBMISSION_WRITES);
-                for connection in direct {
-                    // Holding others' locks, a busy one is not waited for: the batch goes
-                    // first, then it is taken with nothing held.
-                    let begun = match connection.direct_begin(frames, window, batch.is_empty()) {
-                        DirectBegin::Busy => {
-                            sender.send_direct(&mut batch, &mut done);
-                            connection.direct_begin(frames, window, true)
-                        }
-                        begun => begun,
-                    };
-                    match begun {
-                        DirectBegin::Write(write) => batch.push(write),
-                        DirectBegin::Done(pushed) => done(pushed),
-                        DirectBegin::Busy => done(connection.push(frames)), // never with `wait`
-                    }
-                    if batch.len() == crate::sweep::SUBMISSION_WRITES {
-                        sender.send_direct(&mut batch, &mut done);
-                    }
-                }
-                sender.send_direct(&mut batch, &mut done);
-            });
-        }
+        send_batched(
+            direct.into_iter().map(|connection| &**connection),
+            |connection, wait| connection.direct_begin(frames, window, wait),
+            |pushed| count(pushed, frames.len()),
+        );
         self.counters.frames_queued.inc_by(delivered);
     }
 

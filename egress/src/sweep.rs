@@ -248,7 +248,7 @@ impl Outgoing for DirectWrite<'_> {
         self.socket
     }
     fn slices(&self) -> &[Bytes] {
-        self.frames
+        &self.frames
     }
 }
 
