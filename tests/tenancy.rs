@@ -420,8 +420,10 @@ fn registration_needs_the_admin_token_when_one_is_configured() {
     let body = json!({"name": "acme"});
     let (status, reply) = send(&s, "POST", "/api/namespaces", None, &body);
     assert_error(status, &reply, 401, "");
+    // An unknown token is 401 (SPEC: "401 missing/unknown token"), here and on every
+    // admin-only route.
     let (status, reply) = send(&s, "POST", "/api/namespaces", Some("wrong-token"), &body);
-    assert_error(status, &reply, 403, "");
+    assert_error(status, &reply, 401, "unknown token");
     let (status, reply) = s.get("/api/namespaces/acme");
     assert_error(status, &reply, 404, "");
 
@@ -592,7 +594,7 @@ fn deleting_a_namespace_needs_admin_and_revokes_its_token() {
     let r = call(&s, "DELETE", "/api/namespaces/acme", None, None);
     assert_error(r.status, &r.json(), 401, "");
     let r = call(&s, "DELETE", "/api/namespaces/acme", Some("wrong"), None);
-    assert_error(r.status, &r.json(), 403, "");
+    assert_error(r.status, &r.json(), 401, "unknown token");
     let r = call(&s, "DELETE", "/api/namespaces/acme", Some(&token), None);
     assert_error(r.status, &r.json(), 403, "");
     let r = call(&s, "DELETE", "/api/namespaces/nosuch", Some(ADMIN), None);
@@ -1294,8 +1296,9 @@ fn admin_config_needs_the_admin_token_when_configured() {
         let patch = json!({"rate_limit_per_namespace_per_minute": 9});
         let (status, body) = put_config(&s, None, &patch);
         assert_error(status, &body, 401, "");
+        // An unknown token is 401; a namespace token, known but not the admin's, 403.
         let (status, body) = put_config(&s, Some("wrong"), &patch);
-        assert_error(status, &body, 403, "");
+        assert_error(status, &body, 401, "unknown token");
         if mode.auth {
             let token = register(&s, "acme", true);
             let (status, body) = put_config(&s, Some(&token), &patch);
@@ -1306,7 +1309,7 @@ fn admin_config_needs_the_admin_token_when_configured() {
         let r = call(&s, "GET", "/api/admin/config", None, None);
         assert_error(r.status, &r.json(), 401, "");
         let r = call(&s, "GET", "/api/admin/config", Some("wrong"), None);
-        assert_error(r.status, &r.json(), 403, "");
+        assert_error(r.status, &r.json(), 401, "unknown token");
         assert_eq!(get_config(&s, Some(ADMIN)), default_config());
         let got = put_config_ok(&s, Some(ADMIN), &patch);
         assert_eq!(got["rate_limit_per_namespace_per_minute"], 9);
@@ -1849,7 +1852,7 @@ fn connector_credentials_need_the_admin_token_in_auth_mode() {
     let (status, reply) = send(&s, "POST", path, None, &body);
     assert_error(status, &reply, 401, "");
     let (status, reply) = send(&s, "POST", path, Some("wrong"), &body);
-    assert_error(status, &reply, 403, "");
+    assert_error(status, &reply, 401, "unknown token");
     let (status, reply) = send(&s, "POST", path, Some(&acme), &body);
     assert_error(status, &reply, 403, "");
     assert_eq!(connector_status(&s, "github"), "needs_token");

@@ -68,7 +68,7 @@ impl Api {
     pub async fn register_namespace(&self, request: Request) -> Result<Response, ApiError> {
         self.namespaces_enabled()?;
         if self.auth.admin_token.is_some() {
-            self.auth.require_admin(request.headers(), true)?;
+            self.require_admin(&request, true)?;
         }
         #[derive(Deserialize)]
         struct Body {
@@ -154,7 +154,7 @@ impl Api {
         name: &str,
     ) -> Result<Response, ApiError> {
         self.namespaces_enabled()?;
-        self.auth.require_admin(request.headers(), false)?;
+        self.require_admin(request, false)?;
         if !self
             .engine
             .with_control(|c| c.namespaces.contains_key(name))
@@ -173,15 +173,14 @@ impl Api {
 
     /// `GET /api/admin/config`
     pub fn get_config(&self, request: &Request) -> Result<Response, ApiError> {
-        self.auth.require_admin(request.headers(), true)?;
+        self.require_admin(request, true)?;
         let config = self.engine.with_control(|c| c.config);
         Ok(json_response(StatusCode::OK, config_json(&config)))
     }
 
     /// `PUT /api/admin/config`: changes only the fields given.
     pub async fn put_config(&self, request: Request) -> Result<Response, ApiError> {
-        self.auth
-            .require_admin(request.headers(), !self.auth.enabled)?;
+        self.require_admin(&request, !self.auth.enabled)?;
         let body = read_body(request, ADMIN_BODY_BYTES, self.request_timeout).await?;
         let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
             .map_err(|e| {
@@ -294,8 +293,7 @@ impl Api {
         name: &str,
     ) -> Result<Response, ApiError> {
         let (name, _) = Self::connector(name)?;
-        self.auth
-            .require_admin(request.headers(), !self.auth.enabled)?;
+        self.require_admin(&request, !self.auth.enabled)?;
         let Some(sealer) = &self.sealer else {
             return Err(ApiError::bad_request(
                 "connectors are not_configured: start the server with FLUX_ENCRYPTION_KEY set",
@@ -328,8 +326,7 @@ impl Api {
         name: &str,
     ) -> Result<Response, ApiError> {
         let (name, _) = Self::connector(name)?;
-        self.auth
-            .require_admin(request.headers(), !self.auth.enabled)?;
+        self.require_admin(request, !self.auth.enabled)?;
         if !self
             .engine
             .with_control(|c| c.connector_credentials.contains_key(*name))

@@ -114,6 +114,20 @@ impl Api {
         })
     }
 
+    /// Gate of admin-only operations ([`crate::tenancy::AuthConfig::require_admin`]), knowing
+    /// the namespaces' tokens.
+    pub fn require_admin(
+        &self,
+        request: &Request,
+        open_without_admin: bool,
+    ) -> Result<(), ApiError> {
+        self.auth
+            .require_admin(request.headers(), open_without_admin, |hash| {
+                self.engine
+                    .with_control(|c| c.namespace_for_token(hash).is_some())
+            })
+    }
+
     /// Counts `events` against the caller's namespace (auth mode, limits enabled).
     fn admit(&self, caller: &Caller, events: usize) -> Result<(), ApiError> {
         let Some(namespace) = caller.namespace() else {

@@ -98,18 +98,25 @@ impl AuthConfig {
     }
 
     /// Gate of admin-only operations: the admin token when one is configured; with none
-    /// configured, open only when `open_without_admin` (auth off).
+    /// configured, open only when `open_without_admin` (auth off). Another token is refused
+    /// with 403 when `known` (by its hash) says it is a namespace's, else 401 (unknown token).
     pub fn require_admin(
         &self,
         headers: &HeaderMap,
         open_without_admin: bool,
+        known: impl FnOnce(&str) -> bool,
     ) -> Result<(), ApiError> {
         match (&self.admin_token, bearer(headers)) {
             (Some(_), None) => Err(ApiError::unauthorized(
                 "missing admin token: send Authorization: Bearer <admin token>",
             )),
             (Some(admin), Some(token)) if same_secret(admin, token) => Ok(()),
-            (Some(_), Some(_)) => Err(ApiError::forbidden("this operation needs the admin token")),
+            (Some(_), Some(token)) if known(&token_hash(token)) => Err(ApiError::forbidden(
+                "this operation needs the admin token; a namespace token cannot do it",
+            )),
+            (Some(_), Some(_)) => Err(ApiError::unauthorized(
+                "unknown token: this operation needs the admin token",
+            )),
             (None, _) if open_without_admin => Ok(()),
             (None, _) => Err(ApiError::forbidden(
                 "this operation needs the admin token, and none is configured (--admin-token)",
