@@ -242,6 +242,14 @@ fn log_config(args: &ServeArgs) -> anyhow::Result<LogConfig> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let log = log_config(&args)?;
+    // Checked before anything is opened or the start-up line claims a listening server.
+    let sealer = match &args.encryption_key {
+        Some(key) => Some(
+            Sealer::from_key_text(key)
+                .map_err(|e| anyhow::anyhow!("--encryption-key (FLUX_ENCRYPTION_KEY): {e}"))?,
+        ),
+        None => None,
+    };
     flux_engine::record::set_record_format(args.record_format.format());
     if args.segment_bytes < 4096 {
         bail!("--segment-bytes must be at least 4096");
@@ -343,10 +351,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     stdout.flush()?;
 
-    let sealer = match &args.encryption_key {
-        Some(key) => Some(Sealer::from_key_text(key).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
     let mut registry = Registry::default();
     engine.register_metrics(&mut registry);
     hub.counters.register(&mut registry);

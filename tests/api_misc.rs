@@ -1058,6 +1058,35 @@ fn unusable_data_dir_exits_nonzero() {
     }
 }
 
+/// A bad `--encryption-key` stops the server before its start-up line (which would claim it
+/// listens), naming the flag and its environment twin.
+#[test]
+fn a_bad_encryption_key_exits_nonzero_before_the_start_up_line() {
+    for (flag, env) in [(true, false), (false, true)] {
+        let mut options = Options::default();
+        if flag {
+            options.args = vec!["--encryption-key".into(), "short".into()];
+        }
+        if env {
+            options.env = vec![("FLUX_ENCRYPTION_KEY".into(), "short".into())];
+        }
+        match Server::try_start(options) {
+            Ok(s) => panic!("flux started with a 5-byte key, at {}", s.url()),
+            Err(f) => {
+                let status = f.status.expect("exit status");
+                assert!(!status.success(), "exit status {status:?}");
+                assert!(
+                    f.stderr.contains("--encryption-key")
+                        && f.stderr.contains("FLUX_ENCRYPTION_KEY")
+                        && f.stderr.contains("32 bytes"),
+                    "stderr names the flag and the limit: {}",
+                    f.stderr
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn port_in_use_exits_nonzero() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -824,12 +824,13 @@ fn batch_delete_is_limited_to_the_tokens_namespace() {
         publish_ok(&s, Some(&beta), id, json!({"v": 1}));
     }
 
+    // The error names the field the request gave.
     let (status, body) = batch_delete(&s, Some(&acme), &json!({"namespace": "beta"}));
-    assert_error(status, &body, 403, "");
+    assert_error(status, &body, 403, "namespace \"beta\"");
     let (status, body) = batch_delete(&s, Some(&acme), &json!({"prefix": "beta/"}));
-    assert_error(status, &body, 403, "");
+    assert_error(status, &body, 403, "prefix \"beta/\"");
     let (status, body) = batch_delete(&s, Some(&acme), &json!({"prefix": "beta/tmp-"}));
-    assert_error(status, &body, 403, "");
+    assert_error(status, &body, 403, "prefix \"beta/tmp-\"");
     // A prefix that is not inside `acme/` could reach other namespaces (`acme2/`, `acmeX/`).
     for prefix in ["acme", "ac", ""] {
         let (status, body) = batch_delete(&s, Some(&acme), &json!({ "prefix": prefix }));

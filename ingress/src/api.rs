@@ -426,18 +426,21 @@ impl Api {
             }
             targets
         } else {
-            let prefix = match (filter.namespace, filter.prefix) {
+            let (prefix, field, value) = match (filter.namespace, filter.prefix) {
                 (Some(ns), _) => {
                     let ns = text(ns, "namespace")?;
                     if ns.contains('/') {
                         return Err(ApiError::bad_request("namespace must not contain '/'"));
                     }
-                    format!("{ns}/")
+                    (format!("{ns}/"), "namespace", ns)
                 }
-                (_, Some(prefix)) => text(prefix, "prefix")?,
+                (_, Some(prefix)) => {
+                    let prefix = text(prefix, "prefix")?;
+                    (prefix.clone(), "prefix", prefix)
+                }
                 _ => return Err(ApiError::bad_request(ONE_FILTER)),
             };
-            caller.may_write_prefix(&prefix)?;
+            caller.may_write_prefix(&prefix, field, &value)?;
             let ids = self
                 .engine
                 .ids_with_prefix(&prefix, MAX_BATCH_DELETE + 1)

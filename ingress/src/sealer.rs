@@ -22,7 +22,7 @@ impl Sealer {
             .ok()
             .filter(|b| b.len() == 32)
             .or_else(|| STANDARD.decode(text).ok().filter(|b| b.len() == 32))
-            .ok_or("FLUX_ENCRYPTION_KEY must be 32 bytes: 64 hex characters or base64")?;
+            .ok_or("the key must be 32 bytes: 64 hex characters or base64")?;
         Ok(Sealer {
             cipher: ChaCha20Poly1305::new(Key::from_slice(&bytes)),
         })

@@ -155,10 +155,11 @@ impl Caller {
     }
 
     /// Whether this caller may act on every id starting with `prefix` (the built-in ids a
-    /// shorter prefix such as `f` takes in are left to the caller to skip).
-    pub fn may_write_prefix(&self, prefix: &str) -> Result<(), ApiError> {
+    /// shorter prefix such as `f` takes in are left to the caller to skip). Errors name the
+    /// request's `field` and the `value` it gave (`namespace "acme"` or `prefix "acme/tmp-"`).
+    pub fn may_write_prefix(&self, prefix: &str, field: &str, value: &str) -> Result<(), ApiError> {
         if prefix.starts_with(BUILTIN_ID_PREFIX) {
-            return Err(builtin_forbidden("prefix", prefix));
+            return Err(builtin_forbidden(field, value));
         }
         let Caller::Namespace(ns) = self else {
             return Ok(());
@@ -168,7 +169,7 @@ impl Caller {
             Ok(())
         } else {
             Err(ApiError::forbidden(format!(
-                "prefix {prefix:?} is outside namespace {ns:?}; this token writes only \"{own}...\""
+                "{field} {value:?} is outside namespace {ns:?}; this token writes only \"{own}...\""
             )))
         }
     }
@@ -268,8 +269,8 @@ mod tests {
             ab.may_write("ab", "entity_id").unwrap_err().status,
             StatusCode::BAD_REQUEST
         );
-        assert!(ab.may_write_prefix("ab/tmp-").is_ok());
-        assert!(ab.may_write_prefix("abc/").is_err());
+        assert!(ab.may_write_prefix("ab/tmp-", "prefix", "ab/tmp-").is_ok());
+        assert!(ab.may_write_prefix("abc/", "namespace", "abc").is_err());
         assert!(Caller::Open.may_write("anything", "entity_id").is_ok());
         for caller in [
             Caller::Open,
@@ -278,10 +279,16 @@ mod tests {
         ] {
             let refused = caller.may_write("flux-core/directory", "entity_id");
             assert_eq!(refused.unwrap_err().status, StatusCode::FORBIDDEN);
-            assert!(caller.may_write_prefix("flux-core/").is_err());
+            assert!(
+                caller
+                    .may_write_prefix("flux-core/", "namespace", "flux-core")
+                    .is_err()
+            );
         }
         assert!(
-            Caller::Open.may_write_prefix("flux").is_ok(),
+            Caller::Open
+                .may_write_prefix("flux", "prefix", "flux")
+                .is_ok(),
             "the caller skips built-ins"
         );
         assert!(crate::directory::DIRECTORY_ID.starts_with(BUILTIN_ID_PREFIX));
