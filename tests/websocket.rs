@@ -601,6 +601,64 @@ fn overlapping_subscriptions_deliver_once_and_unsubscribe_removes_exactly_one() 
     );
 }
 
+/// "Several at once": `entity_id` may be an array, each item subscribing (or unsubscribing)
+/// as if sent alone; an array with an item that is not a non-empty string is refused whole.
+#[test]
+fn an_array_of_ids_subscribes_to_each_at_once() {
+    let s = Server::start();
+    let mut witness = Ws::connect(s.addr());
+    witness.subscribe("*");
+    let mut ws = Ws::connect(s.addr());
+    let changes = |ws: &mut Ws, witness: &mut Ws, puts: &[(&str, Value)]| -> Vec<String> {
+        for (entity, properties) in puts {
+            s.put(entity, properties.clone());
+        }
+        let (last, _) = puts.last().expect("a put");
+        let deadline = Instant::now() + READ_TIMEOUT;
+        while state_update(&witness.next_change(deadline, "witness").0).entity_id != *last {}
+        let mut got: Vec<String> = ws
+            .drain(DRAIN_WINDOW, "array subscriber")
+            .iter()
+            .map(|text| {
+                let u = state_update(text);
+                format!("{}.{}={}", u.entity_id, u.property, u.raw_value)
+            })
+            .collect();
+        got.sort();
+        got
+    };
+
+    ws.send_json(&json!({"type": "subscribe", "entity_id": ["arr/a", "arr/p/*"]}));
+    ws.sync();
+    let puts = [
+        ("arr/a", json!({"x": 1})),
+        ("arr/p/q", json!({"y": 1})),
+        ("arr/other", json!({"z": 1})),
+    ];
+    assert_eq!(
+        changes(&mut ws, &mut witness, &puts),
+        ["arr/a.x=1", "arr/p/q.y=1"]
+    );
+
+    ws.send_json(&json!({"type": "unsubscribe", "entity_id": ["arr/a", "arr/p/*"]}));
+    ws.sync();
+    let puts = [("arr/a", json!({"x": 2})), ("arr/p/q", json!({"y": 2}))];
+    assert!(changes(&mut ws, &mut witness, &puts).is_empty());
+
+    for bad in [json!(["arr/a", 5]), json!(["arr/a", ""]), json!([])] {
+        ws.send_json(&json!({"type": "subscribe", "entity_id": bad}));
+        let deadline = Instant::now() + READ_TIMEOUT;
+        let (text, _) = ws.next_change(deadline, "the reply to a bad array");
+        let message = error_reply(&text, "a bad array");
+        assert!(message.contains("entity_id"), "{message}");
+    }
+    let puts = [("arr/a", json!({"x": 3}))];
+    assert!(
+        changes(&mut ws, &mut witness, &puts).is_empty(),
+        "a refused array subscribes to none of its items"
+    );
+}
+
 // ------------------------------------------------------------------ deletes
 
 #[test]

@@ -580,20 +580,47 @@ impl Hub {
             connection.push(&[error_frame(&reason)]);
             return;
         }
-        let Some(entity_id) = message
-            .get("entity_id")
-            .and_then(|v| v.as_str())
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-        else {
-            connection.push(&[error_frame(
-                "entity_id is required: an id, a prefix ending in *, or *",
-            )]);
-            return;
+        // One id, or several at once as an array (each as if sent alone).
+        let ids: Vec<&str> = match message.get("entity_id") {
+            Some(serde_json::Value::String(id)) if !id.is_empty() => vec![id.as_str()],
+            Some(serde_json::Value::Array(items)) if !items.is_empty() => {
+                let ids: Vec<&str> = items
+                    .iter()
+                    .filter_map(serde_json::Value::as_str)
+                    .filter(|id| !id.is_empty())
+                    .collect();
+                if ids.len() != items.len() {
+                    connection.push(&[error_frame(
+                        "entity_id: every item of the array must be a non-empty string",
+                    )]);
+                    return;
+                }
+                ids
+            }
+            _ => {
+                connection.push(&[error_frame(
+                    "entity_id is required: an id, a prefix ending in *, or * (or an array of them)",
+                )]);
+                return;
+            }
         };
-        let pattern = Pattern::parse(&entity_id);
+        for entity_id in ids {
+            self.subscription(connection, patterns, kind == "subscribe", entity_id);
+        }
+    }
+
+    /// Subscribes `connection` to `entity_id` (or unsubscribes it), answering an error frame
+    /// when that cannot be done.
+    fn subscription(
+        self: &Arc<Self>,
+        connection: &Arc<Connection>,
+        patterns: &mut Vec<Pattern>,
+        subscribe: bool,
+        entity_id: &str,
+    ) {
+        let pattern = Pattern::parse(entity_id);
         let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
-        if kind == "subscribe" {
+        if subscribe {
             if patterns.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION && !patterns.contains(&pattern) {
                 drop(index);
                 let reason = format!(
