@@ -15,6 +15,7 @@ use flux_engine::engine::LogConfig;
 use flux_engine::log::jetstream::JetStreamOptions;
 use flux_engine::threads::ThreadPolicy;
 use flux_engine::{Engine, EngineConfig};
+use flux_ingress::io::ApiIo;
 use flux_ingress::metrics::IngressMetrics;
 use flux_ingress::sealer::Sealer;
 use flux_ingress::tenancy::{AuthConfig, RateLimiter};
@@ -357,7 +358,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(IngressMetrics::register(&mut registry));
     let websocket: WebSocketHandler = {
         let hub = hub.clone();
-        Arc::new(move |request| hub.upgrade(request).map(|body| body.boxed_unsync()))
+        Arc::new(move |request| {
+            hub.upgrade(request, ApiIo::into_tcp)
+                .map(|body| body.boxed_unsync())
+        })
     };
     let api = Arc::new(Api {
         engine: engine.clone(),

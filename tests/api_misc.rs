@@ -495,10 +495,22 @@ fn content_length_shorter_than_body() {
     assert_eq!(s.entity("acme/cl").0, 404);
 }
 
+/// Requests hyper cannot parse are answered by it before any handler runs; those answers too
+/// carry SPEC's `{"error": ...}` body and the CORS headers (`ingress::io`).
 #[test]
 fn garbage_request_lines_do_not_kill_the_server() {
     let s = Server::start();
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+    let many_headers = format!(
+        "GET /api/health HTTP/1.1\r\n{}\r\n",
+        (0..120)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>()
+    );
+    let mut statuses = Vec::new();
     for req in [
+        long_uri.as_bytes(),
+        many_headers.as_bytes(),
         &b"\r\n\r\n"[..],
         b"GARBAGE\r\n\r\n",
         b"GET\r\n\r\n",
@@ -510,15 +522,22 @@ fn garbage_request_lines_do_not_kill_the_server() {
         b"POST /api/events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"POST /api/events HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
     ] {
+        let shown = String::from_utf8_lossy(&req[..req.len().min(80)]).into_owned();
         match raw_request(s.addr(), req, true) {
             RawOutcome::Response(r) => {
-                assert!(
-                    r.status < 500,
-                    "{:?}: {} {}",
-                    String::from_utf8_lossy(req),
-                    r.status,
-                    r.text()
-                )
+                assert!(r.status < 500, "{shown:?}: {} {}", r.status, r.text());
+                if r.status >= 400 {
+                    let body: Value = serde_json::from_slice(&r.body).unwrap_or_else(|e| {
+                        panic!("{shown:?}: {} body not JSON ({e}): {}", r.status, r.text())
+                    });
+                    error_message(&body);
+                    assert_eq!(
+                        r.header("access-control-allow-origin"),
+                        Some("*"),
+                        "{shown:?}"
+                    );
+                }
+                statuses.push(r.status);
             }
             RawOutcome::Closed { .. } => {}
             RawOutcome::TimedOut { partial } => panic!(
@@ -528,6 +547,10 @@ fn garbage_request_lines_do_not_kill_the_server() {
             ),
         }
     }
+    assert!(
+        statuses.starts_with(&[414, 431]) && statuses.iter().filter(|s| **s == 400).count() >= 5,
+        "statuses: {statuses:?}"
+    );
     let (status, _) = s.get("/api/health");
     assert_eq!(status, 200);
 }

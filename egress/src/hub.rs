@@ -39,7 +39,6 @@ use flux_engine::shard::ChangeObserver;
 use hashbrown::HashMap;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -422,11 +421,17 @@ impl Hub {
         Some(window)
     }
 
-    /// Answers `GET /api/ws`: upgrades and starts serving the connection.
-    pub fn upgrade(
+    /// Answers `GET /api/ws`: upgrades and starts serving the connection. `Io` is the type
+    /// the HTTP server wrapped the connection's socket in, and `into_tcp` takes the socket
+    /// back out of it.
+    pub fn upgrade<Io>(
         self: &Arc<Self>,
         mut request: hyper::Request<Incoming>,
-    ) -> hyper::Response<Full<Bytes>> {
+        into_tcp: fn(Io) -> TcpStream,
+    ) -> hyper::Response<Full<Bytes>>
+    where
+        Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         if !fastwebsockets::upgrade::is_upgrade_request(&request) {
             return plain_response(
                 hyper::StatusCode::UPGRADE_REQUIRED,
@@ -447,7 +452,7 @@ impl Hub {
         tokio::spawn(async move {
             let Ok(websocket) = upgrade.await else { return };
             let upgraded = websocket.into_inner().into_inner();
-            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            let Ok(parts) = upgraded.downcast::<Io>() else {
                 tracing::error!("upgraded connection is not a TCP stream");
                 return;
             };
@@ -456,7 +461,7 @@ impl Hub {
             let hyper::upgrade::Parts { io, read_buf, .. } = parts;
             let early = read_buf.to_vec();
             drop(read_buf);
-            hub.serve(io.into_inner(), &early).await;
+            hub.serve(into_tcp(io), &early).await;
         });
         let (parts, _) = response.into_parts();
         hyper::Response::from_parts(parts, Full::new(Bytes::new()))

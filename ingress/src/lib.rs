@@ -14,6 +14,7 @@ pub mod directory;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod io;
 pub mod metrics;
 pub mod scan;
 pub mod sealer;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use hyper::Method;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
 
 pub use api::{Api, WebSocketHandler};
@@ -189,7 +190,7 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<O
             async move { Ok::<_, std::convert::Infallible>(route(api, request).await) }
         });
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(io::ApiIo::new(stream), service)
             .with_upgrades();
         let (alive, mut stopping) = (alive.clone(), stopping.clone());
         tokio::spawn(async move {

@@ -1,0 +1,254 @@
+//! The connection as hyper sees it ([`ApiIo`]): reads and writes pass through to the socket,
+//! except hyper's own answers to requests it cannot parse.
+//!
+//! hyper answers a request it cannot parse (a garbled request line, a bad `Content-Length`, a
+//! URI or header block over its limits, an unknown HTTP version) by itself, before any handler
+//! runs: a 4xx or 5xx head with `connection: close`, `content-length: 0` and no body. SPEC wants
+//! every error as `{"error": ...}` with the CORS headers every answer carries, so such a head
+//! is written out with that body instead.
+//!
+//! Invariants:
+//! - Only hyper's own error heads are rewritten: a complete head (ending in a blank line) with a
+//!   4xx/5xx status, `connection: close`, `content-length: 0` and no `content-type`. Every error
+//!   of Flux's handlers has a JSON body and a `content-type`, so none of them matches.
+//! - hyper is told its head went out only once the whole rewritten answer did; until then a
+//!   write is pending (hyper offers the same bytes again), so nothing it sends later can slip
+//!   in between.
+//! - The socket comes back whole for a WebSocket upgrade ([`ApiIo::into_tcp`]).
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::error::error_body;
+
+/// A connection's socket for hyper.
+pub struct ApiIo {
+    io: TokioIo<TcpStream>,
+    /// A rewritten error answer not yet fully written.
+    rewrite: Option<Rewrite>,
+}
+
+struct Rewrite {
+    bytes: Vec<u8>,
+    sent: usize,
+    /// The length of hyper's head it stands for: what hyper is told went out.
+    replaces: usize,
+}
+
+impl ApiIo {
+    pub fn new(stream: TcpStream) -> ApiIo {
+        ApiIo {
+            io: TokioIo::new(stream),
+            rewrite: None,
+        }
+    }
+
+    /// The socket, for a connection upgraded to a WebSocket.
+    pub fn into_tcp(self) -> TcpStream {
+        self.io.into_inner()
+    }
+
+    /// Starts rewriting `head` if it is one of hyper's own error heads.
+    fn take(&mut self, head: &[u8]) -> bool {
+        match error_answer(head) {
+            Some(bytes) => {
+                self.rewrite = Some(Rewrite {
+                    bytes,
+                    sent: 0,
+                    replaces: head.len(),
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes the rest of the rewritten answer; ready with the length of hyper's head once all
+    /// of it went.
+    fn poll_rewrite(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        while let Some(rewrite) = &mut self.rewrite {
+            if rewrite.sent == rewrite.bytes.len() {
+                let replaces = rewrite.replaces;
+                self.rewrite = None;
+                return Poll::Ready(Ok(replaces));
+            }
+            let written =
+                ready!(Pin::new(&mut self.io).poll_write(cx, &rewrite.bytes[rewrite.sent..]));
+            match written {
+                Ok(0) => {
+                    self.rewrite = None;
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Ok(n) => rewrite.sent += n,
+                Err(error) => {
+                    self.rewrite = None;
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
+        Poll::Ready(Ok(0))
+    }
+}
+
+impl Read for ApiIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl Write for ApiIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.rewrite.is_some() || this.take(buf) {
+            return this.poll_rewrite(cx);
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let first = bufs.iter().find(|b| !b.is_empty());
+        if this.rewrite.is_some() || first.is_some_and(|head| this.take(head)) {
+            return this.poll_rewrite(cx);
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.rewrite.is_some() {
+            ready!(this.poll_rewrite(cx))?;
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.rewrite.is_some() {
+            ready!(this.poll_rewrite(cx))?;
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// hyper's own error heads are a status line and three short headers.
+const OWN_HEAD_MAX_BYTES: usize = 256;
+
+/// hyper's own error head rewritten with SPEC's body, or `None` for anything else.
+fn error_answer(head: &[u8]) -> Option<Vec<u8>> {
+    // Cheap first: every other write (answers, their bodies, WebSocket frames) fails here.
+    let candidate = head.len() <= OWN_HEAD_MAX_BYTES
+        && head.starts_with(b"HTTP/1.1 ")
+        && matches!(head.get(9), Some(b'4' | b'5'))
+        && head.ends_with(b"\r\n\r\n");
+    if !candidate {
+        return None;
+    }
+    let text = std::str::from_utf8(head).ok()?;
+    let status_line = text.strip_prefix("HTTP/1.1 ")?;
+    let code: u16 = status_line.get(..3)?.parse().ok()?;
+    let lower = text.to_ascii_lowercase();
+    let own = (400..600).contains(&code)
+        && text.ends_with("\r\n\r\n")
+        && lower.contains("\r\nconnection: close\r\n")
+        && lower.contains("\r\ncontent-length: 0\r\n")
+        && !lower.contains("\r\ncontent-type:");
+    if !own {
+        return None;
+    }
+    let reason = match code {
+        400 => "malformed HTTP request: bad request line, header or Content-Length",
+        414 => "request URI too long",
+        431 => "request headers too large",
+        505 => "HTTP version not supported: use HTTP/1.1",
+        _ => "malformed HTTP request",
+    };
+    let body = error_body(reason);
+    let at = lower.find("\r\ncontent-length: 0\r\n")? + 2;
+    let end = at + "content-length: 0\r\n".len();
+    let mut out = Vec::with_capacity(head.len() + 160 + body.len());
+    out.extend_from_slice(&head[..at]);
+    out.extend_from_slice(b"content-type: application/json\r\naccess-control-allow-origin: *\r\n");
+    out.extend_from_slice(b"access-control-expose-headers: Retry-After, Content-Type\r\n");
+    out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    out.extend_from_slice(&head[end..]);
+    out.extend_from_slice(&body);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hypers_own_error_heads_get_a_body() {
+        let head = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\
+                     date: Tue, 24 Nov 2026 20:46:29 GMT\r\n\r\n";
+        let answer = String::from_utf8(error_answer(head).expect("rewritten")).expect("UTF-8");
+        let (new_head, body) = answer.split_once("\r\n\r\n").expect("a head");
+        assert!(
+            new_head.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
+        assert!(new_head.contains("\r\ndate: Tue, 24 Nov 2026"), "{answer}");
+        assert!(new_head.contains("\r\nconnection: close"), "{answer}");
+        assert!(
+            new_head.contains("\r\ncontent-type: application/json"),
+            "{answer}"
+        );
+        assert!(
+            new_head.contains("\r\naccess-control-allow-origin: *"),
+            "{answer}"
+        );
+        assert!(
+            new_head.contains(&format!("\r\ncontent-length: {}", body.len())),
+            "{answer}"
+        );
+        let body: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("Content-Length"))
+        );
+
+        let not_ours = [
+            // A handler's error: it has a body and a content type.
+            &b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: application/json\r\n\
+               content-length: 0\r\n\r\n"[..],
+            // Success, an empty 404 kept open, a head without its blank line.
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n",
+            b"{\"type\":\"state_update\"}",
+        ];
+        for head in not_ours {
+            assert_eq!(
+                error_answer(head),
+                None,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+}
