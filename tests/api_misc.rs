@@ -495,6 +495,46 @@ fn content_length_shorter_than_body() {
     assert_eq!(s.entity("acme/cl").0, 404);
 }
 
+/// A write that fails without stopping the log (a full disk; here a file-size limit) is a 503
+/// naming the cause and applies nothing, and health reports the failure until a write
+/// succeeds again.
+#[test]
+fn health_reports_a_failing_disk_until_a_write_succeeds() {
+    let s = Server::start_with(Options {
+        file_size_limit: Some(1 << 20),
+        // No directory refresh may write (and heal health) between the checks.
+        args: vec!["--directory-interval".into(), "1h".into()],
+        ..Options::local_only()
+    });
+    let big = "x".repeat(50_000);
+    let failed = (0..100).find_map(|i| {
+        let entity = format!("disk/e{}", i % 5);
+        let (status, body) = s.post("/api/events", &event(&entity, json!({"v": big, "i": i})));
+        (status != 200).then_some((i, entity, status, body))
+    });
+    let (i, entity, status, body) = failed.expect("the 1 MiB file limit was reached");
+    assert_error(status, &body, 503, "log write failed");
+    assert!(i >= 5, "failed at write {i}");
+    assert_eq!(
+        s.props(&entity)["i"],
+        i - 5,
+        "the failed write was not applied"
+    );
+    let (status, health) = s.get("/api/health");
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["status"], "unavailable", "{health}");
+    assert!(
+        health["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("log write failed")),
+        "{health}"
+    );
+    // A small write still fits: the log took it, and health is back.
+    s.put("disk/small", json!({"v": 1}));
+    let (status, health) = s.get("/api/health");
+    assert_eq!((status, &health["status"]), (200, &json!("ok")), "{health}");
+}
+
 /// Requests hyper cannot parse are answered by it before any handler runs; those answers too
 /// carry SPEC's `{"error": ...}` body and the CORS headers (`ingress::io`).
 #[test]

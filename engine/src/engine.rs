@@ -317,6 +317,11 @@ impl Engine {
         self.inner.log.unavailable_reason()
     }
 
+    /// `None` when the log is healthy: it takes writes and its last write did not fail.
+    pub fn health_reason(&self) -> Option<String> {
+        self.inner.log.health_reason()
+    }
+
     /// The entity's JSON object, if it exists.
     pub async fn get(&self, id: &str) -> Option<Vec<u8>> {
         let (reply, rx) = oneshot::channel();

@@ -503,7 +503,7 @@ impl Api {
     pub async fn health(&self) -> Response {
         let stats = self.engine.stats().await;
         let mut out = Vec::with_capacity(128);
-        let status = match self.engine.unavailable_reason() {
+        let status = match self.engine.health_reason() {
             None => {
                 out.extend_from_slice(b"{\"status\":\"ok\"");
                 StatusCode::OK

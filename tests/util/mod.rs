@@ -68,6 +68,9 @@ pub struct Options {
     pub nats: Option<Arc<NatsServer>>,
     /// How long the start-up line may take.
     pub start_timeout: Duration,
+    /// Largest file the server may write (`RLIMIT_FSIZE`, with `SIGXFSZ` ignored): writes
+    /// past it fail with `EFBIG`, as on a full disk.
+    pub file_size_limit: Option<u64>,
 }
 
 impl Options {
@@ -92,6 +95,7 @@ impl Default for Options {
             local_only: false,
             nats: None,
             start_timeout: START_TIMEOUT,
+            file_size_limit: None,
         }
     }
 }
@@ -226,6 +230,23 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(limit) = opts.file_size_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure makes only async-signal-safe calls.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let bound = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &bound) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().expect("spawn flux binary");
 
         let stdout_buf = Arc::new(Mutex::new(Vec::new()));

@@ -15,7 +15,8 @@
 //! - A small group (at most [`IN_PLACE_MAX_RECORDS`] records) is applied in place by the
 //!   committer where a shard is idle ([`Dispatcher::dispatch_in_place`]); larger ones go
 //!   through the shards' inboxes, so shards apply them while the next group is written.
-//! - A failed write is cut back off the file and its appends fail as *unavailable*; a failed
+//! - A failed write is cut back off the file and its appends fail as *unavailable*; the next
+//!   commit is tried as usual, and until one succeeds health reports the failure. A failed
 //!   `fdatasync` leaves the file in an unknown state, so the log refuses every later write.
 //! - On open, every frame is checked (length, CRC32C, position continuity). The first bad or
 //!   partial frame of the newest segment ends the log: it and everything after it are cut (a
@@ -45,7 +46,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -163,6 +164,10 @@ struct Shared {
     /// Position of the next record; everything below it is durable.
     next_position: AtomicU64,
     failure: Mutex<Option<String>>,
+    /// Why the last commit failed, when it did without stopping the log (a full disk): health
+    /// reports it until a commit succeeds. `write_failing` says whether it is set.
+    write_error: Mutex<Option<String>>,
+    write_failing: AtomicBool,
     metrics: LogMetrics,
 }
 
@@ -399,6 +404,8 @@ impl LocalLog {
                 segments: RwLock::new(segments),
                 next_position: AtomicU64::new(expected),
                 failure: Mutex::new(None),
+                write_error: Mutex::new(None),
+                write_failing: AtomicBool::new(false),
                 metrics: LogMetrics::default(),
             }),
             queue: Arc::new(Queue {
@@ -691,6 +698,22 @@ impl Log for LocalLog {
         Ok(dropped)
     }
 
+    fn health_reason(&self) -> Option<String> {
+        self.unavailable_reason().or_else(|| {
+            self.shared
+                .write_failing
+                .load(Ordering::Acquire)
+                .then(|| {
+                    self.shared
+                        .write_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone()
+                })
+                .flatten()
+        })
+    }
+
     fn unavailable_reason(&self) -> Option<String> {
         if let Some(failure) = self
             .shared
@@ -842,10 +865,23 @@ impl Writer {
         if let Err(error) = self.write_and_sync(base) {
             let reason = format!("log write failed: {error}");
             tracing::error!(%reason);
+            *self
+                .shared
+                .write_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+            self.shared.write_failing.store(true, Ordering::Release);
             for (_, completion) in group.drain(..) {
                 completion.fail(reason.clone());
             }
             return;
+        }
+        if self.shared.write_failing.swap(false, Ordering::AcqRel) {
+            *self
+                .shared
+                .write_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
         }
         self.last_accept_ms = accept_ms;
         let records = position - first;

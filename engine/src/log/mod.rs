@@ -63,6 +63,12 @@ pub trait Log: Send + Sync + 'static {
     /// `None` when writes can be taken, else why not.
     fn unavailable_reason(&self) -> Option<String>;
 
+    /// What health reports: [`Log::unavailable_reason`], or a failure of the last write that
+    /// does not stop the next from being tried (a full disk).
+    fn health_reason(&self) -> Option<String> {
+        self.unavailable_reason()
+    }
+
     /// Stops taking appends, finishes the queued ones, and waits for the writer to exit.
     fn close(&self);
 
