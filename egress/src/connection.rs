@@ -460,12 +460,7 @@ impl Connection {
     /// socket does not take, and the lock held in between lets nothing queued meanwhile pass
     /// them. Otherwise the writer is woken to send them.
     pub fn flush_begin(&self, window: Duration, wait: bool) -> DirectBegin<'_> {
-        let queue = if wait {
-            Some(self.lock())
-        } else {
-            self.try_lock()
-        };
-        let Some(mut queue) = queue else {
+        let Some(mut queue) = self.lock_or_try(wait) else {
             return DirectBegin::Busy;
         };
         if queue.frames.is_empty() && queue.close.is_none() {
@@ -503,12 +498,7 @@ impl Connection {
         window: Duration,
         wait: bool,
     ) -> DirectBegin<'a> {
-        let queue = if wait {
-            Some(self.lock())
-        } else {
-            self.try_lock()
-        };
-        let Some(mut queue) = queue else {
+        let Some(mut queue) = self.lock_or_try(wait) else {
             return DirectBegin::Busy;
         };
         if queue.close.is_some() {
@@ -726,6 +716,15 @@ impl Connection {
             }
         }
         write.await
+    }
+
+    /// The queue's lock: waited for when `wait`, else only if free.
+    fn lock_or_try(&self, wait: bool) -> Option<std::sync::MutexGuard<'_, Queue>> {
+        if wait {
+            Some(self.lock())
+        } else {
+            self.try_lock()
+        }
     }
 
     /// The queue's lock if nobody holds it now.
@@ -1098,39 +1097,54 @@ mod tests {
         sender.send(writes, now);
     }
 
+    /// Three connections on one stream, for batched sends.
+    async fn three_connected() -> (Connected, Connected, Connected) {
+        let stream = std::sync::Arc::new(Stream::default());
+        (
+            connected(stream.clone()).await,
+            connected(stream.clone()).await,
+            connected(stream).await,
+        )
+    }
+
+    /// Begins the first connection's write (waiting for its lock), finds the second `Busy`
+    /// while its lock is held elsewhere, begins the second's and third's without waiting, and
+    /// sends the three as one batch; their outcomes.
+    fn send_three<'a>(
+        [a, b, c]: [&'a Connection; 3],
+        sender: &mut crate::sweep::Sender,
+        begin: impl Fn(&'a Connection, bool) -> DirectBegin<'a>,
+    ) -> Vec<Push> {
+        let DirectBegin::Write(to_a) = begin(a, true) else {
+            panic!("an idle connection is written directly");
+        };
+        let held = b.lock();
+        assert!(matches!(begin(b, false), DirectBegin::Busy));
+        drop(held);
+        let mut batch = vec![to_a];
+        for conn in [b, c] {
+            match begin(conn, false) {
+                DirectBegin::Write(write) => batch.push(write),
+                _ => panic!("an idle connection is written directly"),
+            }
+        }
+        let mut outcomes = Vec::new();
+        sender.send_direct(&mut batch, |pushed| outcomes.push(pushed));
+        outcomes
+    }
+
     /// A change's direct writes to several connections go out in one submission (or one
     /// `writev` each), in order with what is queued behind them; a held lock is not waited for.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_writes_go_out_in_one_submission_and_a_busy_lock_is_not_waited_for() {
         for io_uring in [true, false] {
-            let stream = std::sync::Arc::new(Stream::default());
-            let (a, b, c) = (
-                connected(stream.clone()).await,
-                connected(stream.clone()).await,
-                connected(stream.clone()).await,
-            );
+            let (a, b, c) = three_connected().await;
             let mut sender = sweep_sender(io_uring);
             let first = [Bytes::from_static(b"<one>"), Bytes::from_static(b"<two>")];
-            let DirectBegin::Write(to_a) = a.conn.direct_begin(&first, Duration::ZERO, true) else {
-                panic!("an idle connection is written directly");
-            };
-            // Someone else holds b's lock: a caller holding a's must not wait for it.
-            let held = b.conn.lock();
-            assert!(matches!(
-                b.conn.direct_begin(&first, Duration::ZERO, false),
-                DirectBegin::Busy
-            ));
-            drop(held);
-            let mut batch = vec![to_a];
-            for conn in [&b.conn, &c.conn] {
-                match conn.direct_begin(&first, Duration::ZERO, false) {
-                    DirectBegin::Write(write) => batch.push(write),
-                    _ => panic!("an idle connection is written directly"),
-                }
-            }
-            let mut outcomes = Vec::new();
-            sender.send_direct(&mut batch, |pushed| outcomes.push(pushed));
-            drop(batch);
+            let conns = [&*a.conn, &*b.conn, &*c.conn];
+            let outcomes = send_three(conns, &mut sender, |conn, wait| {
+                conn.direct_begin(&first, Duration::ZERO, wait)
+            });
             assert_eq!(outcomes, [Push::Queued; 3]);
             // Within its window a connection is not idle: the next change is queued behind.
             let second = [Bytes::from_static(b"<three>")];
@@ -1175,40 +1189,16 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn flushes_go_out_in_one_submission_and_leave_the_rest_to_the_writer() {
         for io_uring in [true, false] {
-            let stream = std::sync::Arc::new(Stream::default());
-            let (a, b, c) = (
-                connected(stream.clone()).await,
-                connected(stream.clone()).await,
-                connected(stream.clone()).await,
-            );
+            let (a, b, c) = three_connected().await;
             let mut sender = sweep_sender(io_uring);
             let first = [Bytes::from_static(b"<one>"), Bytes::from_static(b"<two>")];
             for connected in [&a, &b, &c] {
                 assert_eq!(connected.conn.push_quiet(&first), Push::Queued);
             }
-            let DirectBegin::Write(to_a) = a.conn.flush_begin(Duration::ZERO, true) else {
-                panic!("an idle connection's queue is flushed directly");
-            };
-            assert_eq!(
-                &*to_a.frames, &first,
-                "the queued frames, taken out in order"
-            );
-            let held = b.conn.lock();
-            assert!(matches!(
-                b.conn.flush_begin(Duration::ZERO, false),
-                DirectBegin::Busy
-            ));
-            drop(held);
-            let mut batch = vec![to_a];
-            for conn in [&b.conn, &c.conn] {
-                match conn.flush_begin(Duration::ZERO, false) {
-                    DirectBegin::Write(write) => batch.push(write),
-                    _ => panic!("an idle connection's queue is flushed directly"),
-                }
-            }
-            let mut outcomes = Vec::new();
-            sender.send_direct(&mut batch, |pushed| outcomes.push(pushed));
-            drop(batch);
+            let conns = [&*a.conn, &*b.conn, &*c.conn];
+            let outcomes = send_three(conns, &mut sender, |conn, wait| {
+                conn.flush_begin(Duration::ZERO, wait)
+            });
             assert_eq!(outcomes, [Push::Queued; 3]);
             // Nothing left to flush: the writer (or an earlier flush) sent it.
             assert!(matches!(
