@@ -9,7 +9,7 @@
 //!   503; NATS started again on the same port and store: writes resume, no restart of Flux;
 //! - NATS frozen (SIGSTOP) for 5 s under load: every write answered 200 is applied once, and
 //!   every write answered 503 is applied nowhere; frozen under load and SIGTERM sent to the
-//!   node: it exits 0 within SPEC's 10 s;
+//!   node: it exits 0 within SPEC's 10 s; frozen with no writes, health still reports it;
 //! - a three-server cluster with an R3 stream: one server stopped under load, every
 //!   acknowledged event is still there afterwards (on the writing node and on a new node).
 //!
@@ -433,6 +433,37 @@ fn a_stalled_nats_server_costs_no_acknowledged_write_and_a_503_accepted_nothing(
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no retry counter in {metrics}"));
     assert!(retries >= 1.0, "{metrics}");
+}
+
+/// A server that holds its connections open and answers nothing is reported by health
+/// (503 naming NATS) within seconds, even on a node that writes nothing meanwhile; health is
+/// ok again once it answers, and writes go on.
+#[test]
+fn health_reports_a_nats_server_that_answers_nothing() {
+    let nats = NatsServer::start();
+    let s = node(&nats.url(), &[]);
+    s.put("acme/probe", json!({"v": 1}));
+    thread::scope(|scope| {
+        scope.spawn(|| nats.stall(Duration::from_secs(8)));
+        let unhealthy = wait_for(Duration::from_secs(7), || {
+            let (status, health) = s.get("/api/health");
+            (status == 503).then_some(health)
+        })
+        .expect("health said 503 while NATS answered nothing");
+        assert!(
+            unhealthy["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("NATS")),
+            "{unhealthy}"
+        );
+    });
+    let healthy = wait_for(CONVERGE, || (s.get("/api/health").0 == 200).then_some(()));
+    assert!(
+        healthy.is_some(),
+        "health stayed 503 after NATS answered again"
+    );
+    s.put("acme/probe", json!({"v": 2}));
+    assert_eq!(s.props("acme/probe"), json!({"v": 2}));
 }
 
 #[test]

@@ -39,7 +39,9 @@
 //!   being served from the shards. A background task probes the stream and clears a publish
 //!   failure; the tail clears its own as soon as its consumer is re-created (not at the next
 //!   message, which may never come while writes are refused) and resumes from the sequence
-//!   after the last one it applied.
+//!   after the last one it applied. A probe that gets no answer within `PROBE_TIMEOUT` (a
+//!   server holding its connections open and answering nothing) is reported by health until
+//!   one is answered; writes still try.
 //! - Start-up = newest snapshot + replay of the stream from its first message up to its last
 //!   sequence at open time (records the snapshot covers only rebuild the history index). A
 //!   snapshot's position names the stream sequence it covers, so snapshots are portable between
@@ -105,6 +107,9 @@ const HEADER_ROOM_BYTES: usize = 4096;
 const PART_CACHE_BYTES: usize = 64 << 20;
 /// Period of the background task: failure probe, apply deadlines, first sequence.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a probe of the stream (every fourth housekeeping tick, every tick while failing)
+/// may wait for its answer before health reports NATS as not answering.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for the next message while replaying at open.
 const REPLAY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause before the tail re-creates its consumer after an error.
@@ -202,6 +207,9 @@ struct Shared {
     publish_failure: Mutex<Option<String>>,
     /// Why the tail cannot read; cleared once its consumer is back (or it reads a message).
     tail_failure: Mutex<Option<String>>,
+    /// Why the last probe of the stream failed (a server that holds its connections open and
+    /// answers nothing): health reports it until a probe succeeds. Writes still try.
+    probe_failure: Mutex<Option<String>>,
     closed: AtomicBool,
     /// Reference for the publish start times below.
     epoch: Instant,
@@ -730,6 +738,7 @@ impl JetStreamLog {
             last_accept_ms: AtomicU64::new(0),
             publish_failure: Mutex::new(None),
             tail_failure: Mutex::new(None),
+            probe_failure: Mutex::new(None),
             closed: AtomicBool::new(false),
             epoch: Instant::now(),
             newest_success_start_us: AtomicU64::new(0),
@@ -955,10 +964,17 @@ async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
                 p.completion.succeed(position_of(sequence));
             }
         }
-        let probe = lock(&shared.publish_failure).is_some() || ticks.is_multiple_of(4);
-        if probe && shared.client.connection_state() == State::Connected {
-            match shared.stream.get_info().await {
-                Ok(info) => {
+        let failing =
+            lock(&shared.publish_failure).is_some() || lock(&shared.probe_failure).is_some();
+        if (failing || ticks.is_multiple_of(4))
+            && shared.client.connection_state() == State::Connected
+        {
+            let probed = tokio::time::timeout(PROBE_TIMEOUT, shared.stream.get_info()).await;
+            match probed {
+                Ok(Ok(info)) => {
+                    if lock(&shared.probe_failure).take().is_some() {
+                        tracing::info!("the stream answers its probe again");
+                    }
                     shared
                         .first_sequence
                         .store(info.state.first_sequence, Ordering::Release);
@@ -983,7 +999,17 @@ async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
                         tracing::info!("the stream answers again; taking writes");
                     }
                 }
-                Err(error) => tracing::debug!(%error, "stream probe failed"),
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "stream probe failed");
+                    *lock(&shared.probe_failure) =
+                        Some(format!("the stream probe failed: {error}"));
+                }
+                Err(_) => {
+                    tracing::warn!("the stream did not answer its probe within {PROBE_TIMEOUT:?}");
+                    *lock(&shared.probe_failure) = Some(format!(
+                        "NATS did not answer a probe of the stream within {PROBE_TIMEOUT:?}"
+                    ));
+                }
             }
         }
     }
@@ -1222,6 +1248,11 @@ impl Log for JetStreamLog {
     fn compact(&self, _covered: LogPosition, _older_than_ms: u64) -> Result<usize, LogError> {
         // The stream's max_age governs retention; the node keeps nothing of its own to drop.
         Ok(0)
+    }
+
+    fn health_reason(&self) -> Option<String> {
+        self.unavailable_reason()
+            .or_else(|| lock(&self.shared.probe_failure).clone())
     }
 
     fn unavailable_reason(&self) -> Option<String> {
