@@ -68,14 +68,11 @@ impl ApiIo {
         }
     }
 
-    /// Writes the rest of the rewritten answer; ready with the length of hyper's head once all
-    /// of it went.
-    fn poll_rewrite(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Writes what is left of the rewritten answer (if any); ready once all of it went.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(rewrite) = &mut self.rewrite {
             if rewrite.sent == rewrite.bytes.len() {
-                let replaces = rewrite.replaces;
-                self.rewrite = None;
-                return Poll::Ready(Ok(replaces));
+                break;
             }
             let written =
                 ready!(Pin::new(&mut self.io).poll_write(cx, &rewrite.bytes[rewrite.sent..]));
@@ -91,7 +88,17 @@ impl ApiIo {
                 }
             }
         }
-        Poll::Ready(Ok(0))
+        Poll::Ready(Ok(()))
+    }
+
+    /// A write of hyper's that a rewrite stands for: ready, with the length of hyper's head,
+    /// once the whole rewritten answer went.
+    fn poll_rewrite(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        ready!(self.drive(cx))?;
+        Poll::Ready(Ok(self
+            .rewrite
+            .take()
+            .map_or(0, |rewrite| rewrite.replaces)))
     }
 }
 
@@ -135,19 +142,17 @@ impl Write for ApiIo {
         self.io.is_write_vectored()
     }
 
+    // A rewrite still being written goes out first; hyper learns that its head went at its
+    // next write of it (the record stays until then, so it is not rewritten twice).
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.rewrite.is_some() {
-            ready!(this.poll_rewrite(cx))?;
-        }
+        ready!(this.drive(cx))?;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.rewrite.is_some() {
-            ready!(this.poll_rewrite(cx))?;
-        }
+        ready!(this.drive(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
@@ -200,6 +205,44 @@ fn error_answer(head: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Through a real socket: hyper's error head is answered with the rewrite and hyper is told
+    /// its own length went; a flush in between does not make it go twice; other writes pass
+    /// through as they are.
+    #[tokio::test]
+    async fn a_rewrite_stands_for_hypers_write_and_goes_once() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let mut io = ApiIo::new(listener.accept().await.expect("accept").0);
+        let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
+                     content-length: 0\r\n\r\n";
+        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        assert!(io.take(head), "hyper's head is taken");
+        std::future::poll_fn(|cx| Pin::new(&mut io).poll_flush(cx))
+            .await
+            .expect("flush");
+        let written = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, head))
+            .await
+            .expect("write");
+        assert_eq!(written, head.len(), "hyper is told its head went");
+        let written = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write(cx, reply))
+            .await
+            .expect("write");
+        assert_eq!(written, reply.len());
+        drop(io);
+        let mut received = Vec::new();
+        client.read_to_end(&mut received).await.expect("read");
+        let expected = [error_answer(head).expect("rewritten"), reply.to_vec()].concat();
+        assert_eq!(
+            String::from_utf8_lossy(&received),
+            String::from_utf8_lossy(&expected)
+        );
+    }
 
     #[test]
     fn only_hypers_own_error_heads_get_a_body() {
