@@ -10,6 +10,8 @@
 //! - NATS frozen (SIGSTOP) for 5 s under load: every write answered 200 is applied once, and
 //!   every write answered 503 is applied nowhere; frozen under load and SIGTERM sent to the
 //!   node: it exits 0 within SPEC's 10 s; frozen with no writes, health still reports it;
+//!   frozen longer than a write's publish budget: the writes answered 503 are skipped by
+//!   every node when the server stores them late, after a restart's replay too;
 //! - a three-server cluster with an R3 stream: one server stopped under load, every
 //!   acknowledged event is still there afterwards (on the writing node and on a new node).
 //!
@@ -433,6 +435,61 @@ fn a_stalled_nats_server_costs_no_acknowledged_write_and_a_503_accepted_nothing(
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no retry counter in {metrics}"));
     assert!(retries >= 1.0, "{metrics}");
+}
+
+/// NATS frozen longer than a write's publish budget: the writes in flight are answered 503
+/// (about 8 s after they began), and once the server resumes and stores them late, every node
+/// skips them, also when it replays the stream after a restart (SPEC: a 503 accepted nothing).
+#[test]
+fn writes_answered_503_after_a_long_stall_are_applied_nowhere() {
+    let nats = NatsServer::start();
+    let mut s = node(&nats.url(), &[]);
+    let load = Load::start(s.url(), "late", 4, true);
+    load.wait_count("200", 100, "before the stall");
+    nats.stall(Duration::from_secs(11));
+    let before = load.count("200");
+    load.wait_count("200", before + 100, "after the stall");
+    let Outcome {
+        statuses,
+        acked,
+        refused,
+    } = load.finish();
+    assert!(
+        !statuses.keys().any(|k| k.starts_with("transport")),
+        "every write was answered: {statuses:?}"
+    );
+    let metrics = s.get_resp("/metrics").text;
+    let skipped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flux_log_late_appends_skipped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no skip counter in {metrics}"));
+    assert!(
+        skipped >= 1.0,
+        "the writes in flight were stored late: {statuses:?}"
+    );
+    let check = |s: &Server, when: &str| {
+        let ids: std::collections::BTreeSet<String> = s
+            .list_ids("?prefix=acme/late-&limit=100000")
+            .into_iter()
+            .collect();
+        for (k, (acked, refused)) in acked.iter().zip(&refused).enumerate() {
+            for i in acked {
+                let id = format!("acme/late-{k}-{i}");
+                assert!(ids.contains(&id), "{when}: acknowledged {id} is missing");
+            }
+            for i in refused {
+                let id = format!("acme/late-{k}-{i}");
+                assert!(
+                    !ids.contains(&id),
+                    "{when}: {id} was answered 503 but applied"
+                );
+            }
+        }
+    };
+    check(&s, "tailing");
+    s.restart();
+    check(&s, "after a restart's replay");
 }
 
 /// A server that holds its connections open and answers nothing is reported by health

@@ -29,9 +29,15 @@
 //!   connection dropped meanwhile (once it is back), or JetStream answered with an error, for
 //!   up to [`PUBLISH_BUDGET`]. JetStream stores a repeated id once (streams Flux creates keep
 //!   ids for [`DUPLICATE_WINDOW`]), so a stalled server or a dropped connection costs a write
-//!   nothing and never stores it twice: a 503 after a stall means nothing was accepted. Only
-//!   an append that got no ack for the whole budget fails with its outcome unknown (the
-//!   server may still store it), as with any remote log. An append acknowledged but not
+//!   nothing and never stores it twice: a 503 after a stall means nothing was accepted.
+//! - Deadlines: an append's final message carries `Flux-Deadline` (its publish budget plus
+//!   [`SKIP_MARGIN`] for clock differences, Unix ms). Every node, tailing or replaying, skips
+//!   a message JetStream stored after its deadline (the stored time is in the stream, so all
+//!   agree). An append with no ack within its budget is answered by its tail's verdict
+//!   (applied: 200; skipped: 503), or with 503 once [`SKIP_MARGIN`] past the deadline, when
+//!   it can no longer be stored in time. So a 503 accepted nothing even when a stalled server
+//!   stores the write later; what is left is a write stored just before its connection
+//!   dropped and its ack lost, with NATS back only after the deadline. An append acknowledged but not
 //!   applied within [`APPLY_TIMEOUT`] is in the stream, hence accepted: it is answered then,
 //!   without read-your-writes.
 //! - Faults: while NATS is unreachable, a publish failed, or the tail cannot read, appends fail
@@ -85,6 +91,12 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const PUBLISH_BUDGET: Duration = Duration::from_secs(6);
 /// How long an acknowledged append may wait for this node's tail to apply it.
 pub const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The clocks of Flux nodes and NATS servers may differ by less than this. An append's
+/// deadline (`Flux-Deadline`) is its publish budget plus this margin, so an append whose ack
+/// came within the budget is never skipped; one without an ack is answered 503 only this much
+/// after the deadline, when JetStream can no longer store it in time (unless its tail applied
+/// or skipped it first).
+pub const SKIP_MARGIN: Duration = Duration::from_secs(1);
 /// The window in which JetStream drops a message whose `Nats-Msg-Id` it already stored, for
 /// streams Flux creates: longer than [`PUBLISH_BUDGET`], short enough that the server's table
 /// of ids stays small at tens of thousands of appends per second.
@@ -118,6 +130,10 @@ const TAIL_RETRY_DELAY: Duration = Duration::from_millis(250);
 const HEADER_APPEND: &str = "Flux-Append";
 const HEADER_PART: &str = "Flux-Part";
 const HEADER_PARTS: &str = "Flux-Parts";
+/// The last moment (Unix ms, the writer's clock) at which JetStream may store an append's
+/// final message for it to be applied; stored later, every node skips it (its writer answered
+/// 503 or is about to).
+const HEADER_DEADLINE: &str = "Flux-Deadline";
 /// JetStream's de-duplication header: a message whose id the stream stored within its
 /// duplicate window is acknowledged again and not stored.
 const HEADER_MSG_ID: &str = "Nats-Msg-Id";
@@ -185,6 +201,9 @@ pub struct OpenSummary {
 struct PendingAppend {
     completion: Arc<Completion>,
     acked: Option<(u64, Instant)>,
+    /// Published but never acknowledged: the tail's verdict is awaited until then, and the
+    /// reason the write then fails with.
+    unknown: Option<(Instant, String)>,
 }
 
 struct Shared {
@@ -225,6 +244,8 @@ struct Shared {
     metrics: LogMetrics,
     /// Messages published again after a lost ack or an error answer.
     publish_retries: prometheus_client::metrics::counter::Counter,
+    /// Appends JetStream stored after their deadline, skipped.
+    late_skipped: prometheus_client::metrics::counter::Counter,
 }
 
 /// Requests that the tail re-create its consumer. Requests are counted: one made before the
@@ -257,8 +278,11 @@ enum TailMsg {
 /// One stream message as the reader understood it.
 struct Delivered {
     sequence: u64,
-    /// `None` for a part or an undecodable message (skipped by every node alike).
+    /// `None` for a part, an undecodable message, or one stored after its deadline (skipped
+    /// by every node alike).
     frame: Option<Frame>,
+    /// Stored after its `Flux-Deadline`: skipped.
+    late: bool,
     /// The append counter, when this node published the message.
     append: Option<u64>,
 }
@@ -581,8 +605,12 @@ impl Reader {
                     return Err(LogError::Unavailable("the stream's consumer ended".into()));
                 }
             };
-            let (sequence, pending) = match message.info() {
-                Ok(info) => (info.stream_sequence, info.pending),
+            let (sequence, pending, stored_ms) = match message.info() {
+                Ok(info) => (
+                    info.stream_sequence,
+                    info.pending,
+                    (info.published.unix_timestamp_nanos() / 1_000_000) as u64,
+                ),
                 Err(error) => {
                     self.messages = None;
                     return Err(unavailable("a stream message without metadata", error));
@@ -615,10 +643,22 @@ impl Reader {
                 .and_then(|v| v.rsplit_once('.'))
                 .filter(|(node, _)| *node == self.shared.node)
                 .and_then(|(_, counter)| counter.parse().ok());
+            let late = header(headers, HEADER_DEADLINE)
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|deadline| stored_ms > deadline);
+            if late {
+                tracing::warn!(
+                    sequence,
+                    "a write JetStream stored after its deadline is skipped (its writer was \
+                     answered 503)"
+                );
+                self.shared.late_skipped.inc();
+            }
             self.next_sequence = sequence + 1;
             let delivered = Delivered {
                 sequence,
-                frame,
+                frame: frame.filter(|_| !late),
+                late,
                 append,
             };
             return Ok((delivered, pending));
@@ -747,6 +787,7 @@ impl JetStreamLog {
             disconnects,
             metrics: LogMetrics::default(),
             publish_retries: Default::default(),
+            late_skipped: Default::default(),
         });
         Ok((shared, summary))
     }
@@ -882,7 +923,14 @@ fn run_ordering(
                     }
                     None => {
                         if let Some(completion) = completion {
-                            completion.fail("the stream message could not be read back".into());
+                            completion.fail(if delivered.late {
+                                format!(
+                                    "JetStream did not acknowledge a write within \
+                                     {PUBLISH_BUDGET:?}; it stored it too late to be applied"
+                                )
+                            } else {
+                                "the stream message could not be read back".into()
+                            });
                         }
                     }
                 }
@@ -947,12 +995,20 @@ async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
             let mut pending = lock(&shared.pending);
             let ids: Vec<u64> = pending
                 .iter()
-                .filter(|(_, p)| p.acked.is_some_and(|(_, deadline)| deadline <= now))
+                .filter(|(_, p)| {
+                    p.acked.is_some_and(|(_, deadline)| deadline <= now)
+                        || p.unknown.as_ref().is_some_and(|(until, _)| *until <= now)
+                })
                 .map(|(&id, _)| id)
                 .collect();
             ids.iter().filter_map(|id| pending.remove(id)).collect()
         };
         for p in late {
+            if let Some((_, reason)) = p.unknown {
+                // Stored by now, it is past its deadline: every node skips it. 503 is true.
+                p.completion.fail(reason);
+                continue;
+            }
             // The write is in the stream, so it is accepted (a 503 would say it was not):
             // answer now, without read-your-writes; the tail applies it when it gets there.
             if let Some((sequence, _)) = p.acked {
@@ -1036,18 +1092,24 @@ async fn publish_message(
     headers: HeaderMap,
     payload: Bytes,
     deadline: tokio::time::Instant,
-) -> Result<u64, String> {
+) -> Result<u64, PublishFailure> {
     let mut disconnects = shared.disconnects.clone();
+    // Whether an attempt reached the connection: JetStream may then store the message later.
+    let handed = AtomicBool::new(false);
+    let failure = |reason: String| PublishFailure {
+        reason,
+        maybe_stored: handed.load(Ordering::Relaxed),
+    };
     loop {
         disconnects.mark_unchanged();
         // A message handed to the client while it is disconnected would wait in its buffer
         // and could be stored after this append gave up: publish only on a live connection.
         while shared.client.connection_state() != State::Connected {
             if tokio::time::Instant::now() + RECONNECT_POLL >= deadline {
-                return Err(format!(
+                return Err(failure(format!(
                     "NATS unreachable at {} for {PUBLISH_BUDGET:?}",
                     shared.options.servers.join(",")
-                ));
+                )));
             }
             tokio::time::sleep(RECONNECT_POLL).await;
         }
@@ -1061,6 +1123,7 @@ async fn publish_message(
                 )
                 .await
                 .map_err(|e| format!("publishing to JetStream failed: {e}"))?;
+            handed.store(true, Ordering::Relaxed);
             ack.await
                 .map_err(|e| format!("JetStream did not acknowledge a write: {e}"))
         };
@@ -1077,7 +1140,7 @@ async fn publish_message(
         };
         let now = tokio::time::Instant::now();
         if now + REPUBLISH_DELAY >= deadline {
-            return Err(error);
+            return Err(failure(error));
         }
         if now < attempt_deadline {
             // An error answer, not a lost ack: do not hammer a server that refuses.
@@ -1088,30 +1151,47 @@ async fn publish_message(
     }
 }
 
+/// Why a message was not published, and whether JetStream may still store it (an attempt
+/// reached the connection and no ack came).
+struct PublishFailure {
+    reason: String,
+    maybe_stored: bool,
+}
+
 /// Publishes one append's messages: parts first (concurrently, all acks awaited), then the
 /// message that completes the frame. Returns its stream sequence.
 async fn publish_append(
     shared: &Shared,
     counter: u64,
     mut payloads: Vec<Bytes>,
-) -> Result<u64, String> {
+) -> Result<u64, PublishFailure> {
     let deadline = tokio::time::Instant::now() + PUBLISH_BUDGET;
+    let skip_after_ms = crate::engine::now_ms() + (PUBLISH_BUDGET + SKIP_MARGIN).as_millis() as u64;
     let append_id = format!("{}.{counter}", shared.node);
-    let last = payloads.pop().ok_or("nothing to publish")?;
+    let last = payloads.pop().ok_or_else(|| PublishFailure {
+        reason: "nothing to publish".into(),
+        maybe_stored: false,
+    })?;
     let parts = payloads.into_iter().enumerate().map(|(i, payload)| {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_PART, append_id.as_str());
         headers.insert(HEADER_MSG_ID, format!("{append_id}.{i}").as_str());
         publish_message(shared, headers, payload, deadline)
     });
+    // Parts alone are never applied: a failed part leaves nothing that could be.
     let sequences: Vec<String> = futures::future::try_join_all(parts)
-        .await?
+        .await
+        .map_err(|failure| PublishFailure {
+            maybe_stored: false,
+            ..failure
+        })?
         .iter()
         .map(u64::to_string)
         .collect();
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_APPEND, append_id.as_str());
     headers.insert(HEADER_MSG_ID, append_id.as_str());
+    headers.insert(HEADER_DEADLINE, skip_after_ms.to_string().as_str());
     if !sequences.is_empty() {
         headers.insert(HEADER_PARTS, sequences.join(",").as_str());
     }
@@ -1160,6 +1240,7 @@ impl Log for JetStreamLog {
                 PendingAppend {
                     completion,
                     acked: None,
+                    unknown: None,
                 },
             );
             self.handle.spawn(async move {
@@ -1185,15 +1266,21 @@ impl Log for JetStreamLog {
                             .append_seconds
                             .observe(started.elapsed().as_secs_f64());
                     }
-                    Err(reason) => {
-                        let waiting = pending.remove(&counter);
-                        drop(pending);
+                    Err(failure) => {
+                        let reason = failure.reason;
                         tracing::warn!(%reason, "append failed");
                         let newest = shared.newest_success_start_us.load(Ordering::Acquire);
                         if started_us >= newest {
                             lock(&shared.publish_failure).get_or_insert(reason.clone());
                         }
-                        if let Some(p) = waiting {
+                        if failure.maybe_stored {
+                            // JetStream may still store it, in time or too late: the tail's
+                            // verdict answers, or housekeeping once it can no longer be in time.
+                            if let Some(p) = pending.get_mut(&counter) {
+                                p.unknown = Some((Instant::now() + 2 * SKIP_MARGIN, reason));
+                            }
+                        } else if let Some(p) = pending.remove(&counter) {
+                            drop(pending);
                             p.completion.fail(reason);
                         }
                     }
@@ -1311,6 +1398,11 @@ impl Log for JetStreamLog {
             "flux_log_publish_retries",
             "JetStream messages published again (same Nats-Msg-Id) after a lost ack or an error",
             self.shared.publish_retries.clone(),
+        );
+        registry.register(
+            "flux_log_late_appends_skipped",
+            "Appends JetStream stored after their deadline (Flux-Deadline), skipped by every node",
+            self.shared.late_skipped.clone(),
         );
     }
 }
