@@ -1289,25 +1289,27 @@ fn pin_and_spin_flags_place_shard_threads_and_serve() {
     assert_eq!(shards, 2, "shard threads found");
 }
 
-/// Voluntary context switches of the server's thread named `name` (from /proc).
+/// Voluntary context switches of the server's thread named `name` (from /proc). A thread
+/// names itself once it runs, so one just started is waited for (up to 5 s).
 fn thread_wakeups(s: &Server, name: &str) -> u64 {
     let pid = s.pid().expect("pid");
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
-        let path = task.expect("task").path();
-        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
+    let find = || {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+            let path = task.expect("task").path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if comm.trim() != name {
+                continue;
+            }
+            let status = std::fs::read_to_string(path.join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|count| count.trim().parse().ok());
         }
-        let status = std::fs::read_to_string(path.join("status")).expect("status");
-        return status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .expect("voluntary_ctxt_switches")
-            .trim()
-            .parse()
-            .expect("a count");
-    }
-    panic!("no thread named {name}");
+        None
+    };
+    wait_for(std::time::Duration::from_secs(5), find)
+        .unwrap_or_else(|| panic!("no thread named {name}"))
 }
 
 /// On an idle server a single event is made durable and applied by the HTTP worker that read

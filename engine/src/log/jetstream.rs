@@ -34,10 +34,12 @@
 //!   [`SKIP_MARGIN`] for clock differences, Unix ms). Every node, tailing or replaying, skips
 //!   a message JetStream stored after its deadline (the stored time is in the stream, so all
 //!   agree). An append with no ack within its budget is answered by its tail's verdict
-//!   (applied: 200; skipped: 503), or with 503 once [`SKIP_MARGIN`] past the deadline, when
-//!   it can no longer be stored in time. So a 503 accepted nothing even when a stalled server
-//!   stores the write later; what is left is a write stored just before its connection
-//!   dropped and its ack lost, with NATS back only after the deadline. An append acknowledged but not
+//!   (applied: 200; skipped: 503), or with 503 once the tail has applied everything up to the
+//!   stream's last sequence at a probe asked [`SKIP_MARGIN`] past the deadline (stored in
+//!   time, the append would have been dispatched by then), or at the latest `UNKNOWN_CAP`
+//!   after that moment. So a 503 accepted nothing even when a stalled server stores the write
+//!   later; what is left is a write stored in time whose fate no probe settled within the cap
+//!   (NATS unresponsive again, or its connection dropped with the ack lost). An append acknowledged but not
 //!   applied within [`APPLY_TIMEOUT`] is in the stream, hence accepted: it is answered then,
 //!   without read-your-writes.
 //! - Faults: while NATS is unreachable, a publish failed, or the tail cannot read, appends fail
@@ -97,6 +99,11 @@ pub const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// after the deadline, when JetStream can no longer store it in time (unless its tail applied
 /// or skipped it first).
 pub const SKIP_MARGIN: Duration = Duration::from_secs(1);
+/// How long past its `until` an unacknowledged append may wait for its fate to be settled
+/// (NATS answering a probe and the tail catching up) before it is answered 503 regardless.
+const UNKNOWN_CAP: Duration = Duration::from_millis(1000);
+/// Covers the moment between reading the two clocks an append's deadline is taken from.
+const SETTLE_SLACK: Duration = Duration::from_millis(10);
 /// The window in which JetStream drops a message whose `Nats-Msg-Id` it already stored, for
 /// streams Flux creates: longer than [`PUBLISH_BUDGET`], short enough that the server's table
 /// of ids stays small at tens of thousands of appends per second.
@@ -117,7 +124,7 @@ pub const TAIL_QUEUE_CAPACITY: usize = 64;
 const HEADER_ROOM_BYTES: usize = 4096;
 /// Parts kept from the tail for the message that completes them, before the cache is reset.
 const PART_CACHE_BYTES: usize = 64 << 20;
-/// Period of the background task: failure probe, apply deadlines, first sequence.
+/// Period of the background tasks: apply deadlines; the stream probe (`run_probe`).
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a probe of the stream (every fourth housekeeping tick, every tick while failing)
 /// may wait for its answer before health reports NATS as not answering.
@@ -218,6 +225,9 @@ struct Shared {
     /// The newest stream sequence dispatched (or replayed).
     applied_sequence: AtomicU64,
     first_sequence: AtomicU64,
+    /// The stream's last sequence at the newest answered probe, and when that probe was asked:
+    /// every message stored before then has at most that sequence.
+    probed: Mutex<Option<(Instant, u64)>>,
     /// Largest message payload the server takes.
     max_payload: usize,
     /// Newest accept time written by this node (accept times never go back on one node).
@@ -774,6 +784,7 @@ impl JetStreamLog {
             pending: Mutex::new(HashMap::new()),
             applied_sequence: AtomicU64::new(0),
             first_sequence: AtomicU64::new(state.first_sequence),
+            probed: Mutex::new(None),
             max_payload,
             last_accept_ms: AtomicU64::new(0),
             publish_failure: Mutex::new(None),
@@ -878,6 +889,7 @@ impl JetStreamLog {
         ));
         self.handle
             .spawn(run_housekeeping(Arc::downgrade(&self.shared)));
+        self.handle.spawn(run_probe(Arc::downgrade(&self.shared)));
         Ok(())
     }
 
@@ -973,17 +985,13 @@ async fn run_tail(shared: Arc<Shared>, mut reader: Reader, tx: flume::Sender<Tai
     }
 }
 
-/// Clears a publish failure once the stream answers, fails appends past their apply deadline,
-/// and keeps the stream's first sequence fresh.
+/// Answers appends whose wait ended: acknowledged but not applied within [`APPLY_TIMEOUT`]
+/// (200), or unacknowledged with their fate settled or their wait capped (503).
 async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
     let mut ticker = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ticks = 0u64;
-    // The applied sequence at the previous stall check, when the stream was ahead of it.
-    let mut behind_at: Option<u64> = None;
     loop {
         ticker.tick().await;
-        ticks += 1;
         let Some(shared) = shared.upgrade() else {
             return;
         };
@@ -991,13 +999,23 @@ async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
             return;
         }
         let now = Instant::now();
+        // An unacknowledged append's fate is settled once a probe asked after its `until`
+        // (JetStream's clock then past its deadline) has been applied up to: stored in time,
+        // the tail would have dispatched it by then. Read before the pending entries, which the
+        // tail removes before it moves `applied_sequence`.
+        let applied = shared.applied_sequence.load(Ordering::Acquire);
+        let probed = *lock(&shared.probed);
+        let settled =
+            |until: Instant| probed.is_some_and(|(asked, last)| asked >= until && applied >= last);
         let late: Vec<PendingAppend> = {
             let mut pending = lock(&shared.pending);
             let ids: Vec<u64> = pending
                 .iter()
                 .filter(|(_, p)| {
                     p.acked.is_some_and(|(_, deadline)| deadline <= now)
-                        || p.unknown.as_ref().is_some_and(|(until, _)| *until <= now)
+                        || p.unknown.as_ref().is_some_and(|(until, _)| {
+                            *until <= now && (settled(*until) || now >= *until + UNKNOWN_CAP)
+                        })
                 })
                 .map(|(&id, _)| id)
                 .collect();
@@ -1020,14 +1038,40 @@ async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
                 p.completion.succeed(position_of(sequence));
             }
         }
-        let failing =
-            lock(&shared.publish_failure).is_some() || lock(&shared.probe_failure).is_some();
+    }
+}
+
+/// Probes the stream (every fourth housekeeping interval, every one while something fails or
+/// an append's fate is open), on its own so a probe NATS does not answer never holds up the
+/// appends' deadlines: records the stream's last sequence for them, clears a publish failure
+/// once the stream answers, reports a probe unanswered within [`PROBE_TIMEOUT`] to health,
+/// keeps the stream's first sequence fresh, and re-creates a stalled tail's consumer.
+async fn run_probe(shared: std::sync::Weak<Shared>) {
+    let mut ticker = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
+    // The applied sequence at the previous stall check, when the stream was ahead of it.
+    let mut behind_at: Option<u64> = None;
+    loop {
+        ticker.tick().await;
+        ticks += 1;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let failing = lock(&shared.publish_failure).is_some()
+            || lock(&shared.probe_failure).is_some()
+            || lock(&shared.pending).values().any(|p| p.unknown.is_some());
         if (failing || ticks.is_multiple_of(4))
             && shared.client.connection_state() == State::Connected
         {
+            let asked = Instant::now();
             let probed = tokio::time::timeout(PROBE_TIMEOUT, shared.stream.get_info()).await;
             match probed {
                 Ok(Ok(info)) => {
+                    *lock(&shared.probed) = Some((asked, info.state.last_sequence));
                     if lock(&shared.probe_failure).take().is_some() {
                         tracing::info!("the stream answers its probe again");
                     }
@@ -1164,9 +1208,9 @@ async fn publish_append(
     shared: &Shared,
     counter: u64,
     mut payloads: Vec<Bytes>,
+    skip_after_ms: u64,
 ) -> Result<u64, PublishFailure> {
     let deadline = tokio::time::Instant::now() + PUBLISH_BUDGET;
-    let skip_after_ms = crate::engine::now_ms() + (PUBLISH_BUDGET + SKIP_MARGIN).as_millis() as u64;
     let append_id = format!("{}.{counter}", shared.node);
     let last = payloads.pop().ok_or_else(|| PublishFailure {
         reason: "nothing to publish".into(),
@@ -1246,7 +1290,12 @@ impl Log for JetStreamLog {
             self.handle.spawn(async move {
                 let started = Instant::now();
                 let started_us = started.duration_since(shared.epoch).as_micros() as u64;
-                let result = publish_append(&shared, counter, payloads).await;
+                // The deadline JetStream's clock must not pass before storing the append, and
+                // the moment (this clock) from which a probe shows whether it did.
+                let skip_after_ms =
+                    crate::engine::now_ms() + (PUBLISH_BUDGET + SKIP_MARGIN).as_millis() as u64;
+                let settles_from = started + PUBLISH_BUDGET + 2 * SKIP_MARGIN + SETTLE_SLACK;
+                let result = publish_append(&shared, counter, payloads, skip_after_ms).await;
                 drop(permit);
                 let mut pending = lock(&shared.pending);
                 match result {
@@ -1277,7 +1326,7 @@ impl Log for JetStreamLog {
                             // JetStream may still store it, in time or too late: the tail's
                             // verdict answers, or housekeeping once it can no longer be in time.
                             if let Some(p) = pending.get_mut(&counter) {
-                                p.unknown = Some((Instant::now() + 2 * SKIP_MARGIN, reason));
+                                p.unknown = Some((settles_from, reason));
                             }
                         } else if let Some(p) = pending.remove(&counter) {
                             drop(pending);
