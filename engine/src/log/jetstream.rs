@@ -39,9 +39,9 @@
 //!   time, the append would have been dispatched by then), or at the latest `UNKNOWN_CAP`
 //!   after that moment. So a 503 accepted nothing even when a stalled server stores the write
 //!   later; what is left is a write stored in time whose fate no probe settled within the cap
-//!   (NATS unresponsive again, or its connection dropped with the ack lost). An append acknowledged but not
-//!   applied within [`APPLY_TIMEOUT`] is in the stream, hence accepted: it is answered then,
-//!   without read-your-writes.
+//!   (NATS unresponsive again, or its connection dropped with the ack lost).
+//! - An append acknowledged but not applied within [`APPLY_TIMEOUT`] is in the stream, hence
+//!   accepted: it is answered then, without read-your-writes.
 //! - Faults: while NATS is unreachable, a publish failed, or the tail cannot read, appends fail
 //!   at once with [`LogError::Unavailable`] and [`Log::unavailable_reason`] says why; reads keep
 //!   being served from the shards. A background task probes the stream and clears a publish
@@ -95,9 +95,8 @@ pub const PUBLISH_BUDGET: Duration = Duration::from_secs(6);
 pub const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// The clocks of Flux nodes and NATS servers may differ by less than this. An append's
 /// deadline (`Flux-Deadline`) is its publish budget plus this margin, so an append whose ack
-/// came within the budget is never skipped; one without an ack is answered 503 only this much
-/// after the deadline, when JetStream can no longer store it in time (unless its tail applied
-/// or skipped it first).
+/// came within the budget is never skipped; one without an ack learns its fate from a probe
+/// asked this much after the deadline, when JetStream's clock has passed it.
 pub const SKIP_MARGIN: Duration = Duration::from_secs(1);
 /// How long past its `until` an unacknowledged append may wait for its fate to be settled
 /// (NATS answering a probe and the tail catching up) before it is answered 503 regardless.
@@ -1023,7 +1022,7 @@ async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
         };
         for p in late {
             if let Some((_, reason)) = p.unknown {
-                // Stored by now, it is past its deadline: every node skips it. 503 is true.
+                // Not stored in time (or its wait is capped): stored later, every node skips it.
                 p.completion.fail(reason);
                 continue;
             }
