@@ -391,50 +391,76 @@ fn nats_outage_turns_writes_into_503s_and_they_resume_when_it_returns() {
 
 #[test]
 fn a_stalled_nats_server_costs_no_acknowledged_write_and_a_503_accepted_nothing() {
-    let nats = NatsServer::start();
-    let s = node(&nats.url(), &[]);
-    let load = Load::start(s.url(), "stall", 4, true);
-    load.wait_count("200", 100, "before the stall");
-
     // The server stops answering for longer than one wait for an ack, its connections open:
     // the writes in flight get their acks only once it resumes. Each must then be answered
     // 200 and applied once; a write answered 503 must have been accepted nowhere (SPEC).
-    nats.stall(Duration::from_secs(5));
-    let before = load.count("200");
-    load.wait_count("200", before + 100, "after the stall");
+    let (_nats, s, outcome) = stalled_under_load("stall", Duration::from_secs(5));
     let Outcome {
         statuses,
         acked,
         refused,
-    } = load.finish();
+    } = outcome;
 
-    let ids: std::collections::BTreeSet<String> = s
-        .list_ids("?prefix=acme/stall-&limit=100000")
-        .into_iter()
-        .collect();
-    for (k, (acked, refused)) in acked.iter().zip(&refused).enumerate() {
-        for i in acked {
-            let id = format!("acme/stall-{k}-{i}");
-            assert!(ids.contains(&id), "acknowledged {id} is missing");
-        }
-        for i in refused {
-            let id = format!("acme/stall-{k}-{i}");
-            assert!(!ids.contains(&id), "{id} was answered 503 but applied");
-        }
-    }
+    assert_acked_applied_refused_not(&s, "stall", &acked, &refused, "after the stall");
     // Each write is one event: none was stored twice by a retried publish.
     let (status, health) = s.get("/api/health");
     assert_eq!(status, 200, "{health}");
     let total: usize = acked.iter().map(Vec::len).sum();
     assert_eq!(health["events"], total as u64, "{health} {statuses:?}");
     // The stall outlasted an ack's wait: the writes in flight were published again.
+    assert!(counter(&s, "flux_log_publish_retries_total") >= 1.0);
+}
+
+/// A node on its own nats-server under 4 writers (`Load`, unique entities named by `prefix`),
+/// the server frozen (SIGSTOP) for `stall` after 100 writes, and 100 more writes after.
+fn stalled_under_load(prefix: &str, stall: Duration) -> (NatsServer, Server, Outcome) {
+    let nats = NatsServer::start();
+    let s = node(&nats.url(), &[]);
+    let load = Load::start(s.url(), prefix, 4, true);
+    load.wait_count("200", 100, "before the stall");
+    nats.stall(stall);
+    let before = load.count("200");
+    load.wait_count("200", before + 100, "after the stall");
+    let outcome = load.finish();
+    (nats, s, outcome)
+}
+
+/// Every write of `Load::start(_, prefix, _, true)` answered 200 is applied on `s`, and none
+/// answered otherwise.
+fn assert_acked_applied_refused_not(
+    s: &Server,
+    prefix: &str,
+    acked: &[Vec<u64>],
+    refused: &[Vec<u64>],
+    when: &str,
+) {
+    let ids: std::collections::BTreeSet<String> = s
+        .list_ids(&format!("?prefix=acme/{prefix}-&limit=100000"))
+        .into_iter()
+        .collect();
+    for (k, (acked, refused)) in acked.iter().zip(refused).enumerate() {
+        for i in acked {
+            let id = format!("acme/{prefix}-{k}-{i}");
+            assert!(ids.contains(&id), "{when}: acknowledged {id} is missing");
+        }
+        for i in refused {
+            let id = format!("acme/{prefix}-{k}-{i}");
+            assert!(
+                !ids.contains(&id),
+                "{when}: {id} was answered 503 but applied"
+            );
+        }
+    }
+}
+
+/// A counter's value in `s`'s `/metrics`.
+fn counter(s: &Server, name: &str) -> f64 {
     let metrics = s.get_resp("/metrics").text;
-    let retries: f64 = metrics
+    metrics
         .lines()
-        .find_map(|l| l.strip_prefix("flux_log_publish_retries_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no retry counter in {metrics}"));
-    assert!(retries >= 1.0, "{metrics}");
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
 }
 
 /// NATS frozen longer than a write's publish budget: the writes in flight are answered 503
@@ -442,54 +468,24 @@ fn a_stalled_nats_server_costs_no_acknowledged_write_and_a_503_accepted_nothing(
 /// skips them, also when it replays the stream after a restart (SPEC: a 503 accepted nothing).
 #[test]
 fn writes_answered_503_after_a_long_stall_are_applied_nowhere() {
-    let nats = NatsServer::start();
-    let mut s = node(&nats.url(), &[]);
-    let load = Load::start(s.url(), "late", 4, true);
-    load.wait_count("200", 100, "before the stall");
-    nats.stall(Duration::from_secs(11));
-    let before = load.count("200");
-    load.wait_count("200", before + 100, "after the stall");
+    let (_nats, mut s, outcome) = stalled_under_load("late", Duration::from_secs(11));
     let Outcome {
         statuses,
         acked,
         refused,
-    } = load.finish();
+    } = outcome;
     assert!(
         !statuses.keys().any(|k| k.starts_with("transport")),
         "every write was answered: {statuses:?}"
     );
-    let metrics = s.get_resp("/metrics").text;
-    let skipped: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("flux_log_late_appends_skipped_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no skip counter in {metrics}"));
+    let skipped = counter(&s, "flux_log_late_appends_skipped_total");
     assert!(
         skipped >= 1.0,
         "the writes in flight were stored late: {statuses:?}"
     );
-    let check = |s: &Server, when: &str| {
-        let ids: std::collections::BTreeSet<String> = s
-            .list_ids("?prefix=acme/late-&limit=100000")
-            .into_iter()
-            .collect();
-        for (k, (acked, refused)) in acked.iter().zip(&refused).enumerate() {
-            for i in acked {
-                let id = format!("acme/late-{k}-{i}");
-                assert!(ids.contains(&id), "{when}: acknowledged {id} is missing");
-            }
-            for i in refused {
-                let id = format!("acme/late-{k}-{i}");
-                assert!(
-                    !ids.contains(&id),
-                    "{when}: {id} was answered 503 but applied"
-                );
-            }
-        }
-    };
-    check(&s, "tailing");
+    assert_acked_applied_refused_not(&s, "late", &acked, &refused, "tailing");
     s.restart();
-    check(&s, "after a restart's replay");
+    assert_acked_applied_refused_not(&s, "late", &acked, &refused, "after a replay");
 }
 
 /// A server that holds its connections open and answers nothing is reported by health
