@@ -10,6 +10,15 @@ use std::time::Duration;
 use serde_json::json;
 use util::{Options, Server, wait_for};
 
+/// The torn tails kept beside the log's segments (`<segment>.torn-<offset>`).
+fn torn_tails(server: &Server) -> Vec<String> {
+    fs::read_dir(server.data_dir().join("log"))
+        .expect("log dir")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.contains(".torn-"))
+        .collect()
+}
+
 fn segment_count(server: &Server) -> usize {
     fs::read_dir(server.data_dir().join("log"))
         .expect("log dir")
@@ -74,4 +83,49 @@ fn old_segments_are_dropped_once_snapshotted_and_state_survives() {
     assert_eq!(server.list_ids("?prefix=ret/").len(), 10);
     server.put("ret/dev-0", json!({"after": true}));
     assert_eq!(server.props("ret/dev-0")["after"], true);
+}
+
+/// A torn tail cut on start is kept beside its segment for inspection, and goes with the
+/// segment when retention drops it: crashes do not leave files behind forever.
+#[test]
+fn a_torn_tail_kept_at_start_goes_with_its_segment() {
+    let args = [
+        "--retention",
+        "1s",
+        "--segment-bytes",
+        "4096",
+        "--snapshot-interval",
+        "200ms",
+    ];
+    let mut server = Server::start_with(Options {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..Options::local_only()
+    });
+    server.put("torn/a", json!({"v": 1}));
+    server.kill9();
+    // What a write cut short by the crash leaves: bytes that are no frame.
+    let newest = fs::read_dir(server.data_dir().join("log"))
+        .expect("log dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .max()
+        .expect("a segment");
+    let mut bytes = fs::read(&newest).expect("segment");
+    bytes.extend_from_slice(b"\x07\x00\x00\x00torn write");
+    fs::write(&newest, bytes).expect("append");
+    server.restart();
+    assert_eq!(server.props("torn/a")["v"], 1);
+    assert_eq!(torn_tails(&server).len(), 1, "the cut bytes are kept");
+    // Enough writes to roll past that segment; once snapshotted and older than 1 s it goes.
+    for i in 0..120 {
+        server.put(
+            &format!("torn/dev-{}", i % 10),
+            json!({"i": i, "pad": "x".repeat(100)}),
+        );
+    }
+    let gone = wait_for(Duration::from_secs(15), || {
+        torn_tails(&server).is_empty().then_some(())
+    });
+    assert!(gone.is_some(), "left behind: {:?}", torn_tails(&server));
+    assert_eq!(server.props("torn/dev-9")["i"], 119);
 }

@@ -22,7 +22,8 @@
 //!   partial frame of the newest segment ends the log: it and everything after it are cut (a
 //!   torn group commit can leave later frames of the same unsynced write looking intact), the
 //!   cut bytes (without trailing zeros) are kept beside the segment in
-//!   `<segment>.torn-<offset>` for inspection, and the number of bytes dropped is logged.
+//!   `<segment>.torn-<offset>` for inspection until retention drops the segment, and the
+//!   number of bytes dropped is logged.
 //!   Damage in any older segment is corruption and the log refuses to open.
 //! - Positions are dense within a segment. A gap *between* segments only appears when the log
 //!   was continued at a snapshot's position ([`LocalLog::skip_to`]); open reports every gap in
@@ -585,6 +586,28 @@ pub fn owners_of(frame: &Frame, shards: usize) -> Vec<u16> {
         .collect()
 }
 
+/// Removes the torn tails cut from `segment` (`<segment>.torn-<offset>`), which go with it.
+fn remove_torn_tails_of(segment: &Path) -> std::io::Result<()> {
+    let (Some(dir), Some(name)) = (
+        segment.parent(),
+        segment.file_name().and_then(|name| name.to_str()),
+    ) else {
+        return Ok(());
+    };
+    let prefix = format!("{name}.torn-");
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(&prefix))
+        {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 impl Log for LocalLog {
     fn append(
         &self,
@@ -690,6 +713,7 @@ impl Log for LocalLog {
         {
             let segment = segments.remove(0);
             fs::remove_file(&segment.path)?;
+            remove_torn_tails_of(&segment.path)?;
             dropped += 1;
         }
         if dropped > 0 {
