@@ -29,8 +29,9 @@ fn segment_count(server: &Server) -> usize {
         .count()
 }
 
-#[test]
-fn old_segments_are_dropped_once_snapshotted_and_state_survives() {
+/// A server that rolls its log every 4 KiB, snapshots every 200 ms and keeps 1 s of history:
+/// segments go soon after they are written.
+fn compacting_server(options: Options) -> Server {
     let args = [
         "--retention",
         "1s",
@@ -39,10 +40,15 @@ fn old_segments_are_dropped_once_snapshotted_and_state_survives() {
         "--snapshot-interval",
         "200ms",
     ];
-    let mut server = Server::start_with(Options {
+    Server::start_with(Options {
         args: args.iter().map(|s| s.to_string()).collect(),
-        ..Options::default()
-    });
+        ..options
+    })
+}
+
+#[test]
+fn old_segments_are_dropped_once_snapshotted_and_state_survives() {
+    let mut server = compacting_server(Options::default());
     for i in 0..120 {
         server.put(
             &format!("ret/dev-{}", i % 10),
@@ -89,18 +95,7 @@ fn old_segments_are_dropped_once_snapshotted_and_state_survives() {
 /// segment when retention drops it: crashes do not leave files behind forever.
 #[test]
 fn a_torn_tail_kept_at_start_goes_with_its_segment() {
-    let args = [
-        "--retention",
-        "1s",
-        "--segment-bytes",
-        "4096",
-        "--snapshot-interval",
-        "200ms",
-    ];
-    let mut server = Server::start_with(Options {
-        args: args.iter().map(|s| s.to_string()).collect(),
-        ..Options::local_only()
-    });
+    let mut server = compacting_server(Options::local_only());
     server.put("torn/a", json!({"v": 1}));
     server.kill9();
     // What a write cut short by the crash leaves: bytes that are no frame.

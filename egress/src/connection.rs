@@ -13,13 +13,15 @@
 //!   instead of two), except by `*` connections the sweeper writes. One small loopback send
 //!   costs ~4–7 µs of CPU here whatever its size (`loopback_probe`), so frames per send is
 //!   what bounds fan-out CPU per frame.
-//! - A producer may write a change straight to the socket instead ([`Connection::push_direct`]),
-//!   saving the hand-off to the writer task (a thread wake-up, tens of µs in a VM) — but only when
-//!   nothing is queued, the writer holds no batch, and the window since the last write has passed,
-//!   so frames still leave in push order. That write is non-blocking and made under the queue
-//!   lock; whatever the socket does not take is queued for the writer. The writer withdraws the
-//!   socket (under the same lock) before it is closed, so a direct write never reaches a reused
-//!   descriptor.
+//! - A producer may write a change straight to the socket instead ([`Connection::direct_begin`],
+//!   [`Connection::flush_begin`] for a helper's share), saving the hand-off to the writer task
+//!   (a thread wake-up, tens of µs in a VM) — but only when nothing is queued, the writer holds
+//!   no batch, and the window since the last write has passed, so frames still leave in push
+//!   order. That write is non-blocking and made under the queue lock, held until it completed
+//!   (the hub sends several connections' writes in one io_uring submission); whatever the
+//!   socket does not take is queued for the writer. The writer withdraws the socket (under the
+//!   same lock) when it ends, returning or dropped (`Withdraw`), so a direct write never
+//!   reaches a closed or reused descriptor.
 //! - Under heavy fan-out the sweeper thread writes the stream to `*` connections on the same
 //!   terms as a direct write ([`Connection::sweep_begin`], `crate::sweep`), holding the queue
 //!   lock until its write completed.
@@ -302,7 +304,7 @@ impl Connection {
     }
 
     /// Writes the stream from this connection's position straight to the socket when the
-    /// connection is idle (as [`Connection::push_direct`]); true when it is then fully sent.
+    /// connection is idle (as [`Connection::direct_begin`]); true when it is then fully sent.
     /// `frames` were just appended to the stream at position `at`: a connection that is there
     /// gets them as they are, without reading them back. What the socket does not take is
     /// queued, so the position stays on a frame boundary.
@@ -455,7 +457,7 @@ impl Connection {
 
     /// The helper's half of a split change (queued by [`Connection::push_quiet`]): like
     /// [`Connection::direct_begin`], but for what is queued. With no write in flight and the
-    /// window since the last passed, up to [`DIRECT_MAX_FRAMES`] queued frames come back taken
+    /// window since the last passed, up to `DIRECT_MAX_FRAMES` queued frames come back taken
     /// out of the queue, locked with the socket; [`DirectWrite::finish`] queues again what the
     /// socket does not take, and the lock held in between lets nothing queued meanwhile pass
     /// them. Otherwise the writer is woken to send them.

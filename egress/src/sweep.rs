@@ -6,13 +6,13 @@
 //! `Pace::swept`) and there are more of them than a change writes directly (128). Every tick
 //! ([`tick`]: a sixteenth of the window, 1–4 ms) the sweeper takes the `*` connections whose
 //! window has passed (a lock-free check) and sends each what it has not sent of the stream,
-//! [`SUBMISSION_WRITES`] connections per io_uring submission. (The hub's direct writes to
-//! exact and prefix subscribers go out through the same [`Sender`].) One submission of many sends spares a syscall per send, and no writer
-//! task is woken or timed: `fanout --subscribers 1000 --rate 1000`, 4 pairs, server 323 → 279
+//! [`SUBMISSION_WRITES`] connections per io_uring submission (the hub's direct writes to
+//! exact and prefix subscribers go out through the same [`Sender`]). One submission of many
+//! sends spares a syscall per send, and no writer task is woken or timed: `fanout --subscribers 1000 --rate 1000`, 4 pairs, server 323 → 279
 //! µs per event (medians; perf/README, session 12).
 //!
 //! Invariants:
-//! - The sweeper writes a connection only as a direct writer does ([`Connection::sweep_begin`]):
+//! - The sweeper writes a connection only as a direct writer does (`Connection::sweep_begin`):
 //!   nothing queued, no write in flight, its window passed, under its queue lock, and without
 //!   blocking (`MSG_DONTWAIT`). A socket that takes only part goes to the writer task, which
 //!   sends the rest and meanwhile watches the stream (woken by appends that drop chunks,
@@ -49,7 +49,7 @@ pub const TICK_MIN: Duration = Duration::from_millis(1);
 const TICK_MAX: Duration = Duration::from_millis(4);
 
 /// How long the sweeper sleeps between looks for due connections at `window`: a sixteenth of
-/// it, within [`TICK_MIN`]..=[`TICK_MAX`]. Each look is a wake-up of an idle thread; at long
+/// it, within `TICK_MIN..=TICK_MAX`. Each look is a wake-up of an idle thread; at long
 /// windows few connections fall due per millisecond, so looking every millisecond costs more
 /// wake-ups than it saves waiting.
 pub fn tick(window: Duration) -> Duration {
