@@ -28,6 +28,20 @@ fn seconds(text: &str) -> Result<f64, String> {
     }
 }
 
+/// The namespace a run writes into: the part of every entity id before its first `/`. Written
+/// into JSON as is, so quotes, backslashes and control characters are refused, as are `/`, `*`
+/// and spaces.
+fn namespace(text: &str) -> Result<String, String> {
+    let refused = |c: char| c.is_control() || c.is_whitespace() || "/*\\\"".contains(c);
+    if text.is_empty() || text.len() > 128 {
+        Err("must be 1 to 128 bytes".into())
+    } else if let Some(c) = text.chars().find(|&c| refused(c)) {
+        Err(format!("{c:?} is not allowed in a namespace"))
+    } else {
+        Ok(text.to_string())
+    }
+}
+
 /// A rate per second: finite and above 0.
 fn rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -140,9 +154,13 @@ pub struct IngestArgs {
     /// Properties per event.
     #[arg(long, default_value_t = 5)]
     pub props: usize,
-    /// Distinct entity ids (`loadtest/dev-<n>`, n = event sequence modulo this).
+    /// Distinct entity ids (`<namespace>/dev-<n>`, n = event sequence modulo this).
     #[arg(long, default_value_t = 10_000, value_parser = count)]
     pub entities: u64,
+    /// Namespace of the written ids (a server in auth mode takes a namespace token's writes
+    /// only inside its namespace).
+    #[arg(long, default_value = "loadtest", value_parser = namespace)]
+    pub namespace: String,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -159,7 +177,7 @@ pub struct FleetArgs {
     /// Simulated devices.
     #[arg(long, default_value_t = 1000, value_parser = count)]
     pub devices: u64,
-    /// Devices per site (`fleet/site-<k>/device-<n>`).
+    /// Devices per site (`<namespace>/site-<k>/device-<n>`).
     #[arg(long, default_value_t = 100, value_parser = count)]
     pub devices_per_site: u64,
     /// Sensors per device; each value drifts as a random walk.
@@ -180,6 +198,9 @@ pub struct FleetArgs {
     /// A request without a response after this long is a `timeout` error.
     #[arg(long, default_value_t = 10_000, value_parser = count)]
     pub timeout_ms: u64,
+    /// Namespace of the devices' ids.
+    #[arg(long, default_value = "fleet", value_parser = namespace)]
+    pub namespace: String,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -193,9 +214,14 @@ pub struct DeliveryArgs {
     /// WebSocket subscribers.
     #[arg(long, short = 's', default_value_t = 100, value_parser = count_usize)]
     pub subscribers: usize,
-    /// Subscription pattern (default: `loadtest/*` for e2e, `*` for fanout).
+    /// Subscription pattern (default: `<namespace>/*` for e2e, `*` for fanout). Events are
+    /// published to ids it matches: `<prefix>e2e-<n>` for `<prefix>*`, `<namespace>/e2e-<n>` for
+    /// `*`, the id itself for an exact id.
     #[arg(long)]
     pub pattern: Option<String>,
+    /// Namespace of the published ids when the pattern does not name them (`*`, the default).
+    #[arg(long, default_value = "loadtest", value_parser = namespace)]
+    pub namespace: String,
     /// Published events per second (open loop).
     #[arg(long, default_value_t = 1000.0, value_parser = rate)]
     pub rate: f64,
@@ -269,6 +295,9 @@ pub struct RecoveryArgs {
     /// Distinct entity ids.
     #[arg(long, default_value_t = 10_000, value_parser = count)]
     pub entities: u64,
+    /// Namespace of the written ids and of the marker (`<namespace>/recovery-marker`).
+    #[arg(long, default_value = "loadtest", value_parser = namespace)]
+    pub namespace: String,
     /// Shell command that kills the server (kill -9) and starts it again in the background; it
     /// must return. Without it, the tool waits for you to restart the server.
     #[arg(long)]

@@ -260,8 +260,11 @@ async fn connection_task(shared: Arc<Shared>) -> Tally {
             Ok(reply) if reply.status == StatusCode::OK => {
                 let events = if is_batch {
                     let failed = find_u64_after(&reply.body, b"\"failed\":").unwrap_or(0);
-                    if failed > 0 && measured {
-                        tally.errors.add("event_failed", failed);
+                    if failed > 0 {
+                        crate::http::note_refusal(reply.status, &reply.body);
+                        if measured {
+                            tally.errors.add("event_failed", failed);
+                        }
                     }
                     find_u64_after(&reply.body, b"\"successful\":").unwrap_or(0)
                 } else {
@@ -281,6 +284,7 @@ async fn connection_task(shared: Arc<Shared>) -> Tally {
                 }
             }
             Ok(reply) => {
+                crate::http::note_refusal(reply.status, &reply.body);
                 shared.live.errors.fetch_add(1, Ordering::Relaxed);
                 if measured {
                     tally.errors.add_status(reply.status.as_u16());

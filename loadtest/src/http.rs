@@ -85,6 +85,49 @@ pub fn first_connect_error() -> Option<&'static str> {
     FIRST_CONNECT_ERROR.get().map(String::as_str)
 }
 
+/// The first refusal this process got (a status other than 200, or an event refused inside a
+/// batch), with the start of the server's answer: it names the field or limit at fault.
+static FIRST_REFUSAL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// How much of a refusal's body is kept.
+const REFUSAL_BODY_BYTES: usize = 300;
+
+/// Keeps the reason for the first refusal, if none was kept yet: the `"error"` of a refused
+/// request, or of the first refused event in a batch's results, else the start of the body.
+pub fn note_refusal(status: StatusCode, body: &[u8]) {
+    if FIRST_REFUSAL.get().is_some() {
+        return;
+    }
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let error = parsed.as_ref().and_then(|answer| {
+        answer["error"].as_str().or_else(|| {
+            answer["results"]
+                .as_array()?
+                .iter()
+                .find_map(|result| result["error"].as_str())
+        })
+    });
+    let reason = match error {
+        Some(error) if status == StatusCode::OK => format!("an event of a batch: {error}"),
+        Some(error) => format!("{}: {error}", status.as_u16()),
+        None => {
+            let shown = String::from_utf8_lossy(&body[..body.len().min(REFUSAL_BODY_BYTES)]);
+            let more = if body.len() > REFUSAL_BODY_BYTES {
+                "…"
+            } else {
+                ""
+            };
+            format!("{}: {}{more}", status.as_u16(), shown.trim_end())
+        }
+    };
+    let _ = FIRST_REFUSAL.set(reason);
+}
+
+/// The first refusal this process got, if any.
+pub fn first_refusal() -> Option<&'static str> {
+    FIRST_REFUSAL.get().map(String::as_str)
+}
+
 /// What came back for one request.
 pub struct Reply {
     pub status: StatusCode,

@@ -72,19 +72,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     nothing_succeeded(&result)
 }
 
-/// A write scenario whose every request failed printed its result (the errors are in it), but
-/// it is not a successful run: say why on stderr and exit non-zero.
+/// A write scenario that got no event accepted printed its result (the errors are in it), but
+/// it is not a successful run: say why on stderr, with the server's first refusal, and exit
+/// non-zero.
 fn nothing_succeeded(result: &serde_json::Value) -> anyhow::Result<()> {
     let writes = ["ingest", "ingest-batch", "fleet"];
     let scenario = result["scenario"].as_str().unwrap_or_default();
-    let succeeded = result["total"]["requests"].as_u64().unwrap_or(0);
+    let accepted = result["total"]["events"].as_u64().unwrap_or(0);
     let failed = &result["errors_by_status"];
     if !writes.contains(&scenario)
-        || succeeded > 0
+        || accepted > 0
         || failed.as_object().is_none_or(|f| f.is_empty())
     {
         return Ok(());
     }
-    let why = http::first_connect_error().map_or(String::new(), |e| format!("; {e}"));
-    anyhow::bail!("no request succeeded (errors by status: {failed}{why})")
+    let mut why = String::new();
+    if let Some(refusal) = http::first_refusal() {
+        why += &format!("; the server's first refusal: {refusal}");
+    }
+    if let Some(error) = http::first_connect_error() {
+        why += &format!("; {error}");
+    }
+    anyhow::bail!("no event was accepted (errors by status: {failed}{why})")
 }

@@ -97,9 +97,11 @@ fn write_generated_property(out: &mut BytesMut, k: usize, sequence: u64) {
     }
 }
 
-/// Plain ingest: `loadtest/dev-<n>` events with generated properties, one per request or
+/// Plain ingest: `<namespace>/dev-<n>` events with generated properties, one per request or
 /// `batch` per request.
 pub struct IngestEvents {
+    /// `<namespace>/dev-`: what every id starts with.
+    pub prefix: String,
     pub batch: u64,
     pub props: usize,
     pub entities: u64,
@@ -108,9 +110,14 @@ pub struct IngestEvents {
 }
 
 impl IngestEvents {
+    /// The id prefix of events in `namespace`.
+    pub fn prefix_in(namespace: &str) -> String {
+        format!("{namespace}/dev-")
+    }
+
     fn write_event(&self, out: &mut BytesMut, sequence: u64, timestamp_ms: u64) {
         open_event(out, "loadtest", timestamp_ms);
-        out.put_slice(b"loadtest/dev-");
+        out.put_slice(self.prefix.as_bytes());
         put_u64(out, sequence % self.entities.max(1));
         open_properties(out);
         for k in 0..self.props {
@@ -193,13 +200,21 @@ pub struct Fleet {
     /// Locked only while one report is written; devices report one interval apart.
     devices: Vec<Mutex<Device>>,
     devices_per_site: u64,
+    namespace: String,
 }
 
 /// Largest change of a sensor value per report.
 const SENSOR_STEP: f64 = 0.5;
 
 impl Fleet {
-    pub fn new(devices: u64, devices_per_site: u64, sensors: usize, seed: u64) -> Fleet {
+    /// `devices` reporting as `<namespace>/site-<k>/device-<n>`.
+    pub fn new(
+        namespace: &str,
+        devices: u64,
+        devices_per_site: u64,
+        sensors: usize,
+        seed: u64,
+    ) -> Fleet {
         let devices = (0..devices)
             .map(|n| {
                 let mut rng = Rng::new(seed ^ n.wrapping_mul(0xD1B5_4A32_D192_ED03));
@@ -210,6 +225,7 @@ impl Fleet {
         Fleet {
             devices,
             devices_per_site: devices_per_site.max(1),
+            namespace: namespace.to_string(),
         }
     }
 }
@@ -226,7 +242,8 @@ impl RequestSource for Fleet {
     fn write_body(&self, ticket: u64, out: &mut BytesMut) {
         let n = ticket % self.devices.len() as u64;
         open_event(out, "fleet", unix_ms());
-        let _ = write!(out, "fleet/site-{}/device-{n}", n / self.devices_per_site);
+        let site = n / self.devices_per_site;
+        let _ = write!(out, "{}/site-{site}/device-{n}", self.namespace);
         open_properties(out);
         let mut device = self.devices[n as usize]
             .lock()
@@ -253,11 +270,12 @@ pub struct PublishTarget {
 }
 
 impl PublishTarget {
-    /// `*` → `loadtest/e2e-<n>`; `acme/site/*` → `acme/site/e2e-<n>`; an exact id → that id.
-    pub fn for_pattern(pattern: &str, entities: u64) -> PublishTarget {
+    /// `*` → `<namespace>/e2e-<n>`; `acme/site/*` → `acme/site/e2e-<n>`; an exact id → that
+    /// id.
+    pub fn for_pattern(pattern: &str, entities: u64, namespace: &str) -> PublishTarget {
         if pattern == "*" {
             PublishTarget {
-                prefix: "loadtest/e2e-".into(),
+                prefix: format!("{namespace}/e2e-"),
                 exact: false,
                 entities,
             }
@@ -374,6 +392,7 @@ mod tests {
     #[test]
     fn ingest_events_are_valid_and_distinct() {
         let single = IngestEvents {
+            prefix: IngestEvents::prefix_in("loadtest"),
             batch: 1,
             props: 5,
             entities: 1000,
@@ -394,6 +413,7 @@ mod tests {
         );
 
         let batch = IngestEvents {
+            prefix: IngestEvents::prefix_in("acme"),
             batch: 10,
             props: 2,
             entities: 1000,
@@ -402,40 +422,52 @@ mod tests {
         assert_eq!(body(&batch, 0).as_array().unwrap().len(), 10);
         assert_eq!(body(&batch, 2).as_array().unwrap().len(), 5);
         assert_eq!(batch.events_in(2), 5);
-        assert_eq!(
-            body(&batch, 2)[4]["payload"]["entity_id"],
-            "loadtest/dev-24"
-        );
+        assert_eq!(body(&batch, 2)[4]["payload"]["entity_id"], "acme/dev-24");
     }
 
     #[test]
     fn fleet_repeats_with_the_seed() {
-        let a = Fleet::new(10, 4, 3, 42);
-        let b = Fleet::new(10, 4, 3, 42);
+        let a = Fleet::new("fleet", 10, 4, 3, 42);
+        let b = Fleet::new("fleet", 10, 4, 3, 42);
         for ticket in 0..30 {
             let (x, y) = (body(&a, ticket), body(&b, ticket));
             assert_eq!(x["payload"], y["payload"]);
         }
         let event = body(&a, 9);
         assert_eq!(event["payload"]["entity_id"], "fleet/site-2/device-9");
-        let c = Fleet::new(10, 4, 3, 43);
+        // Another namespace moves the ids, not the values.
+        let here = body(&Fleet::new("fleet", 10, 4, 3, 42), 9);
+        let elsewhere = body(&Fleet::new("acme", 10, 4, 3, 42), 9);
+        assert_eq!(elsewhere["payload"]["entity_id"], "acme/site-2/device-9");
+        assert_eq!(
+            elsewhere["payload"]["properties"],
+            here["payload"]["properties"]
+        );
+        let c = Fleet::new("fleet", 10, 4, 3, 43);
         assert_ne!(
             body(&c, 0)["payload"],
-            body(&Fleet::new(10, 4, 3, 42), 0)["payload"]
+            body(&Fleet::new("fleet", 10, 4, 3, 42), 0)["payload"]
         );
     }
 
     #[test]
     fn publisher_matches_the_pattern() {
         let publisher = Publisher {
-            target: PublishTarget::for_pattern("acme/site/*", 4),
+            target: PublishTarget::for_pattern("acme/site/*", 4, "loadtest"),
             batch: 1,
             props: 2,
         };
         let event = body(&publisher, 5);
         assert_eq!(event["payload"]["entity_id"], "acme/site/e2e-1");
         assert!(event["payload"]["properties"]["sent_ns"].as_u64().unwrap() > 0);
-        let exact = PublishTarget::for_pattern("acme/one", 4);
+        let everything = PublishTarget::for_pattern("*", 4, "acme");
+        let publisher = Publisher {
+            target: everything,
+            batch: 1,
+            props: 1,
+        };
+        assert_eq!(body(&publisher, 6)["payload"]["entity_id"], "acme/e2e-2");
+        let exact = PublishTarget::for_pattern("acme/one", 4, "loadtest");
         let publisher = Publisher {
             target: exact,
             batch: 3,

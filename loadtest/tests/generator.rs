@@ -524,16 +524,7 @@ fn recovery_times_a_kill_9_restart() {
 #[test]
 fn ingest_sends_its_token_to_a_server_in_auth_mode() {
     let server = Server::start_with(&["--auth", "--admin-token", "admin-secret"]);
-    let registered = ureq::post(&format!("{}/api/namespaces", server.url))
-        .set("Authorization", "Bearer admin-secret")
-        .timeout(Duration::from_secs(10))
-        .set("Content-Type", "application/json")
-        .send_string(r#"{"name":"loadtest"}"#)
-        .expect("register the namespace");
-    let registered: Value =
-        serde_json::from_str(&registered.into_string().expect("registration body"))
-            .expect("registration JSON");
-    let token = registered["token"].as_str().expect("namespace token");
+    let token = &register(&server, "loadtest");
     let args = [
         "ingest",
         "--url",
@@ -564,7 +555,117 @@ fn ingest_sends_its_token_to_a_server_in_auth_mode() {
     assert!(!status.success(), "a run of nothing but 401s succeeded");
     let result = single_json(&stdout);
     assert!(u64_at(&result, "/errors_by_status/401") > 0, "{result}");
-    assert!(stderr.contains("no request succeeded"), "{stderr}");
+    assert!(stderr.contains("no event was accepted"), "{stderr}");
+    // With the server's own reason.
+    assert!(
+        stderr.contains("first refusal: 401") && stderr.contains("token"),
+        "{stderr}"
+    );
+}
+
+/// Registers namespace `name` on a server started with admin token `admin-secret`; its token.
+fn register(server: &Server, name: &str) -> String {
+    let registered = ureq::post(&format!("{}/api/namespaces", server.url))
+        .set("Authorization", "Bearer admin-secret")
+        .timeout(Duration::from_secs(10))
+        .set("Content-Type", "application/json")
+        .send_string(&format!(r#"{{"name":"{name}"}}"#))
+        .expect("register the namespace");
+    let registered: Value =
+        serde_json::from_str(&registered.into_string().expect("registration body"))
+            .expect("registration JSON");
+    registered["token"]
+        .as_str()
+        .expect("namespace token")
+        .to_string()
+}
+
+#[test]
+fn a_namespace_token_loads_its_own_namespace() {
+    let server = Server::start_with(&["--auth", "--admin-token", "admin-secret"]);
+    let token = register(&server, "acme");
+    // A load test goes past the default 10,000 events a minute per namespace.
+    ureq::put(&format!("{}/api/admin/config", server.url))
+        .set("Authorization", "Bearer admin-secret")
+        .timeout(Duration::from_secs(10))
+        .send_string(r#"{"rate_limit_enabled":false}"#)
+        .expect("turn the rate limit off");
+    let short = ["--duration", "0.6", "--warmup", "0", "--token", &token];
+    let url = ["--url", &server.url];
+
+    // Every writing scenario, told the namespace, writes there and only there.
+    let batch = loadtest(
+        &[
+            &[
+                "ingest-batch",
+                "-c",
+                "2",
+                "--batch",
+                "50",
+                "--entities",
+                "40",
+            ][..],
+            &["--namespace", "acme"],
+            &url,
+            &short,
+        ]
+        .concat(),
+    );
+    assert!(u64_at(&batch, "/events") > 0, "{batch}");
+    assert_eq!(batch["errors_by_status"], serde_json::json!({}), "{batch}");
+    let fleet = loadtest(
+        &[
+            &["fleet", "--devices", "6", "--devices-per-site", "3"][..],
+            &["--interval-ms", "100", "--namespace", "acme"],
+            &url,
+            &short,
+        ]
+        .concat(),
+    );
+    assert!(u64_at(&fleet, "/events") > 0, "{fleet}");
+    let e2e = loadtest(
+        &[
+            &["e2e", "-s", "2", "--rate", "100", "--namespace", "acme"][..],
+            &url,
+            &short,
+        ]
+        .concat(),
+    );
+    assert_eq!(e2e["pattern"], "acme/*", "{e2e}");
+    assert!(u64_at(&e2e, "/loss/expected_per_subscriber") > 0, "{e2e}");
+    assert_eq!(u64_at(&e2e, "/loss/lost"), 0, "{e2e}");
+
+    let ids: Vec<String> = server
+        .get("/api/state/entities")
+        .as_array()
+        .expect("entity list")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_string())
+        .filter(|id| !id.starts_with("flux-core/"))
+        .collect();
+    assert!(ids.iter().all(|id| id.starts_with("acme/")), "{ids:?}");
+    for id in ["acme/dev-39", "acme/site-1/device-5", "acme/e2e-0"] {
+        assert!(ids.iter().any(|i| i == id), "{id} missing from {ids:?}");
+    }
+
+    // Left at its default namespace, the run is refused and says why in the server's words.
+    let (status, stdout, stderr) = run_loadtest(
+        &[
+            &["ingest-batch", "-c", "1", "--batch", "5"][..],
+            &url,
+            &short,
+        ]
+        .concat(),
+    );
+    assert!(!status.success(), "a run of refused events succeeded");
+    let result = single_json(&stdout);
+    assert_eq!(u64_at(&result, "/total/events"), 0, "{result}");
+    assert!(
+        stderr.contains("no event was accepted")
+            && stderr.contains("first refusal: an event of a batch: payload.entity_id")
+            && stderr.contains("this token writes only namespace \"acme\""),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -588,7 +689,7 @@ fn a_server_that_is_not_there_fails_the_run_and_says_why() {
     assert!(!status.success(), "a run against a closed port succeeded");
     assert!(u64_at(&single_json(&stdout), "/errors_by_status/transport") > 0);
     assert!(
-        stderr.contains("no request succeeded") && stderr.to_lowercase().contains("refused"),
+        stderr.contains("no event was accepted") && stderr.to_lowercase().contains("refused"),
         "{stderr}"
     );
     let (status, _, stderr) =
@@ -684,6 +785,10 @@ fn bad_values_are_refused_before_anything_runs() {
         &["e2e", "--rate", "0"],
         &["connections", "-c", "0"],
         &["ingest", "--url", "http://127.0.0.1:1/prefix"],
+        &["ingest", "--namespace", "a/b"],
+        &["fleet", "--namespace", ""],
+        &["recovery", "--namespace", "a\"b"],
+        &["e2e", "--namespace", "a b"],
     ] {
         let (status, stdout, stderr) = run_loadtest(args);
         assert!(!status.success(), "{args:?} ran");

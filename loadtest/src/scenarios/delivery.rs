@@ -29,10 +29,13 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> {
     let scenario = if fanout { "fanout" } else { "e2e" };
-    let pattern = args
-        .pattern
-        .clone()
-        .unwrap_or_else(|| if fanout { "*" } else { "loadtest/*" }.to_string());
+    let pattern = args.pattern.clone().unwrap_or_else(|| {
+        if fanout {
+            "*".to_string()
+        } else {
+            format!("{}/*", args.namespace)
+        }
+    });
     // Echo what ran.
     args.pattern = Some(pattern.clone());
     let target = Target::from_common(&args.common)?;
@@ -64,7 +67,7 @@ pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> 
     }
 
     let publisher = Arc::new(Publisher {
-        target: PublishTarget::for_pattern(&pattern, args.entities),
+        target: PublishTarget::for_pattern(&pattern, args.entities, &args.namespace),
         batch: args.batch.max(1),
         props: args.props.max(1),
     });

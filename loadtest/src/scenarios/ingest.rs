@@ -25,6 +25,7 @@ pub async fn ingest(mut args: IngestArgs, batched: bool) -> anyhow::Result<Value
     args.batch = Some(batch);
     let target = Target::from_common(&args.common)?;
     let source = Arc::new(IngestEvents {
+        prefix: IngestEvents::prefix_in(&args.namespace),
         batch,
         props: args.props,
         entities: args.entities,
@@ -51,6 +52,7 @@ pub async fn fleet(args: FleetArgs) -> anyhow::Result<Value> {
     let target = Target::from_common(&args.common)?;
     let rate = args.devices as f64 * 1000.0 / args.interval_ms as f64;
     let source = Arc::new(Fleet::new(
+        &args.namespace,
         args.devices,
         args.devices_per_site,
         args.sensors,

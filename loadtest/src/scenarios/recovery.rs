@@ -23,8 +23,6 @@ use crate::payload::{EVENTS_PATH, IngestEvents, marker_body};
 use crate::report::round3;
 use crate::system::ServerProbe;
 
-/// The entity whose marker value proves the populated log is back.
-const MARKER_ENTITY: &str = "loadtest/recovery-marker";
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -45,7 +43,10 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
         ),
     }
     let batch = args.batch.max(1);
+    // The entity whose marker value proves the populated log is back.
+    let marker_entity = format!("{}/recovery-marker", args.namespace);
     let source = Arc::new(IngestEvents {
+        prefix: IngestEvents::prefix_in(&args.namespace),
         batch,
         props: args.props,
         entities: args.entities,
@@ -73,10 +74,11 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
     drop(progress);
     if tally.total_events < args.events {
         eprintln!(
-            "flux-loadtest: only {} of {} events were accepted ({:?})",
+            "flux-loadtest: only {} of {} events were accepted ({:?}{})",
             tally.total_events,
             args.events,
-            tally.errors.to_json()
+            tally.errors.to_json(),
+            crate::http::first_refusal().map_or(String::new(), |r| format!("; first refusal: {r}"))
         );
     }
 
@@ -85,7 +87,7 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
         &target,
         Method::POST,
         EVENTS_PATH,
-        marker_body(MARKER_ENTITY, &marker).freeze(),
+        marker_body(&marker_entity, &marker).freeze(),
         Duration::from_secs(10),
     )
     .await
@@ -93,7 +95,7 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
     if reply.status != StatusCode::OK {
         bail!("marker event rejected: {}", reply.status);
     }
-    let path = format!("/api/state/entities/{MARKER_ENTITY}");
+    let path = format!("/api/state/entities/{marker_entity}");
     let expected = format!("\"marker\":\"{marker}\"");
 
     let timeout = Duration::from_secs_f64(args.restart_timeout.max(0.0));
@@ -191,7 +193,7 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
         "first_response_s": first_answer.map(|t| round3(t.duration_since(clock_start).as_secs_f64())),
         "polls": polls,
         "events_before_restart": tally.total_events + 1,
-        "marker_entity": MARKER_ENTITY,
+        "marker_entity": marker_entity,
     });
     Ok(result)
 }
