@@ -100,6 +100,10 @@ pub struct CommonArgs {
     /// Worker threads of the generator's runtime (default: available cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// PEM certificates to trust for an `https://` URL, besides the system's roots (a private
+    /// CA or a self-signed certificate).
+    #[arg(long)]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// How long a rate scenario runs.
@@ -312,6 +316,8 @@ pub struct RecoveryArgs {
 pub struct WorkerArgs {
     #[arg(long)]
     pub url: String,
+    #[arg(long)]
+    pub ca_cert: Option<std::path::PathBuf>,
     #[arg(long)]
     pub subscribers: usize,
     #[arg(long)]

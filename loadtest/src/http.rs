@@ -5,6 +5,7 @@
 //! pipelining); any transport error or timeout discards it, and the caller reconnects.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -14,7 +15,8 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+
+use crate::tls::{Stream, TlsTarget};
 
 /// The server under test, resolved once.
 #[derive(Debug, Clone)]
@@ -26,13 +28,22 @@ pub struct Target {
     pub authority: String,
     /// `Bearer <token>` for every HTTP request, from `--token`.
     pub authorization: Option<HeaderValue>,
+    /// For `https://`: how sessions are opened, and the `--ca-cert` it trusts besides the
+    /// system's roots (passed on to worker processes).
+    pub tls: Option<TlsTarget>,
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Target {
-    /// Resolves `http://host:port[/]`; only plain HTTP is supported.
-    pub fn parse(url: &str) -> anyhow::Result<Target> {
-        let Some(rest) = url.strip_prefix("http://") else {
-            bail!("--url must start with http:// (got {url:?})");
+    /// Resolves `http://host:port[/]` or `https://host:port[/]` (port 80 or 443 by default);
+    /// TLS trusts the system's roots and the certificates in `ca_cert`.
+    pub fn parse_with(url: &str, ca_cert: Option<&Path>) -> anyhow::Result<Target> {
+        let (https, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            bail!("--url must start with http:// or https:// (got {url:?})");
         };
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         if authority.is_empty() {
@@ -44,13 +55,24 @@ impl Target {
                  paths are fixed"
             );
         }
-        let with_port = if authority
+        let port_given = authority
             .rsplit_once(':')
-            .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        {
-            authority.to_string()
+            .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let (host, with_port) = if port_given {
+            let (host, _) = authority.rsplit_once(':').expect("a port was found");
+            (host, authority.to_string())
         } else {
-            format!("{authority}:80")
+            (
+                authority,
+                format!("{authority}:{}", if https { 443 } else { 80 }),
+            )
+        };
+        let tls = if https {
+            Some(TlsTarget::new(host, ca_cert)?)
+        } else if ca_cert.is_some() {
+            bail!("--ca-cert is for https:// URLs (got {url:?})");
+        } else {
+            None
         };
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
             .with_context(|| format!("resolving {with_port}"))?
@@ -61,12 +83,25 @@ impl Target {
             host: HeaderValue::from_str(authority).context("host header")?,
             authority: authority.to_string(),
             authorization: None,
+            tls,
+            ca_cert: ca_cert.map(Path::to_path_buf),
         })
+    }
+
+    /// `http://host:port` or `https://host:port`: the root this target was parsed from.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.authority)
+    }
+
+    /// Opens a connection (with the TLS handshake for `https://`).
+    pub async fn connect(&self) -> std::io::Result<Stream> {
+        Stream::connect(self.addr, self.tls.as_ref()).await
     }
 
     /// The target of `--url`, sending `--token` (if any) as a bearer token.
     pub fn from_common(common: &crate::cli::CommonArgs) -> anyhow::Result<Target> {
-        let mut target = Target::parse(&common.url)?;
+        let mut target = Target::parse_with(&common.url, common.ca_cert.as_deref())?;
         if let Some(token) = &common.token {
             let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
                 .context("--token must be printable ASCII")?;
@@ -162,11 +197,10 @@ pub struct Connection {
 
 impl Connection {
     pub async fn open(target: &Target) -> Result<Connection, TransportError> {
-        let stream = TcpStream::connect(target.addr).await.map_err(|error| {
-            let _ = FIRST_CONNECT_ERROR.set(format!("connecting to {}: {error}", target.addr));
+        let stream = target.connect().await.map_err(|error| {
+            let _ = FIRST_CONNECT_ERROR.set(format!("connecting to {}: {error}", target.url()));
             TransportError::Io
         })?;
-        stream.set_nodelay(true).map_err(|_| TransportError::Io)?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|_| TransportError::Io)?;
@@ -265,12 +299,25 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        let target = Target::parse("http://127.0.0.1:3000/").unwrap();
+        let target = Target::parse_with("http://127.0.0.1:3000/", None).unwrap();
         assert_eq!(target.addr.port(), 3000);
         assert_eq!(target.authority, "127.0.0.1:3000");
-        assert!(Target::parse("https://x").is_err());
-        assert_eq!(Target::parse("http://127.0.0.1").unwrap().addr.port(), 80);
-        assert!(Target::parse("http://127.0.0.1:3000/prefix").is_err());
+        assert!(Target::parse_with("ftp://x", None).is_err());
+        let tls = Target::parse_with("https://127.0.0.1", None).unwrap();
+        assert_eq!(
+            (tls.addr.port(), tls.url().as_str()),
+            (443, "https://127.0.0.1")
+        );
+        assert!(tls.tls.is_some());
+        assert!(Target::parse_with("http://127.0.0.1", Some(Path::new("ca.pem"))).is_err());
+        assert_eq!(
+            Target::parse_with("http://127.0.0.1", None)
+                .unwrap()
+                .addr
+                .port(),
+            80
+        );
+        assert!(Target::parse_with("http://127.0.0.1:3000/prefix", None).is_err());
     }
 
     #[test]

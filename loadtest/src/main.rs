@@ -15,6 +15,7 @@ mod report;
 mod scenarios;
 mod subscribers;
 mod system;
+mod tls;
 mod ws;
 
 use anyhow::Context;

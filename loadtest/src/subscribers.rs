@@ -542,10 +542,13 @@ impl SubscriberGroup {
             let mut command = Command::new(&executable);
             command
                 .arg("fanout-worker")
-                .args(["--url", &format!("http://{}", config.target.authority)])
+                .args(["--url", &config.target.url()])
                 .args(["--subscribers", &share.to_string()])
                 .args(["--pattern", &config.pattern])
                 .args(["--threads", &config.threads.to_string()]);
+            if let Some(ca_cert) = &config.target.ca_cert {
+                command.arg("--ca-cert").arg(ca_cert);
+            }
             if config.idle {
                 command.arg("--idle");
             }
@@ -708,7 +711,7 @@ fn read_worker_lines(stdout: std::process::ChildStdout, report: &WorkerReport) {
 
 /// The hidden `fanout-worker` subcommand: one pool, driven by the parent over stdin/stdout.
 pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let target = Target::parse(&args.url)?;
+    let target = Target::parse_with(&args.url, args.ca_cert.as_deref())?;
     let pool = LocalPool::start(PoolConfig {
         target,
         subscribers: args.subscribers,

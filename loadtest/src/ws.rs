@@ -10,9 +10,9 @@
 use std::io;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::http::Target;
+use crate::tls::Stream;
 
 /// Largest message accepted; bigger ones mean something is wrong.
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -32,7 +32,7 @@ pub enum ReadState {
 }
 
 pub struct WsClient {
-    stream: TcpStream,
+    stream: Stream,
     /// Bytes read but not yet consumed are `buffer[start..end]`.
     buffer: Vec<u8>,
     start: usize,
@@ -45,8 +45,7 @@ impl WsClient {
     /// Connects and upgrades to a WebSocket on `/api/ws`; `buffer_bytes` is the initial read
     /// buffer (it grows for larger frames).
     pub async fn connect(target: &Target, buffer_bytes: usize) -> io::Result<WsClient> {
-        let mut stream = TcpStream::connect(target.addr).await?;
-        stream.set_nodelay(true)?;
+        let mut stream = target.connect().await?;
         let request = format!(
             "GET /api/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",

@@ -799,3 +799,119 @@ fn bad_values_are_refused_before_anything_runs() {
         assert!(!stderr.trim().is_empty(), "{args:?} failed without a word");
     }
 }
+
+/// A TLS terminator (`tests/support/tls_terminator.py`) in front of a plain-HTTP server, with
+/// a self-signed certificate for 127.0.0.1 made by `openssl`; it stops by itself.
+struct TlsTerminator {
+    child: Child,
+    url: String,
+    cert: PathBuf,
+    _dir: TempDir,
+}
+
+impl TlsTerminator {
+    fn start(upstream_port: u16) -> TlsTerminator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=flux-loadtest-test"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            // A server's own certificate, not a CA's (which TLS clients refuse to meet as one).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(made.success(), "openssl could not make a certificate");
+        let script = workspace_root().join("loadtest/tests/support/tls_terminator.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(&cert)
+            .arg(&key)
+            .args([&upstream_port.to_string(), "90"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the TLS terminator");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("terminator stdout"))
+            .read_line(&mut line)
+            .expect("the terminator's port");
+        let port: u16 = line.trim().parse().expect("a port number");
+        TlsTerminator {
+            child,
+            url: format!("https://127.0.0.1:{port}"),
+            cert,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TlsTerminator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn https_urls_reach_a_server_behind_a_tls_terminator() {
+    let server = Server::start();
+    let tls = TlsTerminator::start(server.port);
+    let cert = tls.cert.to_str().expect("UTF-8 path");
+    let over_tls = ["--url", &tls.url, "--ca-cert", cert];
+    let short = ["--duration", "0.6", "--warmup", "0"];
+
+    let batch = loadtest(
+        &[
+            &[
+                "ingest-batch",
+                "-c",
+                "2",
+                "--batch",
+                "20",
+                "--entities",
+                "30",
+            ][..],
+            &over_tls,
+            &short,
+        ]
+        .concat(),
+    );
+    assert!(u64_at(&batch, "/events") > 0, "{batch}");
+    assert_eq!(batch["errors_by_status"], serde_json::json!({}), "{batch}");
+    let held = server.get("/api/state/entities?prefix=loadtest/dev-");
+    assert_eq!(held.as_array().expect("entity list").len(), 30);
+
+    // WebSockets through the terminator: in this process, and spread over worker processes
+    // (which must be handed the URL's scheme and the certificate).
+    let e2e = loadtest(&[&["e2e", "-s", "3", "--rate", "100"][..], &over_tls, &short].concat());
+    assert!(u64_at(&e2e, "/loss/expected_per_subscriber") > 0, "{e2e}");
+    assert_eq!(u64_at(&e2e, "/loss/lost"), 0, "{e2e}");
+    let fanout = loadtest(
+        &[
+            &["fanout", "-s", "4", "--subscribers-per-process", "2"][..],
+            &["--rate", "100"],
+            &over_tls,
+            &short,
+        ]
+        .concat(),
+    );
+    assert_eq!(u64_at(&fanout, "/processes"), 2, "{fanout}");
+    assert_eq!(u64_at(&fanout, "/subscribers/connected"), 4, "{fanout}");
+    assert_eq!(u64_at(&fanout, "/loss/lost"), 0, "{fanout}");
+
+    // The certificate is checked: without --ca-cert nothing trusts it.
+    let (status, stdout, stderr) =
+        run_loadtest(&[&["ingest", "-c", "1", "--url", &tls.url][..], &short].concat());
+    assert!(!status.success(), "an untrusted certificate was accepted");
+    assert!(u64_at(&single_json(&stdout), "/errors_by_status/transport") > 0);
+    assert!(stderr.contains("certificate"), "{stderr}");
+}

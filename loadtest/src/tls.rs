@@ -1,0 +1,163 @@
+//! `https://` targets: the TLS client both clients (HTTP and WebSocket) run over, and the
+//! stream type that is either a plain socket or a TLS session on one.
+//!
+//! Flux serves plain HTTP; a deployment usually puts a TLS terminator in front of it, and the
+//! generator must reach it there. The server's certificate is checked against the system's
+//! roots plus any `--ca-cert` PEM file (a private CA, a self-signed certificate); there is no
+//! way to skip the check. rustls runs on the `ring` provider the workspace already builds for
+//! the NATS client.
+//!
+//! Invariants: a TLS stream is always checked against the host name (or IP address) of
+//! `--url`; `Nodelay` is set on the socket before the handshake, as for plain streams.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::Context as _;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// How to open TLS sessions to one server.
+#[derive(Clone)]
+pub struct TlsTarget {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsTarget")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsTarget {
+    /// Checks certificates for `host` (a name or an IP address, no port) against the system's
+    /// roots and the certificates in `ca_cert`.
+    pub fn new(host: &str, ca_cert: Option<&Path>) -> anyhow::Result<TlsTarget> {
+        let mut roots = rustls::RootCertStore::empty();
+        // The system's store; certificates it cannot parse are skipped, as browsers do.
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        if let Some(path) = ca_cert {
+            let certs = CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("reading --ca-cert {}", path.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("parsing --ca-cert {}", path.display()))?;
+            if certs.is_empty() {
+                anyhow::bail!("--ca-cert {} holds no PEM certificate", path.display());
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("--ca-cert {}", path.display()))?;
+            }
+        }
+        if roots.is_empty() {
+            anyhow::bail!("no trusted certificate: the system has none, give --ca-cert");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']'))
+            .with_context(|| format!("{host:?} is not a host name for TLS"))?
+            .to_owned();
+        Ok(TlsTarget {
+            connector: TlsConnector::from(Arc::new(config)),
+            name,
+        })
+    }
+}
+
+/// A connection to the server: plain, or TLS over the socket.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Connects to `addr` and, with `tls`, completes the TLS handshake.
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        tls: Option<&TlsTarget>,
+    ) -> io::Result<Stream> {
+        let socket = TcpStream::connect(addr).await?;
+        socket.set_nodelay(true)?;
+        match tls {
+            None => Ok(Stream::Plain(socket)),
+            Some(tls) => {
+                let session = tls.connector.connect(tls.name.clone(), socket).await?;
+                Ok(Stream::Tls(Box::new(session)))
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
