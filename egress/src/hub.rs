@@ -662,7 +662,7 @@ impl Hub {
     }
 
     /// Sets the writers' coalescing window from the frames delivered in each
-    /// [`PACE_INTERVAL`], forever.
+    /// `PACE_INTERVAL` (100 ms), forever.
     pub async fn run_pace(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(PACE_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

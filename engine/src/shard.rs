@@ -15,9 +15,9 @@
 //! - Inboxes are bounded ([`SHARD_INBOX_CAPACITY`]); a full inbox makes the sender wait.
 //! - Per id a shard keeps one `Slot` (the entity block and its history) in a `HashTable` keyed
 //!   by the id inside the block; an entity exists iff its revision is not 0 (log positions
-//!   start at 1). The order listings need (bucket indexes sorted by id, [`SortedIds`]) is built
+//!   start at 1). The order listings need (bucket indexes sorted by id, `SortedIds`) is built
 //!   when a listing needs it or the shard is idle; creates since then are kept in a small
-//!   ordered set beside it and deleted ids are skipped on read ([`Order`]), so a listing never
+//!   ordered set beside it and deleted ids are skipped on read (`Order`), so a listing never
 //!   names a missing entity nor misses an existing one. Anything that moves or frees buckets
 //!   (growth, rehash, `retain`) drops the order first.
 //! - After applying a live record (not one a snapshot already covered) the shard tells its
