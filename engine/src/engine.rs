@@ -77,6 +77,12 @@ pub enum EngineError {
     Locked(PathBuf),
     #[error("durable log unavailable: {0}")]
     Unavailable(String),
+    /// The log did not answer whether it took an append, and still may apply it.
+    #[error(
+        "the durable log did not answer in time: {0}; the write may still be applied, read it \
+         back before writing it again"
+    )]
+    OutcomeUnknown(String),
     #[error(transparent)]
     Log(#[from] LogError),
     #[error("{context}: {source}")]
@@ -279,9 +285,10 @@ impl Engine {
             return Ok(self.inner.log.next_position());
         }
         let (completion, done) = Completion::new();
-        self.inner.log.append(batch, completion).await?;
+        self.inner.log.append(batch, completion.clone()).await?;
         match done.await {
             Ok(Ok(position)) => Ok(position),
+            Ok(Err(reason)) if completion.is_unknown() => Err(EngineError::OutcomeUnknown(reason)),
             Ok(Err(reason)) => Err(EngineError::Unavailable(reason)),
             Err(_) => Err(EngineError::Unavailable("engine stopped".into())),
         }
@@ -315,6 +322,13 @@ impl Engine {
     /// `None` when the log takes writes, else why not.
     pub fn unavailable_reason(&self) -> Option<String> {
         self.inner.log.unavailable_reason()
+    }
+
+    /// Events other nodes sharing the log wrote into `namespace` in the last minute up to
+    /// `now_ms` (0 on the local log): what a per-namespace rate limit adds to this node's own
+    /// count.
+    pub fn peer_events(&self, namespace: &str, now_ms: u64) -> u64 {
+        self.inner.log.peer_events(namespace, now_ms)
     }
 
     /// `None` when the log is healthy: it takes writes and its last write did not fail.

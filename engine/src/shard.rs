@@ -69,6 +69,8 @@ pub struct Completion {
     remaining: AtomicUsize,
     first_position: AtomicU64,
     sender: Mutex<Option<oneshot::Sender<Result<LogPosition, String>>>>,
+    /// The failure sent was [`Completion::unknown`]: the append may still be applied.
+    unknown: std::sync::atomic::AtomicBool,
 }
 
 impl Completion {
@@ -79,6 +81,7 @@ impl Completion {
             remaining: AtomicUsize::new(0),
             first_position: AtomicU64::new(0),
             sender: Mutex::new(Some(tx)),
+            unknown: std::sync::atomic::AtomicBool::new(false),
         };
         (Arc::new(completion), rx)
     }
@@ -91,6 +94,18 @@ impl Completion {
     /// Reports failure; nothing of the append was dispatched.
     pub fn fail(&self, reason: String) {
         self.send(Err(reason));
+    }
+
+    /// Reports that the append's fate is not known when its answer is due: the log may still
+    /// store and dispatch it (a shared log that stopped answering after it was handed over).
+    pub fn unknown(&self, reason: String) {
+        self.unknown.store(true, Ordering::Release);
+        self.send(Err(reason));
+    }
+
+    /// Whether the failure received was [`Completion::unknown`].
+    pub fn is_unknown(&self) -> bool {
+        self.unknown.load(Ordering::Acquire)
     }
 
     fn send(&self, result: Result<LogPosition, String>) {

@@ -137,10 +137,14 @@ impl Api {
         if !config.rate_limit_enabled || events == 0 {
             return Ok(());
         }
+        let peers = self
+            .engine
+            .peer_events(namespace, flux_engine::engine::now_ms());
         let admitted = self.rate_limiter.admit(
             namespace,
             events as u64,
             config.rate_limit_per_namespace_per_minute,
+            peers,
         );
         if admitted.is_err() {
             self.metrics.rate_limited_requests.inc();

@@ -110,7 +110,10 @@ impl ApiError {
 
 impl From<flux_engine::EngineError> for ApiError {
     fn from(error: flux_engine::EngineError) -> Self {
-        if error.is_unavailable() {
+        if let flux_engine::EngineError::OutcomeUnknown(_) = error {
+            // Neither "accepted" (200) nor "nothing was accepted" (503): the gateway's answer.
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, error.to_string())
+        } else if error.is_unavailable() {
             ApiError::unavailable(error.to_string())
         } else {
             tracing::error!(%error, "engine error");

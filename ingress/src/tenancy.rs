@@ -186,16 +186,23 @@ struct Window {
     events: u64,
 }
 
-/// Fixed-window event counters per namespace.
+/// Fixed-window event counters per namespace, of the events this node admits.
 #[derive(Default)]
 pub struct RateLimiter {
     windows: std::sync::Mutex<HashMap<String, Window>>,
 }
 
 impl RateLimiter {
-    /// Counts `events` against `namespace`; over `limit` per window → 429 with the seconds to
-    /// wait, and nothing is counted.
-    pub fn admit(&self, namespace: &str, events: u64, limit: u64) -> Result<(), ApiError> {
+    /// Counts `events` against `namespace`; over `limit` per window, with `peers` events that
+    /// other nodes of a shared log took for it in the last minute added to this node's own,
+    /// → 429 with the seconds to wait, and nothing is counted.
+    pub fn admit(
+        &self,
+        namespace: &str,
+        events: u64,
+        limit: u64,
+        peers: u64,
+    ) -> Result<(), ApiError> {
         let now = Instant::now();
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
         let window = windows.entry_ref(namespace).or_insert(Window {
@@ -208,12 +215,18 @@ impl RateLimiter {
                 events: 0,
             };
         }
-        if window.events + events > limit {
+        if window.events + peers + events > limit {
             let left = RATE_WINDOW.saturating_sub(now.duration_since(window.started));
             let retry_after = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            let through_peers = if peers > 0 {
+                format!(" ({peers} written through other nodes in the last minute)")
+            } else {
+                String::new()
+            };
             return Err(ApiError::rate_limited(
                 format!(
-                    "rate limit exceeded: namespace {namespace:?} may write {limit} events per minute"
+                    "rate limit exceeded: namespace {namespace:?} may write {limit} events per \
+                     minute{through_peers}"
                 ),
                 retry_after.max(1),
             ));
@@ -297,12 +310,17 @@ mod tests {
     #[test]
     fn rate_limit_counts_events_and_reports_retry_after() {
         let limiter = RateLimiter::default();
-        assert!(limiter.admit("acme", 7, 10).is_ok());
-        assert!(limiter.admit("acme", 3, 10).is_ok());
-        let error = limiter.admit("acme", 1, 10).unwrap_err();
+        assert!(limiter.admit("acme", 7, 10, 0).is_ok());
+        assert!(limiter.admit("acme", 3, 10, 0).is_ok());
+        let error = limiter.admit("acme", 1, 10, 0).unwrap_err();
         assert_eq!(error.status, StatusCode::TOO_MANY_REQUESTS);
         assert!(error.retry_after.is_some_and(|s| (1..=60).contains(&s)));
-        assert!(limiter.admit("other", 10, 10).is_ok());
+        assert!(limiter.admit("other", 10, 10, 0).is_ok());
+        // Events other nodes took for a namespace count against it too, and are named.
+        assert!(limiter.admit("beta", 6, 10, 4).is_ok());
+        let error = limiter.admit("beta", 1, 10, 4).unwrap_err();
+        assert!(error.message.contains("4 written through other nodes"));
+        assert!(limiter.admit("gamma", 10, 10, 1).is_err());
     }
 
     #[test]

@@ -36,10 +36,11 @@
 //!   agree). An append with no ack within its budget is answered by its tail's verdict
 //!   (applied: 200; skipped: 503), or with 503 once the tail has applied everything up to the
 //!   stream's last sequence at a probe asked [`SKIP_MARGIN`] past the deadline (stored in
-//!   time, the append would have been dispatched by then), or at the latest `UNKNOWN_CAP`
-//!   after that moment. So a 503 accepted nothing even when a stalled server stores the write
-//!   later; what is left is a write stored in time whose fate no probe settled within the cap
-//!   (NATS unresponsive again, or its connection dropped with the ack lost).
+//!   time, the append would have been dispatched by then). So a 503 accepted nothing even when
+//!   a stalled server stores the write later. A write whose fate no probe settled within
+//!   `UNKNOWN_CAP` after that moment (NATS unresponsive for longer, or its connection dropped
+//!   with the ack lost) is answered as unknown ([`Completion::unknown`], HTTP 504), as is one
+//!   still unacknowledged when the node shuts down: it may still be applied.
 //! - An append acknowledged but not applied within [`APPLY_TIMEOUT`] is in the stream, hence
 //!   accepted: it is answered then, without read-your-writes.
 //! - Faults: while NATS is unreachable, a publish failed, or the tail cannot read, appends fail
@@ -71,8 +72,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::engine::{EngineError, RecoveryReport};
+use crate::engine::{EngineError, RecoveryReport, now_ms};
 use crate::log::local::owners_of;
+use crate::log::peers::PeerWrites;
 use crate::log::{Barrier, Log, LogError};
 use crate::metrics::LogMetrics;
 use crate::record::{Frame, FrameRead, LogPosition, RecordBatch, decode_frame, encode_frame};
@@ -99,7 +101,8 @@ pub const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// asked this much after the deadline, when JetStream's clock has passed it.
 pub const SKIP_MARGIN: Duration = Duration::from_secs(1);
 /// How long past its `until` an unacknowledged append may wait for its fate to be settled
-/// (NATS answering a probe and the tail catching up) before it is answered 503 regardless.
+/// (NATS answering a probe and the tail catching up) before it is answered as unknown (504):
+/// every write is answered within ~9.3 s, under the 10 s many clients wait.
 const UNKNOWN_CAP: Duration = Duration::from_millis(1000);
 /// Covers the moment between reading the two clocks an append's deadline is taken from.
 const SETTLE_SLACK: Duration = Duration::from_millis(10);
@@ -219,6 +222,8 @@ struct Shared {
     stream: stream::Stream,
     /// This process's `Flux-Append` prefix.
     node: String,
+    /// Other nodes' writes (and this node's from before its start) over the last minute.
+    peers: PeerWrites,
     next_append: AtomicU64,
     pending: Mutex<HashMap<u64, PendingAppend>>,
     /// The newest stream sequence dispatched (or replayed).
@@ -779,6 +784,7 @@ impl JetStreamLog {
             context,
             stream,
             node,
+            peers: PeerWrites::default(),
             next_append: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             applied_sequence: AtomicU64::new(0),
@@ -838,6 +844,8 @@ impl JetStreamLog {
             if let Some(frame) = delivered.frame {
                 summary.frames += 1;
                 summary.records += frame.len() as u64;
+                // Nothing replayed was admitted by this process.
+                shared.peers.note(&frame, now_ms());
                 visit(frame);
             }
             if delivered.sequence >= last || pending == 0 {
@@ -928,6 +936,9 @@ fn run_ordering(
                     .map(|p| p.completion);
                 match delivered.frame {
                     Some(frame) => {
+                        if delivered.append.is_none() {
+                            shared.peers.note(&frame, now_ms());
+                        }
                         let owners = owners_of(&frame, shards);
                         last_position = frame.last_position();
                         dispatcher.dispatch(Arc::new(frame), &owners, completion);
@@ -1021,9 +1032,17 @@ async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
             ids.iter().filter_map(|id| pending.remove(id)).collect()
         };
         for p in late {
-            if let Some((_, reason)) = p.unknown {
-                // Not stored in time (or its wait is capped): stored later, every node skips it.
-                p.completion.fail(reason);
+            if let Some((until, reason)) = p.unknown {
+                if settled(until) {
+                    // Not stored in time: stored later, every node skips it.
+                    p.completion.fail(reason);
+                } else {
+                    // Stored in time or not, NATS has not shown which: say so, not 503.
+                    p.completion.unknown(format!(
+                        "{reason}; JetStream did not show within {:?} whether it stored the write",
+                        PUBLISH_BUDGET + 2 * SKIP_MARGIN + UNKNOWN_CAP
+                    ));
+                }
                 continue;
             }
             // The write is in the stream, so it is accepted (a 503 would say it was not):
@@ -1270,7 +1289,7 @@ impl Log for JetStreamLog {
                 .await
                 .map_err(|_| LogError::Unavailable("shutting down".into()))?;
             let records = batch.len() as u64;
-            let now = crate::engine::now_ms();
+            let now = now_ms();
             let accept_ms = now.max(shared.last_accept_ms.fetch_max(now, Ordering::AcqRel));
             let mut bytes = Vec::with_capacity(batch.encoded_bytes() + 32);
             encode_frame(&mut bytes, 0, accept_ms, &batch);
@@ -1291,8 +1310,7 @@ impl Log for JetStreamLog {
                 let started_us = started.duration_since(shared.epoch).as_micros() as u64;
                 // The deadline JetStream's clock must not pass before storing the append, and
                 // the moment (this clock) from which a probe shows whether it did.
-                let skip_after_ms =
-                    crate::engine::now_ms() + (PUBLISH_BUDGET + SKIP_MARGIN).as_millis() as u64;
+                let skip_after_ms = now_ms() + (PUBLISH_BUDGET + SKIP_MARGIN).as_millis() as u64;
                 let settles_from = started + PUBLISH_BUDGET + 2 * SKIP_MARGIN + SETTLE_SLACK;
                 let result = publish_append(&shared, counter, payloads, skip_after_ms).await;
                 drop(permit);
@@ -1390,6 +1408,10 @@ impl Log for JetStreamLog {
             .or_else(|| lock(&self.shared.probe_failure).clone())
     }
 
+    fn peer_events(&self, namespace: &str, now_ms: u64) -> u64 {
+        self.shared.peers.events(namespace, now_ms)
+    }
+
     fn unavailable_reason(&self) -> Option<String> {
         let shared = &self.shared;
         if shared.closed.load(Ordering::Acquire) {
@@ -1421,7 +1443,14 @@ impl Log for JetStreamLog {
             std::thread::sleep(Duration::from_millis(5));
         }
         for (_, p) in lock(&shared.pending).drain() {
-            p.completion.fail("shutting down".into());
+            match p.acked {
+                // In the stream, hence accepted (this node will not apply it now).
+                Some((sequence, _)) => p.completion.succeed(position_of(sequence)),
+                // Handed to NATS, perhaps stored: neither accepted nor refused for sure.
+                None => p
+                    .completion
+                    .unknown("shutting down before JetStream answered".into()),
+            }
         }
         self.queue.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(runtime) = lock(&self.runtime).take() {

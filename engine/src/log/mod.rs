@@ -9,6 +9,7 @@
 
 pub mod jetstream;
 pub mod local;
+pub mod peers;
 pub mod spare;
 
 use std::future::Future;
@@ -67,6 +68,13 @@ pub trait Log: Send + Sync + 'static {
     /// does not stop the next from being tried (a full disk).
     fn health_reason(&self) -> Option<String> {
         self.unavailable_reason()
+    }
+
+    /// Events other nodes wrote into `namespace` in the last minute up to `now_ms`, as this
+    /// node has applied them ([`peers::PeerWrites`]); 0 for a log only this node writes.
+    fn peer_events(&self, namespace: &str, now_ms: u64) -> u64 {
+        let _ = (namespace, now_ms);
+        0
     }
 
     /// Stops taking appends, finishes the queued ones, and waits for the writer to exit.

@@ -1,0 +1,141 @@
+//! Events other nodes wrote into a shared log, per namespace, over the last minute: what a
+//! node adds to its own count when it rate-limits a namespace that several nodes take writes
+//! for.
+//!
+//! Each node counts what it admits itself (`flux_ingress`'s rate limiter); what the others
+//! admitted it learns from the stream it tails, where their writes arrive in order with their
+//! accept time. So a namespace's limit holds across nodes up to what the other nodes have in
+//! flight (admitted, not yet applied here: milliseconds of writes), with no messages of its
+//! own and no coordination beyond the stream.
+//!
+//! Invariants: counts are kept in one-second buckets by accept time and only for the last
+//! [`WINDOW_SECONDS`]; a namespace whose buckets all aged out is dropped, so memory follows
+//! the namespaces written in the last minute. A frame is counted as a whole under one lock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use crate::record::Frame;
+
+/// How far back peers' writes count: the rate limit's minute.
+pub const WINDOW_SECONDS: u64 = 60;
+
+/// `(second, events)` buckets of one namespace, oldest first.
+type Buckets = VecDeque<(u64, u64)>;
+
+/// Peers' events per namespace in one-second buckets.
+#[derive(Default)]
+pub struct PeerWrites {
+    namespaces: Mutex<HashMap<Box<str>, Buckets>>,
+}
+
+impl PeerWrites {
+    /// Counts the event records of `frame`, written by another node, under their namespaces
+    /// (the part of the id before its first `/`; ids without one count nowhere). A frame
+    /// accepted more than a window before `now_ms` is not counted.
+    pub fn note(&self, frame: &Frame, now_ms: u64) {
+        let second = frame.accept_time_ms / 1000;
+        if second + WINDOW_SECONDS <= now_ms / 1000 {
+            return;
+        }
+        // A frame's events are mostly of one namespace: count runs before taking the lock.
+        let mut runs: Vec<(&str, u64)> = Vec::new();
+        for index in 0..frame.len() {
+            let Ok(record) = frame.record(index) else {
+                continue;
+            };
+            let Some((namespace, _)) = record.fields.entity_id.split_once('/') else {
+                continue;
+            };
+            match runs.iter_mut().find(|(n, _)| *n == namespace) {
+                Some((_, events)) => *events += 1,
+                None => runs.push((namespace, 1)),
+            }
+        }
+        if runs.is_empty() {
+            return;
+        }
+        let mut namespaces = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        for (namespace, events) in runs {
+            let buckets = namespaces.entry(namespace.into()).or_default();
+            match buckets.iter_mut().rev().find(|(s, _)| *s == second) {
+                Some((_, counted)) => *counted += events,
+                None => {
+                    // Accept times of different nodes interleave by up to their clock
+                    // difference: keep the buckets in order.
+                    let at = buckets.partition_point(|(s, _)| *s < second);
+                    buckets.insert(at, (second, events));
+                }
+            }
+        }
+        let oldest = (now_ms / 1000).saturating_sub(WINDOW_SECONDS - 1);
+        namespaces.retain(|_, buckets| {
+            while buckets.front().is_some_and(|(s, _)| *s < oldest) {
+                buckets.pop_front();
+            }
+            !buckets.is_empty()
+        });
+    }
+
+    /// Peers' events in `namespace` accepted in the [`WINDOW_SECONDS`] up to `now_ms`.
+    pub fn events(&self, namespace: &str, now_ms: u64) -> u64 {
+        let oldest = (now_ms / 1000).saturating_sub(WINDOW_SECONDS - 1);
+        let namespaces = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        namespaces.get(namespace).map_or(0, |buckets| {
+            buckets
+                .iter()
+                .filter(|(s, _)| *s >= oldest)
+                .map(|(_, events)| events)
+                .sum()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{EventFields, EventId, RecordBatch};
+
+    fn frame(accept_ms: u64, ids: &[&str]) -> Frame {
+        let mut batch = RecordBatch::with_capacity(256, ids.len());
+        for id in ids {
+            let fields = EventFields {
+                event_id: EventId::Text("e"),
+                stream: "s",
+                source: "src",
+                timestamp: 1,
+                entity_id: id,
+                key: None,
+                schema: None,
+            };
+            batch.push_event(0, &fields, [("v", "1")].into_iter());
+        }
+        Frame::from_batch(1, accept_ms, batch)
+    }
+
+    #[test]
+    fn counts_a_minute_of_peers_events_per_namespace() {
+        let peers = PeerWrites::default();
+        let t = 1_000_000_000;
+        peers.note(&frame(t, &["acme/a", "acme/b", "beta/x", "nonamespace"]), t);
+        peers.note(&frame(t + 30_000, &["acme/c"]), t + 30_000);
+        assert_eq!(peers.events("acme", t + 30_000), 3);
+        assert_eq!(peers.events("beta", t + 30_000), 1);
+        assert_eq!(peers.events("nonamespace", t + 30_000), 0);
+        // A minute on, the first frame no longer counts; later, nothing does and the
+        // namespaces are forgotten.
+        assert_eq!(peers.events("acme", t + 60_000), 1);
+        assert_eq!(peers.events("beta", t + 60_000), 0);
+        peers.note(&frame(t + 200_000, &["gamma/a"]), t + 200_000);
+        assert_eq!(peers.namespaces.lock().unwrap().len(), 1);
+        // Replayed frames older than the window are not counted at all.
+        peers.note(&frame(t, &["acme/old"]), t + 200_000);
+        assert_eq!(peers.events("acme", t + 200_000), 0);
+        // A frame accepted a little earlier than the newest (another node's clock) is kept in
+        // order and counted.
+        peers.note(&frame(t + 199_000, &["gamma/b"]), t + 200_000);
+        assert_eq!(peers.events("gamma", t + 200_000), 2);
+        assert_eq!(peers.events("gamma", t + 258_500), 2);
+        assert_eq!(peers.events("gamma", t + 259_000), 1);
+    }
+}
