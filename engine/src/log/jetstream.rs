@@ -936,10 +936,11 @@ fn run_ordering(
                     .map(|p| p.completion);
                 match delivered.frame {
                     Some(frame) => {
-                        if delivered.append.is_none() {
-                            shared.peers.note(&frame, now_ms());
-                        }
-                        let owners = owners_of(&frame, shards);
+                        let owners = if delivered.append.is_none() {
+                            shared.peers.owners_noting(&frame, shards, now_ms())
+                        } else {
+                            owners_of(&frame, shards)
+                        };
                         last_position = frame.last_position();
                         dispatcher.dispatch(Arc::new(frame), &owners, completion);
                     }

@@ -15,7 +15,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use crate::record::Frame;
+use crate::record::{CONTROL_OWNER, Frame};
+use crate::shard::shard_of;
 
 /// How far back peers' writes count: the rate limit's minute.
 pub const WINDOW_SECONDS: u64 = 60;
@@ -30,31 +31,55 @@ pub struct PeerWrites {
 }
 
 impl PeerWrites {
+    /// The owning shard of each record of `frame` (as [`super::local::owners_of`]), counting
+    /// its events, written by another node, under their namespaces on the way: one decode of
+    /// each record serves both. See [`PeerWrites::note`].
+    pub fn owners_noting(&self, frame: &Frame, shards: usize, now_ms: u64) -> Vec<u16> {
+        let recent = !self.too_old(frame, now_ms);
+        let mut runs: Vec<(&str, u64)> = Vec::new();
+        let owners = (0..frame.len())
+            .map(|index| match frame.record(index) {
+                Ok(record) => {
+                    let id = record.fields.entity_id;
+                    if recent {
+                        count_into(&mut runs, id);
+                    }
+                    shard_of(id, shards)
+                }
+                Err(_) => CONTROL_OWNER,
+            })
+            .collect();
+        self.add(frame, now_ms, runs);
+        owners
+    }
+
     /// Counts the event records of `frame`, written by another node, under their namespaces
     /// (the part of the id before its first `/`; ids without one count nowhere). A frame
     /// accepted more than a window before `now_ms` is not counted.
     pub fn note(&self, frame: &Frame, now_ms: u64) {
-        let second = frame.accept_time_ms / 1000;
-        if second + WINDOW_SECONDS <= now_ms / 1000 {
+        if self.too_old(frame, now_ms) {
             return;
         }
-        // A frame's events are mostly of one namespace: count runs before taking the lock.
         let mut runs: Vec<(&str, u64)> = Vec::new();
         for index in 0..frame.len() {
-            let Ok(record) = frame.record(index) else {
-                continue;
-            };
-            let Some((namespace, _)) = record.fields.entity_id.split_once('/') else {
-                continue;
-            };
-            match runs.iter_mut().find(|(n, _)| *n == namespace) {
-                Some((_, events)) => *events += 1,
-                None => runs.push((namespace, 1)),
+            if let Ok(record) = frame.record(index) {
+                count_into(&mut runs, record.fields.entity_id);
             }
         }
+        self.add(frame, now_ms, runs);
+    }
+
+    fn too_old(&self, frame: &Frame, now_ms: u64) -> bool {
+        frame.accept_time_ms / 1000 + WINDOW_SECONDS <= now_ms / 1000
+    }
+
+    /// Adds one frame's counts per namespace (counted per namespace before the lock is taken:
+    /// a frame's events are mostly of one) under the lock, and drops what aged out.
+    fn add(&self, frame: &Frame, now_ms: u64, runs: Vec<(&str, u64)>) {
         if runs.is_empty() {
             return;
         }
+        let second = frame.accept_time_ms / 1000;
         let mut namespaces = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
         for (namespace, events) in runs {
             let buckets = namespaces.entry(namespace.into()).or_default();
@@ -88,6 +113,17 @@ impl PeerWrites {
                 .map(|(_, events)| events)
                 .sum()
         })
+    }
+}
+
+/// Counts `id` under its namespace in `runs`.
+fn count_into<'a>(runs: &mut Vec<(&'a str, u64)>, id: &'a str) {
+    let Some((namespace, _)) = id.split_once('/') else {
+        return;
+    };
+    match runs.iter_mut().find(|(n, _)| *n == namespace) {
+        Some((_, events)) => *events += 1,
+        None => runs.push((namespace, 1)),
     }
 }
 
@@ -137,5 +173,23 @@ mod tests {
         assert_eq!(peers.events("gamma", t + 200_000), 2);
         assert_eq!(peers.events("gamma", t + 258_500), 2);
         assert_eq!(peers.events("gamma", t + 259_000), 1);
+    }
+
+    #[test]
+    fn owners_noting_gives_the_owners_and_counts_in_one_pass() {
+        let peers = PeerWrites::default();
+        let t = 1_000_000_000;
+        let ids = ["acme/a", "beta/b", "acme/c", "x"];
+        let f = frame(t, &ids);
+        assert_eq!(
+            peers.owners_noting(&f, 4, t),
+            crate::log::local::owners_of(&f, 4)
+        );
+        assert_eq!(peers.events("acme", t), 2);
+        assert_eq!(peers.events("beta", t), 1);
+        // An old frame's owners still come back; nothing is counted.
+        let old = frame(t - 61_000, &ids);
+        assert_eq!(peers.owners_noting(&old, 4, t).len(), 4);
+        assert_eq!(peers.events("acme", t), 2);
     }
 }
