@@ -63,7 +63,7 @@ fn check_request(
     let namespace = caller.namespace().unwrap_or_default();
     // A limit no run reaches, so every iteration does the full counting work.
     limiter
-        .admit(namespace, allowed as u64, u64::MAX / 2, 0)
+        .admit(namespace, allowed as u64, u64::MAX / 2, &[])
         .is_ok()
         && config.rate_limit_enabled
 }

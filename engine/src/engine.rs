@@ -325,9 +325,9 @@ impl Engine {
     }
 
     /// Events other nodes sharing the log wrote into `namespace` in the last minute up to
-    /// `now_ms` (0 on the local log): what a per-namespace rate limit adds to this node's own
-    /// count.
-    pub fn peer_events(&self, namespace: &str, now_ms: u64) -> u64 {
+    /// `now_ms` (none on the local log), by when they stop counting: what a per-namespace rate
+    /// limit adds to this node's own count.
+    pub fn peer_events(&self, namespace: &str, now_ms: u64) -> Vec<crate::log::peers::Expiring> {
         self.inner.log.peer_events(namespace, now_ms)
     }
 

@@ -144,7 +144,7 @@ impl Api {
             namespace,
             events as u64,
             config.rate_limit_per_namespace_per_minute,
-            peers,
+            &peers,
         );
         if admitted.is_err() {
             self.metrics.rate_limited_requests.inc();

@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use flux_engine::log::peers::Expiring;
 use flux_engine::shard::{BUILTIN_ID_PREFIX, BUILTIN_NAMESPACE, entity_is_builtin};
 use hashbrown::HashMap;
 use hyper::header::{AUTHORIZATION, HeaderMap};
@@ -193,15 +194,15 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    /// Counts `events` against `namespace`; over `limit` per window, with `peers` events that
-    /// other nodes of a shared log took for it in the last minute added to this node's own,
-    /// → 429 with the seconds to wait, and nothing is counted.
+    /// Counts `events` against `namespace`; over `limit` per window, with the events other
+    /// nodes of a shared log took for it in the last minute (`peers`) added to this node's own,
+    /// → 429 with the seconds until enough of them stop counting, and nothing is counted.
     pub fn admit(
         &self,
         namespace: &str,
         events: u64,
         limit: u64,
-        peers: u64,
+        peers: &[Expiring],
     ) -> Result<(), ApiError> {
         let now = Instant::now();
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
@@ -215,9 +216,16 @@ impl RateLimiter {
                 events: 0,
             };
         }
-        if window.events + peers + events > limit {
-            let left = RATE_WINDOW.saturating_sub(now.duration_since(window.started));
-            let retry_after = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        let peer_events: u64 = peers.iter().map(|e| e.events).sum();
+        if window.events + peer_events + events > limit {
+            let own_reset = RATE_WINDOW.saturating_sub(now.duration_since(window.started));
+            let wait = time_to_room(
+                window.events + peer_events + events - limit,
+                (own_reset.as_millis() as u64, window.events),
+                peers,
+            );
+            let retry_after = wait.div_ceil(1000);
+            let peers = peer_events;
             let through_peers = if peers > 0 {
                 format!(" ({peers} written through other nodes in the last minute)")
             } else {
@@ -234,6 +242,23 @@ impl RateLimiter {
         window.events += events;
         Ok(())
     }
+}
+
+/// Milliseconds until `excess` events stop counting: this node's own (`own`: when its window
+/// resets, and how many) and other nodes' (`peers`), whichever go first; the longest of them
+/// when even all together do not make room (a request larger than the limit).
+fn time_to_room(excess: u64, own: (u64, u64), peers: &[Expiring]) -> u64 {
+    let mut leaving: Vec<(u64, u64)> = peers.iter().map(|e| (e.in_ms, e.events)).collect();
+    leaving.push(own);
+    leaving.sort_unstable();
+    let mut freed = 0;
+    for &(at, events) in &leaving {
+        freed += events;
+        if freed >= excess {
+            return at;
+        }
+    }
+    leaving.last().map_or(0, |&(at, _)| at)
 }
 
 /// A random id of `len` characters from `a-z0-9`.
@@ -310,17 +335,30 @@ mod tests {
     #[test]
     fn rate_limit_counts_events_and_reports_retry_after() {
         let limiter = RateLimiter::default();
-        assert!(limiter.admit("acme", 7, 10, 0).is_ok());
-        assert!(limiter.admit("acme", 3, 10, 0).is_ok());
-        let error = limiter.admit("acme", 1, 10, 0).unwrap_err();
+        assert!(limiter.admit("acme", 7, 10, &[]).is_ok());
+        assert!(limiter.admit("acme", 3, 10, &[]).is_ok());
+        let error = limiter.admit("acme", 1, 10, &[]).unwrap_err();
         assert_eq!(error.status, StatusCode::TOO_MANY_REQUESTS);
-        assert!(error.retry_after.is_some_and(|s| (1..=60).contains(&s)));
-        assert!(limiter.admit("other", 10, 10, 0).is_ok());
-        // Events other nodes took for a namespace count against it too, and are named.
-        assert!(limiter.admit("beta", 6, 10, 4).is_ok());
-        let error = limiter.admit("beta", 1, 10, 4).unwrap_err();
+        assert!(error.retry_after.is_some_and(|s| (59..=60).contains(&s)));
+        assert!(limiter.admit("other", 10, 10, &[]).is_ok());
+        // Events other nodes took for a namespace count against it too, and are named; the
+        // wait is until enough of them stop counting.
+        let peers = |list: &[(u64, u64)]| -> Vec<Expiring> {
+            list.iter()
+                .map(|&(in_ms, events)| Expiring { in_ms, events })
+                .collect()
+        };
+        let four = peers(&[(9_500, 1), (20_000, 3)]);
+        assert!(limiter.admit("beta", 6, 10, &four).is_ok());
+        let error = limiter.admit("beta", 1, 10, &four).unwrap_err();
         assert!(error.message.contains("4 written through other nodes"));
-        assert!(limiter.admit("gamma", 10, 10, 1).is_err());
+        assert_eq!(error.retry_after, Some(10));
+        let error = limiter.admit("beta", 3, 10, &four).unwrap_err();
+        assert_eq!(error.retry_after, Some(20));
+        assert!(limiter.admit("gamma", 10, 10, &peers(&[(1, 1)])).is_err());
+        // More than the limit never fits: the longest wait.
+        let error = limiter.admit("delta", 11, 10, &four).unwrap_err();
+        assert!(error.retry_after.is_some_and(|s| s >= 59));
     }
 
     #[test]

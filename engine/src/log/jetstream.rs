@@ -1409,8 +1409,8 @@ impl Log for JetStreamLog {
             .or_else(|| lock(&self.shared.probe_failure).clone())
     }
 
-    fn peer_events(&self, namespace: &str, now_ms: u64) -> u64 {
-        self.shared.peers.events(namespace, now_ms)
+    fn peer_events(&self, namespace: &str, now_ms: u64) -> Vec<crate::log::peers::Expiring> {
+        self.shared.peers.expiring(namespace, now_ms)
     }
 
     fn unavailable_reason(&self) -> Option<String> {

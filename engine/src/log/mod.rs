@@ -71,10 +71,11 @@ pub trait Log: Send + Sync + 'static {
     }
 
     /// Events other nodes wrote into `namespace` in the last minute up to `now_ms`, as this
-    /// node has applied them ([`peers::PeerWrites`]); 0 for a log only this node writes.
-    fn peer_events(&self, namespace: &str, now_ms: u64) -> u64 {
+    /// node has applied them ([`peers::PeerWrites`]), by when they stop counting; none for a
+    /// log only this node writes.
+    fn peer_events(&self, namespace: &str, now_ms: u64) -> Vec<peers::Expiring> {
         let _ = (namespace, now_ms);
-        0
+        Vec::new()
     }
 
     /// Stops taking appends, finishes the queued ones, and waits for the writer to exit.

@@ -5,8 +5,8 @@
 //! Each node counts what it admits itself (`flux_ingress`'s rate limiter); what the others
 //! admitted it learns from the stream it tails, where their writes arrive in order with their
 //! accept time. So a namespace's limit holds across nodes up to what the other nodes have in
-//! flight (admitted, not yet applied here: milliseconds of writes), with no messages of its
-//! own and no coordination beyond the stream.
+//! flight (admitted, not yet applied here: about one request per concurrent writer), with no
+//! messages of its own and no coordination beyond the stream.
 //!
 //! Invariants: counts are kept in one-second buckets by accept time and only for the last
 //! [`WINDOW_SECONDS`]; a namespace whose buckets all aged out is dropped, so memory follows
@@ -20,6 +20,13 @@ use crate::shard::shard_of;
 
 /// How far back peers' writes count: the rate limit's minute.
 pub const WINDOW_SECONDS: u64 = 60;
+
+/// Events of other nodes that stop counting together: in `in_ms`, `events` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiring {
+    pub in_ms: u64,
+    pub events: u64,
+}
 
 /// `(second, events)` buckets of one namespace, oldest first.
 type Buckets = VecDeque<(u64, u64)>;
@@ -104,14 +111,26 @@ impl PeerWrites {
 
     /// Peers' events in `namespace` accepted in the [`WINDOW_SECONDS`] up to `now_ms`.
     pub fn events(&self, namespace: &str, now_ms: u64) -> u64 {
+        self.expiring(namespace, now_ms)
+            .iter()
+            .map(|e| e.events)
+            .sum()
+    }
+
+    /// The same events, per second of acceptance, soonest to stop counting first: when they
+    /// stop counting, for a limiter's `Retry-After`.
+    pub fn expiring(&self, namespace: &str, now_ms: u64) -> Vec<Expiring> {
         let oldest = (now_ms / 1000).saturating_sub(WINDOW_SECONDS - 1);
         let namespaces = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
-        namespaces.get(namespace).map_or(0, |buckets| {
+        namespaces.get(namespace).map_or_else(Vec::new, |buckets| {
             buckets
                 .iter()
                 .filter(|(s, _)| *s >= oldest)
-                .map(|(_, events)| events)
-                .sum()
+                .map(|&(second, events)| Expiring {
+                    in_ms: ((second + WINDOW_SECONDS) * 1000).saturating_sub(now_ms),
+                    events,
+                })
+                .collect()
         })
     }
 }
@@ -173,6 +192,19 @@ mod tests {
         assert_eq!(peers.events("gamma", t + 200_000), 2);
         assert_eq!(peers.events("gamma", t + 258_500), 2);
         assert_eq!(peers.events("gamma", t + 259_000), 1);
+        assert_eq!(
+            peers.expiring("gamma", t + 258_500),
+            [
+                Expiring {
+                    in_ms: 500,
+                    events: 1
+                },
+                Expiring {
+                    in_ms: 1500,
+                    events: 1
+                }
+            ]
+        );
     }
 
     #[test]
