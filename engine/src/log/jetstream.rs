@@ -1006,7 +1006,8 @@ async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        if shared.closed.load(Ordering::Acquire) {
+        // While closing waits for the appends in flight, their answers still come on time.
+        if shared.closed.load(Ordering::Acquire) && lock(&shared.pending).is_empty() {
             return;
         }
         let now = Instant::now();
