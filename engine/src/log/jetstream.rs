@@ -844,7 +844,9 @@ impl JetStreamLog {
             if let Some(frame) = delivered.frame {
                 summary.frames += 1;
                 summary.records += frame.len() as u64;
-                // Nothing replayed was admitted by this process.
+                // Nothing replayed was admitted by this process. (Only frames of the last
+                // minute are decoded for it: `visit` finds their owners again, as the local
+                // log's replay does.)
                 shared.peers.note(&frame, now_ms());
                 visit(frame);
             }
@@ -997,7 +999,8 @@ async fn run_tail(shared: Arc<Shared>, mut reader: Reader, tx: flume::Sender<Tai
 }
 
 /// Answers appends whose wait ended: acknowledged but not applied within [`APPLY_TIMEOUT`]
-/// (200), or unacknowledged with their fate settled or their wait capped (503).
+/// (200), unacknowledged with their fate settled (not stored in time: 503), or with their wait
+/// capped and their fate still open (504).
 async fn run_housekeeping(shared: std::sync::Weak<Shared>) {
     let mut ticker = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1448,7 +1451,7 @@ impl Log for JetStreamLog {
             match p.acked {
                 // In the stream, hence accepted (this node will not apply it now).
                 Some((sequence, _)) => p.completion.succeed(position_of(sequence)),
-                // Handed to NATS, perhaps stored: neither accepted nor refused for sure.
+                // Perhaps handed to NATS and stored: neither accepted nor refused for sure.
                 None => p
                     .completion
                     .unknown("shutting down before JetStream answered".into()),

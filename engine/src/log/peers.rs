@@ -9,8 +9,9 @@
 //! messages of its own and no coordination beyond the stream.
 //!
 //! Invariants: counts are kept in one-second buckets by accept time and only for the last
-//! [`WINDOW_SECONDS`]; a namespace whose buckets all aged out is dropped, so memory follows
-//! the namespaces written in the last minute. A frame is counted as a whole under one lock.
+//! [`WINDOW_SECONDS`]; a namespace whose buckets all aged out is dropped (looked for at most
+//! once a second, not per frame), so memory follows the namespaces written in the last minute.
+//! A frame is counted as a whole under one lock.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -34,50 +35,57 @@ type Buckets = VecDeque<(u64, u64)>;
 /// Peers' events per namespace in one-second buckets.
 #[derive(Default)]
 pub struct PeerWrites {
-    namespaces: Mutex<HashMap<Box<str>, Buckets>>,
+    counts: Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    namespaces: HashMap<Box<str>, Buckets>,
+    /// The second (of `now`) in which aged-out namespaces were last dropped.
+    swept_second: u64,
 }
 
 impl PeerWrites {
     /// The owning shard of each record of `frame` (as [`super::local::owners_of`]), counting
-    /// its events, written by another node, under their namespaces on the way: one decode of
-    /// each record serves both. See [`PeerWrites::note`].
+    /// its events, written by another node, under their namespaces (the part of the id before
+    /// its first `/`; ids without one count nowhere) on the way: one decode of each record
+    /// serves both. A frame accepted more than a window before `now_ms` is not counted.
     pub fn owners_noting(&self, frame: &Frame, shards: usize, now_ms: u64) -> Vec<u16> {
-        let recent = !self.too_old(frame, now_ms);
-        let mut runs: Vec<(&str, u64)> = Vec::new();
-        let owners = (0..frame.len())
-            .map(|index| match frame.record(index) {
-                Ok(record) => {
-                    let id = record.fields.entity_id;
-                    if recent {
-                        count_into(&mut runs, id);
-                    }
-                    shard_of(id, shards)
-                }
-                Err(_) => CONTROL_OWNER,
-            })
-            .collect();
-        self.add(frame, now_ms, runs);
+        let mut owners = Vec::with_capacity(frame.len());
+        self.count(frame, now_ms, |id| {
+            owners.push(id.map_or(CONTROL_OWNER, |id| shard_of(id, shards)));
+        });
         owners
     }
 
-    /// Counts the event records of `frame`, written by another node, under their namespaces
-    /// (the part of the id before its first `/`; ids without one count nowhere). A frame
-    /// accepted more than a window before `now_ms` is not counted.
+    /// Counts `frame` as [`PeerWrites::owners_noting`] does, without the owners; a frame too
+    /// old to count is not decoded.
     pub fn note(&self, frame: &Frame, now_ms: u64) {
-        if self.too_old(frame, now_ms) {
-            return;
+        if Self::recent(frame, now_ms) {
+            self.count(frame, now_ms, |_| {});
         }
-        let mut runs: Vec<(&str, u64)> = Vec::new();
-        for index in 0..frame.len() {
-            if let Ok(record) = frame.record(index) {
-                count_into(&mut runs, record.fields.entity_id);
-            }
-        }
-        self.add(frame, now_ms, runs);
     }
 
-    fn too_old(&self, frame: &Frame, now_ms: u64) -> bool {
-        frame.accept_time_ms / 1000 + WINDOW_SECONDS <= now_ms / 1000
+    fn recent(frame: &Frame, now_ms: u64) -> bool {
+        frame.accept_time_ms / 1000 + WINDOW_SECONDS > now_ms / 1000
+    }
+
+    /// Decodes each record once, counting the recent ones under their namespaces; `each` sees
+    /// every record's entity id (`None` for a control record).
+    fn count(&self, frame: &Frame, now_ms: u64, mut each: impl FnMut(Option<&str>)) {
+        let recent = Self::recent(frame, now_ms);
+        let mut runs: Vec<(&str, u64)> = Vec::new();
+        for index in 0..frame.len() {
+            let id = frame
+                .record(index)
+                .ok()
+                .map(|record| record.fields.entity_id);
+            if let (true, Some(id)) = (recent, id) {
+                count_into(&mut runs, id);
+            }
+            each(id);
+        }
+        self.add(frame, now_ms, runs);
     }
 
     /// Adds one frame's counts per namespace (counted per namespace before the lock is taken:
@@ -87,9 +95,13 @@ impl PeerWrites {
             return;
         }
         let second = frame.accept_time_ms / 1000;
-        let mut namespaces = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        let oldest = (now_ms / 1000).saturating_sub(WINDOW_SECONDS - 1);
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         for (namespace, events) in runs {
-            let buckets = namespaces.entry(namespace.into()).or_default();
+            let buckets = counts.namespaces.entry(namespace.into()).or_default();
+            while buckets.front().is_some_and(|(s, _)| *s < oldest) {
+                buckets.pop_front();
+            }
             match buckets.iter_mut().rev().find(|(s, _)| *s == second) {
                 Some((_, counted)) => *counted += events,
                 None => {
@@ -100,13 +112,15 @@ impl PeerWrites {
                 }
             }
         }
-        let oldest = (now_ms / 1000).saturating_sub(WINDOW_SECONDS - 1);
-        namespaces.retain(|_, buckets| {
-            while buckets.front().is_some_and(|(s, _)| *s < oldest) {
-                buckets.pop_front();
-            }
-            !buckets.is_empty()
-        });
+        if counts.swept_second != now_ms / 1000 {
+            counts.swept_second = now_ms / 1000;
+            counts.namespaces.retain(|_, buckets| {
+                while buckets.front().is_some_and(|(s, _)| *s < oldest) {
+                    buckets.pop_front();
+                }
+                !buckets.is_empty()
+            });
+        }
     }
 
     /// Peers' events in `namespace` accepted in the [`WINDOW_SECONDS`] up to `now_ms`.
@@ -121,17 +135,20 @@ impl PeerWrites {
     /// stop counting, for a limiter's `Retry-After`.
     pub fn expiring(&self, namespace: &str, now_ms: u64) -> Vec<Expiring> {
         let oldest = (now_ms / 1000).saturating_sub(WINDOW_SECONDS - 1);
-        let namespaces = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
-        namespaces.get(namespace).map_or_else(Vec::new, |buckets| {
-            buckets
-                .iter()
-                .filter(|(s, _)| *s >= oldest)
-                .map(|&(second, events)| Expiring {
-                    in_ms: ((second + WINDOW_SECONDS) * 1000).saturating_sub(now_ms),
-                    events,
-                })
-                .collect()
-        })
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts
+            .namespaces
+            .get(namespace)
+            .map_or_else(Vec::new, |buckets| {
+                buckets
+                    .iter()
+                    .filter(|(s, _)| *s >= oldest)
+                    .map(|&(second, events)| Expiring {
+                        in_ms: ((second + WINDOW_SECONDS) * 1000).saturating_sub(now_ms),
+                        events,
+                    })
+                    .collect()
+            })
     }
 }
 
@@ -172,7 +189,11 @@ mod tests {
     fn counts_a_minute_of_peers_events_per_namespace() {
         let peers = PeerWrites::default();
         let t = 1_000_000_000;
-        peers.note(&frame(t, &["acme/a", "acme/b", "beta/x", "nonamespace"]), t);
+        peers.owners_noting(
+            &frame(t, &["acme/a", "acme/b", "beta/x", "nonamespace"]),
+            1,
+            t,
+        );
         peers.note(&frame(t + 30_000, &["acme/c"]), t + 30_000);
         assert_eq!(peers.events("acme", t + 30_000), 3);
         assert_eq!(peers.events("beta", t + 30_000), 1);
@@ -182,7 +203,7 @@ mod tests {
         assert_eq!(peers.events("acme", t + 60_000), 1);
         assert_eq!(peers.events("beta", t + 60_000), 0);
         peers.note(&frame(t + 200_000, &["gamma/a"]), t + 200_000);
-        assert_eq!(peers.namespaces.lock().unwrap().len(), 1);
+        assert_eq!(peers.counts.lock().unwrap().namespaces.len(), 1);
         // Replayed frames older than the window are not counted at all.
         peers.note(&frame(t, &["acme/old"]), t + 200_000);
         assert_eq!(peers.events("acme", t + 200_000), 0);
