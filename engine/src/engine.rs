@@ -22,8 +22,8 @@ use crate::log::local::{LocalLog, LocalLogOptions, owners_of};
 use crate::log::{Log, LogError};
 use crate::record::{LogPosition, RecordBatch};
 use crate::shard::{
-    ChangeObserver, Completion, Dispatcher, ListQuery, ListedPage, ShardStats, ShardWork, shard_of,
-    start_observed_shards,
+    AppendFailure, ChangeObserver, Completion, Dispatcher, ListQuery, ListedPage, ShardStats,
+    ShardWork, shard_of, start_observed_shards,
 };
 use crate::snapshot::{self, SnapshotJob};
 use crate::threads::ThreadPolicy;
@@ -285,11 +285,11 @@ impl Engine {
             return Ok(self.inner.log.next_position());
         }
         let (completion, done) = Completion::new();
-        self.inner.log.append(batch, completion.clone()).await?;
+        self.inner.log.append(batch, completion).await?;
         match done.await {
             Ok(Ok(position)) => Ok(position),
-            Ok(Err(reason)) if completion.is_unknown() => Err(EngineError::OutcomeUnknown(reason)),
-            Ok(Err(reason)) => Err(EngineError::Unavailable(reason)),
+            Ok(Err(AppendFailure::Refused(reason))) => Err(EngineError::Unavailable(reason)),
+            Ok(Err(AppendFailure::Unknown(reason))) => Err(EngineError::OutcomeUnknown(reason)),
             Err(_) => Err(EngineError::Unavailable("engine stopped".into())),
         }
     }

@@ -68,20 +68,45 @@ pub fn shard_of(entity_id: &str, shards: usize) -> u16 {
 pub struct Completion {
     remaining: AtomicUsize,
     first_position: AtomicU64,
-    sender: Mutex<Option<oneshot::Sender<Result<LogPosition, String>>>>,
-    /// The failure sent was [`Completion::unknown`]: the append may still be applied.
-    unknown: std::sync::atomic::AtomicBool,
+    sender: Mutex<Option<oneshot::Sender<Result<LogPosition, AppendFailure>>>>,
+}
+
+/// Why an append completed without being applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendFailure {
+    /// Nothing of it was accepted ([`Completion::fail`]).
+    Refused(String),
+    /// The log did not show whether it took it: it may still be applied
+    /// ([`Completion::unknown`]).
+    Unknown(String),
+}
+
+impl std::fmt::Display for AppendFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppendFailure::Refused(reason) => f.write_str(reason),
+            AppendFailure::Unknown(reason) => write!(f, "outcome unknown: {reason}"),
+        }
+    }
+}
+
+impl From<AppendFailure> for String {
+    fn from(failure: AppendFailure) -> String {
+        failure.to_string()
+    }
 }
 
 impl Completion {
     /// A completion and the receiver its result arrives on (first position, or why not).
-    pub fn new() -> (Arc<Self>, oneshot::Receiver<Result<LogPosition, String>>) {
+    pub fn new() -> (
+        Arc<Self>,
+        oneshot::Receiver<Result<LogPosition, AppendFailure>>,
+    ) {
         let (tx, rx) = oneshot::channel();
         let completion = Completion {
             remaining: AtomicUsize::new(0),
             first_position: AtomicU64::new(0),
             sender: Mutex::new(Some(tx)),
-            unknown: std::sync::atomic::AtomicBool::new(false),
         };
         (Arc::new(completion), rx)
     }
@@ -93,22 +118,16 @@ impl Completion {
 
     /// Reports failure; nothing of the append was dispatched.
     pub fn fail(&self, reason: String) {
-        self.send(Err(reason));
+        self.send(Err(AppendFailure::Refused(reason)));
     }
 
     /// Reports that the append's fate is not known when its answer is due: the log may still
     /// store and dispatch it (a shared log that stopped answering after it was handed over).
     pub fn unknown(&self, reason: String) {
-        self.unknown.store(true, Ordering::Release);
-        self.send(Err(reason));
+        self.send(Err(AppendFailure::Unknown(reason)));
     }
 
-    /// Whether the failure received was [`Completion::unknown`].
-    pub fn is_unknown(&self) -> bool {
-        self.unknown.load(Ordering::Acquire)
-    }
-
-    fn send(&self, result: Result<LogPosition, String>) {
+    fn send(&self, result: Result<LogPosition, AppendFailure>) {
         let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(sender) = sender {
             let _ = sender.send(result);

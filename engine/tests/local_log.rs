@@ -174,7 +174,7 @@ async fn append(log: &LocalLog, events: &[Event]) -> Result<LogPosition, String>
     Log::append(log, batch_of(events), completion)
         .await
         .map_err(|e| e.to_string())?;
-    done.await.map_err(|_| "completion dropped".to_owned())?
+    Ok(done.await.map_err(|_| "completion dropped".to_owned())??)
 }
 
 /// Appends `events` and returns the frame as stored (with the accept time the log gave it).

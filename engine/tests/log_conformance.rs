@@ -128,9 +128,11 @@ fn append(
     let (completion, done) = Completion::new();
     rt.block_on(log.append(batch_of(items), completion))
         .map_err(|e| e.to_string())?;
-    rt.block_on(async { tokio::time::timeout(WAIT, done).await })
+    let outcome = rt
+        .block_on(async { tokio::time::timeout(WAIT, done).await })
         .map_err(|_| "append did not complete in time".to_string())?
-        .map_err(|_| "completion dropped".to_string())?
+        .map_err(|_| "completion dropped".to_string())?;
+    Ok(outcome?)
 }
 
 struct Started {
