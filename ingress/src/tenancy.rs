@@ -225,9 +225,8 @@ impl RateLimiter {
                 peers,
             );
             let retry_after = wait.div_ceil(1000);
-            let peers = peer_events;
-            let through_peers = if peers > 0 {
-                format!(" ({peers} written through other nodes in the last minute)")
+            let through_peers = if peer_events > 0 {
+                format!(" ({peer_events} written through other nodes in the last minute)")
             } else {
                 String::new()
             };
