@@ -68,16 +68,21 @@ pub fn object_body(body: &[u8]) -> Result<&str, ApiError> {
     }
 }
 
+/// `Access-Control-Allow-Origin` of every response.
+pub const CORS_ALLOW_ORIGIN: &str = "*";
+/// `Access-Control-Expose-Headers` of every response.
+pub const CORS_EXPOSE_HEADERS: &str = "Retry-After, Content-Type";
+
 /// Adds the CORS headers every response carries.
 pub fn add_cors(response: &mut Response) {
     let headers = response.headers_mut();
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
+        HeaderValue::from_static(CORS_ALLOW_ORIGIN),
     );
     headers.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("Retry-After, Content-Type"),
+        HeaderValue::from_static(CORS_EXPOSE_HEADERS),
     );
 }
 

@@ -25,6 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::error::error_body;
+use crate::http::{CORS_ALLOW_ORIGIN, CORS_EXPOSE_HEADERS};
 
 /// A connection's socket for hyper.
 pub struct ApiIo {
@@ -194,9 +195,14 @@ fn error_answer(head: &[u8]) -> Option<Vec<u8>> {
     let end = at + "content-length: 0\r\n".len();
     let mut out = Vec::with_capacity(head.len() + 160 + body.len());
     out.extend_from_slice(&head[..at]);
-    out.extend_from_slice(b"content-type: application/json\r\naccess-control-allow-origin: *\r\n");
-    out.extend_from_slice(b"access-control-expose-headers: Retry-After, Content-Type\r\n");
-    out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    out.extend_from_slice(
+        format!(
+            "content-type: application/json\r\naccess-control-allow-origin: {CORS_ALLOW_ORIGIN}\r\n\
+             access-control-expose-headers: {CORS_EXPOSE_HEADERS}\r\ncontent-length: {}\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(&head[end..]);
     out.extend_from_slice(&body);
     Some(out)
