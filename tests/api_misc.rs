@@ -196,6 +196,91 @@ fn wrong_methods_are_404_or_405() {
     }
     let r = s.request("PUT", "/api/events", &[], Some(b"{}"));
     assert_eq!(r.header("allow"), Some("GET, HEAD, POST, OPTIONS"));
+    // `…/entities/delete` is an entity's path and the batch delete's route at once.
+    let r = s.request("PUT", "/api/state/entities/delete", &[], Some(b"{}"));
+    assert_eq!(r.header("allow"), Some("GET, HEAD, DELETE, POST, OPTIONS"));
+}
+
+/// What HTTP/1.1 forbids and hyper lets through (RFC 9112 §3.2, §6.1): two `Host` headers,
+/// a transfer coding the server cannot undo (501), `chunked` twice. Each gets a JSON error,
+/// and no such body is taken for an event. A request without `Host` is served (hand-written
+/// clients leave it out).
+#[test]
+fn requests_framed_against_http_1_1_are_refused() {
+    let s = Server::start();
+    let event = br#"{"stream":"s","source":"x","timestamp":1,"payload":{"entity_id":"frame/x","properties":{"v":1}}}"#;
+    let with_headers = |head: &str, body: &[u8]| {
+        let mut request = format!("POST /api/events HTTP/1.1\r\n{head}Content-Type: application/json\r\nConnection: close\r\n\r\n").into_bytes();
+        request.extend_from_slice(body);
+        s.raw_ok(&request)
+    };
+    let length = format!("Content-Length: {}\r\n", event.len());
+    let chunked_body = chunked(event, 40);
+    for (head, body, status, words) in [
+        (
+            format!("Host: a\r\nHost: b\r\n{length}"),
+            &event[..],
+            400,
+            "Host",
+        ),
+        (
+            "Host: a\r\nTransfer-Encoding: gzip, chunked\r\n".to_string(),
+            &chunked_body[..],
+            501,
+            "gzip",
+        ),
+        (
+            "Host: a\r\nTransfer-Encoding: chunked, chunked\r\n".to_string(),
+            &chunked_body[..],
+            400,
+            "chunked",
+        ),
+        (
+            "Host: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n".to_string(),
+            &chunked_body[..],
+            400,
+            "chunked",
+        ),
+    ] {
+        let r = with_headers(&head, body);
+        assert_eq!(r.status, status, "{head:?}: {}", r.text());
+        assert!(
+            error_message(&r.json()).contains(words),
+            "{head:?}: {}",
+            r.text()
+        );
+        assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    }
+    assert_eq!(s.entity("frame/x").0, 404, "no refused request was applied");
+    for version in ["HTTP/1.0", "HTTP/1.1"] {
+        let mut request =
+            format!("POST /api/events {version}\r\nConnection: close\r\n{length}\r\n").into_bytes();
+        request.extend_from_slice(event);
+        assert_eq!(s.raw_ok(&request).status, 200, "{version} without Host");
+    }
+    assert_eq!(
+        with_headers("Host: a\r\nTransfer-Encoding: chunked\r\n", &chunked_body).status,
+        200
+    );
+}
+
+/// Query strings decode as forms encode them: `+` is a space (and `%2B` a plus), so a
+/// client's form encoder finds ids with spaces; a value that is not UTF-8 is a 400 naming
+/// its parameter. A `since` whose offset's `+` arrived unencoded still parses.
+#[test]
+fn query_strings_decode_as_forms_encode_them() {
+    let s = Server::start();
+    s.put("form/a b", json!({"v": 1}));
+    s.put("form/a+b", json!({"v": 2}));
+    assert_eq!(s.list_ids("?prefix=form/a+"), ["form/a b"]);
+    assert_eq!(s.list_ids("?prefix=form/a%2B"), ["form/a+b"]);
+    assert_eq!(s.history("form/a b", "").len(), 1);
+    let (status, body) = s.get("/api/events?entity=form/a+b&since=2020-01-01T00:00:00.000+00:00");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(history_items(&body).len(), 1);
+    assert_eq!(history_items(&body)[0]["payload"]["properties"]["v"], 1);
+    let (status, body) = s.get("/api/state/entities?prefix=form/%FF");
+    assert_error(status, &body, 400, "prefix");
 }
 
 /// HEAD answers what GET would, without the body: same status, type and length.

@@ -593,8 +593,14 @@ fn deleting_a_namespace_needs_admin_and_revokes_its_token() {
 
     let r = call(&s, "DELETE", "/api/namespaces/acme", None, None);
     assert_error(r.status, &r.json(), 401, "");
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer"),
+        "a 401 names its scheme"
+    );
     let r = call(&s, "DELETE", "/api/namespaces/acme", Some("wrong"), None);
     assert_error(r.status, &r.json(), 401, "unknown token");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
     let r = call(&s, "DELETE", "/api/namespaces/acme", Some(&token), None);
     assert_error(r.status, &r.json(), 403, "");
     let r = call(&s, "DELETE", "/api/namespaces/nosuch", Some(ADMIN), None);

@@ -1321,6 +1321,173 @@ fn message_over_64_kib_is_closed_with_1009() {
     assert_eq!(state_update(&text).entity_id, "big/b");
 }
 
+/// Opens `/api/ws` by hand, sends `frame` (client bytes, masked by the caller) and returns the
+/// code of the server's close frame, skipping any other frame before it.
+fn close_code_after(addr: &str, frame: &[u8]) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut conn = RawConn::connect(addr);
+    let handshake = b"GET /api/ws HTTP/1.1\r\nHost: flux\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+    let mut buf = Vec::new();
+    let stream = conn.stream();
+    stream.write_all(handshake).expect("handshake");
+    stream.write_all(frame).expect("frame");
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut chunk = [0u8; 4096];
+    let mut start = None;
+    while Instant::now() < deadline {
+        if start.is_none() {
+            start = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+        }
+        if let Some(mut at) = start {
+            // Server frames: unmasked, FIN set; walk them to the close frame.
+            while buf.len() >= at + 2 {
+                let (opcode, len) = (buf[at] & 0x0F, (buf[at + 1] & 0x7F) as usize);
+                let (header, len) = match len {
+                    126 if buf.len() >= at + 4 => {
+                        (4, u16::from_be_bytes([buf[at + 2], buf[at + 3]]) as usize)
+                    }
+                    126 => break,
+                    n => (2, n),
+                };
+                if buf.len() < at + header + len {
+                    break;
+                }
+                let payload = &buf[at + header..at + header + len];
+                if opcode == 0x8 {
+                    return (payload.len() >= 2)
+                        .then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                }
+                at += header + len;
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    None
+}
+
+/// A masked client frame (FIN set) with `opcode` and a short `payload`.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut out = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+    out
+}
+
+/// RFC 6455 §7.4 and §8.1: a close frame carries a code a peer may send (never 1005) and a
+/// UTF-8 reason, and text is UTF-8; a client that breaks either is closed with 1002 or 1007.
+/// A valid close code is echoed.
+#[test]
+fn close_codes_and_text_follow_rfc_6455() {
+    let s = Server::start();
+    let close = |payload: &[u8]| close_code_after(s.addr(), &client_frame(0x8, payload));
+    assert_eq!(close(&1000u16.to_be_bytes()), Some(1000));
+    assert_eq!(
+        close(b"\x0f\xa0going"),
+        Some(4000),
+        "a private code is echoed"
+    );
+    assert_eq!(
+        close(b""),
+        Some(1000),
+        "no code: a normal close, never 1005"
+    );
+    for code in [1005u16, 1006, 999, 1004, 5000] {
+        assert_eq!(
+            close(&code.to_be_bytes()),
+            Some(1002),
+            "client close {code}"
+        );
+    }
+    assert_eq!(close(b"\x03"), Some(1002), "a 1-byte close payload");
+    assert_eq!(
+        close(b"\x03\xe8\xff"),
+        Some(1007),
+        "a reason that is not UTF-8"
+    );
+    let text = client_frame(0x1, b"{\"type\":\"\xff\"}");
+    assert_eq!(
+        close_code_after(s.addr(), &text),
+        Some(1007),
+        "text that is not UTF-8"
+    );
+    // Text that is UTF-8 but not JSON is an application error: the connection stays open.
+    let mut ws = Ws::connect(s.addr());
+    ws.send_text("not json");
+    let (reply, _) = ws.next_change(Instant::now() + READ_TIMEOUT, "bad JSON");
+    error_reply(&reply, "bad JSON");
+    ws.subscribe("rfc/*");
+}
+
+/// RFC 6455 §4.2: the opening handshake needs HTTP/1.1 and version 13 (426 naming it
+/// otherwise); a request on the route that is no upgrade at all gets 426 too. A key that is
+/// not 16 bytes of base64 is let through (it changes nothing for the server).
+#[test]
+fn a_bad_opening_handshake_is_refused() {
+    let s = Server::start();
+    let request = |version: &str, key: &str, ws_version: &str| {
+        format!(
+            "GET /api/ws {version}\r\nHost: flux\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {ws_version}\r\n\r\n"
+        )
+        .into_bytes()
+    };
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let r = s.raw_ok(&request("HTTP/1.1", key, "8"));
+    assert_eq!(r.status, 426, "{}", r.text());
+    assert_eq!(r.header("sec-websocket-version"), Some("13"));
+    error_message(&r.json());
+    let r = s.raw_ok(&request("HTTP/1.0", key, "13"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = s.raw_ok(b"GET /api/ws HTTP/1.1\r\nHost: flux\r\nConnection: close\r\n\r\n");
+    assert_eq!(r.status, 426, "{}", r.text());
+    assert_eq!(r.header("upgrade"), Some("websocket"));
+    // And a good handshake still works.
+    let mut ws = Ws::connect(s.addr());
+    ws.subscribe("hs/*");
+}
+
+/// Many failing ids in one message get one error frame, not one each.
+#[test]
+fn an_array_with_many_refused_ids_gets_one_error() {
+    let s = Server::start();
+    let mut ws = Ws::connect(s.addr());
+    let ids: Vec<String> = (0..3000).map(|i| format!("many/{i}")).collect();
+    ws.send_json(&json!({"type": "unsubscribe", "entity_id": ids}));
+    let (text, _) = ws.next_change(Instant::now() + READ_TIMEOUT, "the refusal");
+    let message = error_reply(&text, "unsubscribe of 3000 unknown ids");
+    assert!(
+        message.contains("not subscribed") && message.contains("2999 more"),
+        "{message}"
+    );
+    // Past the cap: the first 1,024 are taken, the rest refused in one frame.
+    ws.send_json(&json!({"type": "subscribe", "entity_id": ids}));
+    let (text, _) = ws.next_change(Instant::now() + READ_TIMEOUT, "the refusal");
+    let message = error_reply(&text, "subscribe of 3000 ids");
+    assert!(
+        message.contains("too many subscriptions") && message.contains("1975 more"),
+        "{message}"
+    );
+    ws.send_text("{}");
+    let (text, _) = ws.next_change(Instant::now() + READ_TIMEOUT, "the sync reply");
+    assert!(
+        error_reply(&text, "sync").contains("type"),
+        "one error frame per message: {text}"
+    );
+    s.put("many/7", json!({"v": 1}));
+    let (text, _) = ws.next_change(
+        Instant::now() + READ_TIMEOUT,
+        "an update of a subscribed id",
+    );
+    assert_eq!(state_update(&text).entity_id, "many/7");
+}
+
 #[test]
 fn sigterm_closes_connected_clients_with_1001() {
     let mut s = Server::start();

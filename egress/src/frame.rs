@@ -3,8 +3,8 @@
 //! Server → client: complete, unmasked frames encoded once into [`Bytes`] so every receiving
 //! connection shares one buffer. Client → server: [`FrameReader`] reads masked frames into a
 //! buffer that exists only while bytes are pending (an idle connection holds none), enforces
-//! the protocol rules a server must (masking, control frame limits, continuation order) and
-//! caps a message at [`MAX_MESSAGE_BYTES`].
+//! the protocol rules a server must (masking, control frame limits, continuation order, close
+//! codes, UTF-8 text) and caps a message at [`MAX_MESSAGE_BYTES`].
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::net::tcp::OwnedReadHalf;
@@ -25,6 +25,7 @@ pub const OPCODE_PONG: u8 = 0xA;
 pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+pub const CLOSE_INVALID_DATA: u16 = 1007;
 pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 
@@ -69,7 +70,7 @@ pub enum Message {
     Binary(Vec<u8>),
     Ping(Vec<u8>),
     Pong,
-    /// The client's close code, if it sent one.
+    /// The client's close code, if it sent one (always one a peer may send).
     Close(Option<u16>),
 }
 
@@ -80,6 +81,8 @@ pub enum ReadError {
     Protocol(&'static str),
     /// A message exceeded [`MAX_MESSAGE_BYTES`]; close with 1009.
     TooBig,
+    /// A text message (or a close reason) is not UTF-8; close with 1007.
+    NotUtf8,
     /// The connection ended or failed.
     Closed,
 }
@@ -140,11 +143,7 @@ impl FrameReader {
             match opcode {
                 OPCODE_PING => return Ok(Some(Message::Ping(payload))),
                 OPCODE_PONG => return Ok(Some(Message::Pong)),
-                OPCODE_CLOSE => {
-                    let code =
-                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                    return Ok(Some(Message::Close(code)));
-                }
+                OPCODE_CLOSE => return close_message(&payload).map(Some),
                 OPCODE_TEXT | OPCODE_BINARY => {
                     if self.partial.is_some() {
                         return Err(ReadError::Protocol(
@@ -152,7 +151,7 @@ impl FrameReader {
                         ));
                     }
                     if fin {
-                        return Ok(Some(data_message(opcode, payload)));
+                        return data_message(opcode, payload).map(Some);
                     }
                     self.partial = Some((opcode, payload));
                 }
@@ -165,7 +164,7 @@ impl FrameReader {
                     }
                     so_far.extend_from_slice(&payload);
                     if fin {
-                        return Ok(Some(data_message(first, so_far)));
+                        return data_message(first, so_far).map(Some);
                     }
                     self.partial = Some((first, so_far));
                 }
@@ -212,12 +211,33 @@ impl FrameReader {
     }
 }
 
-fn data_message(opcode: u8, payload: Vec<u8>) -> Message {
-    if opcode == OPCODE_TEXT {
-        Message::Text(payload)
+fn data_message(opcode: u8, payload: Vec<u8>) -> Result<Message, ReadError> {
+    if opcode == OPCODE_BINARY {
+        Ok(Message::Binary(payload))
+    } else if std::str::from_utf8(&payload).is_err() {
+        Err(ReadError::NotUtf8)
     } else {
-        Message::Binary(payload)
+        Ok(Message::Text(payload))
     }
+}
+
+/// A close frame's payload: empty, or a code a peer may send (RFC 6455 §7.4) and a UTF-8
+/// reason. 1005, 1006 and 1015 only ever stand for a missing code inside an endpoint.
+fn close_message(payload: &[u8]) -> Result<Message, ReadError> {
+    let Some((code, reason)) = payload.split_first_chunk::<2>() else {
+        return match payload.len() {
+            0 => Ok(Message::Close(None)),
+            _ => Err(ReadError::Protocol("a close frame's code takes two bytes")),
+        };
+    };
+    let code = u16::from_be_bytes(*code);
+    if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+        return Err(ReadError::Protocol("invalid close code"));
+    }
+    if std::str::from_utf8(reason).is_err() {
+        return Err(ReadError::NotUtf8);
+    }
+    Ok(Message::Close(Some(code)))
 }
 
 #[cfg(test)]
@@ -298,6 +318,48 @@ mod tests {
         let mut two = masked(0x01, &vec![0; MAX_MESSAGE_BYTES]);
         two.extend(masked(0x80, b"y"));
         assert_eq!(parse_all(&two), Err(ReadError::TooBig));
+    }
+
+    #[test]
+    fn text_must_be_utf8_and_close_codes_valid() {
+        assert_eq!(
+            parse_all(&masked(0x81, b"{\"type\":\"\xff\"}")),
+            Err(ReadError::NotUtf8)
+        );
+        // Checked once the message is whole: a character may span two fragments.
+        let mut split = masked(0x01, &"é".as_bytes()[..1]);
+        split.extend(masked(0x80, &"é".as_bytes()[1..]));
+        assert_eq!(parse_all(&split), Ok(vec![Message::Text("é".into())]));
+        assert_eq!(
+            parse_all(&masked(0x82, b"\xff")),
+            Ok(vec![Message::Binary(vec![0xff])])
+        );
+        assert_eq!(
+            parse_all(&masked(0x88, b"")),
+            Ok(vec![Message::Close(None)])
+        );
+        for code in [1000u16, 1001, 1003, 1007, 1011, 1014, 3000, 4999] {
+            assert_eq!(
+                parse_all(&masked(0x88, &code.to_be_bytes())),
+                Ok(vec![Message::Close(Some(code))]),
+                "{code}"
+            );
+        }
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 2999, 5000] {
+            assert_eq!(
+                parse_all(&masked(0x88, &code.to_be_bytes())),
+                Err(ReadError::Protocol("invalid close code")),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            parse_all(&masked(0x88, b"\x03")),
+            Err(ReadError::Protocol(_))
+        ));
+        assert_eq!(
+            parse_all(&masked(0x88, b"\x03\xe8\xff")),
+            Err(ReadError::NotUtf8)
+        );
     }
 
     #[test]

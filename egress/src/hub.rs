@@ -433,10 +433,10 @@ impl Hub {
         Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         if !fastwebsockets::upgrade::is_upgrade_request(&request) {
-            return plain_response(
-                hyper::StatusCode::UPGRADE_REQUIRED,
-                "expected a WebSocket upgrade request",
-            );
+            return upgrade_required("expected a WebSocket upgrade request");
+        }
+        if let Some(refusal) = refuse_handshake(&request) {
+            return refusal;
         }
         let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut request) {
             Ok(pair) => pair,
@@ -515,6 +515,10 @@ impl Hub {
                 Err(ReadError::TooBig) => {
                     let reason = format!("message larger than {} bytes", frame::MAX_MESSAGE_BYTES);
                     connection.close(frame::CLOSE_TOO_BIG, &reason);
+                    break;
+                }
+                Err(ReadError::NotUtf8) => {
+                    connection.close(frame::CLOSE_INVALID_DATA, "text is not valid UTF-8");
                     break;
                 }
                 Err(ReadError::Closed) => {
@@ -609,30 +613,37 @@ impl Hub {
                 return;
             }
         };
-        for entity_id in ids {
-            self.subscription(connection, patterns, kind == "subscribe", entity_id);
+        // One error frame per message, however many of its ids fail.
+        let mut refused = ids.iter().filter_map(|entity_id| {
+            self.subscription(connection, patterns, kind == "subscribe", entity_id)
+                .err()
+        });
+        if let Some(first) = refused.next() {
+            let others = refused.count();
+            let reason = match others {
+                0 => first,
+                _ => format!("{first} (and {others} more of the {} ids)", ids.len()),
+            };
+            connection.push(&[error_frame(&reason)]);
         }
     }
 
-    /// Subscribes `connection` to `entity_id` (or unsubscribes it), answering an error frame
-    /// when that cannot be done.
+    /// Subscribes `connection` to `entity_id` (or unsubscribes it), or says why that cannot
+    /// be done.
     fn subscription(
         self: &Arc<Self>,
         connection: &Arc<Connection>,
         patterns: &mut Vec<Pattern>,
         subscribe: bool,
         entity_id: &str,
-    ) {
+    ) -> Result<(), String> {
         let pattern = Pattern::parse(entity_id);
         let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
         if subscribe {
             if patterns.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION && !patterns.contains(&pattern) {
-                drop(index);
-                let reason = format!(
+                return Err(format!(
                     "too many subscriptions (max {MAX_SUBSCRIPTIONS_PER_CONNECTION} per connection)"
-                );
-                connection.push(&[error_frame(&reason)]);
-                return;
+                ));
             }
             if index.insert(&pattern, connection) {
                 self.subscriptions.fetch_add(1, Ordering::AcqRel);
@@ -656,9 +667,9 @@ impl Hub {
             }
             patterns.retain(|p| *p != pattern);
         } else {
-            drop(index);
-            connection.push(&[error_frame(&format!("not subscribed to {entity_id:?}"))]);
+            return Err(format!("not subscribed to {entity_id:?}"));
         }
+        Ok(())
     }
 
     /// Sets the writers' coalescing window from the frames delivered in each
@@ -751,6 +762,39 @@ impl Rate {
         self.previous = Some((now, total));
         rate
     }
+}
+
+/// What RFC 6455 (§4.2.1) asks of an opening handshake beyond its upgrade headers, checked
+/// before fastwebsockets answers it: HTTP/1.1, and version 13 (or a 426 naming it). A key
+/// that does not decode to 16 bytes is let through: it changes nothing for the server, and
+/// hand-written clients get it wrong.
+fn refuse_handshake(request: &hyper::Request<Incoming>) -> Option<hyper::Response<Full<Bytes>>> {
+    use hyper::header::SEC_WEBSOCKET_VERSION;
+    if request.version() != hyper::Version::HTTP_11 {
+        return Some(plain_response(
+            hyper::StatusCode::BAD_REQUEST,
+            "a WebSocket handshake needs HTTP/1.1",
+        ));
+    }
+    if request
+        .headers()
+        .get(SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Some(upgrade_required("Sec-WebSocket-Version must be 13"));
+    }
+    None
+}
+
+/// 426 with the upgrade a client must ask for (RFC 9110 §15.5.22, RFC 6455 §4.2.2).
+fn upgrade_required(message: &str) -> hyper::Response<Full<Bytes>> {
+    use hyper::header::{HeaderValue, SEC_WEBSOCKET_VERSION, UPGRADE};
+    let mut response = plain_response(hyper::StatusCode::UPGRADE_REQUIRED, message);
+    let headers = response.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    response
 }
 
 fn plain_response(status: hyper::StatusCode, message: &str) -> hyper::Response<Full<Bytes>> {

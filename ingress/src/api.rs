@@ -228,7 +228,7 @@ impl Api {
 
     /// `GET /api/events?entity=&since=&limit=`
     pub async fn history(&self, request: Request) -> Result<Response, ApiError> {
-        let params = query_params(&request);
+        let params = query_params(&request)?;
         let entity = param(&params, "entity")
             .filter(|e| !e.is_empty())
             .ok_or_else(|| ApiError::bad_request("entity query parameter is required"))?;
@@ -257,7 +257,7 @@ impl Api {
 
     /// `GET /api/state/entities[?prefix=|namespace=][&limit=&after=]`, streamed.
     pub fn list(&self, request: &Request) -> Result<Response, ApiError> {
-        let params = query_params(request);
+        let params = query_params(request)?;
         let prefix = match (param(&params, "prefix"), param(&params, "namespace")) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::bad_request(

@@ -60,6 +60,12 @@ impl ApiError {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload too large")
     }
 
+    /// 501, with `Connection: close`: the body's framing is not understood, so the
+    /// connection cannot carry another request.
+    pub fn not_implemented(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_IMPLEMENTED, message)
+    }
+
     pub fn rate_limited(message: impl Into<String>, retry_after_seconds: u64) -> Self {
         ApiError {
             retry_after: Some(retry_after_seconds),
@@ -85,11 +91,21 @@ impl ApiError {
     }
 
     /// The response: status plus `{"error": message}` (and `Retry-After` or `Allow` when
-    /// set). A 413 also says `Connection: close`: the rest of its body is never read, so the
-    /// connection cannot carry another request.
+    /// set). A 413 or 501 also says `Connection: close`: the rest of its body is never read,
+    /// so the connection cannot carry another request. A 401 names the scheme a client must
+    /// use (`WWW-Authenticate: Bearer`).
     pub fn into_response(self) -> Response {
         let mut response = json_response(self.status, error_body(&self.message));
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        if matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::NOT_IMPLEMENTED
+        ) {
             response.headers_mut().insert(
                 hyper::header::CONNECTION,
                 hyper::header::HeaderValue::from_static("close"),

@@ -1,5 +1,5 @@
 //! Body types and helpers shared by the handlers: response bodies, limited body reading, CORS,
-//! query strings and path decoding.
+//! query strings, path decoding and the request framing checks hyper leaves to us.
 //!
 //! Invariant: a request body is never read past its limit. A declared `Content-Length` over the
 //! limit is refused before any byte is read; a chunked body is refused as soon as it exceeds it.
@@ -106,15 +106,60 @@ pub fn preflight() -> Response {
     response
 }
 
-/// Query parameters, decoded. Repeated keys: the last wins.
-pub fn query_params(request: &Request) -> Vec<(String, String)> {
+/// Query parameters, decoded as forms encode them (`%XX`, and `+` for a space). A key or
+/// value that is not UTF-8 once decoded is refused, naming the key.
+pub fn query_params(request: &Request) -> Result<Vec<(String, String)>, ApiError> {
     let Some(query) = request.uri().query() else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    // A literal '+' in an ISO time ("+02:00") would decode as a space; keep it a '+'.
-    form_urlencoded::parse(query.replace('+', "%2B").as_bytes())
-        .into_owned()
+    let decode = |raw: &str| {
+        let raw = raw.replace('+', " ");
+        percent_encoding::percent_decode_str(&raw)
+            .decode_utf8()
+            .map(Cow::into_owned)
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = decode(key)
+                .map_err(|_| ApiError::bad_request("a query parameter's name is not UTF-8"))?;
+            let value = decode(value).map_err(|_| {
+                ApiError::bad_request(format!("query parameter {key} is not UTF-8"))
+            })?;
+            Ok((key, value))
+        })
         .collect()
+}
+
+/// Refuses a request whose framing HTTP/1.1 forbids and hyper lets through (RFC 9112):
+/// several `Host` headers (§3.2), and a transfer coding other than one `chunked` (§6.1: 501
+/// for a coding the server does not know, as it could not read the body). A missing `Host`
+/// is let through: Flux serves one site, and hand-written load generators leave it out.
+pub fn refuse_framing(request: &Request) -> Result<(), ApiError> {
+    let headers = request.headers();
+    if headers.get_all(header::HOST).iter().count() > 1 {
+        return Err(ApiError::bad_request("more than one Host header"));
+    }
+    let mut chunked = 0;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let value = value.to_str().unwrap_or("?");
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(ApiError::not_implemented(format!(
+                    "Transfer-Encoding {coding:?} is not supported: send the body as is or chunked"
+                )));
+            }
+            chunked += 1;
+        }
+    }
+    if chunked > 1 {
+        return Err(ApiError::bad_request(
+            "Transfer-Encoding: chunked may be applied only once",
+        ));
+    }
+    Ok(())
 }
 
 pub fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {

@@ -49,6 +49,7 @@ pub async fn route(api: Arc<Api>, request: Request) -> Response {
 }
 
 async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
+    http::refuse_framing(&request)?;
     let method = request.method().clone();
     if method == Method::OPTIONS {
         return Ok(preflight());
@@ -115,6 +116,10 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                 return match method {
                     Method::GET => api.get(&id).await,
                     Method::DELETE => observe_write(api, api.delete(&request, &id)).await,
+                    // `…/entities/delete` is also the batch delete's route.
+                    _ if raw_id == "delete" => {
+                        Err(ApiError::method_not_allowed("GET, HEAD, DELETE, POST"))
+                    }
                     _ => Err(ApiError::method_not_allowed("GET, HEAD, DELETE")),
                 };
             }

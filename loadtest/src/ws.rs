@@ -21,7 +21,7 @@ const MAX_HEAD_BYTES: usize = 8 << 10;
 /// Masking key of client frames (any key is valid; the server unmasks).
 const MASK: [u8; 4] = [0x5a, 0x17, 0xc3, 0x8e];
 /// A syntactically valid `Sec-WebSocket-Key` (16 bytes, base64).
-const KEY: &str = "Zmx1eC1sb2FkdGVzdC1rZXk=";
+const KEY: &str = "Zmx1eC1sb2FkdGVzdC0xNg==";
 
 /// How a read ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
