@@ -1068,6 +1068,51 @@ fn overflow_is_counted_in_prometheus_metrics_while_the_client_is_still_stalled()
     }
 }
 
+/// A client that reads nothing for longer than the server's 30 s write timeout still finds,
+/// once it reads again, whole frames and then a 1008 close naming the overflow: the client
+/// that overflowed its queue, and one whose queue never filled (its socket took nothing for
+/// 30 s). Nothing is cut mid-frame.
+#[test]
+fn a_client_stalled_past_the_write_timeout_reads_whole_frames_then_1008() {
+    const STALL: Duration = Duration::from_secs(36);
+    let s = Server::start();
+    let mut flooded = Ws::connect(s.addr());
+    flooded.subscribe("*");
+    let mut quiet = Ws::connect(s.addr());
+    quiet.subscribe("stall/quiet");
+    let client = s.client();
+    let pad = "p".repeat(1_000);
+    // 40 MB for `*` (past its 8 MiB queue); ~7 MB for `stall/quiet`: more than the socket
+    // buffers hold without reads, less than its queue.
+    for start in (0..40_000u64).step_by(1_000) {
+        let events: Vec<Value> = (start..start + 1_000)
+            .map(|seq| {
+                let id = if seq < 7_000 {
+                    "stall/quiet"
+                } else {
+                    "stall/other"
+                };
+                event(id, json!({"blob": {"seq": seq, "pad": pad}}))
+            })
+            .collect();
+        publish_batch(&client, &events);
+    }
+    thread::sleep(STALL);
+    for (ws, name, words) in [
+        (&mut flooded, "the flooded client", "overflow"),
+        (&mut quiet, "the quiet client", "read nothing"),
+    ] {
+        let (close, read) = ws.read_until_close(Duration::from_secs(60), name);
+        let (code, reason) = close.unwrap_or_else(|| panic!("{name}: a close frame with a code"));
+        assert_eq!(
+            code, 1008,
+            "{name} closed with {code} {reason:?} after {read} messages"
+        );
+        assert!(reason.contains(words), "{name}: close reason {reason:?}");
+        assert!(read > 0, "{name} read nothing before its close");
+    }
+}
+
 // ------------------------------------------------------------------ many subscribers
 
 /// Joins reader threads that each return how many updates they checked; panics with the first

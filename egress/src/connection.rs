@@ -26,7 +26,13 @@
 //!   terms as a direct write ([`Connection::sweep_begin`], `crate::sweep`), holding the queue
 //!   lock until its write completed.
 //! - Once a close frame is queued, nothing more is accepted; the writer sends it and shuts the
-//!   socket down.
+//!   socket down. A frame is never cut: the rest of one partly written (the front of the
+//!   queue or of the writer's batch, marked `front_partial`) always goes out before the close
+//!   frame, whatever an overflow drops; every queued element ends on a frame boundary. A
+//!   closing writer owes its client only that rest, so it drops the rest of its batch and then
+//!   waits up to [`CLOSING_STALL_TIMEOUT`] for the client to read to the close frame.
+//! - A socket that takes nothing for [`WRITE_STALL_TIMEOUT`] counts as an overflow (1008): a
+//!   client that reads nothing cannot keep up, even when its queue stays short.
 //! - A connection subscribed to `*` reads the hub's [`Stream`] instead of receiving handles:
 //!   its position there lives in the queue (under the same lock), and each round the writer
 //!   sends what is queued first, then the stream from that position on. Frames queued before
@@ -60,8 +66,11 @@ pub const QUEUE_MAX_FRAMES: usize = 16_384;
 pub const QUEUE_MAX_BYTES: usize = 8 << 20;
 /// Frames handed to one `writev` call.
 const WRITEV_MAX_FRAMES: usize = 256;
-/// A socket that accepts no bytes for this long is treated as dead and dropped.
+/// A socket that accepts no bytes for this long overflows its connection (closed with 1008).
 pub const WRITE_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a closing connection waits for its client to read up to the close frame before
+/// the socket is dropped.
+pub const CLOSING_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// A drained queue keeping more slots than this gives the memory back.
 const IDLE_QUEUE_SLOTS: usize = 64;
 /// Stream bytes a writer takes per round (rounded up to whole chunks): what a writer stuck on
@@ -131,6 +140,8 @@ pub struct DirectWrite<'a> {
     /// The frames to send, in order: a change's, or those a helper took out of the queue
     /// ([`Connection::flush_begin`]).
     pub frames: Cow<'a, [Bytes]>,
+    /// The first of `frames` is the rest of a frame partly written before.
+    front_partial: bool,
     now: Instant,
 }
 
@@ -157,9 +168,11 @@ impl DirectWrite<'_> {
         if written == self.frames.iter().map(Bytes::len).sum::<usize>() {
             return Push::Queued;
         }
-        let outcome = self
-            .connection
-            .enqueue(&mut self.queue, &unwritten(&self.frames, written));
+        // The queue is empty (a direct write needs it so, a flush took it all): the rest
+        // goes to its front.
+        let (rest, split) = unwritten(&self.frames, written);
+        self.queue.front_partial = split || (self.front_partial && written == 0);
+        let outcome = self.connection.enqueue(&mut self.queue, &rest);
         drop(self.queue);
         self.connection.wake.notify_one();
         outcome
@@ -180,6 +193,9 @@ pub enum Push {
 struct Queue {
     frames: VecDeque<Bytes>,
     bytes: usize,
+    /// The front of `frames` is the rest of a frame partly written to the socket: it goes
+    /// out before anything else, a close frame included.
+    front_partial: bool,
     /// The close frame to send after `frames`; once set, nothing else is queued.
     close: Option<Bytes>,
     /// The socket, while the writer task owns it (for direct writes).
@@ -418,7 +434,12 @@ impl Connection {
     ) -> Option<Push> {
         queue.stream = Some(end);
         let total: usize = slices.iter().map(Bytes::len).sum();
-        (written < total).then(|| self.enqueue(queue, &unwritten(slices, written)))
+        (written < total).then(|| {
+            // Only an idle connection is written to this way: the rest goes to the front.
+            let (rest, split) = unwritten(slices, written);
+            queue.front_partial = split;
+            self.enqueue(queue, &rest)
+        })
     }
 
     /// Queues `frames` (in order) unless that would pass a bound.
@@ -477,11 +498,13 @@ impl Connection {
         if let Some(socket) = socket {
             let frames: Vec<Bytes> = queue.frames.drain(..).collect();
             queue.bytes = 0;
+            let front_partial = std::mem::take(&mut queue.front_partial);
             return DirectBegin::Write(DirectWrite {
                 connection: self,
                 queue,
                 socket,
                 frames: Cow::Owned(frames),
+                front_partial,
                 now,
             });
         }
@@ -513,6 +536,7 @@ impl Connection {
                 queue,
                 socket,
                 frames: Cow::Borrowed(frames),
+                front_partial: false,
                 now,
             });
         }
@@ -553,14 +577,22 @@ impl Connection {
 
     /// Drops what is queued and closes the connection with 1008, naming the overflow.
     fn overflow(&self, queue: &mut Queue) -> Push {
-        queue.frames = VecDeque::new();
-        queue.bytes = 0;
+        self.overflow_because(
+            queue,
+            &format!(
+                "send queue overflow: client too slow (limit {QUEUE_MAX_FRAMES} frames / \
+                 {QUEUE_MAX_BYTES} bytes)"
+            ),
+        )
+    }
+
+    /// Drops what is queued but the rest of a frame partly written, and closes the
+    /// connection with 1008 and `reason`.
+    fn overflow_because(&self, queue: &mut Queue, reason: &str) -> Push {
+        cut_to_frame(&mut queue.frames, queue.front_partial);
+        queue.bytes = queue.frames.iter().map(Bytes::len).sum();
         queue.stream = None;
-        let reason = format!(
-            "send queue overflow: client too slow (limit {QUEUE_MAX_FRAMES} frames / \
-             {QUEUE_MAX_BYTES} bytes)"
-        );
-        queue.close = Some(frame::close(frame::CLOSE_POLICY_VIOLATION, &reason));
+        queue.close = Some(frame::close(frame::CLOSE_POLICY_VIOLATION, reason));
         self.overflowed.store(true, Ordering::Relaxed);
         Push::Overflowed
     }
@@ -607,15 +639,17 @@ impl Connection {
             if streaming {
                 appended.as_mut().enable();
             }
-            let close = {
+            // `partial`: the front of `batch` is the rest of a frame partly written.
+            let (close, mut partial) = {
                 let mut queue = self.lock();
                 std::mem::swap(&mut queue.frames, &mut batch);
+                let partial = std::mem::take(&mut queue.front_partial);
                 queue.bytes = 0;
                 if let Some(position) = queue.stream {
                     match stream.read(position, STREAM_BATCH_BYTES, &mut batch) {
                         Ok(next) => queue.stream = Some(next),
                         Err(Lagged) => {
-                            batch.clear();
+                            cut_to_frame(&mut batch, partial);
                             if self.overflow(&mut queue) == Push::Overflowed {
                                 overflows.inc();
                             }
@@ -623,7 +657,7 @@ impl Connection {
                     }
                 }
                 queue.writing = !batch.is_empty() || queue.close.is_some();
-                queue.close.clone()
+                (queue.close.clone(), partial)
             };
             if batch.is_empty() && close.is_none() {
                 if streaming {
@@ -647,11 +681,12 @@ impl Connection {
             // (watching the stream) in a box: inline, that state would grow every
             // connection's task. The writer's future (release build) was 480 bytes before the
             // watch, 688 with it inline, and is 416 this way.
-            let result = match write_ready(&socket, &mut batch) {
+            let result = match write_ready(&socket, &mut batch, &mut partial) {
                 Ok(()) if batch.is_empty() => Ok(()),
                 Ok(()) => {
-                    Box::pin(self.write_watching_the_stream(&socket, &mut batch, stream, overflows))
-                        .await
+                    let held_back =
+                        self.write_held_back(&socket, &mut batch, &mut partial, stream, overflows);
+                    Box::pin(held_back).await
                 }
                 Err(error) => Err(error),
             };
@@ -664,7 +699,7 @@ impl Connection {
                 batch.shrink_to(IDLE_QUEUE_SLOTS);
             }
             if let Some(close) = close {
-                let _ = tokio::time::timeout(WRITE_STALL_TIMEOUT, socket.write_all(&close)).await;
+                let _ = tokio::time::timeout(CLOSING_STALL_TIMEOUT, socket.write_all(&close)).await;
                 let _ = socket.shutdown().await;
                 break;
             }
@@ -681,43 +716,87 @@ impl Connection {
         self.close(frame::CLOSE_GOING_AWAY, "connection ended");
     }
 
-    /// Writes the rest of `batch`, which the socket held back; meanwhile a `*` subscriber whose
-    /// position the stream stops keeping overflows at once (counted, close frame queued), not
-    /// only when its client reads again. The batch in flight still goes out first, then the
-    /// close frame.
-    async fn write_watching_the_stream(
+    /// Writes the rest of `batch`, which the socket held back, as it becomes writable.
+    /// Meanwhile:
+    /// - a `*` subscriber whose position the stream stops keeping overflows at once (counted,
+    ///   close frame queued), not only when its client reads again;
+    /// - a socket that takes nothing for [`WRITE_STALL_TIMEOUT`] overflows too (counted);
+    /// - once the connection is closing, only the rest of a frame partly written is still owed,
+    ///   so the batch is cut to it, and that rest may take [`CLOSING_STALL_TIMEOUT`]; then the
+    ///   socket counts as dead (an error).
+    async fn write_held_back(
         &self,
         socket: &OwnedWriteHalf,
         batch: &mut VecDeque<Bytes>,
+        partial: &mut bool,
         stream: &Stream,
         overflows: &Counter,
     ) -> std::io::Result<()> {
-        let mut write = std::pin::pin!(write_all(socket, batch));
+        let mut progress = Instant::now();
+        let mut closing_since: Option<Instant> = None;
         loop {
             let mut moved = std::pin::pin!(stream.moved.notified());
             moved.as_mut().enable();
-            {
+            let mut woken = std::pin::pin!(self.wake.notified());
+            woken.as_mut().enable();
+            let streaming = {
                 let mut queue = self.lock();
-                match queue.stream {
-                    None => break,
-                    Some(position) if !stream.keeps(position) => {
-                        if queue.close.is_some() {
-                            // Closing already: the stream is of no more use to it.
-                            queue.stream = None;
-                        } else if self.overflow(&mut queue) == Push::Overflowed {
-                            overflows.inc();
-                        }
-                        break;
+                let stalled = progress.elapsed() >= WRITE_STALL_TIMEOUT;
+                if queue.close.is_none() {
+                    let lagged = queue.stream.is_some_and(|at| !stream.keeps(at));
+                    let overflowed = if lagged {
+                        self.overflow(&mut queue)
+                    } else if stalled {
+                        let reason = format!(
+                            "send queue overflow: client read nothing for {} s",
+                            WRITE_STALL_TIMEOUT.as_secs()
+                        );
+                        self.overflow_because(&mut queue, &reason)
+                    } else {
+                        Push::Queued
+                    };
+                    if overflowed == Push::Overflowed {
+                        overflows.inc();
                     }
-                    Some(_) => {}
                 }
-            }
+                if queue.close.is_some() {
+                    queue.stream = None; // Closing: the stream is of no more use to it.
+                    closing_since.get_or_insert_with(Instant::now);
+                }
+                queue.stream.is_some()
+            };
+            let deadline = match closing_since {
+                Some(since) => {
+                    cut_to_frame(batch, *partial);
+                    if batch.is_empty() {
+                        return Ok(());
+                    }
+                    since + CLOSING_STALL_TIMEOUT
+                }
+                None => progress + WRITE_STALL_TIMEOUT,
+            };
             tokio::select! {
-                result = write.as_mut() => return result,
-                _ = moved => {}
+                ready = tokio::time::timeout_at(deadline.into(), socket.writable()) => {
+                    match ready {
+                        Ok(ready) => ready?,
+                        Err(_) if closing_since.is_some() => {
+                            return Err(std::io::ErrorKind::TimedOut.into());
+                        }
+                        Err(_) => continue, // Stalled: overflows, then waits for the rest.
+                    }
+                    let before = batch.iter().map(Bytes::len).sum::<usize>();
+                    write_ready(socket, batch, partial)?;
+                    if batch.is_empty() {
+                        return Ok(());
+                    }
+                    if batch.iter().map(Bytes::len).sum::<usize>() < before {
+                        progress = Instant::now();
+                    }
+                }
+                _ = moved, if streaming => {}
+                _ = woken => {}
             }
         }
-        write.await
     }
 
     /// The queue's lock: waited for when `wait`, else only if free.
@@ -756,23 +835,33 @@ impl Drop for Withdraw<'_> {
     }
 }
 
-/// The part of `frames` after their first `written` bytes.
-fn unwritten(frames: &[Bytes], written: usize) -> Vec<Bytes> {
+/// The part of `frames` after their first `written` bytes, and whether its first element is
+/// the rest of one cut by the write.
+fn unwritten(frames: &[Bytes], written: usize) -> (Vec<Bytes>, bool) {
     let mut skip = written;
+    let mut split = false;
     let mut rest = Vec::with_capacity(frames.len());
     for frame in frames {
         if skip >= frame.len() {
             skip -= frame.len();
         } else {
+            split |= skip > 0;
             rest.push(frame.slice(skip..));
             skip = 0;
         }
     }
-    rest
+    (rest, split)
 }
 
-/// Removes the first `bytes` bytes of `frames`.
-fn drop_front(frames: &mut VecDeque<Bytes>, mut bytes: usize) {
+/// Keeps of `frames` only the rest of a frame partly written (its front, when `partial`):
+/// every element ends on a frame boundary, so the stream stays whole.
+fn cut_to_frame(frames: &mut VecDeque<Bytes>, partial: bool) {
+    frames.truncate(usize::from(partial));
+}
+
+/// Removes the first `bytes` bytes of `frames`; `partial` tells whether the front is now
+/// the rest of an element cut short (it stays as it was when nothing was removed).
+fn drop_front(frames: &mut VecDeque<Bytes>, mut bytes: usize, partial: &mut bool) {
     while bytes > 0 {
         let Some(front) = frames.front_mut() else {
             break;
@@ -780,9 +869,11 @@ fn drop_front(frames: &mut VecDeque<Bytes>, mut bytes: usize) {
         if front.len() <= bytes {
             bytes -= front.len();
             frames.pop_front();
+            *partial = false;
         } else {
             let _ = front.split_to(bytes);
             bytes = 0;
+            *partial = true;
         }
     }
 }
@@ -874,9 +965,12 @@ impl Pace {
     }
 }
 
-/// Writes what the socket takes now (no waiting), dropping it from `batch`; stops when the
-/// batch is empty or the socket would block.
-fn write_ready(socket: &OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+/// Writes what the socket takes of `batch` now, without waiting; `partial` follows its front.
+fn write_ready(
+    socket: &OwnedWriteHalf,
+    batch: &mut VecDeque<Bytes>,
+    partial: &mut bool,
+) -> std::io::Result<()> {
     while !batch.is_empty() {
         let slices: Vec<IoSlice<'_>> = batch
             .iter()
@@ -890,28 +984,42 @@ fn write_ready(socket: &OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io:
             Err(error) => return Err(error),
         };
         SOCKET_WRITES.inc();
-        drop_front(batch, written);
+        drop_front(batch, written, partial);
     }
     Ok(())
-}
-
-/// Writes every frame of `batch`, draining it: what the socket takes now, then the rest as it
-/// becomes writable. A socket that takes nothing for [`WRITE_STALL_TIMEOUT`] is an error.
-async fn write_all(socket: &OwnedWriteHalf, batch: &mut VecDeque<Bytes>) -> std::io::Result<()> {
-    loop {
-        write_ready(socket, batch)?;
-        if batch.is_empty() {
-            return Ok(());
-        }
-        tokio::time::timeout(WRITE_STALL_TIMEOUT, socket.writable())
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that stops inside an element leaves its rest marked partial; cutting a batch
+    /// keeps exactly that rest, so a close frame never follows a cut frame.
+    #[test]
+    fn the_rest_of_a_cut_frame_is_kept_and_marked() {
+        let frames = [Bytes::from_static(b"aaaa"), Bytes::from_static(b"bbbb")];
+        assert_eq!(unwritten(&frames, 0), (frames.to_vec(), false));
+        assert_eq!(unwritten(&frames, 4), (frames[1..].to_vec(), false));
+        let (rest, split) = unwritten(&frames, 6);
+        assert_eq!((rest, split), (vec![Bytes::from_static(b"bb")], true));
+
+        let mut batch: VecDeque<Bytes> = frames.iter().cloned().collect();
+        let mut partial = false;
+        drop_front(&mut batch, 0, &mut partial);
+        assert!(!partial, "nothing written: the front stays as it was");
+        drop_front(&mut batch, 1, &mut partial);
+        assert!(partial);
+        drop_front(&mut batch, 3, &mut partial);
+        assert!(!partial, "the first frame went out whole");
+        drop_front(&mut batch, 2, &mut partial);
+        assert!(partial);
+        let mut cut = batch.clone();
+        cut.push_back(Bytes::from_static(b"cccc"));
+        cut_to_frame(&mut cut, partial);
+        assert_eq!(cut, [Bytes::from_static(b"bb")]);
+        cut_to_frame(&mut cut, false);
+        assert!(cut.is_empty());
+    }
 
     #[test]
     fn window_follows_the_frame_rate() {
