@@ -145,7 +145,7 @@ impl Counters {
         );
         registry.register(
             "flux_websocket_overflow_closes",
-            "Connections closed (1008) because their send queue overflowed",
+            "Connections closed (1008) because their send queue overflowed (frames, bytes, or 30 s with nothing read)",
             self.overflow_closes.clone(),
         );
         registry.register(
