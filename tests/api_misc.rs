@@ -1166,6 +1166,61 @@ fn stalled_bodies_and_headers_time_out() {
     assert_eq!(s.get("/api/health").0, 200);
 }
 
+/// A client that stops reading a large answer loses its connection after the request
+/// timeout: it cannot hold a socket and the answer's buffers for ever. A client that reads
+/// gets the whole answer.
+#[test]
+fn a_client_that_reads_nothing_of_an_answer_is_dropped() {
+    use std::io::{Read, Write};
+    use std::thread;
+    use std::time::Duration;
+    let s = Server::start_args(&["--request-timeout", "2s"]);
+    let client = s.client();
+    let pad = "p".repeat(400);
+    for start in (0..20_000u64).step_by(2_000) {
+        let events: Vec<Value> = (start..start + 2_000)
+            .map(|i| event(&format!("big/e{i:05}"), json!({"pad": pad})))
+            .collect();
+        let (status, body) = client
+            .post("/api/events/batch", &json!(events))
+            .expect("batch");
+        assert_eq!(status, 200, "{body}");
+    }
+    let request = b"GET /api/state/entities?prefix=big/ HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut reader = RawConn::connect(s.addr());
+    reader.send(request);
+    // ~9 MB of answer: far more than the socket buffers hold while nothing is read.
+    thread::sleep(Duration::from_secs(5));
+    let stream = reader.stream();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 64 << 10];
+    let ended = loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break "EOF",
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) => panic!("after {} bytes the connection stayed open: {e}", got.len()),
+        }
+    };
+    assert!(
+        !got.ends_with(b"0\r\n\r\n"),
+        "the stalled client got the whole answer ({} bytes, then {ended})",
+        got.len()
+    );
+    // One that reads gets it all, on a connection that stays open.
+    let mut ok = RawConn::connect(s.addr());
+    let r = ok.roundtrip(request);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().as_array().map(Vec::len), Some(20_000));
+    ok.stream()
+        .write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    assert_eq!(ok.read_response().map(|r| r.status), Some(200));
+}
+
 // ------------------------------------------------------------------ start-up failures
 
 #[test]

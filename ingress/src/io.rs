@@ -1,5 +1,6 @@
 //! The connection as hyper sees it ([`ApiIo`]): reads and writes pass through to the socket,
-//! except hyper's own answers to requests it cannot parse.
+//! except hyper's own answers to requests it cannot parse, and writes the client takes nothing
+//! of for too long.
 //!
 //! hyper answers a request it cannot parse (a garbled request line, a bad `Content-Length`, a
 //! URI or header block over its limits, an unknown HTTP version) by itself, before any handler
@@ -15,10 +16,15 @@
 //!   write is pending (hyper offers the same bytes again), so nothing it sends later can slip
 //!   in between.
 //! - The socket comes back whole for a WebSocket upgrade ([`ApiIo::into_tcp`]).
+//! - A write (or flush) the socket takes nothing of for the write timeout fails (`TimedOut`),
+//!   so hyper drops the connection: a client that stops reading an answer cannot hold its
+//!   socket and the answer's buffers for ever. The timer exists only while a write waits.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
@@ -32,6 +38,10 @@ pub struct ApiIo {
     io: TokioIo<TcpStream>,
     /// A rewritten error answer not yet fully written.
     rewrite: Option<Rewrite>,
+    /// How long a write may wait for the socket to take anything.
+    write_timeout: Duration,
+    /// Armed when a write starts waiting; gone once one completes.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 struct Rewrite {
@@ -42,11 +52,36 @@ struct Rewrite {
 }
 
 impl ApiIo {
-    pub fn new(stream: TcpStream) -> ApiIo {
+    pub fn new(stream: TcpStream, write_timeout: Duration) -> ApiIo {
         ApiIo {
             io: TokioIo::new(stream),
             rewrite: None,
+            write_timeout,
+            stalled: None,
         }
+    }
+
+    /// `poll`, a write's outcome, bounded by the write timeout: pending for longer than that
+    /// since the last write that completed, it fails.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timeout = self.write_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        ready!(stalled.as_mut().poll(cx));
+        self.stalled = None;
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read nothing of the answer for the write timeout",
+        )))
     }
 
     /// The socket, for a connection upgraded to a WebSocket.
@@ -120,10 +155,12 @@ impl Write for ApiIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.rewrite.is_some() || this.take(buf) {
-            return this.poll_rewrite(cx);
-        }
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        let poll = if this.rewrite.is_some() || this.take(buf) {
+            this.poll_rewrite(cx)
+        } else {
+            Pin::new(&mut this.io).poll_write(cx, buf)
+        };
+        this.bounded(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -133,10 +170,12 @@ impl Write for ApiIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let first = bufs.iter().find(|b| !b.is_empty());
-        if this.rewrite.is_some() || first.is_some_and(|head| this.take(head)) {
-            return this.poll_rewrite(cx);
-        }
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        let poll = if this.rewrite.is_some() || first.is_some_and(|head| this.take(head)) {
+            this.poll_rewrite(cx)
+        } else {
+            Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        };
+        this.bounded(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -147,8 +186,11 @@ impl Write for ApiIo {
     // next write of it (the record stays until then, so it is not rewritten twice).
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.drive(cx))?;
-        Pin::new(&mut this.io).poll_flush(cx)
+        let poll = match this.drive(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_flush(cx),
+            other => other,
+        };
+        this.bounded(cx, poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -224,7 +266,10 @@ mod tests {
         let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
             .await
             .expect("connect");
-        let mut io = ApiIo::new(listener.accept().await.expect("accept").0);
+        let mut io = ApiIo::new(
+            listener.accept().await.expect("accept").0,
+            Duration::from_secs(10),
+        );
         let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
                      content-length: 0\r\n\r\n";
         let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";

@@ -189,14 +189,13 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<O
             }
         };
         let _ = stream.set_nodelay(true);
+        let io = io::ApiIo::new(stream, api.request_timeout);
         let api = api.clone();
         let service = service_fn(move |request| {
             let api = api.clone();
             async move { Ok::<_, std::convert::Infallible>(route(api, request).await) }
         });
-        let connection = builder
-            .serve_connection(io::ApiIo::new(stream), service)
-            .with_upgrades();
+        let connection = builder.serve_connection(io, service).with_upgrades();
         let (alive, mut stopping) = (alive.clone(), stopping.clone());
         tokio::spawn(async move {
             tokio::pin!(connection);
