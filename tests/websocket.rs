@@ -1415,6 +1415,71 @@ fn close_code_after(addr: &str, frame: &[u8]) -> Option<u16> {
     None
 }
 
+/// A client that reads the server's close frame but never answers it (nor closes its socket)
+/// is let go after a short grace: the server's reader ends, and the connection is gone from
+/// `/metrics`.
+#[test]
+fn a_client_that_never_answers_the_close_is_let_go() {
+    use std::io::{Read, Write};
+    let s = Server::start();
+    let mut conn = RawConn::connect(s.addr());
+    let stream = conn.stream();
+    stream
+        .write_all(
+            b"GET /api/ws HTTP/1.1\r\nHost: flux\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .expect("handshake");
+    stream
+        .write_all(&client_frame(
+            0x1,
+            br#"{"type":"subscribe","entity_id":"*"}"#,
+        ))
+        .expect("subscribe");
+    let gauge = || -> f64 {
+        let (_, text) = s.get_text("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("flux_websocket_connections "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert!(wait_for(Duration::from_secs(10), || (gauge() == 1.0).then_some(())).is_some());
+    // Flood it while it reads nothing: its queue overflows (1008).
+    let client = s.client();
+    let pad = "p".repeat(1_000);
+    for start in (0..30_000u64).step_by(1_000) {
+        let events: Vec<Value> = (start..start + 1_000)
+            .map(|seq| event("letgo/e", json!({"blob": {"seq": seq, "pad": pad}})))
+            .collect();
+        publish_batch(&client, &events);
+    }
+    // Read everything, close frame included, and answer nothing.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 64 << 10];
+    let ended = loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break true,
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(_) => break false,
+        }
+    };
+    assert!(ended, "the server kept the silent client's connection open");
+    assert!(
+        received.contains(&0x88), // a close frame's first byte; JSON text is ASCII
+        "no close frame among {} bytes",
+        received.len()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || (gauge() == 0.0).then_some(())).is_some(),
+        "the connection is still counted: {}",
+        gauge()
+    );
+}
+
 /// A masked client frame (FIN set) with `opcode` and a short `payload`.
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     assert!(payload.len() < 126);

@@ -32,7 +32,9 @@
 //!   closing writer owes its client only that rest, so it drops the rest of its batch and then
 //!   waits up to [`CLOSING_STALL_TIMEOUT`] for the client to read to the close frame.
 //! - A socket that takes nothing for [`WRITE_STALL_TIMEOUT`] counts as an overflow (1008): a
-//!   client that reads nothing cannot keep up, even when its queue stays short.
+//!   client that reads nothing cannot keep up, even when its queue stays short. Once the
+//!   writer has ended, a client that does not answer within [`CLOSE_REPLY_GRACE`] (or whose
+//!   socket is dead) has its read side shut down, which ends the hub's reader.
 //! - A connection subscribed to `*` reads the hub's [`Stream`] instead of receiving handles:
 //!   its position there lives in the queue (under the same lock), and each round the writer
 //!   sends what is queued first, then the stream from that position on. Frames queued before
@@ -71,6 +73,8 @@ pub const WRITE_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// How long a closing connection waits for its client to read up to the close frame before
 /// the socket is dropped.
 pub const CLOSING_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long the reader waits for the client to answer the server's close frame.
+pub const CLOSE_REPLY_GRACE: Duration = Duration::from_secs(5);
 /// A drained queue keeping more slots than this gives the memory back.
 const IDLE_QUEUE_SLOTS: usize = 64;
 /// Stream bytes a writer takes per round (rounded up to whole chunks): what a writer stuck on
@@ -240,6 +244,8 @@ pub struct Connection {
     wake: Notify,
     /// Set when the connection overflowed (for metrics and tests).
     overflowed: AtomicBool,
+    /// The hub still reads the client's messages.
+    reading: AtomicBool,
     /// Mirrors `Queue::stream.is_some()` for the hub's index walk (changed only under the
     /// index's write lock, read under its read lock).
     streaming: AtomicBool,
@@ -258,6 +264,7 @@ impl Connection {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             overflowed: AtomicBool::new(false),
+            reading: AtomicBool::new(true),
             streaming: AtomicBool::new(false),
             last_write_ns: {
                 // Start the clock before any write, so that no write reads as "never" (0).
@@ -617,6 +624,11 @@ impl Connection {
         self.overflowed.load(Ordering::Relaxed)
     }
 
+    /// The hub has stopped reading the client's messages.
+    pub fn reader_ended(&self) {
+        self.reading.store(false, Ordering::Relaxed);
+    }
+
     /// The writer task: sends queued frames (and, subscribed to `*`, the `stream`) until a
     /// close frame went out or the socket failed. `pace` sizes the coalescing window;
     /// `overflows` counts a stream position that was no longer kept.
@@ -632,6 +644,7 @@ impl Connection {
         // unfinished (its runtime shutting down).
         let withdraw = Withdraw(self);
         let mut batch: VecDeque<Bytes> = VecDeque::new();
+        let mut dead = false;
         loop {
             // Listen for appends before looking at the stream, so none is missed.
             let mut appended = std::pin::pin!(stream.appended.notified());
@@ -683,16 +696,23 @@ impl Connection {
             // watch, 688 with it inline, and is 416 this way.
             let result = match write_ready(&socket, &mut batch, &mut partial) {
                 Ok(()) if batch.is_empty() => Ok(()),
+                // A temporary, not a named local: a local would keep its room in this future.
                 Ok(()) => {
-                    let held_back =
-                        self.write_held_back(&socket, &mut batch, &mut partial, stream, overflows);
-                    Box::pin(held_back).await
+                    Box::pin(self.write_held_back(
+                        &socket,
+                        &mut batch,
+                        &mut partial,
+                        stream,
+                        overflows,
+                    ))
+                    .await
                 }
                 Err(error) => Err(error),
             };
             let written = Instant::now();
             self.wrote(&mut self.lock(), written);
             if result.is_err() {
+                dead = true;
                 break;
             }
             if batch.capacity() > IDLE_QUEUE_SLOTS {
@@ -714,6 +734,9 @@ impl Connection {
         drop(withdraw);
         // Make sure producers stop queueing for a connection nobody writes any more.
         self.close(frame::CLOSE_GOING_AWAY, "connection ended");
+        if self.reading.load(Ordering::Relaxed) {
+            end_reading(socket, dead);
+        }
     }
 
     /// Writes the rest of `batch`, which the socket held back, as it becomes writable.
@@ -819,6 +842,27 @@ impl Connection {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Ends the hub's reading of a connection whose writer has ended while the client is silent:
+/// at once when the socket is dead, else once the client has had [`CLOSE_REPLY_GRACE`] to
+/// answer the close frame. Shutting the read side down makes the pending read see the end,
+/// so a client that never answers cannot hold the connection (its descriptor and
+/// subscriptions) open. The wait is a task of its own, made only then: no idle connection
+/// carries its timer.
+fn end_reading(socket: OwnedWriteHalf, dead: bool) {
+    let shut = move || {
+        // SAFETY: the descriptor belongs to `socket`, which keeps it open for the call.
+        unsafe { libc::shutdown(socket.as_ref().as_raw_fd(), libc::SHUT_RD) };
+    };
+    if dead {
+        shut();
+    } else {
+        tokio::spawn(async move {
+            tokio::time::sleep(CLOSE_REPLY_GRACE).await;
+            shut();
+        });
     }
 }
 

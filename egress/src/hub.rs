@@ -116,8 +116,6 @@ fn send_batched<'a>(
 
 /// Subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 1024;
-/// How long a connection whose writer has ended waits for the client's close frame.
-const CLOSE_REPLY_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for connections to send their close frames.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
@@ -482,7 +480,7 @@ impl Hub {
             .insert(id, connection.clone());
         self.counters.connections_opened.inc();
         self.counters.connections.inc();
-        let mut writer = {
+        let writer = {
             let (connection, hub) = (connection.clone(), self.clone());
             tokio::spawn(async move {
                 let overflows = &hub.counters.overflow_closes;
@@ -493,26 +491,10 @@ impl Hub {
         };
         let mut reader = FrameReader::with_bytes(early);
         let mut patterns: Vec<Pattern> = Vec::new();
-        // Once the writer has ended (its close frame sent, or the socket dead), the client
-        // has `CLOSE_REPLY_GRACE` to answer; a client that never does cannot hold the
-        // connection open.
-        let mut writer_ended = false;
+        // Reads until the client closes or breaks the protocol, or the writer ends reading
+        // (`Connection::write_loop`: a client that does not answer a close frame, or is dead).
         loop {
-            let next = if writer_ended {
-                match tokio::time::timeout(CLOSE_REPLY_GRACE, reader.next(&mut read)).await {
-                    Ok(next) => next,
-                    Err(_) => break,
-                }
-            } else {
-                tokio::select! {
-                    next = reader.next(&mut read) => next,
-                    _ = &mut writer => {
-                        writer_ended = true;
-                        continue;
-                    }
-                }
-            };
-            match next {
+            match reader.next(&mut read).await {
                 Ok(Message::Text(text)) => self.on_text(&connection, &mut patterns, &text),
                 Ok(Message::Binary(_)) => {
                     connection.push(&[error_frame(
@@ -564,9 +546,8 @@ impl Hub {
                 }
             }
         }
-        if !writer_ended {
-            let _ = writer.await;
-        }
+        connection.reader_ended();
+        let _ = writer.await;
         self.connections
             .lock()
             .unwrap_or_else(|e| e.into_inner())
