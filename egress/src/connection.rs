@@ -807,12 +807,14 @@ impl Connection {
                         }
                         Err(_) => continue, // Stalled: overflows, then waits for the rest.
                     }
-                    let before = batch.iter().map(Bytes::len).sum::<usize>();
+                    // Writes take from the front only: any byte sent shows there.
+                    let front = |batch: &VecDeque<Bytes>| (batch.len(), batch.front().map(Bytes::len));
+                    let before = front(batch);
                     write_ready(socket, batch, partial)?;
                     if batch.is_empty() {
                         return Ok(());
                     }
-                    if batch.iter().map(Bytes::len).sum::<usize>() < before {
+                    if front(batch) != before {
                         progress = Instant::now();
                     }
                 }
