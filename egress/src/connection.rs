@@ -69,10 +69,10 @@ pub const QUEUE_MAX_BYTES: usize = 8 << 20;
 /// Frames handed to one `writev` call.
 const WRITEV_MAX_FRAMES: usize = 256;
 /// A socket that accepts no bytes for this long overflows its connection (closed with 1008).
-pub const WRITE_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing connection waits for its client to read up to the close frame before
 /// the socket is dropped.
-pub const CLOSING_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+pub const CLOSING_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the reader waits for the client to answer the server's close frame.
 pub const CLOSE_REPLY_GRACE: Duration = Duration::from_secs(5);
 /// A drained queue keeping more slots than this gives the memory back.
@@ -144,8 +144,6 @@ pub struct DirectWrite<'a> {
     /// The frames to send, in order: a change's, or those a helper took out of the queue
     /// ([`Connection::flush_begin`]).
     pub frames: Cow<'a, [Bytes]>,
-    /// The first of `frames` is the rest of a frame partly written before.
-    front_partial: bool,
     now: Instant,
 }
 
@@ -169,13 +167,14 @@ impl DirectWrite<'_> {
             SOCKET_WRITES.inc();
             self.connection.wrote(&mut self.queue, self.now);
         }
+        // The queue is empty (a direct write needs it so, a flush took it all); its
+        // `front_partial` still tells whether `frames` began with the rest of a frame.
         if written == self.frames.iter().map(Bytes::len).sum::<usize>() {
+            self.queue.front_partial = false;
             return Push::Queued;
         }
-        // The queue is empty (a direct write needs it so, a flush took it all): the rest
-        // goes to its front.
         let (rest, split) = unwritten(&self.frames, written);
-        self.queue.front_partial = split || (self.front_partial && written == 0);
+        self.queue.front_partial = split || (self.queue.front_partial && written == 0);
         let outcome = self.connection.enqueue(&mut self.queue, &rest);
         drop(self.queue);
         self.connection.wake.notify_one();
@@ -505,13 +504,11 @@ impl Connection {
         if let Some(socket) = socket {
             let frames: Vec<Bytes> = queue.frames.drain(..).collect();
             queue.bytes = 0;
-            let front_partial = std::mem::take(&mut queue.front_partial);
             return DirectBegin::Write(DirectWrite {
                 connection: self,
                 queue,
                 socket,
                 frames: Cow::Owned(frames),
-                front_partial,
                 now,
             });
         }
@@ -543,7 +540,6 @@ impl Connection {
                 queue,
                 socket,
                 frames: Cow::Borrowed(frames),
-                front_partial: false,
                 now,
             });
         }
@@ -629,9 +625,17 @@ impl Connection {
         self.reading.store(false, Ordering::Relaxed);
     }
 
+    /// The hub's reader stops and closes with `code`: it says so first, so a writer that
+    /// ends with this close knows nobody is left reading (and spawns no grace for it).
+    pub fn close_from_reader(&self, code: u16, reason: &str) {
+        self.reader_ended();
+        self.close(code, reason);
+    }
+
     /// The writer task: sends queued frames (and, subscribed to `*`, the `stream`) until a
     /// close frame went out or the socket failed. `pace` sizes the coalescing window;
-    /// `overflows` counts a stream position that was no longer kept.
+    /// `overflows` counts the overflows the writer finds itself (a stream position no longer
+    /// kept, a socket that took nothing for [`WRITE_STALL_TIMEOUT`]).
     pub async fn write_loop(
         &self,
         mut socket: OwnedWriteHalf,
@@ -693,7 +697,7 @@ impl Connection {
             // Most writes complete at once, without a future. One the socket holds back waits
             // (watching the stream) in a box: inline, that state would grow every
             // connection's task. The writer's future (release build) was 480 bytes before the
-            // watch, 688 with it inline, and is 416 this way.
+            // watch, 688 with it inline, and is 416 this way (424 since the partial-frame flag).
             let result = match write_ready(&socket, &mut batch, &mut partial) {
                 Ok(()) if batch.is_empty() => Ok(()),
                 // A temporary, not a named local: a local would keep its room in this future.

@@ -493,8 +493,6 @@ impl Hub {
         let mut patterns: Vec<Pattern> = Vec::new();
         // Reads until the client closes or breaks the protocol, or the writer ends reading
         // (`Connection::write_loop`: a client that does not answer a close frame, or is dead).
-        // `reader_ended` comes before each close, so a writer that ends with it knows nobody
-        // is left reading.
         loop {
             match reader.next(&mut read).await {
                 Ok(Message::Text(text)) => self.on_text(&connection, &mut patterns, &text),
@@ -509,29 +507,25 @@ impl Hub {
                 Ok(Message::Pong) => {}
                 Ok(Message::Close(code)) => {
                     // Echo the client's code, as the close handshake asks.
-                    connection.reader_ended();
-                    connection.close(code.unwrap_or(frame::CLOSE_NORMAL), "");
+                    connection.close_from_reader(code.unwrap_or(frame::CLOSE_NORMAL), "");
                     break;
                 }
                 Err(ReadError::Protocol(reason)) => {
-                    connection.reader_ended();
-                    connection.close(frame::CLOSE_PROTOCOL_ERROR, reason);
+                    connection.close_from_reader(frame::CLOSE_PROTOCOL_ERROR, reason);
                     break;
                 }
                 Err(ReadError::TooBig) => {
                     let reason = format!("message larger than {} bytes", frame::MAX_MESSAGE_BYTES);
-                    connection.reader_ended();
-                    connection.close(frame::CLOSE_TOO_BIG, &reason);
+                    connection.close_from_reader(frame::CLOSE_TOO_BIG, &reason);
                     break;
                 }
                 Err(ReadError::NotUtf8) => {
-                    connection.reader_ended();
-                    connection.close(frame::CLOSE_INVALID_DATA, "text is not valid UTF-8");
+                    connection
+                        .close_from_reader(frame::CLOSE_INVALID_DATA, "text is not valid UTF-8");
                     break;
                 }
                 Err(ReadError::Closed) => {
-                    connection.reader_ended();
-                    connection.close(frame::CLOSE_GOING_AWAY, "");
+                    connection.close_from_reader(frame::CLOSE_GOING_AWAY, "");
                     break;
                 }
             }

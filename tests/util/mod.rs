@@ -893,6 +893,22 @@ pub fn format_iso_millis(ms: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
 }
 
+/// Reads `stream` until the server ends the connection, each read waiting at most `idle`:
+/// what arrived, and how it ended (`Ok` for EOF, the error otherwise: a reset, or a timeout
+/// when the server kept the connection open).
+pub fn read_until_end(stream: &mut TcpStream, idle: Duration) -> (Vec<u8>, std::io::Result<()>) {
+    stream.set_read_timeout(Some(idle)).expect("read timeout");
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 64 << 10];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return (received, Ok(())),
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(e) => return (received, Err(e)),
+        }
+    }
+}
+
 /// Polls `f` until it returns `Some`, for at most `limit`.
 pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
