@@ -378,6 +378,19 @@ fn publish_batch(client: &Client, events: &[Value]) {
     );
 }
 
+/// Publishes events `0..total` in batches of `batch`, each to `entity(seq)` with a property
+/// `blob` of ~1 KB (`{"seq": seq, "pad": …}`): megabytes of updates, to fill a client that
+/// reads nothing.
+fn flood(client: &Client, total: u64, batch: u64, entity: impl Fn(u64) -> &'static str) {
+    let pad = "p".repeat(1_000);
+    for start in (0..total).step_by(batch as usize) {
+        let events: Vec<Value> = (start..start + batch)
+            .map(|seq| event(entity(seq), json!({"blob": {"seq": seq, "pad": pad}})))
+            .collect();
+        publish_batch(client, &events);
+    }
+}
+
 /// The server's resident memory in bytes, from `/proc/<pid>/status`.
 fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -1030,14 +1043,7 @@ fn overflow_is_counted_in_prometheus_metrics_while_the_client_is_still_stalled()
         let s = Server::start();
         let mut slow = Ws::connect(s.addr());
         slow.subscribe(pattern);
-        let client = s.client();
-        let pad = "p".repeat(1_000);
-        for start in (0..40_000u64).step_by(2_000) {
-            let events: Vec<Value> = (start..start + 2_000)
-                .map(|seq| event("count/e", json!({"blob": {"seq": seq, "pad": pad}})))
-                .collect();
-            publish_batch(&client, &events);
-        }
+        flood(&s.client(), 40_000, 2_000, |_| "count/e");
         let counted = wait_for(Duration::from_secs(20), || {
             let (status, metrics) = s.get_text("/metrics");
             assert_eq!(status, 200, "GET /metrics -> {metrics}");
@@ -1080,23 +1086,15 @@ fn a_client_stalled_past_the_write_timeout_reads_whole_frames_then_1008() {
     flooded.subscribe("*");
     let mut quiet = Ws::connect(s.addr());
     quiet.subscribe("stall/quiet");
-    let client = s.client();
-    let pad = "p".repeat(1_000);
     // 40 MB for `*` (past its 8 MiB queue); ~7 MB for `stall/quiet`: more than the socket
     // buffers hold without reads, less than its queue.
-    for start in (0..40_000u64).step_by(1_000) {
-        let events: Vec<Value> = (start..start + 1_000)
-            .map(|seq| {
-                let id = if seq < 7_000 {
-                    "stall/quiet"
-                } else {
-                    "stall/other"
-                };
-                event(id, json!({"blob": {"seq": seq, "pad": pad}}))
-            })
-            .collect();
-        publish_batch(&client, &events);
-    }
+    flood(&s.client(), 40_000, 1_000, |seq| {
+        if seq < 7_000 {
+            "stall/quiet"
+        } else {
+            "stall/other"
+        }
+    });
     thread::sleep(STALL);
     for (ws, name, words) in [
         (&mut flooded, "the flooded client", "overflow"),
@@ -1446,14 +1444,7 @@ fn a_client_that_never_answers_the_close_is_let_go() {
     };
     assert!(wait_for(Duration::from_secs(10), || (gauge() == 1.0).then_some(())).is_some());
     // Flood it while it reads nothing: its queue overflows (1008).
-    let client = s.client();
-    let pad = "p".repeat(1_000);
-    for start in (0..30_000u64).step_by(1_000) {
-        let events: Vec<Value> = (start..start + 1_000)
-            .map(|seq| event("letgo/e", json!({"blob": {"seq": seq, "pad": pad}})))
-            .collect();
-        publish_batch(&client, &events);
-    }
+    flood(&s.client(), 30_000, 1_000, |_| "letgo/e");
     // Read everything, close frame included, and answer nothing.
     let (received, end) = read_until_end(stream, Duration::from_secs(20));
     assert!(
