@@ -352,6 +352,42 @@ fn a_missing_log_segment_that_no_snapshot_covers_refuses_start() {
     assert_eq!(server.list_ids("?prefix=gap/").len(), 60);
 }
 
+/// A crash tears only the last commit's write. Damage early in the newest segment, followed by
+/// intact records of later commits, is damage to synced data: the server refuses to start and
+/// says why instead of cutting acknowledged writes, and starts with all of them once the
+/// segment is whole again.
+#[test]
+fn damage_before_later_commits_in_the_newest_segment_refuses_start() {
+    let dir = DataDir::temp();
+    let args = ["--snapshot-interval", "1h", "--directory-interval", "1h"];
+    let mut server = Server::start_with(options(&dir, &args));
+    for i in 0..5 {
+        server.put(&format!("rot/e{i}"), json!({"i": i}));
+        // Commits a few milliseconds apart carry different accept times.
+        thread::sleep(Duration::from_millis(5));
+    }
+    server.kill9();
+    let segment = segments(dir.path()).pop().expect("a segment");
+    let pristine = fs::read(&segment).expect("read segment");
+    let mut damaged = pristine.clone();
+    damaged[40] ^= 0x08;
+    fs::write(&segment, &damaged).expect("damage segment");
+    let failure = Server::try_start(options(&dir, &args))
+        .err()
+        .expect("must refuse to start");
+    assert!(
+        failure.stderr.contains("two later commits"),
+        "{}",
+        failure.stderr
+    );
+    assert_eq!(fs::read(&segment).expect("segment"), damaged, "nothing cut");
+    fs::write(&segment, &pristine).expect("restore");
+    server.restart();
+    for i in 0..5 {
+        assert_eq!(server.props(&format!("rot/e{i}"))["i"], i);
+    }
+}
+
 /// Single events are committed and applied in place by the appending task when the log is idle;
 /// batches go through the writer thread and the shards' inboxes. Writers of both kinds racing
 /// on the same entities must still leave state equal to a replay of the log in order, and every

@@ -4,7 +4,8 @@
 //! - a model-based property test: random appends, clean reopens and crash reopens (a torn or
 //!   garbage tail on the newest segment), with segments small enough to roll;
 //! - crash safety: the last frame cut at every byte, every earlier frame survives;
-//! - damage that is not a torn tail makes `open` refuse with `LogError::Corrupt`;
+//! - damage that is not a torn tail (in an older segment, or before intact frames of two later
+//!   commits) makes `open` refuse with `LogError::Corrupt`;
 //! - `compact` drops only whole, covered, old segments and never the active one;
 //! - group commit under concurrent appenders keeps positions unique, dense and ordered;
 //! - regressions and edge cases: empty batches, `skip_to`, `close` with appends in flight,
@@ -740,34 +741,78 @@ fn a_flipped_byte_in_an_older_segment_is_corruption() {
     assert_eq!(summary.dropped_bytes, 0);
 }
 
-/// The module contract says only damage *at the end* of the newest segment is a torn write.
-/// A bad frame followed by valid, acknowledged frames is not a torn write.
-#[test]
-fn a_flipped_byte_in_the_newest_segment_ends_the_log_there_and_keeps_the_cut_bytes() {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let dir = tmp.path().join("log");
-    build_log(&dir, 4, false);
-    let path = newest_segment(&dir);
+/// Rewrites the accept time of the frame at `span` (and its checksum), as if its group commit
+/// had been accepted at `accept_ms`.
+fn stamp_frame(bytes: &mut [u8], span: &Range<usize>, accept_ms: u64) {
+    let body = span.start + 8;
+    bytes[body + 8..body + 16].copy_from_slice(&accept_ms.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[body..span.end]);
+    bytes[span.start + 4..body].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A newest segment of four frames, the accept time of each set to `accepts[i]` (one group
+/// commit gives all its frames one accept time), with a byte of the second frame flipped.
+/// Returns the segment's path, its bytes and the second frame's offset.
+fn newest_segment_damaged_in_frame_two(dir: &Path, accepts: [u64; 4]) -> (PathBuf, Vec<u8>, usize) {
+    build_log(dir, 4, false);
+    let path = newest_segment(dir);
     let mut bytes = fs::read(&path).expect("read");
     let spans = frame_spans(&bytes);
+    assert_eq!(spans.len(), 4);
+    for (span, accept) in spans.iter().zip(accepts) {
+        stamp_frame(&mut bytes, span, accept);
+    }
     let second = spans[1].clone();
     bytes[second.start + second.len() / 2] ^= 0x40;
     fs::write(&path, &bytes).expect("write damaged segment");
-    let (_, summary) =
-        open_only(&dir, LARGE_SEGMENT_BYTES).expect("a damaged newest segment opens");
-    // Everything from the damaged frame on is cut (documented: the first bad frame of the
-    // newest segment ends the log), and the cut bytes are kept beside the segment.
+    (path, bytes, second.start)
+}
+
+/// Damage followed only by frames of its own commit is what a crash leaves when it tears the
+/// last commit's write (pages of one write may reach the disk in any order): everything from
+/// the damaged frame on is cut, and the cut bytes are kept beside the segment.
+#[test]
+fn damage_in_the_last_commit_is_a_torn_write_and_is_cut_there() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("log");
+    let t = now_ms();
+    let (path, bytes, second) = newest_segment_damaged_in_frame_two(&dir, [t, t + 1, t + 1, t + 1]);
+    let (_, summary) = open_only(&dir, LARGE_SEGMENT_BYTES).expect("a torn last commit opens");
     assert_eq!(summary.frames, 1);
-    assert_eq!(summary.dropped_bytes, (bytes.len() - second.start) as u64);
-    assert_eq!(
-        fs::metadata(&path).expect("segment").len(),
-        second.start as u64
-    );
-    let kept = path.with_extension(format!("seg.torn-{}", second.start));
-    assert_eq!(
-        fs::read(&kept).expect("cut bytes kept"),
-        &bytes[second.start..]
-    );
+    assert_eq!(summary.dropped_bytes, (bytes.len() - second) as u64);
+    assert_eq!(fs::metadata(&path).expect("segment").len(), second as u64);
+    let kept = path.with_extension(format!("seg.torn-{second}"));
+    assert_eq!(fs::read(&kept).expect("cut bytes kept"), &bytes[second..]);
+}
+
+/// Intact frames of two commits after the damage prove the damaged bytes had been synced
+/// (the later commit was written only after the earlier one's sync): cutting would silently
+/// drop acknowledged events, so open refuses, says why, and leaves the segment as it is.
+#[test]
+fn damage_followed_by_two_later_commits_is_corruption_and_nothing_is_cut() {
+    for accepts in [|t| [t, t, t + 1, t + 2], |t| [t, t + 1, t + 1, t + 2]] {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("log");
+        let (path, bytes, _) = newest_segment_damaged_in_frame_two(&dir, accepts(now_ms()));
+        let Err(LogError::Corrupt(reason)) = open_only(&dir, LARGE_SEGMENT_BYTES) else {
+            panic!("damage before two later commits must not open");
+        };
+        assert!(reason.contains("two later commits"), "{reason}");
+        assert_eq!(
+            fs::read(&path).expect("segment"),
+            bytes,
+            "nothing may be cut"
+        );
+        assert_eq!(segment_files(&dir).len(), 1);
+        assert!(
+            !fs::read_dir(&dir).expect("dir").any(|e| e
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .contains("torn")),
+            "no torn tail is written"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

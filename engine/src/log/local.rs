@@ -23,8 +23,11 @@
 //!   torn group commit can leave later frames of the same unsynced write looking intact), the
 //!   cut bytes (without trailing zeros) are kept beside the segment in
 //!   `<segment>.torn-<offset>` for inspection until retention drops the segment, and the
-//!   number of bytes dropped is logged.
-//!   Damage in any older segment is corruption and the log refuses to open.
+//!   number of bytes dropped is logged. Unless intact frames of two different commits follow
+//!   the damage: a crash tears only the last commit's write, so that damage is to synced data
+//!   and the log refuses to open rather than cut acknowledged events
+//!   ([`later_commit_after_damage`]). Damage in any older segment is corruption and the log
+//!   refuses to open.
 //! - Positions are dense within a segment. A gap *between* segments only appears when the log
 //!   was continued at a snapshot's position ([`LocalLog::skip_to`]); open reports every gap in
 //!   [`OpenSummary::gaps`] and the engine refuses to start unless a snapshot covers them.
@@ -55,8 +58,8 @@ use crate::log::spare::Spares;
 use crate::log::{Barrier, Log, LogError};
 use crate::metrics::LogMetrics;
 use crate::record::{
-    CONTROL_OWNER, DecodeError, FRAME_PREFIX_BYTES, Frame, FrameRead, LogPosition, RecordBatch,
-    decode_frame, encode_frame,
+    CONTROL_OWNER, DecodeError, FRAME_HEADER_BYTES, FRAME_PREFIX_BYTES, Frame, FrameRead,
+    LogPosition, RecordBatch, decode_frame, encode_frame,
 };
 use crate::shard::{Completion, Dispatcher, shard_of};
 
@@ -242,6 +245,39 @@ fn zeros_to_end(file: &File, from: u64, end: u64) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// The position of an intact frame in `tail` (the newest segment's bytes from its first
+/// damage on, where position `expected` was due) whose commit is neither the damaged one's nor
+/// that of an earlier intact frame of `tail`, if there is one. Every frame of a group commit
+/// carries the group's accept time and a group is written only after the previous one's
+/// `fdatasync` returned, so intact frames with two accept times after the damage prove that at
+/// least one commit was written after the damaged bytes had been synced: damage to durable
+/// data, which cutting would silently lose. One accept time (or none) is what a torn write of
+/// the last commit leaves, and cutting there loses nothing acknowledged.
+///
+/// Looks for frames at every byte (the damaged frame's length says nothing), trying only those
+/// whose header names a position the rest of the segment could hold.
+fn later_commit_after_damage(tail: &[u8], expected: LogPosition) -> Option<LogPosition> {
+    let plausible = expected..expected.saturating_add(tail.len() as u64);
+    let mut first_accept = None;
+    let mut at = 1;
+    while let Some(header) = tail.get(at..at + FRAME_PREFIX_BYTES + FRAME_HEADER_BYTES) {
+        let position = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        if plausible.contains(&position)
+            && let Ok(FrameRead::Frame(frame, used)) = decode_frame(&tail[at..])
+        {
+            match first_accept {
+                None => first_accept = Some(frame.accept_time_ms),
+                Some(accept) if accept != frame.accept_time_ms => return Some(position),
+                Some(_) => {}
+            }
+            at += used;
+            continue;
+        }
+        at += 1;
+    }
+    None
+}
+
 fn segment_path(dir: &Path, first_position: LogPosition) -> PathBuf {
     dir.join(format!("{first_position:020}.seg"))
 }
@@ -359,6 +395,16 @@ impl LocalLog {
                 let dropped = file_len - offset;
                 let mut tail = vec![0u8; dropped as usize];
                 segment.file.read_exact_at(&mut tail, offset)?;
+                if let Some(position) = later_commit_after_damage(&tail, expected) {
+                    return Err(LogError::Corrupt(format!(
+                        "{}: {reason}, and intact frames of two later commits follow it (from \
+                         position {position}): a crash tears only the last commit's write, so \
+                         these bytes had been synced. Nothing was cut. Restore the segment from \
+                         a copy, or cut it at offset {offset} by hand to start without the \
+                         events from position {expected} on",
+                        path.display()
+                    )));
+                }
                 // Zeros after the damage are a spare's unused part: keep only what was written.
                 let written = tail.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
                 tail.truncate(written);
