@@ -716,6 +716,100 @@ fn sigterm_right_after_the_start_up_line_exits_zero() {
     }
 }
 
+/// SIGTERM finishes in-flight requests (SPEC): a request already in the server's socket when the
+/// signal comes is answered, never cut off by the close of a connection hyper had not read yet
+/// (that close would reset it). Keep-alive clients post in a loop through each stop; any request
+/// written before the signal must get its whole answer. A request written after it may find its
+/// connection closed, as HTTP/1.1 allows.
+#[test]
+fn sigterm_answers_every_request_sent_before_it() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    let mut s = Server::start();
+    for round in 0..3 {
+        let epoch = Instant::now();
+        // Nanoseconds after `epoch` just before the signal; 0 until then.
+        let term_at = Arc::new(AtomicU64::new(0));
+        let clients: Vec<_> = (0..24)
+            .map(|c| {
+                let (addr, term_at) = (s.addr().to_string(), term_at.clone());
+                thread::spawn(move || -> (u32, Vec<String>) {
+                    let mut stream = TcpStream::connect(&addr).expect("connect");
+                    stream.set_nodelay(true).expect("nodelay");
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("timeout");
+                    let mut answered = 0;
+                    for n in 0.. {
+                        let body = event(&format!("stop/c{c}"), json!({"n": n})).to_string();
+                        let request = format!(
+                            "POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let written = stream.write_all(request.as_bytes());
+                        let sent = epoch.elapsed().as_nanos() as u64;
+                        let term = term_at.load(Ordering::SeqCst);
+                        let before_term = written.is_ok() && (term == 0 || sent < term);
+                        let mut answer = Vec::new();
+                        let mut chunk = [0u8; 4096];
+                        let complete = loop {
+                            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = String::from_utf8_lossy(&answer[..end]).to_lowercase();
+                                let length: usize = head
+                                    .split("content-length: ")
+                                    .nth(1)
+                                    .and_then(|v| v.split("\r\n").next()?.trim().parse().ok())
+                                    .unwrap_or(0);
+                                if answer.len() >= end + 4 + length {
+                                    break Some(head);
+                                }
+                            }
+                            match stream.read(&mut chunk) {
+                                Ok(0) | Err(_) => break None,
+                                Ok(k) => answer.extend_from_slice(&chunk[..k]),
+                            }
+                        };
+                        match complete {
+                            Some(head) if head.starts_with("http/1.1 200") => {
+                                answered += 1;
+                                if head.contains("connection: close") {
+                                    return (answered, Vec::new());
+                                }
+                            }
+                            Some(head) => return (answered, vec![format!("request {n}: {head}")]),
+                            None if before_term => {
+                                return (answered, vec![format!("request {n}, sent before the signal, got no answer")]);
+                            }
+                            None => return (answered, Vec::new()),
+                        }
+                    }
+                    unreachable!()
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(400));
+        term_at.store(epoch.elapsed().as_nanos() as u64, Ordering::SeqCst);
+        let status = s.terminate();
+        assert_eq!(status.code(), Some(0), "round {round}: {status:?}");
+        let mut answered = 0;
+        for client in clients {
+            let (n, failures) = client.join().expect("client thread");
+            answered += n;
+            assert!(failures.is_empty(), "round {round}: {failures:?}");
+        }
+        assert!(
+            answered > 0,
+            "round {round}: no request was answered at all"
+        );
+        s.restart();
+    }
+}
+
 #[test]
 fn sigterm_exits_zero_and_data_survives() {
     let mut s = Server::start();

@@ -21,7 +21,10 @@ pub mod sealer;
 pub mod tenancy;
 
 use std::future::Future;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::Method;
@@ -162,6 +165,49 @@ async fn observe_write(
     result
 }
 
+/// How long a stopping server waits for hyper to read a request that has arrived on a
+/// connection but is not read yet ([`serve_arrived_requests`]).
+const ARRIVED_GRACE: Duration = Duration::from_millis(200);
+
+/// Whether the socket `fd` holds bytes nobody has read yet.
+fn unread_bytes(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `fd` is the socket of a connection the caller still owns, so it is open; `recv`
+    // writes at most one byte into `byte`, and MSG_PEEK leaves the bytes in the socket.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
+/// Runs `connection` until hyper has read what its socket (`fd`) holds, up to
+/// [`ARRIVED_GRACE`]; returns whether the connection ended meanwhile. Telling hyper to shut
+/// down closes an idle connection at once, and closing a socket with unread bytes answers the
+/// client with a reset: a request already sent when the server stopped would be lost from the
+/// client's side. Once hyper has read it, the connection is not idle, and a graceful shutdown
+/// finishes that request (answered with `connection: close`) before it closes.
+async fn serve_arrived_requests<C: Future>(mut connection: Pin<&mut C>, fd: RawFd) -> bool {
+    let read_or_ended = std::future::poll_fn(|cx| {
+        if connection.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        // Pending with bytes unread: hyper is waiting for the socket and is woken with it.
+        if unread_bytes(fd) {
+            Poll::Pending
+        } else {
+            Poll::Ready(false)
+        }
+    });
+    tokio::time::timeout(ARRIVED_GRACE, read_or_ended)
+        .await
+        .unwrap_or(false)
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then stops accepting, lets in-flight
 /// requests finish (up to [`SHUTDOWN_GRACE`]) and returns.
 pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<Output = ()>) {
@@ -189,6 +235,7 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<O
             }
         };
         let _ = stream.set_nodelay(true);
+        let fd = stream.as_raw_fd();
         let io = io::ApiIo::new(stream, api.request_timeout);
         let api = api.clone();
         let service = service_fn(move |request| {
@@ -202,8 +249,10 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<O
             tokio::select! {
                 _ = connection.as_mut() => {}
                 _ = stopping.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+                    if !serve_arrived_requests(connection.as_mut(), fd).await {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
                 }
             }
             drop(alive);
