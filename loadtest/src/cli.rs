@@ -28,6 +28,19 @@ fn seconds(text: &str) -> Result<f64, String> {
     }
 }
 
+/// Seconds a run lasts: as [`seconds`], and above 0 (a run of no time measures nothing).
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match seconds(text)? {
+        0.0 => Err("must be more than 0 seconds".into()),
+        s => Ok(s),
+    }
+}
+
+/// A server URL, checked before anything runs (resolving it comes later).
+fn url(text: &str) -> Result<String, String> {
+    crate::http::parse_url(text).map(|_| text.to_string())
+}
+
 /// The namespace a run writes into: the part of every entity id before its first `/`. Written
 /// into JSON as is, so quotes, backslashes and control characters are refused, as are `/`, `*`
 /// and spaces.
@@ -87,7 +100,7 @@ pub enum Scenario {
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct CommonArgs {
     /// Base URL of the server.
-    #[arg(long, env = "FLUX_URL", default_value = "http://127.0.0.1:3000")]
+    #[arg(long, env = "FLUX_URL", default_value = "http://127.0.0.1:3000", value_parser = url)]
     pub url: String,
     /// Bearer token sent with every HTTP request (a server in auth mode: a namespace token, or
     /// the admin token). Never echoed in the result.
@@ -110,7 +123,7 @@ pub struct CommonArgs {
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct TimingArgs {
     /// Measured seconds.
-    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
     pub duration: f64,
     /// Seconds of load before measuring starts (not counted in the measured figures; the
     /// result's `total` counts them).
@@ -265,7 +278,7 @@ pub struct ConnectionsArgs {
     #[arg(long, short = 'c', default_value_t = 1000, value_parser = count_usize)]
     pub connections: usize,
     /// Seconds to hold them open.
-    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
     pub hold: f64,
     /// Subscription of every idle connection (a pattern no traffic matches).
     #[arg(long, default_value = "loadtest/idle")]
@@ -307,7 +320,7 @@ pub struct RecoveryArgs {
     #[arg(long)]
     pub restart_cmd: Option<String>,
     /// Give up when the server is not back after this many seconds.
-    #[arg(long, default_value_t = 120.0, value_parser = seconds)]
+    #[arg(long, default_value_t = 120.0, value_parser = positive_seconds)]
     pub restart_timeout: f64,
 }
 

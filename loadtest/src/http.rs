@@ -26,6 +26,8 @@ pub struct Target {
     pub host: HeaderValue,
     /// `host:port` as given, for the WebSocket handshake.
     pub authority: String,
+    /// The path the API sits under (empty, or `/flux` for a server behind a proxy there).
+    pub base: String,
     /// `Bearer <token>` for every HTTP request, from `--token`.
     pub authorization: Option<HeaderValue>,
     /// For `https://`: how sessions are opened, and the `--ca-cert` it trusts besides the
@@ -34,64 +36,102 @@ pub struct Target {
     pub ca_cert: Option<PathBuf>,
 }
 
+/// The parts of a `--url`: `http://` or `https://`, a host, an optional port, an optional path
+/// the API sits under (a server behind a proxy at `/flux`); no query, fragment or credentials.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UrlParts {
+    pub https: bool,
+    /// `host` or `host:port` as given (IPv6 hosts in brackets): the `Host` header.
+    pub authority: String,
+    /// `host:port`, the port filled in (80 or 443) when none was given.
+    pub with_port: String,
+    /// The host alone, for TLS.
+    pub host: String,
+    /// The path before `/api/...`, without a trailing `/`; empty for the server's root.
+    pub base: String,
+}
+
+/// Checks and splits a `--url` (also the flag's parser, so a bad one is a usage error).
+pub fn parse_url(text: &str) -> Result<UrlParts, String> {
+    let url = url::Url::parse(text).map_err(|error| format!("{text:?} is not a URL: {error}"))?;
+    let https = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        _ => {
+            return Err(format!(
+                "must start with http:// or https:// (got {text:?})"
+            ));
+        }
+    };
+    let host = url
+        .host_str()
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| format!("{text:?} has no host"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{text:?} carries credentials, which are never sent: give a token with --token"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{text:?} has a query or fragment; give the server's root (the API paths are fixed)"
+        ));
+    }
+    let authority = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if https { 443 } else { 80 });
+    Ok(UrlParts {
+        https,
+        with_port: format!("{host}:{port}"),
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        authority,
+        base: url.path().trim_end_matches('/').to_string(),
+    })
+}
+
 impl Target {
-    /// Resolves `http://host:port[/]` or `https://host:port[/]` (port 80 or 443 by default);
-    /// TLS trusts the system's roots and the certificates in `ca_cert`.
+    /// Resolves `http://host[:port][/base]` or `https://…` (port 80 or 443 by default); TLS
+    /// trusts the system's roots and the certificates in `ca_cert`.
     pub fn parse_with(url: &str, ca_cert: Option<&Path>) -> anyhow::Result<Target> {
-        let (https, rest) = if let Some(rest) = url.strip_prefix("http://") {
-            (false, rest)
-        } else if let Some(rest) = url.strip_prefix("https://") {
-            (true, rest)
-        } else {
-            bail!("--url must start with http:// or https:// (got {url:?})");
-        };
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        if authority.is_empty() {
-            bail!("--url has no host: {url:?}");
-        }
-        if !path.is_empty() {
-            bail!(
-                "--url {url:?} has a path; give the server's root (http://host:port): the API \
-                 paths are fixed"
-            );
-        }
-        let port_given = authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-        let (host, with_port) = if port_given {
-            let (host, _) = authority.rsplit_once(':').expect("a port was found");
-            (host, authority.to_string())
-        } else {
-            (
-                authority,
-                format!("{authority}:{}", if https { 443 } else { 80 }),
-            )
-        };
-        let tls = if https {
-            Some(TlsTarget::new(host, ca_cert)?)
+        let parts = parse_url(url).map_err(|reason| anyhow::anyhow!("--url {reason}"))?;
+        let tls = if parts.https {
+            Some(TlsTarget::new(&parts.host, ca_cert)?)
         } else if ca_cert.is_some() {
             bail!("--ca-cert is for https:// URLs (got {url:?})");
         } else {
             None
         };
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
-            .with_context(|| format!("resolving {with_port}"))?
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&parts.with_port)
+            .with_context(|| format!("resolving {}", parts.with_port))?
             .next()
-            .with_context(|| format!("{with_port} resolves to no address"))?;
+            .with_context(|| format!("{} resolves to no address", parts.with_port))?;
         Ok(Target {
             addr,
-            host: HeaderValue::from_str(authority).context("host header")?,
-            authority: authority.to_string(),
+            host: HeaderValue::from_str(&parts.authority).context("host header")?,
+            authority: parts.authority,
+            base: parts.base,
             authorization: None,
             tls,
             ca_cert: ca_cert.map(Path::to_path_buf),
         })
     }
 
-    /// `http://host:port` or `https://host:port`: the root this target was parsed from.
+    /// The request target for an API `path` (`/api/...`) under the URL's base path.
+    pub fn path(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `http://host:port[/base]` or `https://…`: the URL this target was parsed from.
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}", self.authority)
+        format!("{scheme}://{}{}", self.authority, self.base)
     }
 
     /// Opens a connection (with the TLS handshake for `https://`).
@@ -232,7 +272,12 @@ impl Connection {
     ) -> Result<Reply, TransportError> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
-        *request.uri_mut() = path.parse().map_err(|_| TransportError::Io)?;
+        let uri = if target.base.is_empty() {
+            path.parse()
+        } else {
+            target.path(path).parse()
+        };
+        *request.uri_mut() = uri.map_err(|_| TransportError::Io)?;
         let headers = request.headers_mut();
         headers.insert(HOST, target.host.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -317,7 +362,30 @@ mod tests {
                 .port(),
             80
         );
-        assert!(Target::parse_with("http://127.0.0.1:3000/prefix", None).is_err());
+        let behind = Target::parse_with("http://127.0.0.1:3000/flux/", None).unwrap();
+        assert_eq!(behind.path("/api/ws"), "/flux/api/ws");
+        assert_eq!(behind.url(), "http://127.0.0.1:3000/flux");
+        assert_eq!(
+            Target::parse_with("HTTP://127.0.0.1:3000", None)
+                .unwrap()
+                .base,
+            ""
+        );
+        for bad in [
+            "http://127.0.0.1:3000?x=1",
+            "http://127.0.0.1:3000#f",
+            "http://127.0.0.1:notaport",
+            "http://user:pw@127.0.0.1:3000",
+            "http://",
+            "127.0.0.1:3000",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad} was taken");
+        }
+        let v6 = parse_url("http://[::1]:3000").unwrap();
+        assert_eq!(
+            (v6.authority.as_str(), v6.host.as_str()),
+            ("[::1]:3000", "::1")
+        );
     }
 
     #[test]

@@ -31,9 +31,22 @@ fn main() {
     system::raise_open_files_limit();
     if let Err(error) = run(cli) {
         eprintln!("flux-loadtest: {error:#}");
-        std::process::exit(1);
+        let usage = error.downcast_ref::<UsageError>().is_some();
+        std::process::exit(if usage { 2 } else { 1 });
     }
 }
+
+/// Flags that do not go together, found after parsing: exits 2, as clap's own usage errors do.
+#[derive(Debug)]
+pub struct UsageError(pub &'static str);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let threads = match &cli.scenario {

@@ -188,14 +188,28 @@ impl Rng {
     }
 }
 
-/// One simulated device: its random generator and current sensor values.
+/// One simulated device: its random generator and its sensor values after `steps` reports.
 struct Device {
     rng: Rng,
     values: Vec<f64>,
+    steps: u64,
 }
 
-/// The IoT fleet: request `ticket` is a report of device `ticket % devices`, whose sensors
-/// each take one random-walk step per report.
+impl Device {
+    /// One random-walk step of every sensor.
+    fn step(&mut self) {
+        for value in &mut self.values {
+            *value += SENSOR_STEP * (2.0 * self.rng.next_f64() - 1.0);
+        }
+        self.steps += 1;
+    }
+}
+
+/// The IoT fleet: request `ticket` is report `ticket / devices` of device `ticket % devices`,
+/// whose sensors each take one random-walk step per report. A report's values depend only on
+/// the seed, the device and the report's number: the walk also steps for reports the run
+/// dropped (never sent), so one dropped report does not change every later value, and two runs
+/// with the same seed send the same values in the reports both send.
 pub struct Fleet {
     /// Locked only while one report is written; devices report one interval apart.
     devices: Vec<Mutex<Device>>,
@@ -219,7 +233,11 @@ impl Fleet {
             .map(|n| {
                 let mut rng = Rng::new(seed ^ n.wrapping_mul(0xD1B5_4A32_D192_ED03));
                 let values = (0..sensors).map(|_| 10.0 + 20.0 * rng.next_f64()).collect();
-                Mutex::new(Device { rng, values })
+                Mutex::new(Device {
+                    rng,
+                    values,
+                    steps: 0,
+                })
             })
             .collect();
         Fleet {
@@ -248,9 +266,13 @@ impl RequestSource for Fleet {
         let mut device = self.devices[n as usize]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Device { rng, values } = &mut *device;
-        for (k, value) in values.iter_mut().enumerate() {
-            *value += SENSOR_STEP * (2.0 * rng.next_f64() - 1.0);
+        // Report r carries the values after r + 1 steps. A report written after a later one of
+        // the same device (two overdue reports racing) repeats that later one's values.
+        let report = ticket / self.devices.len() as u64;
+        while device.steps <= report {
+            device.step();
+        }
+        for (k, value) in device.values.iter().enumerate() {
             if k > 0 {
                 out.put_u8(b',');
             }
@@ -447,6 +469,25 @@ mod tests {
         assert_ne!(
             body(&c, 0)["payload"],
             body(&Fleet::new("fleet", 10, 4, 3, 42), 0)["payload"]
+        );
+    }
+
+    /// A run that drops reports (never sends them) still sends, in every report it does send,
+    /// the values a run without drops sends in the same report.
+    #[test]
+    fn fleet_values_do_not_depend_on_dropped_reports() {
+        let every = Fleet::new("fleet", 10, 4, 3, 42);
+        let sparse = Fleet::new("fleet", 10, 4, 3, 42);
+        let all: Vec<Value> = (0..100).map(|ticket| body(&every, ticket)).collect();
+        for ticket in (0..100).filter(|t| t % 7 == 3 || *t >= 90) {
+            assert_eq!(
+                body(&sparse, ticket)["payload"],
+                all[ticket as usize]["payload"]
+            );
+        }
+        assert_ne!(
+            all[3]["payload"], all[13]["payload"],
+            "a device's values drift"
         );
     }
 

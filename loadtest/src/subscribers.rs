@@ -364,13 +364,14 @@ async fn subscriber(
     let mut synced = config.idle;
     let (mut received, mut measured, mut worst) = (0u64, 0u64, 0u64);
     loop {
-        let measure_from = control.measure_from_ns.load(Ordering::Relaxed);
         let mut now_ns = 0u64;
         let state = client
             .read_messages(|message| {
                 if let Some(sent_ns) = find_sent_ns(message) {
                     received += 1;
-                    if sent_ns >= measure_from {
+                    // Read once frames are here: a read that began before the measured window
+                    // opened must still count the frames sent inside it.
+                    if sent_ns >= control.measure_from_ns.load(Ordering::Relaxed) {
                         measured += 1;
                         if now_ns == 0 {
                             now_ns = unix_ns();
@@ -458,6 +459,28 @@ impl PoolResult {
         self.worst_lag.0.extend(other.worst_lag.0);
         for (code, n) in other.close_codes {
             *self.close_codes.entry(code).or_default() += n;
+        }
+    }
+
+    /// What is known of a worker process that died without its result: how many of its
+    /// subscribers connected and the frames they had received by its last report. Every
+    /// connected one counts as closed (`worker_exited`) with the rest of its frames lost; its
+    /// latencies are unknown and left out.
+    fn of_lost_worker(subscribers: u64, report: &WorkerReport, expected: u64) -> PoolResult {
+        let connected = report.connected.load(Ordering::Relaxed);
+        let received = report.received.load(Ordering::Relaxed);
+        let lost = (expected * connected).saturating_sub(received);
+        PoolResult {
+            subscribers,
+            connected,
+            connect_failed: report.failed.load(Ordering::Relaxed),
+            expected_per_subscriber: expected,
+            received,
+            lost,
+            extra: received.saturating_sub(expected * connected),
+            subscribers_with_loss: if lost > 0 { connected } else { 0 },
+            close_codes: BTreeMap::from([("worker_exited".to_string(), connected)]),
+            ..PoolResult::default()
         }
     }
 
@@ -634,9 +657,9 @@ impl SubscriberGroup {
             let WorkerProcess {
                 mut child,
                 stdin,
+                subscribers,
                 report,
                 reader,
-                ..
             } = worker;
             drop(stdin);
             let _ = reader.join();
@@ -644,7 +667,13 @@ impl SubscriberGroup {
             let result = report.result.lock().ok().and_then(|mut r| r.take());
             match result {
                 Some(result) => total.merge(result),
-                None => bail!("a fanout worker exited without a result ({status})"),
+                None => {
+                    eprintln!(
+                        "flux-loadtest: a fanout worker exited without a result ({status}); its \
+                         {subscribers} subscribers count as lost from their last report on"
+                    );
+                    total.merge(PoolResult::of_lost_worker(subscribers, &report, expected));
+                }
             }
         }
         if total.connected == 0 {

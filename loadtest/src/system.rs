@@ -28,6 +28,10 @@ pub fn sample(pid: u32) -> anyhow::Result<ProcessSample> {
         .map(|(_, rest)| rest)
         .context("malformed /proc stat")?;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // A zombie (exited, not yet reaped by its parent) keeps its stat but has no memory left.
+    if matches!(fields.first(), Some(&"Z" | &"X")) {
+        anyhow::bail!("process {pid} has exited");
+    }
     // After the name: state is field 3 of the line, so utime (14) and stime (15) are 11 and 12.
     let (user, sys): (u64, u64) = fields
         .get(11)

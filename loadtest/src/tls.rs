@@ -3,8 +3,8 @@
 //!
 //! Flux serves plain HTTP; a deployment usually puts a TLS terminator in front of it, and the
 //! generator must reach it there. The server's certificate is checked against the system's
-//! roots plus any `--ca-cert` PEM file (a private CA, a self-signed certificate); there is no
-//! way to skip the check. rustls runs on the `ring` provider the workspace already builds for
+//! roots plus any `--ca-cert` PEM file (a private CA, a self-signed certificate), or is one of
+//! that file's certificates exactly ([`ChainOrPinned`]); there is no way to skip the check. rustls runs on the `ring` provider the workspace already builds for
 //! the NATS client.
 //!
 //! Invariants: a TLS stream is always checked against the host name (or IP address) of
@@ -47,6 +47,7 @@ impl TlsTarget {
         // The system's store; certificates it cannot parse are skipped, as browsers do.
         let native = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(native.certs);
+        let mut pinned = Vec::new();
         if let Some(path) = ca_cert {
             let certs = CertificateDer::pem_file_iter(path)
                 .with_context(|| format!("reading --ca-cert {}", path.display()))?
@@ -57,18 +58,26 @@ impl TlsTarget {
             }
             for cert in certs {
                 roots
-                    .add(cert)
+                    .add(cert.clone())
                     .with_context(|| format!("--ca-cert {}", path.display()))?;
+                pinned.push(cert);
             }
         }
         if roots.is_empty() {
             anyhow::bail!("no trusted certificate: the system has none, give --ca-cert");
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chains = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .context("TLS certificate verifier")?;
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainOrPinned { chains, pinned }))
             .with_no_client_auth();
         let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']'))
             .with_context(|| format!("{host:?} is not a host name for TLS"))?
@@ -77,6 +86,64 @@ impl TlsTarget {
             connector: TlsConnector::from(Arc::new(config)),
             name,
         })
+    }
+}
+
+/// Checks a server's certificate chain against the trusted roots; failing that, accepts a
+/// certificate that is byte for byte one of `--ca-cert`'s. `openssl req -x509` makes
+/// self-signed certificates marked as CAs by default, which chain checks refuse to meet as a
+/// server's own (`CaUsedAsEndEntity`); a user who handed over that exact certificate trusts it.
+/// Handshake signatures are always checked, so the server must hold the certificate's key.
+#[derive(Debug)]
+struct ChainOrPinned {
+    chains: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<CertificateDer<'static>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ChainOrPinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.chains
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .or_else(|error| {
+                if self
+                    .pinned
+                    .iter()
+                    .any(|cert| cert.as_ref() == end_entity.as_ref())
+                {
+                    Ok(rustls::client::danger::ServerCertVerified::assertion())
+                } else {
+                    Err(error)
+                }
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chains.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chains.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chains.supported_verify_schemes()
     }
 }
 

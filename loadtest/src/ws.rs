@@ -42,13 +42,14 @@ pub struct WsClient {
 }
 
 impl WsClient {
-    /// Connects and upgrades to a WebSocket on `/api/ws`; `buffer_bytes` is the initial read
+    /// Connects and upgrades to a WebSocket on `/api/ws` (under the URL's base path); `buffer_bytes` is the initial read
     /// buffer (it grows for larger frames).
     pub async fn connect(target: &Target, buffer_bytes: usize) -> io::Result<WsClient> {
         let mut stream = target.connect().await?;
         let request = format!(
-            "GET /api/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            target.path("/api/ws"),
             target.authority
         );
         stream.write_all(request.as_bytes()).await?;

@@ -784,14 +784,19 @@ fn bad_values_are_refused_before_anything_runs() {
         &["e2e", "-s", "0"],
         &["e2e", "--rate", "0"],
         &["connections", "-c", "0"],
-        &["ingest", "--url", "http://127.0.0.1:1/prefix"],
+        &["ingest", "--duration", "0"],
+        &["connections", "--hold", "0"],
+        &["recovery", "--restart-timeout", "0"],
+        &["ingest", "--url", "http://127.0.0.1:1?x=1"],
+        &["ingest", "--url", "http://127.0.0.1:notaport"],
+        &["ingest", "--url", "http://user:pw@127.0.0.1:1"],
         &["ingest", "--namespace", "a/b"],
         &["fleet", "--namespace", ""],
         &["recovery", "--namespace", "a\"b"],
         &["e2e", "--namespace", "a b"],
     ] {
         let (status, stdout, stderr) = run_loadtest(args);
-        assert!(!status.success(), "{args:?} ran");
+        assert_eq!(status.code(), Some(2), "{args:?}: a usage error");
         assert!(
             stdout.trim().is_empty(),
             "{args:?} printed a result: {stdout}"
@@ -811,6 +816,15 @@ struct TlsTerminator {
 
 impl TlsTerminator {
     fn start(upstream_port: u16) -> TlsTerminator {
+        TlsTerminator::start_with(
+            upstream_port,
+            &["-addext", "basicConstraints=critical,CA:FALSE"],
+        )
+    }
+
+    /// With `openssl req -x509`'s own defaults for the rest: OpenSSL 3 marks the certificate
+    /// as a CA's (`CA:TRUE`), which chain checks refuse as a server's own.
+    fn start_with(upstream_port: u16, extra: &[&str]) -> TlsTerminator {
         let dir = tempfile::tempdir().expect("temp dir");
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let made = Command::new("openssl")
@@ -818,8 +832,7 @@ impl TlsTerminator {
             .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
             .args(["-subj", "/CN=flux-loadtest-test"])
             .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-            // A server's own certificate, not a CA's (which TLS clients refuse to meet as one).
-            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .args(extra)
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -914,4 +927,136 @@ fn https_urls_reach_a_server_behind_a_tls_terminator() {
     assert!(!status.success(), "an untrusted certificate was accepted");
     assert!(u64_at(&single_json(&stdout), "/errors_by_status/transport") > 0);
     assert!(stderr.contains("certificate"), "{stderr}");
+}
+
+/// The self-signed certificate `openssl req -x509` makes by default is marked as a CA's; given
+/// with `--ca-cert`, it is trusted as that exact certificate. Another self-signed certificate
+/// still is not.
+#[test]
+fn the_default_openssl_self_signed_certificate_is_trusted_when_given() {
+    let server = Server::start();
+    let tls = TlsTerminator::start_with(server.port, &[]);
+    let cert = tls.cert.to_str().expect("UTF-8 path");
+    let short = ["--duration", "0.6", "--warmup", "0"];
+    let run = ["ingest", "-c", "1", "--url", &tls.url];
+    let trusted = loadtest(&[&run[..], &["--ca-cert", cert], &short].concat());
+    assert!(u64_at(&trusted, "/events") > 0, "{trusted}");
+    assert_eq!(
+        trusted["errors_by_status"],
+        serde_json::json!({}),
+        "{trusted}"
+    );
+    let e2e = loadtest(
+        &[
+            &[
+                "e2e",
+                "-s",
+                "2",
+                "--rate",
+                "100",
+                "--url",
+                &tls.url,
+                "--ca-cert",
+                cert,
+            ][..],
+            &short,
+        ]
+        .concat(),
+    );
+    assert_eq!(u64_at(&e2e, "/loss/lost"), 0, "{e2e}");
+
+    let other = TlsTerminator::start_with(server.port, &[]);
+    let other_cert = other.cert.to_str().expect("UTF-8 path");
+    let (status, stdout, stderr) =
+        run_loadtest(&[&run[..], &["--ca-cert", other_cert], &short].concat());
+    assert!(!status.success(), "a certificate nobody gave was accepted");
+    assert!(u64_at(&single_json(&stdout), "/errors_by_status/transport") > 0);
+    assert!(stderr.contains("certificate"), "{stderr}");
+}
+
+/// With no warmup the measured window opens as publishing starts: every frame received is a
+/// measured one (a subscriber's first read, begun before the window opened, counts too).
+#[test]
+fn e2e_without_warmup_measures_every_frame() {
+    let server = Server::start();
+    let result = loadtest(&[
+        "e2e",
+        "--url",
+        &server.url,
+        "--subscribers",
+        "3",
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    let received = u64_at(&result, "/loss/received");
+    assert!(received > 0, "{result}");
+    assert_eq!(u64_at(&result, "/delivered_frames"), received, "{result}");
+    assert_eq!(u64_at(&result, "/latency_us/count"), received, "{result}");
+}
+
+/// A fanout worker process killed mid-run costs its subscribers, not the run: the result is
+/// still printed, with the dead worker's subscribers closed as `worker_exited` and the frames
+/// they missed counted as lost.
+#[test]
+fn a_fanout_worker_killed_mid_run_counts_as_loss() {
+    let server = Server::start();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flux-loadtest"))
+        .args(["fanout", "--url", &server.url, "--subscribers", "6"])
+        .args([
+            "--subscribers-per-process",
+            "2",
+            "--subscriber-threads",
+            "1",
+        ])
+        .args(["--rate", "100", "--duration", "2.5", "--warmup", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start flux-loadtest");
+    let children = format!("/proc/{}/task/{}/children", child.id(), child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let worker = loop {
+        let listed = std::fs::read_to_string(&children).unwrap_or_default();
+        let pids: Vec<i32> = listed
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if pids.len() == 3 {
+            break pids[1];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workers never started: {listed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(1200));
+    // SAFETY: `worker` is a child of our own child, still running (the run lasts 2.5 s).
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    let status = wait_with_deadline(&mut child, Duration::from_secs(60)).expect("run ends");
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("read stdout");
+    assert!(status.success(), "{status}");
+    let result = single_json(&stdout);
+    assert_eq!(u64_at(&result, "/subscribers/connected"), 6, "{result}");
+    assert_eq!(
+        u64_at(&result, "/subscribers/close_codes/worker_exited"),
+        2,
+        "{result}"
+    );
+    assert!(u64_at(&result, "/loss/lost") > 0, "{result}");
+    assert_eq!(
+        u64_at(&result, "/loss/subscribers_with_loss"),
+        2,
+        "{result}"
+    );
 }

@@ -52,7 +52,8 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<Value> {
         );
     }
     let connect_s = started.elapsed().as_secs_f64();
-    let connected = take(pid)?;
+    // A server gone from here on leaves `server.error`; the connections' figures still stand.
+    let connected = take(pid);
 
     let progress = {
         let source = group.status_source();
@@ -67,7 +68,7 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<Value> {
     };
     let hold = seconds(args.hold);
     tokio::time::sleep(hold).await;
-    let held = take(pid)?;
+    let held = take(pid);
     drop(progress);
     let outcome = tokio::task::spawn_blocking(move || group.finish(0, Duration::ZERO))
         .await?
@@ -98,7 +99,14 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<Value> {
         "connects_per_s": if connect_s > 0.0 { round3(status.connected as f64 / connect_s) } else { 0.0 },
         "close_codes": outcome.close_codes,
     });
-    if let (Some(pid), Some(before), Some(connected), Some(held)) = (pid, before, connected, held) {
+    let samples = connected.and_then(|connected| Ok((connected, held?)));
+    if let (Some(pid), Err(error)) = (pid, &samples) {
+        result["server"] = json!({
+            "pid": pid,
+            "error": format!("the server process was gone before the end of the run: {error:#}"),
+        });
+    }
+    if let (Some(pid), Some(before), Ok((Some(connected), Some(held)))) = (pid, before, samples) {
         let per_connection = |after: &ProcessSample| {
             if status.connected > 0 {
                 (after.rss_bytes as f64 - before.rss_bytes as f64) / status.connected as f64

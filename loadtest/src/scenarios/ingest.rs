@@ -19,7 +19,11 @@ pub async fn ingest(mut args: IngestArgs, batched: bool) -> anyhow::Result<Value
     let batch = match (batched, args.batch) {
         (true, given) => given.unwrap_or(100),
         (false, None | Some(1)) => 1,
-        (false, Some(_)) => anyhow::bail!("--batch is for ingest-batch; ingest sends one event"),
+        (false, Some(_)) => {
+            return Err(
+                crate::UsageError("--batch is for ingest-batch; ingest sends one event").into(),
+            );
+        }
     };
     // Echo what ran.
     args.batch = Some(batch);
