@@ -11,20 +11,23 @@
 //! Called only by `main`, through [`run`].
 
 use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{ArgGroup, Args, Subcommand};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use tungstenite::Message;
-use tungstenite::error::UrlError;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::HandshakeError;
+use tungstenite::{Message, WebSocket};
 
 /// The exit codes, as shown by `flux --help`.
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes of the client commands:
   0  success: the server answered 2xx (its JSON reply is on stdout)
-  1  the server answered with an error status (its {\"error\": ...} body is on stderr)
+  1  the server answered with an error status (its {\"error\": ...} body is on stderr),
+     or refused watch's subscription (its {\"type\":\"error\",...} message is on stderr)
   2  usage error: bad arguments, or a JSON argument that does not parse
   3  could not reach the server: connection refused, name lookup, timeout, connection lost";
 
@@ -36,23 +39,41 @@ const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
+/// The server when neither `--url` nor `FLUX_URL` names one.
+const DEFAULT_URL: &str = "http://127.0.0.1:3000";
 /// Longest wait for the TCP connection to the server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for each read or write of a request (a large list can take a while).
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for each read or write of `watch`'s WebSocket handshake: a few hundred bytes
+/// any live server answers at once.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where the server is and how to authenticate (every client command takes these).
+/// Where the server is and how to authenticate (every client command takes these). An empty
+/// value counts as unset, as `flux.sh`'s `${FLUX_URL:-…}` has it: clap takes a variable set
+/// to "" as a value and has no setting to ignore it, so [`ServerArgs::url`] and
+/// [`Client::send`] skip empty values.
 #[derive(Args)]
 pub struct ServerArgs {
-    /// Base URL of the Flux server.
-    #[arg(long, env = "FLUX_URL", default_value = "http://127.0.0.1:3000")]
-    url: String,
+    /// Base URL of the Flux server [default: http://127.0.0.1:3000].
+    #[arg(long, env = "FLUX_URL")]
+    url: Option<String>,
     /// Bearer token sent with writes (a namespace token, or the admin token).
     #[arg(long, env = "FLUX_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Admin token, sent by `namespaces register` and `admin-config`.
     #[arg(long, env = "FLUX_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+}
+
+impl ServerArgs {
+    /// The server's URL: `--url` or `FLUX_URL` unless empty, else [`DEFAULT_URL`].
+    fn url(&self) -> &str {
+        self.url
+            .as_deref()
+            .filter(|url| !url.is_empty())
+            .unwrap_or(DEFAULT_URL)
+    }
 }
 
 /// The client subcommands, flattened beside `serve` in `flux`'s command list.
@@ -217,12 +238,14 @@ enum Failure {
     Usage(String),
     /// The server could not be reached, or the connection broke.
     Connection(String),
+    /// The server refused `watch`'s subscription; its `{"type":"error",...}` message.
+    Refused(String),
 }
 
 impl Failure {
     fn exit_code(&self) -> i32 {
         match self {
-            Failure::Http { .. } => 1,
+            Failure::Http { .. } | Failure::Refused(_) => 1,
             Failure::Usage(_) => 2,
             Failure::Connection(_) => 3,
         }
@@ -234,6 +257,7 @@ impl Failure {
                 format!("flux: the server answered HTTP {status}")
             }
             Failure::Http { body, .. } => body.trim_end().to_string(),
+            Failure::Refused(message) => message.clone(),
             Failure::Usage(reason) => format!("flux: {reason}"),
             Failure::Connection(reason) => format!("flux: {reason}"),
         };
@@ -427,11 +451,11 @@ struct Client<'a> {
 
 impl<'a> Client<'a> {
     fn new(server: &'a ServerArgs) -> Result<Client<'a>, Failure> {
-        let base = server.url.trim_end_matches('/');
+        let base = server.url().trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(Failure::Usage(format!(
                 "--url {:?} must start with http:// or https://",
-                server.url
+                server.url()
             )));
         }
         let agent = ureq::AgentBuilder::new()
@@ -501,9 +525,9 @@ impl<'a> Client<'a> {
             }
             Err(ureq::Error::Transport(transport)) => Err(match transport.kind() {
                 ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => {
-                    Failure::Usage(format!("--url {:?}: {transport}", self.server.url))
+                    Failure::Usage(format!("--url {:?}: {transport}", self.server.url()))
                 }
-                _ => Failure::Connection(format!("cannot reach the server: {transport}")),
+                _ => unreachable(self.base, &transport),
             }),
         }
     }
@@ -514,14 +538,41 @@ fn read_body(response: ureq::Response, url: &str) -> Result<String, Failure> {
     response
         .into_reader()
         .read_to_string(&mut body)
-        .map_err(|error| Failure::Connection(format!("reading the reply of {url}: {error}")))?;
+        .map_err(|error| {
+            Failure::Connection(format!("reading the reply of {url}: {}", cause(&error)))
+        })?;
     Ok(body)
+}
+
+/// The server at `url` could not be reached, for the innermost cause of `error`.
+fn unreachable(url: &str, error: &(dyn std::error::Error + 'static)) -> Failure {
+    Failure::Connection(format!("cannot reach {url}: {}", cause(error)))
+}
+
+/// What went wrong, said once: ureq and tungstenite wrap the I/O error, each layer adding its
+/// own "Network Error: " or "IO error: " to the text, so only the innermost error is told,
+/// the common socket failures in plain words.
+fn cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = error;
+    while let Some(source) = innermost.source() {
+        innermost = source;
+    }
+    match innermost
+        .downcast_ref::<std::io::Error>()
+        .map(std::io::Error::kind)
+    {
+        Some(ErrorKind::ConnectionRefused) => "connection refused".to_string(),
+        Some(ErrorKind::ConnectionReset) => "connection reset by the server".to_string(),
+        // A socket read timeout shows as WouldBlock on Unix.
+        Some(ErrorKind::TimedOut | ErrorKind::WouldBlock) => "timed out".to_string(),
+        _ => innermost.to_string(),
+    }
 }
 
 /// Subscribes to `pattern` and prints update messages, one a line, until `count` of them
 /// (or forever).
 fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), Failure> {
-    let base = server.url.trim_end_matches('/');
+    let base = server.url().trim_end_matches('/');
     let websocket_url = if let Some(rest) = base.strip_prefix("http://") {
         format!("ws://{rest}/api/ws")
     } else if base.starts_with("https://") {
@@ -531,28 +582,21 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
     } else {
         return Err(Failure::Usage(format!(
             "--url {:?} must start with http://",
-            server.url
+            server.url()
         )));
     };
-    let (mut socket, _) = tungstenite::connect(&websocket_url).map_err(|error| match error {
-        tungstenite::Error::Http(response) => Failure::Http {
-            status: response.status().as_u16(),
-            body: response
-                .body()
-                .as_deref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default(),
-        },
-        tungstenite::Error::Url(UrlError::UnableToConnect(_)) | tungstenite::Error::Io(_) => {
-            Failure::Connection(format!("cannot reach the server: {error}"))
-        }
-        tungstenite::Error::Url(reason) => Failure::Usage(format!("{websocket_url}: {reason}")),
-        other => Failure::Connection(format!("cannot reach {websocket_url}: {other}")),
-    })?;
+    let mut socket = open_websocket(base, &websocket_url)?;
     let subscribe = json!({"type": "subscribe", "entity_id": pattern}).to_string();
     socket
         .send(Message::text(subscribe))
-        .map_err(|error| Failure::Connection(format!("subscribing: {error}")))?;
+        .map_err(|error| unreachable(base, &error))?;
+    // Subscribed: from here on waiting for updates is the job, however long the server is
+    // quiet, so the handshake's timeouts end.
+    let stream = socket.get_ref();
+    stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(None))
+        .map_err(|error| unreachable(base, &error))?;
     let _ = writeln!(
         std::io::stderr(),
         "flux: watching {pattern:?} on {websocket_url}"
@@ -561,9 +605,9 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
     let mut seen = 0;
     let mut stdout = std::io::stdout().lock();
     while count.is_none_or(|limit| seen < limit) {
-        let message = socket
-            .read()
-            .map_err(|error| Failure::Connection(format!("connection lost: {error}")))?;
+        let message = socket.read().map_err(|error| {
+            Failure::Connection(format!("connection to {base} lost: {}", cause(&error)))
+        })?;
         let text = match message {
             Message::Text(text) => text,
             Message::Close(frame) => {
@@ -588,15 +632,66 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
                     return Err(Failure::Connection(format!("writing to stdout: {error}")));
                 }
             }
-            Some("error") => {
-                let _ = writeln!(std::io::stderr(), "flux: the server says: {message}");
-            }
+            // The subscribe is the only message this client sends, and the server sends an
+            // error only in answer to a client's message (SPEC.md "WebSocket"), so this is the
+            // subscription refused: no update will ever come.
+            Some("error") => return Err(Failure::Refused(text.as_str().trim().to_string())),
             _ => {}
         }
     }
     let _ = socket.close(None);
     let _ = socket.flush();
     Ok(())
+}
+
+/// The WebSocket of the server at `base`, for `websocket_url`. Reaching the server and the
+/// handshake are bounded ([`CONNECT_TIMEOUT`], then [`HANDSHAKE_TIMEOUT`] for
+/// each read or write): a server that accepts connections but never answers is reported as
+/// unreachable instead of waited for forever. The timeouts stay set; the caller ends them.
+fn open_websocket(base: &str, websocket_url: &str) -> Result<WebSocket<TcpStream>, Failure> {
+    let request = websocket_url
+        .into_client_request()
+        .map_err(|reason| Failure::Usage(format!("{websocket_url}: {reason}")))?;
+    let Some(host) = request.uri().host() else {
+        return Err(Failure::Usage(format!("{websocket_url}: no host name")));
+    };
+    // An IPv6 address comes in brackets (`[::1]`); the resolver wants it bare.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = request.uri().port_u16().unwrap_or(80);
+    let stream = connect(host, port).map_err(|error| unreachable(base, &error))?;
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
+        .map_err(|error| unreachable(base, &error))?;
+    match tungstenite::client(request, stream) {
+        Ok((socket, _)) => Ok(socket),
+        Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => Err(Failure::Http {
+            status: response.status().as_u16(),
+            body: response
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default(),
+        }),
+        Err(HandshakeError::Failure(error)) => Err(unreachable(base, &error)),
+        // A blocking socket is interrupted only by its read or write timeout.
+        Err(HandshakeError::Interrupted(_)) => Err(Failure::Connection(format!(
+            "cannot reach {base}: no answer to the WebSocket handshake within {HANDSHAKE_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// A TCP connection to the first address of `host` that answers within [`CONNECT_TIMEOUT`];
+/// the last address's error when none does.
+fn connect(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut last_error = std::io::Error::new(ErrorKind::NotFound, "the name has no address");
+    for address in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&address, CONNECT_TIMEOUT) {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last_error = error,
+        }
+    }
+    Err(last_error)
 }
 
 /// An event as the CLI sends it; properties stay raw JSON.

@@ -8,7 +8,8 @@
 
 mod util;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -18,6 +19,8 @@ use util::*;
 
 /// Longest a CLI run may take.
 const RUN_TIMEOUT: Duration = Duration::from_secs(20);
+/// The CLI's bound on each read or write of `watch`'s WebSocket handshake.
+const CLI_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one run of the CLI produced.
 #[derive(Debug)]
@@ -576,8 +579,130 @@ fn connection_refused_exits_3() {
         let run = Cli::new(&url, &args).run();
         assert_eq!(run.code, Some(3), "{args:?}: {run:?}");
         assert!(run.stdout.is_empty(), "{run:?}");
-        assert!(!run.stderr.trim().is_empty(), "{run:?}");
+        assert_eq!(
+            run.stderr,
+            format!("flux: cannot reach {url}: connection refused\n"),
+            "{args:?}"
+        );
     }
+}
+
+#[test]
+fn a_connection_reset_is_said_once() {
+    // Takes each connection, reads one byte of the request and drops it: closing a socket
+    // with unread bytes answers the client with a reset.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("local_addr"));
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.read(&mut [0u8; 1]);
+        }
+    });
+    for args in [vec!["health"], vec!["watch", "*"]] {
+        let run = Cli::new(&url, &args).run();
+        assert_eq!(run.code, Some(3), "{args:?}: {run:?}");
+        assert_eq!(
+            run.stderr,
+            format!("flux: cannot reach {url}: connection reset by the server\n"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn watch_exits_1_when_the_server_refuses_the_subscription() {
+    let server = Server::start();
+    let run = flux(&server, &["watch", ""]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stdout.is_empty(), "{run:?}");
+    let last = run.stderr.lines().last().unwrap_or_default();
+    let refusal: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("the last stderr line is not the server's JSON ({e}): {run:?}"));
+    assert_eq!(refusal["type"], "error", "{refusal}");
+    let message = refusal["message"].as_str().unwrap_or_default();
+    assert!(message.contains("entity_id"), "{refusal}");
+}
+
+#[test]
+fn watch_gives_up_on_a_server_that_never_answers_the_handshake() {
+    // Never accepted: the kernel completes the TCP handshake, nobody reads the request.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", silent.local_addr().expect("local_addr"));
+    let args = ["watch", "*"];
+    let started = Instant::now();
+    let run = finish(
+        Cli::new(&url, &args).spawn(),
+        CLI_HANDSHAKE_TIMEOUT + RUN_TIMEOUT,
+        &args.map(String::from),
+    );
+    assert_eq!(run.code, Some(3), "{run:?}");
+    assert!(
+        run.stderr
+            .starts_with(&format!("flux: cannot reach {url}: ")),
+        "{run:?}"
+    );
+    assert!(started.elapsed() >= CLI_HANDSHAKE_TIMEOUT, "{run:?}");
+    drop(silent);
+}
+
+#[test]
+fn watch_keeps_waiting_while_a_subscribed_server_is_silent() {
+    let server = Server::start();
+    let pid = server.pid().expect("the server runs") as libc::pid_t;
+    let args = ["watch", "acme/*", "--count", "1"];
+    let mut watcher = Cli::new(server.url(), &args).spawn();
+    let mut stderr = BufReader::new(watcher.stderr.take().expect("stderr is piped"));
+    let mut line = String::new();
+    let _ = stderr.read_line(&mut line);
+    assert!(line.contains("watching"), "not subscribed: {line:?}");
+
+    // Frozen for longer than the handshake's bound: no message at all, not even
+    // metrics_update.
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+    thread::sleep(CLI_HANDSHAKE_TIMEOUT + Duration::from_secs(5));
+    let waiting = matches!(watcher.try_wait(), Ok(None));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0, "SIGCONT");
+    assert!(
+        waiting,
+        "watch gave up on a quiet server: {:?}",
+        watcher.try_wait()
+    );
+
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let mut n = 0;
+    while Instant::now() < deadline && matches!(watcher.try_wait(), Ok(None)) {
+        n += 1;
+        server.put("acme/after-the-pause", json!({"n": n}));
+        thread::sleep(Duration::from_millis(100));
+    }
+    let run = finish(watcher, Duration::from_secs(5), &[]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout.lines().count(), 1, "{run:?}");
+}
+
+#[test]
+fn empty_environment_variables_count_as_unset() {
+    // An empty FLUX_URL is the default URL, whatever answers there (or nothing).
+    let run = Cli::new("", &["health"]).run();
+    assert_ne!(run.code, Some(2), "{run:?}");
+    if run.code == Some(3) {
+        assert!(run.stderr.contains("http://127.0.0.1:3000"), "{run:?}");
+    }
+
+    // Empty tokens are not sent, so the server asks for one.
+    let server = Server::start_args(&["--auth", "--admin-token", "adm"]);
+    let message = Cli::new(server.url(), &["publish", "s", "a", "acme/x", "{}"])
+        .env("FLUX_TOKEN", "")
+        .run()
+        .http_error();
+    assert!(message.contains("token"), "{message}");
+    let message = Cli::new(server.url(), &["namespaces", "register", "acme"])
+        .env("FLUX_ADMIN_TOKEN", "")
+        .run()
+        .http_error();
+    assert!(message.contains("admin token"), "{message}");
 }
 
 #[test]

@@ -1851,6 +1851,41 @@ fn connector_token_lifecycle_with_a_key() {
 }
 
 #[test]
+fn connector_names_in_the_path_are_percent_decoded() {
+    let s = start(NO_AUTH, &[], &[("FLUX_ENCRYPTION_KEY", KEY_HEX)]);
+    let (status, body) = s.get("/api/connectors/git%68ub");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["name"], "github", "{body}");
+
+    let token = json!({"token": "ghp_x"});
+    let (status, body) = send(&s, "POST", "/api/connectors/%67ithub/token", None, &token);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(connector_status(&s, "github"), "ready");
+    let r = call(&s, "DELETE", "/api/connectors/githu%62/token", None, None);
+    assert!(
+        r.status == 200 || r.status == 204,
+        "{} {}",
+        r.status,
+        r.text
+    );
+    assert_eq!(connector_status(&s, "github"), "needs_token");
+
+    // An encoded `/` is part of the name, not the `/token` of the route.
+    let (status, body) = s.get("/api/connectors/github%2Ftoken");
+    assert_error(status, &body, 404, "");
+
+    // A name that is not UTF-8 once decoded is a 400 naming it, as an entity id's is.
+    let (status, body) = s.get("/api/state/entities/%FF");
+    assert_error(status, &body, 400, "entity id");
+    let (status, body) = s.get("/api/connectors/%FF");
+    assert_error(status, &body, 400, "connector name");
+    for method in ["POST", "DELETE"] {
+        let r = call(&s, method, "/api/connectors/%FF/token", None, Some("{}"));
+        assert_error(r.status, &r.json(), 400, "connector name");
+    }
+}
+
+#[test]
 fn connector_credentials_need_the_admin_token_in_auth_mode() {
     let s = start(AUTH_ADMIN, &[], &[("FLUX_ENCRYPTION_KEY", KEY_HEX)]);
     let acme = register(&s, "acme", true);

@@ -170,9 +170,10 @@ pub fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> 
         .map(|(_, v)| v.as_str())
 }
 
-/// Percent-decodes a path segment (`acme%2Fpump-01` → `acme/pump-01`).
-pub fn decode_path(raw: &str) -> Result<Cow<'_, str>, ApiError> {
+/// Percent-decodes a path segment (`acme%2Fpump-01` → `acme/pump-01`); `what` names it in the
+/// error (`entity id`, `namespace name`, `connector name`).
+pub fn decode_path<'a>(raw: &'a str, what: &str) -> Result<Cow<'a, str>, ApiError> {
     percent_encoding::percent_decode_str(raw)
         .decode_utf8()
-        .map_err(|_| ApiError::bad_request("entity id in the path is not valid UTF-8"))
+        .map_err(|_| ApiError::bad_request(format!("{what} in the path is not valid UTF-8")))
 }

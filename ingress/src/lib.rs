@@ -115,7 +115,7 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                 .strip_prefix(ENTITIES)
                 .and_then(|p| p.strip_prefix('/'))
             {
-                let id = decode_path(raw_id)?;
+                let id = decode_path(raw_id, "entity id")?;
                 return match method {
                     Method::GET => api.get(&id).await,
                     Method::DELETE => observe_write(api, api.delete(&request, &id)).await,
@@ -127,7 +127,7 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                 };
             }
             if let Some(raw) = path.strip_prefix("/api/namespaces/") {
-                let name = decode_path(raw)?;
+                let name = decode_path(raw, "namespace name")?;
                 return match method {
                     Method::GET => api.get_namespace(&name).await,
                     Method::DELETE => api.delete_namespace(&request, &name).await,
@@ -135,14 +135,19 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                 };
             }
             if let Some(rest) = path.strip_prefix("/api/connectors/") {
-                return match (rest.strip_suffix("/token"), method) {
-                    (Some(name), Method::POST) => api.store_connector_token(request, name).await,
-                    (Some(name), Method::DELETE) => {
-                        api.remove_connector_token(&request, name).await
-                    }
-                    (Some(_), _) => Err(ApiError::method_not_allowed("POST, DELETE")),
-                    (None, Method::GET) => api.get_connector(rest),
-                    (None, _) => Err(ApiError::method_not_allowed("GET, HEAD")),
+                // The `/token` suffix is matched before decoding, so an encoded `%2Ftoken`
+                // stays part of the name.
+                let (raw, token) = match rest.strip_suffix("/token") {
+                    Some(raw) => (raw, true),
+                    None => (rest, false),
+                };
+                let name = decode_path(raw, "connector name")?;
+                return match (token, method) {
+                    (true, Method::POST) => api.store_connector_token(request, &name).await,
+                    (true, Method::DELETE) => api.remove_connector_token(&request, &name).await,
+                    (true, _) => Err(ApiError::method_not_allowed("POST, DELETE")),
+                    (false, Method::GET) => api.get_connector(&name),
+                    (false, _) => Err(ApiError::method_not_allowed("GET, HEAD")),
                 };
             }
             Err(ApiError::not_found(format!("no route for {asked} {path}")))
