@@ -248,8 +248,8 @@ pub struct DeliveryArgs {
     /// Events per publish request (1: POST /api/events, more: /api/events/batch).
     #[arg(long, default_value_t = 1, value_parser = count)]
     pub batch: u64,
-    /// Properties per published event; the first is always `sent_ns`.
-    #[arg(long, default_value_t = 1)]
+    /// Properties per published event (at least 1); the first is always `sent_ns`.
+    #[arg(long, default_value_t = 1, value_parser = count_usize)]
     pub props: usize,
     /// Distinct published entity ids.
     #[arg(long, default_value_t = 64, value_parser = count)]

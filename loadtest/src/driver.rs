@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 use hyper::{Method, StatusCode};
 
 use crate::http::{Connection, Target, find_u64_after};
-use crate::payload::RequestSource;
+use crate::payload::{RequestSource, unix_ns};
 use crate::report::{Errors, new_histogram, record};
 
 /// Start, start of measurement, and end of a run.
@@ -236,7 +236,9 @@ async fn connection_task(shared: Arc<Shared>) -> Tally {
             tally.late += 1;
         }
         buffer.reserve(largest_body);
-        shared.source.write_body(ticket, &mut buffer);
+        // When it was due, on the clock subscribers read (an `Instant` has no epoch).
+        let due_ns = unix_ns().saturating_sub(started.duration_since(reference).as_nanos() as u64);
+        shared.source.write_body(ticket, due_ns, &mut buffer);
         largest_body = largest_body.max(buffer.len());
         let body = buffer.split().freeze();
 

@@ -15,7 +15,9 @@ use bytes::{BufMut, BytesMut};
 
 pub const EVENTS_PATH: &str = "/api/events";
 pub const BATCH_PATH: &str = "/api/events/batch";
-/// The property carrying the publish time of an e2e/fanout event, in Unix nanoseconds.
+/// The property of an e2e/fanout event carrying `[sent, due]`: when it was sent and when it was
+/// due on the publisher's schedule, in Unix nanoseconds. Subscribers measure delivery latency
+/// from each (one property, so still one frame per event per subscriber).
 pub const SENT_NS: &str = "sent_ns";
 /// The property of the events that tell the publisher its subscribers are listening.
 pub const SYNC_PROBE: &str = "sync_probe";
@@ -25,8 +27,9 @@ pub trait RequestSource: Send + Sync + 'static {
     fn path(&self) -> &'static str;
     /// Events the request with this ticket carries.
     fn events_in(&self, ticket: u64) -> u64;
-    /// Appends the body of request `ticket` to `out`.
-    fn write_body(&self, ticket: u64, out: &mut BytesMut);
+    /// Appends the body of request `ticket` to `out`; `due_ns` is the Unix time in ns the
+    /// request was due (open loop), or now (closed loop).
+    fn write_body(&self, ticket: u64, due_ns: u64, out: &mut BytesMut);
 }
 
 pub fn unix_ms() -> u64 {
@@ -147,7 +150,7 @@ impl RequestSource for IngestEvents {
         }
     }
 
-    fn write_body(&self, ticket: u64, out: &mut BytesMut) {
+    fn write_body(&self, ticket: u64, _due_ns: u64, out: &mut BytesMut) {
         let timestamp_ms = unix_ms();
         if self.batch <= 1 {
             self.write_event(out, ticket, timestamp_ms);
@@ -257,7 +260,7 @@ impl RequestSource for Fleet {
         1
     }
 
-    fn write_body(&self, ticket: u64, out: &mut BytesMut) {
+    fn write_body(&self, ticket: u64, _due_ns: u64, out: &mut BytesMut) {
         let n = ticket % self.devices.len() as u64;
         open_event(out, "fleet", unix_ms());
         let site = n / self.devices_per_site;
@@ -324,7 +327,7 @@ impl PublishTarget {
     }
 }
 
-/// Published events of e2e/fanout: `sent_ns` first (the send time, Unix ns), then optional
+/// Published events of e2e/fanout: `sent_ns` first (`[sent, due]`, Unix ns), then optional
 /// generated properties.
 pub struct Publisher {
     pub target: PublishTarget,
@@ -333,12 +336,16 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    fn write_event(&self, out: &mut BytesMut, sequence: u64, sent_ns: u64) {
+    fn write_event(&self, out: &mut BytesMut, sequence: u64, sent_ns: u64, due_ns: u64) {
         open_event(out, "loadtest", sent_ns / 1_000_000);
         self.target.write_id(out, sequence);
         open_properties(out);
         put_key(out, SENT_NS);
+        out.put_u8(b'[');
         put_u64(out, sent_ns);
+        out.put_u8(b',');
+        put_u64(out, due_ns);
+        out.put_u8(b']');
         for k in 1..self.props {
             out.put_u8(b',');
             write_generated_property(out, k, sequence);
@@ -372,10 +379,10 @@ impl RequestSource for Publisher {
         self.batch.max(1)
     }
 
-    fn write_body(&self, ticket: u64, out: &mut BytesMut) {
+    fn write_body(&self, ticket: u64, due_ns: u64, out: &mut BytesMut) {
         let sent_ns = unix_ns();
         if self.batch <= 1 {
-            self.write_event(out, ticket, sent_ns);
+            self.write_event(out, ticket, sent_ns, due_ns);
             return;
         }
         out.put_u8(b'[');
@@ -383,7 +390,7 @@ impl RequestSource for Publisher {
             if i > 0 {
                 out.put_u8(b',');
             }
-            self.write_event(out, ticket * self.batch + i, sent_ns);
+            self.write_event(out, ticket * self.batch + i, sent_ns, due_ns);
         }
         out.put_u8(b']');
     }
@@ -407,7 +414,7 @@ mod tests {
 
     fn body(source: &dyn RequestSource, ticket: u64) -> Value {
         let mut out = BytesMut::new();
-        source.write_body(ticket, &mut out);
+        source.write_body(ticket, unix_ns(), &mut out);
         serde_json::from_slice(&out).expect("valid JSON")
     }
 
@@ -426,7 +433,7 @@ mod tests {
         assert_eq!(event["payload"]["properties"].as_object().unwrap().len(), 5);
         assert_ne!(body(&single, 8)["payload"], event["payload"]);
         let mut raw = BytesMut::new();
-        single.write_body(1007, &mut raw);
+        single.write_body(1007, unix_ns(), &mut raw);
         let raw = std::str::from_utf8(&raw).expect("UTF-8");
         assert!(raw.starts_with(r#"{"stream":"loadtest","source":"flux-loadtest","timestamp":"#));
         assert!(
@@ -500,7 +507,8 @@ mod tests {
         };
         let event = body(&publisher, 5);
         assert_eq!(event["payload"]["entity_id"], "acme/site/e2e-1");
-        assert!(event["payload"]["properties"]["sent_ns"].as_u64().unwrap() > 0);
+        let stamps = &event["payload"]["properties"]["sent_ns"];
+        assert!(stamps[0].as_u64().unwrap() > 0 && stamps[1].as_u64().unwrap() > 0);
         let everything = PublishTarget::for_pattern("*", 4, "acme");
         let publisher = Publisher {
             target: everything,

@@ -51,21 +51,58 @@ static SENT_NS_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\
 static VALUE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"value\":"));
 static SYNC_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"sync_probe\""));
 
-/// The `sent_ns` value of a `state_update` frame for that property, found by byte search.
-pub fn find_sent_ns(message: &[u8]) -> Option<u64> {
+/// The `sent_ns` value of a `state_update` frame for that property, found by byte search:
+/// `(sent, due)` from `[sent, due]`, or `(n, n)` from a plain number.
+pub fn find_stamps(message: &[u8]) -> Option<(u64, u64)> {
     let at = SENT_NS_KEY.find(message)?;
     let after = &message[at..];
     let value = match VALUE_KEY.find(after) {
         Some(v) => &after[v + 8..],
         None => &message[VALUE_KEY.find(message)? + 8..],
     };
-    let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
+    let Some(pair) = value.strip_prefix(b"[") else {
+        let (n, _) = leading_u64(value)?;
+        return Some((n, n));
+    };
+    let (sent, used) = leading_u64(pair)?;
+    let (due, _) = leading_u64(pair[used..].strip_prefix(b",")?)?;
+    Some((sent, due))
+}
+
+/// The decimal number at the start of `bytes`, and how many bytes it took.
+fn leading_u64(bytes: &[u8]) -> Option<(u64, usize)> {
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 {
         return None;
     }
-    value[..digits].iter().try_fold(0u64, |n, &b| {
+    let n = bytes[..digits].iter().try_fold(0u64, |n, &b| {
         n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-    })
+    })?;
+    Some((n, digits))
+}
+
+/// Delivery latency histograms of one subscriber thread (or a whole pool), µs.
+#[derive(Clone)]
+pub struct Latencies {
+    /// From when each event was sent.
+    pub from_send: Histogram<u64>,
+    /// From when each event was due on the publisher's schedule: a publisher held back by a
+    /// stalled server shows here (coordinated omission), not in `from_send`.
+    pub from_due: Histogram<u64>,
+}
+
+impl Latencies {
+    fn new() -> Latencies {
+        Latencies {
+            from_send: new_histogram(),
+            from_due: new_histogram(),
+        }
+    }
+
+    fn add(&mut self, other: &Latencies) {
+        let _ = self.from_send.add(&other.from_send);
+        let _ = self.from_due.add(&other.from_due);
+    }
 }
 
 /// One subscriber's counters; written by its own task only.
@@ -161,7 +198,7 @@ impl StatusSource {
 /// Subscribers on this process's threads, each thread a single-threaded runtime.
 pub struct LocalPool {
     control: Arc<Control>,
-    threads: Vec<JoinHandle<Histogram<u64>>>,
+    threads: Vec<JoinHandle<Latencies>>,
 }
 
 /// A snapshot of a group's subscribers.
@@ -230,17 +267,18 @@ impl LocalPool {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.control.stop.store(true, Ordering::Relaxed);
-        let mut latency = new_histogram();
+        let mut latency = Latencies::new();
         for thread in self.threads {
-            if let Ok(histogram) = thread.join() {
-                let _ = latency.add(&histogram);
+            if let Ok(histograms) = thread.join() {
+                latency.add(&histograms);
             }
         }
         let mut result = PoolResult {
             subscribers: self.control.slots.len() as u64,
             expected_per_subscriber: expected,
             min_received: u64::MAX,
-            latency: Buckets::from_histogram(&latency),
+            latency: Buckets::from_histogram(&latency.from_send),
+            latency_from_due: Buckets::from_histogram(&latency.from_due),
             close_codes: self
                 .control
                 .close_codes
@@ -282,12 +320,8 @@ impl LocalPool {
     }
 }
 
-fn run_thread(
-    indexes: Vec<usize>,
-    control: Arc<Control>,
-    config: Arc<PoolConfig>,
-) -> Histogram<u64> {
-    let histogram = Rc::new(RefCell::new(new_histogram()));
+fn run_thread(indexes: Vec<usize>, control: Arc<Control>, config: Arc<PoolConfig>) -> Latencies {
+    let histogram = Rc::new(RefCell::new(Latencies::new()));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -300,7 +334,7 @@ fn run_thread(
                     .state
                     .store(CONNECT_FAILED, Ordering::Relaxed);
             }
-            return new_histogram();
+            return Latencies::new();
         }
     };
     let local = tokio::task::LocalSet::new();
@@ -330,7 +364,7 @@ async fn subscriber(
     index: usize,
     control: Arc<Control>,
     config: Arc<PoolConfig>,
-    histogram: Rc<RefCell<Histogram<u64>>>,
+    histogram: Rc<RefCell<Latencies>>,
     connects: Rc<tokio::sync::Semaphore>,
 ) {
     let slot = &control.slots[index];
@@ -367,18 +401,23 @@ async fn subscriber(
         let mut now_ns = 0u64;
         let state = client
             .read_messages(|message| {
-                if let Some(sent_ns) = find_sent_ns(message) {
+                if let Some((sent_ns, due_ns)) = find_stamps(message) {
                     received += 1;
                     // Read once frames are here: a read that began before the measured window
-                    // opened must still count the frames sent inside it.
-                    if sent_ns >= control.measure_from_ns.load(Ordering::Relaxed) {
+                    // opened must still count the frames due inside it.
+                    if due_ns >= control.measure_from_ns.load(Ordering::Relaxed) {
                         measured += 1;
                         if now_ns == 0 {
                             now_ns = unix_ns();
                         }
                         let micros = now_ns.saturating_sub(sent_ns) / 1000;
                         worst = worst.max(micros);
-                        record(&mut histogram.borrow_mut(), micros);
+                        let mut histograms = histogram.borrow_mut();
+                        record(&mut histograms.from_send, micros);
+                        record(
+                            &mut histograms.from_due,
+                            now_ns.saturating_sub(due_ns) / 1000,
+                        );
                     }
                 } else if !synced && SYNC_KEY.find(message).is_some() {
                     synced = true;
@@ -430,8 +469,11 @@ pub struct PoolResult {
     pub subscribers_with_loss: u64,
     pub min_received: u64,
     pub max_received: u64,
-    /// Delivery latency of every measured frame, µs.
+    /// Delivery latency of every measured frame from its send, µs.
     pub latency: Buckets,
+    /// The same from when each frame's event was due (coordinated omission counted).
+    #[serde(default)]
+    pub latency_from_due: Buckets,
     /// Each subscriber's largest delivery latency, µs.
     pub worst_lag: Buckets,
     /// Why subscribers closed: close code, `eof` or `error`.
@@ -456,6 +498,7 @@ impl PoolResult {
         }
         self.max_received = self.max_received.max(other.max_received);
         self.latency.0.extend(other.latency.0);
+        self.latency_from_due.0.extend(other.latency_from_due.0);
         self.worst_lag.0.extend(other.worst_lag.0);
         for (code, n) in other.close_codes {
             *self.close_codes.entry(code).or_default() += n;
@@ -484,9 +527,15 @@ impl PoolResult {
         }
     }
 
-    pub fn latency_histogram(&self) -> Histogram<u64> {
+    /// Delivery latency from send (`from_due` false) or from the due time, µs.
+    pub fn latency_histogram(&self, from_due: bool) -> Histogram<u64> {
         let mut histogram = new_histogram();
-        self.latency.add_to(&mut histogram);
+        let buckets = if from_due {
+            &self.latency_from_due
+        } else {
+            &self.latency
+        };
+        buckets.add_to(&mut histogram);
         histogram
     }
 
@@ -814,12 +863,21 @@ mod tests {
     #[test]
     fn finds_the_send_time() {
         let frame = br#"{"type":"state_update","entity_id":"loadtest/e2e-1","property":"sent_ns","value":1732000000123456789,"timestamp":"2026-02-23T10:30:45.123Z"}"#;
-        assert_eq!(find_sent_ns(frame), Some(1_732_000_000_123_456_789));
+        assert_eq!(
+            find_stamps(frame),
+            Some((1_732_000_000_123_456_789, 1_732_000_000_123_456_789))
+        );
         let reordered = br#"{"value":42,"property":"sent_ns"}"#;
-        assert_eq!(find_sent_ns(reordered), Some(42));
+        assert_eq!(find_stamps(reordered), Some((42, 42)));
         let other = br#"{"type":"state_update","entity_id":"x/y","property":"p1","value":7}"#;
-        assert_eq!(find_sent_ns(other), None);
+        assert_eq!(find_stamps(other), None);
         let metrics = br#"{"type":"metrics_update","timestamp":1,"events":{"total":5}}"#;
-        assert_eq!(find_sent_ns(metrics), None);
+        assert_eq!(find_stamps(metrics), None);
+        let pair = br#"{"type":"state_update","entity_id":"loadtest/e2e-1","property":"sent_ns","value":[1732000000123456789,1732000000003456789],"timestamp":"2026-02-23T10:30:45.123Z"}"#;
+        assert_eq!(
+            find_stamps(pair),
+            Some((1_732_000_000_123_456_789, 1_732_000_000_003_456_789))
+        );
+        assert_eq!(find_stamps(br#"{"property":"sent_ns","value":[1,]}"#), None);
     }
 }

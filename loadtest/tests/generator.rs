@@ -783,6 +783,7 @@ fn bad_values_are_refused_before_anything_runs() {
         &["fleet", "--sensors", "0"],
         &["e2e", "-s", "0"],
         &["e2e", "--rate", "0"],
+        &["e2e", "--props", "0"],
         &["connections", "-c", "0"],
         &["ingest", "--duration", "0"],
         &["connections", "--hold", "0"],
@@ -996,6 +997,12 @@ fn e2e_without_warmup_measures_every_frame() {
     assert!(received > 0, "{result}");
     assert_eq!(u64_at(&result, "/delivered_frames"), received, "{result}");
     assert_eq!(u64_at(&result, "/latency_us/count"), received, "{result}");
+    assert_eq!(u64_at(&result, "/latency_from_due_us/count"), received, "{result}");
+    // An event is never delivered before it was due.
+    assert!(
+        u64_at(&result, "/latency_from_due_us/p50") >= u64_at(&result, "/latency_us/p50"),
+        "{result}"
+    );
 }
 
 /// A fanout worker process killed mid-run costs its subscribers, not the run: the result is

@@ -113,7 +113,7 @@ pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> 
         .context("collecting subscriber results")?;
     drop(progress);
 
-    let latency = outcome.latency_histogram();
+    let latency = outcome.latency_histogram(false);
     let mut result = core_result(
         scenario,
         &args,
@@ -127,6 +127,7 @@ pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> 
     result["pattern"] = json!(pattern);
     result["processes"] = json!(processes);
     result["connect_s"] = json!(round3(connect_s));
+    result["latency_from_due_us"] = crate::report::latency_json(&outcome.latency_histogram(true));
     result["publish_latency_us"] = crate::report::latency_json(&tally.latency);
     result["late"] = json!(tally.late);
     result["dropped"] = json!(tally.dropped);
