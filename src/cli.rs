@@ -145,9 +145,12 @@ pub enum Command {
     /// Delete many entities: a whole namespace, every id with a prefix, or a list of ids.
     #[command(
         after_help = EXIT_CODES_HELP,
-        group(ArgGroup::new("selector").required(true).args(["namespace", "prefix", "ids"]))
+        group(ArgGroup::new("selector").required(true).args(["filter", "namespace", "prefix", "ids"]))
     )]
     BatchDelete {
+        /// The request body itself, as `flux.sh batch-delete` takes it:
+        /// `{"namespace": …}`, `{"prefix": …}` or `{"entity_ids": [...]}`.
+        filter: Option<String>,
         /// Every entity of this namespace.
         #[arg(long)]
         namespace: Option<String>,
@@ -345,18 +348,21 @@ fn execute(command: Command) -> Result<(), Failure> {
             Client::new(&server)?.print("DELETE", &path, Auth::Token, None)
         }
         Command::BatchDelete {
+            filter,
             namespace,
             prefix,
             ids,
             server,
         } => {
-            let body = match (namespace, prefix, ids) {
-                (Some(namespace), None, None) => json!({"namespace": namespace}),
-                (None, Some(prefix), None) => json!({"prefix": prefix}),
-                (None, None, Some(ids)) => json!({"entity_ids": ids}),
+            let body = match (filter, namespace, prefix, ids) {
+                // Sent as given: the server names what is wrong with a filter it refuses.
+                (Some(filter), None, None, None) => parse_json("the filter", &filter)?,
+                (None, Some(namespace), None, None) => json!({"namespace": namespace}),
+                (None, None, Some(prefix), None) => json!({"prefix": prefix}),
+                (None, None, None, Some(ids)) => json!({"entity_ids": ids}),
                 _ => {
                     return Err(Failure::Usage(
-                        "give exactly one of --namespace, --prefix, --ids".into(),
+                        "give exactly one of a filter JSON, --namespace, --prefix, --ids".into(),
                     ));
                 }
             };

@@ -362,6 +362,29 @@ fn batch_delete_by_prefix_ids_and_namespace() {
     assert_eq!(reply["deleted"], 2, "{reply}");
     assert_eq!(server.list_ids(""), Vec::<String>::new());
 
+    // The request body itself, as flux.sh batch-delete takes it.
+    for id in ["acme/tmp-3", "acme/keep"] {
+        server.put(id, json!({"n": 1}));
+    }
+    let reply = flux(&server, &["batch-delete", r#"{"prefix":"acme/tmp-"}"#]).ok_json();
+    assert_eq!(reply["deleted"], 1, "{reply}");
+    assert_eq!(server.list_ids(""), ["acme/keep"]);
+    let reply = flux(
+        &server,
+        &["batch-delete", r#"{"entity_ids":["acme/keep"]}"#],
+    )
+    .ok_json();
+    assert_eq!(reply["deleted"], 1, "{reply}");
+    let run = flux(&server, &["batch-delete", "{not json"]);
+    assert_eq!(run.code, Some(2), "a filter that is not JSON: {run:?}");
+    let run = flux(
+        &server,
+        &["batch-delete", r#"{"prefix":"a"}"#, "--prefix", "b"],
+    );
+    assert_eq!(run.code, Some(2), "a filter and a flag: {run:?}");
+    let run = flux(&server, &["batch-delete", r#"{"color":"red"}"#]);
+    assert_eq!(run.code, Some(1), "a filter the server refuses: {run:?}");
+
     let run = flux(&server, &["batch-delete"]);
     assert_eq!(run.code, Some(2), "no selector: {run:?}");
     let run = flux(
