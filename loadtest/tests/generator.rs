@@ -997,7 +997,11 @@ fn e2e_without_warmup_measures_every_frame() {
     assert!(received > 0, "{result}");
     assert_eq!(u64_at(&result, "/delivered_frames"), received, "{result}");
     assert_eq!(u64_at(&result, "/latency_us/count"), received, "{result}");
-    assert_eq!(u64_at(&result, "/latency_from_due_us/count"), received, "{result}");
+    assert_eq!(
+        u64_at(&result, "/latency_from_due_us/count"),
+        received,
+        "{result}"
+    );
     // An event is never delivered before it was due.
     assert!(
         u64_at(&result, "/latency_from_due_us/p50") >= u64_at(&result, "/latency_us/p50"),
