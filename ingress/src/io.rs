@@ -19,9 +19,13 @@
 //! - A write (or flush) the socket takes nothing of for the write timeout fails (`TimedOut`),
 //!   so hyper drops the connection: a client that stops reading an answer cannot hold its
 //!   socket and the answer's buffers for ever. The timer exists only while a write waits.
+//! - A connection hyper closes while the client is still sending (a body refused by its
+//!   `Content-Length`) is half-closed and drained for up to [`LINGER`] before it is dropped,
+//!   so the answer reaches the client instead of a reset.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -42,6 +46,8 @@ pub struct ApiIo {
     write_timeout: Duration,
     /// Armed when a write starts waiting; gone once one completes.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Armed when the connection closes with unread bytes from the client ([`LINGER`]).
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 struct Rewrite {
@@ -58,6 +64,7 @@ impl ApiIo {
             rewrite: None,
             write_timeout,
             stalled: None,
+            linger: None,
         }
     }
 
@@ -196,8 +203,62 @@ impl Write for ApiIo {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.drive(cx))?;
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            if !unread_bytes(this.io.inner().as_raw_fd()) {
+                return Poll::Ready(Ok(()));
+            }
+            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        this.poll_linger(cx)
     }
+}
+
+impl ApiIo {
+    /// Reads and drops what the client still sends, until it closes or [`LINGER`] has passed.
+    /// Closing a socket that holds unread bytes answers with a reset, which can destroy the
+    /// answer just written before the client reads it: a client that sends a whole body over
+    /// the limit before it reads (Python's `http.client`) would see a broken pipe instead of
+    /// its 413.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+        loop {
+            if self
+                .linger
+                .as_mut()
+                .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+            {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = tokio::io::ReadBuf::uninit(&mut scratch);
+            match tokio::io::AsyncRead::poll_read(Pin::new(self.io.inner_mut()), cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                // The client closed (or reset): done.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Longest a closing connection keeps reading what its client still sends
+/// ([`ApiIo::poll_linger`]).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Whether the socket `fd` holds bytes nobody has read yet.
+pub(crate) fn unread_bytes(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `fd` is the socket of a connection the caller still owns, so it is open; `recv`
+    // writes at most one byte into `byte`, and MSG_PEEK leaves the bytes in the socket.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
 }
 
 /// hyper's own error heads are a status line and three short headers.

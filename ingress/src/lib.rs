@@ -174,22 +174,6 @@ async fn observe_write(
 /// connection but is not read yet ([`serve_arrived_requests`]).
 const ARRIVED_GRACE: Duration = Duration::from_millis(200);
 
-/// Whether the socket `fd` holds bytes nobody has read yet.
-fn unread_bytes(fd: RawFd) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: `fd` is the socket of a connection the caller still owns, so it is open; `recv`
-    // writes at most one byte into `byte`, and MSG_PEEK leaves the bytes in the socket.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&raw mut byte).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n > 0
-}
-
 /// Runs `connection` until hyper has read what its socket (`fd`) holds, up to
 /// [`ARRIVED_GRACE`]; returns whether the connection ended meanwhile. Telling hyper to shut
 /// down closes an idle connection at once, and closing a socket with unread bytes answers the
@@ -202,7 +186,7 @@ async fn serve_arrived_requests<C: Future>(mut connection: Pin<&mut C>, fd: RawF
             return Poll::Ready(true);
         }
         // Pending with bytes unread: hyper is waiting for the socket and is woken with it.
-        if unread_bytes(fd) {
+        if io::unread_bytes(fd) {
             Poll::Pending
         } else {
             Poll::Ready(false)
