@@ -20,7 +20,7 @@
 //!   so hyper drops the connection: a client that stops reading an answer cannot hold its
 //!   socket and the answer's buffers for ever. The timer exists only while a write waits.
 //! - A connection hyper closes while the client is still sending (a body refused by its
-//!   `Content-Length`) is half-closed and drained for up to [`LINGER`] before it is dropped,
+//!   `Content-Length`) is half-closed and drained for up to `LINGER` before it is dropped,
 //!   so the answer reaches the client instead of a reset.
 
 use std::future::Future;

@@ -26,7 +26,7 @@
 //!   number of bytes dropped is logged. Unless intact frames of two different commits follow
 //!   the damage: a crash tears only the last commit's write, so that damage is to synced data
 //!   and the log refuses to open rather than cut acknowledged events
-//!   ([`later_commit_after_damage`]). Damage in any older segment is corruption and the log
+//!   (`later_commit_after_damage`). Damage in any older segment is corruption and the log
 //!   refuses to open.
 //! - Positions are dense within a segment. A gap *between* segments only appears when the log
 //!   was continued at a snapshot's position ([`LocalLog::skip_to`]); open reports every gap in
