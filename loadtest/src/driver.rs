@@ -126,6 +126,9 @@ impl Shared {
     /// Takes the next request: its ticket and, in an open loop, when it is due. `None` when
     /// the run is over.
     fn take_ticket(&self, tally: &mut Tally) -> Option<(u64, Option<Instant>)> {
+        if crate::interrupt::stopped_at().is_some() {
+            return None;
+        }
         let Some(rate) = self.plan.request_rate else {
             if Instant::now() >= self.schedule.end {
                 return None;

@@ -8,6 +8,7 @@
 mod cli;
 mod driver;
 mod http;
+mod interrupt;
 mod pacer;
 mod payload;
 mod progress;
@@ -51,6 +52,7 @@ impl std::error::Error for UsageError {}
 fn run(cli: Cli) -> anyhow::Result<()> {
     let threads = match &cli.scenario {
         Scenario::FanoutWorker(args) => {
+            interrupt::ignore_in_worker();
             return subscribers::run_worker(args.clone());
         }
         Scenario::Ingest(a) | Scenario::IngestBatch(a) => a.common.threads,
@@ -68,6 +70,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     let mut result = runtime.block_on(async move {
+        // Recovery is not cut short: Ctrl-C ends it as it ends any process.
+        if !matches!(cli.scenario, Scenario::Recovery(_)) {
+            interrupt::install();
+        }
         match cli.scenario {
             Scenario::Ingest(args) => scenarios::ingest::ingest(args, false).await,
             Scenario::IngestBatch(args) => scenarios::ingest::ingest(args, true).await,
@@ -81,6 +87,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })?;
     // Connection tasks still parked in the runtime must not outlive the result.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    if interrupt::stopped_at().is_some() {
+        result["interrupted"] = serde_json::json!(true);
+    }
     result["generator"] = system::generator_json();
     report::emit(&result)?;
     nothing_succeeded(&result)

@@ -1071,3 +1071,51 @@ fn a_fanout_worker_killed_mid_run_counts_as_loss() {
         "{result}"
     );
 }
+
+/// Ctrl-C ends a run early with a result for what was measured until then: rates over the
+/// window as it ran, counts that match the server, and `"interrupted": true`.
+#[test]
+fn ctrl_c_ends_the_run_with_what_was_measured() {
+    let server = Server::start();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flux-loadtest"))
+        .args(["ingest", "--url", &server.url, "-c", "2", "--rate", "400"])
+        .args([
+            "--duration",
+            "30",
+            "--warmup",
+            "0.2",
+            "--entities",
+            "1000000000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start flux-loadtest");
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: our own child, still running (its run lasts 30 s).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = wait_with_deadline(&mut child, Duration::from_secs(15)).expect("the run ends");
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("read stdout");
+    assert!(status.success(), "{status}");
+    let result = single_json(&stdout);
+    assert_eq!(result["interrupted"], true, "{result}");
+    let duration = result["duration_s"].as_f64().expect("duration_s");
+    assert!((0.5..5.0).contains(&duration), "{result}");
+    let rate = result["throughput_events_per_s"].as_f64().expect("rate");
+    assert!(
+        (200.0..600.0).contains(&rate),
+        "a rate over the window as it ran: {result}"
+    );
+    let entities = server.get("/api/state/entities?prefix=loadtest/");
+    assert_eq!(
+        entities.as_array().expect("entity list").len() as u64,
+        u64_at(&result, "/total/events"),
+        "{result}"
+    );
+}

@@ -66,8 +66,12 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<Value> {
         });
         Progress::start("open connections", counters)
     };
-    let hold = seconds(args.hold);
-    tokio::time::sleep(hold).await;
+    let holding = Instant::now();
+    tokio::select! {
+        () = tokio::time::sleep(seconds(args.hold)) => {}
+        () = crate::interrupt::stopped() => {}
+    }
+    let hold = holding.elapsed().min(seconds(args.hold));
     let held = take(pid);
     drop(progress);
     let outcome = tokio::task::spawn_blocking(move || group.finish(0, Duration::ZERO))

@@ -103,9 +103,13 @@ pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> 
         timeout: Duration::from_millis(args.drain_ms.clamp(1000, 10_000)),
     };
     let run = tokio::spawn(driver::run(target.clone(), publisher, plan, schedule, live));
-    tokio::time::sleep_until(schedule.measure_start.into()).await;
+    tokio::select! {
+        () = tokio::time::sleep_until(schedule.measure_start.into()) => {}
+        () = crate::interrupt::stopped() => {}
+    }
     probe.start()?;
     let tally = run.await?;
+    let duration = crate::interrupt::measured(&schedule).min(duration);
     let expected = tally.total_events;
     let drain = Duration::from_millis(args.drain_ms);
     let outcome = tokio::task::spawn_blocking(move || group.finish(expected, drain))

@@ -117,14 +117,17 @@ async fn measure(
     let mut probe = ServerProbe::new(server_pid);
     let schedule = Schedule::new(warmup, duration);
     let run = tokio::spawn(driver::run(target, source, plan, schedule, live));
-    tokio::time::sleep_until(schedule.measure_start.into()).await;
+    tokio::select! {
+        () = tokio::time::sleep_until(schedule.measure_start.into()) => {}
+        () = crate::interrupt::stopped() => {}
+    }
     probe.start()?;
     let tally = run.await?;
     drop(progress);
     let mut result = core_result(
         scenario,
         params,
-        duration,
+        crate::interrupt::measured(&schedule).min(duration),
         tally.requests,
         tally.events,
         &tally.latency,
