@@ -1263,6 +1263,124 @@ fn stalled_bodies_and_headers_time_out() {
 /// A client that stops reading a large answer loses its connection after the request
 /// timeout: it cannot hold a socket and the answer's buffers for ever. A client that reads
 /// gets the whole answer.
+/// A keep-alive request (no `Connection: close`) with a `Content-Length` body.
+fn keep_alive_request(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    [head.as_bytes(), body].concat()
+}
+
+/// Writes `request` whole, then reads one answer: the head (lowercased) and whether the server
+/// then closed the connection. Panics if the write fails (a reset instead of an answer).
+fn write_whole_then_read(
+    stream: &mut std::net::TcpStream,
+    request: &[u8],
+    label: &str,
+) -> (String, bool) {
+    use std::io::{Read, Write};
+    stream
+        .write_all(request)
+        .unwrap_or_else(|e| panic!("{label}: writing the request: {e}"));
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&answer[..end]).to_lowercase();
+            let length: usize = head
+                .split("content-length: ")
+                .nth(1)
+                .and_then(|v| v.split("\r\n").next()?.trim().parse().ok())
+                .unwrap_or(0);
+            if answer.len() >= end + 4 + length {
+                let closed = head.contains("connection: close")
+                    && matches!(stream.read(&mut chunk), Ok(0) | Err(_));
+                return (head, closed);
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => panic!("{label}: the connection ended before the answer: {answer:?}"),
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("{label}: reading the answer: {e}"),
+        }
+    }
+}
+
+/// A request whose body the server answers without reading (no route, a wrong method, a
+/// missing token) gets `Connection: close`, and the whole body can still be written before the
+/// answer is read: a keep-alive client must not reuse a connection whose request stream is
+/// out of step, nor see a reset instead of its answer. A body that was read keeps the
+/// connection open for the next request.
+#[test]
+fn an_answer_to_a_body_left_unread_closes_its_connection() {
+    let s = Server::start();
+    let auth = Server::start_args(&["--auth", "--admin-token", "adm"]);
+    let big = padded_event("acme/unread", 900_000);
+    for (server, method, path) in [
+        (&s, "POST", "/api/nope"),
+        (&s, "PUT", "/api/events"),
+        (&s, "POST", "/api/health"),
+        (&auth, "POST", "/api/events"),
+        (&auth, "PUT", "/api/admin/config"),
+    ] {
+        let label = format!("{method} {path}");
+        let request = keep_alive_request(method, path, &big);
+        let mut stream = std::net::TcpStream::connect(server.addr()).expect("connect");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let (head, closed) = write_whole_then_read(&mut stream, &request, &label);
+        assert!(head.starts_with("http/1.1 4"), "{label}: {head}");
+        assert!(
+            closed,
+            "{label}: answered with the body unread, yet kept open: {head}"
+        );
+    }
+    // Read bodies (a 400 after reading it, then a success) keep the connection.
+    let mut stream = std::net::TcpStream::connect(s.addr()).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let bad = keep_alive_request("POST", "/api/events", b"{\"stream\":\"BAD\"}");
+    let (head, closed) = write_whole_then_read(&mut stream, &bad, "a 400");
+    assert!(head.starts_with("http/1.1 400") && !closed, "{head}");
+    let good = keep_alive_request("POST", "/api/events", &padded_event("acme/read", 1000));
+    let (head, closed) = write_whole_then_read(&mut stream, &good, "then a publish");
+    assert!(head.starts_with("http/1.1 200") && !closed, "{head}");
+}
+
+/// A client that sends the headers, reads the early 413 and only then sends the body it had
+/// announced must be able to send it: the server drains it instead of answering with a reset.
+#[test]
+fn a_body_sent_after_its_early_413_is_drained() {
+    use std::io::{Read, Write};
+    let s = Server::start();
+    let mut stream = std::net::TcpStream::connect(s.addr()).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let length = 3 * 1_048_576;
+    let head = format!("POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n");
+    stream.write_all(head.as_bytes()).expect("headers");
+    let mut answer = [0u8; 4096];
+    let n = stream.read(&mut answer).expect("the early answer");
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    let chunk = vec![b'x'; 64 * 1024];
+    for sent in (0..length).step_by(chunk.len()) {
+        stream
+            .write_all(&chunk[..chunk.len().min(length - sent)])
+            .unwrap_or_else(|e| panic!("writing the body after its 413 at byte {sent}: {e}"));
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(
+        matches!(stream.read(&mut answer), Ok(0)),
+        "then the server closes"
+    );
+}
+
 #[test]
 fn a_client_that_reads_nothing_of_an_answer_is_dropped() {
     use std::io::Write;

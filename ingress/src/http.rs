@@ -25,6 +25,33 @@ pub fn full(bytes: Bytes) -> Body {
     Full::new(bytes).boxed_unsync()
 }
 
+tokio::task_local! {
+    /// Whether the request being handled had its body read to the end ([`read_body`]).
+    static BODY_READ: std::cell::Cell<bool>;
+}
+
+/// Runs `handle`, then says whether it read the request's body to the end: a body left unread
+/// (refused before reading, or cut off by a 408 or 413) means the connection cannot carry
+/// another request.
+pub async fn tracking_body<F: std::future::Future>(handle: F) -> (F::Output, bool) {
+    BODY_READ
+        .scope(std::cell::Cell::new(false), async {
+            let output = handle.await;
+            (output, BODY_READ.with(std::cell::Cell::get))
+        })
+        .await
+}
+
+/// Whether `request` says it carries a body (a `Content-Length` above 0, or chunked).
+pub fn declares_body(request: &Request) -> bool {
+    let headers = request.headers();
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
 /// Reads the whole body of `request`, refusing with 413 once it exceeds `limit` bytes, and
 /// with 408 when no byte of it arrives for `idle` (a stalled client never holds a request
 /// open for longer).
@@ -53,6 +80,7 @@ pub async fn read_body(request: Request, limit: usize, idle: Duration) -> Result
             buf.extend_from_slice(&data);
         }
     }
+    let _ = BODY_READ.try_with(|read| read.set(true));
     Ok(buf.freeze())
 }
 

@@ -19,14 +19,17 @@
 //! - A write (or flush) the socket takes nothing of for the write timeout fails (`TimedOut`),
 //!   so hyper drops the connection: a client that stops reading an answer cannot hold its
 //!   socket and the answer's buffers for ever. The timer exists only while a write waits.
-//! - A connection hyper closes while the client is still sending (a body refused by its
-//!   `Content-Length`) is half-closed and drained for up to `LINGER` before it is dropped,
-//!   so the answer reaches the client instead of a reset.
+//! - A connection hyper closes while the client may still be sending (bytes unread in the
+//!   socket, or an answer given to a request whose body was not read) is half-closed and
+//!   drained for up to `LINGER` before it is dropped, so the answer reaches the client instead
+//!   of a reset.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -46,7 +49,10 @@ pub struct ApiIo {
     write_timeout: Duration,
     /// Armed when a write starts waiting; gone once one completes.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Armed when the connection closes with unread bytes from the client ([`LINGER`]).
+    /// Set when an answer went out with a request body unread: the client may still be
+    /// sending it, so closing lingers ([`LINGER`]) even if none of it has arrived yet.
+    body_unread: Arc<AtomicBool>,
+    /// Armed when the connection closes with bytes from the client unread or still coming.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -58,12 +64,13 @@ struct Rewrite {
 }
 
 impl ApiIo {
-    pub fn new(stream: TcpStream, write_timeout: Duration) -> ApiIo {
+    pub fn new(stream: TcpStream, write_timeout: Duration, body_unread: Arc<AtomicBool>) -> ApiIo {
         ApiIo {
             io: TokioIo::new(stream),
             rewrite: None,
             write_timeout,
             stalled: None,
+            body_unread,
             linger: None,
         }
     }
@@ -205,7 +212,9 @@ impl Write for ApiIo {
         ready!(this.drive(cx))?;
         if this.linger.is_none() {
             ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
-            if !unread_bytes(this.io.inner().as_raw_fd()) {
+            if !this.body_unread.load(Ordering::Relaxed)
+                && !unread_bytes(this.io.inner().as_raw_fd())
+            {
                 return Poll::Ready(Ok(()));
             }
             this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
@@ -330,6 +339,7 @@ mod tests {
         let mut io = ApiIo::new(
             listener.accept().await.expect("accept").0,
             Duration::from_secs(10),
+            Arc::default(),
         );
         let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
                      content-length: 0\r\n\r\n";

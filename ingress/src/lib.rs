@@ -24,6 +24,7 @@ use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -42,11 +43,21 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 const ENTITIES: &str = "/api/state/entities";
 
-/// Routes one request to its handler.
-pub async fn route(api: Arc<Api>, request: Request) -> Response {
-    let mut response = dispatch(&api, request)
-        .await
-        .unwrap_or_else(ApiError::into_response);
+/// Routes one request to its handler. An answer to a request whose body its handler did not
+/// read to the end (refused before reading it, or cut off) says `Connection: close`, and its
+/// connection drains what the client still sends before it closes (`linger`): the client learns
+/// not to reuse the connection, and reads its answer instead of a reset.
+pub async fn route(api: Arc<Api>, request: Request, linger: &AtomicBool) -> Response {
+    let has_body = http::declares_body(&request);
+    let (result, body_read) = http::tracking_body(dispatch(&api, request)).await;
+    let mut response = result.unwrap_or_else(ApiError::into_response);
+    if has_body && !body_read {
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        linger.store(true, Ordering::Relaxed);
+    }
     add_cors(&mut response);
     response
 }
@@ -225,11 +236,12 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<O
         };
         let _ = stream.set_nodelay(true);
         let fd = stream.as_raw_fd();
-        let io = io::ApiIo::new(stream, api.request_timeout);
+        let linger = Arc::new(AtomicBool::new(false));
+        let io = io::ApiIo::new(stream, api.request_timeout, linger.clone());
         let api = api.clone();
         let service = service_fn(move |request| {
-            let api = api.clone();
-            async move { Ok::<_, std::convert::Infallible>(route(api, request).await) }
+            let (api, linger) = (api.clone(), linger.clone());
+            async move { Ok::<_, std::convert::Infallible>(route(api, request, &linger).await) }
         });
         let connection = builder.serve_connection(io, service).with_upgrades();
         let (alive, mut stopping) = (alive.clone(), stopping.clone());
