@@ -238,7 +238,8 @@ impl Api {
                 Ok(n) if n > 0 => n.min(HISTORY_MAX_LIMIT),
                 _ => {
                     return Err(ApiError::bad_request(format!(
-                        "limit must be an integer from 1 to {HISTORY_MAX_LIMIT}"
+                        "limit must be a positive integer (at most {HISTORY_MAX_LIMIT} events \
+                         are returned)"
                     )));
                 }
             },

@@ -447,7 +447,12 @@ pub fn finish<'a>(
     let timestamp = match parts.timestamp {
         None | Some(Loose::Null) => return Err("timestamp is required".into()),
         Some(Loose::Int(n)) => n,
-        Some(_) => return Err("timestamp must be an integer (Unix epoch milliseconds)".into()),
+        Some(_) => {
+            return Err(format!(
+                "timestamp must be an integer from 1 to {} (Unix epoch milliseconds)",
+                i64::MAX
+            ));
+        }
     };
     if timestamp <= 0 {
         return Err("timestamp must be greater than 0 (Unix epoch milliseconds)".into());
@@ -681,7 +686,7 @@ mod tests {
         let numeric_key = OK.replace(r#""stream":"s""#, r#""stream":"s","key":5"#);
         assert_eq!(err(&numeric_key), "key must be a string");
         let big = OK.replace(r#""timestamp":1"#, r#""timestamp":99999999999999999999"#);
-        assert!(err(&big).contains("timestamp must be an integer"));
+        assert!(err(&big).contains("timestamp must be an integer from 1 to 9223372036854775807"));
         let null_payload = OK.replace(r#""stream":"s""#, r#""payload":null,"stream":"s""#);
         assert!(
             validate(&null_payload, || [7; 16]).is_ok(),
