@@ -25,21 +25,43 @@ pub fn full(bytes: Bytes) -> Body {
     Full::new(bytes).boxed_unsync()
 }
 
-tokio::task_local! {
-    /// Whether the request being handled had its body read to the end ([`read_body`]).
-    static BODY_READ: std::cell::Cell<bool>;
+/// What a connection's handlers tell its socket, one per connection task (`serve` scopes it
+/// around the connection, so no request pays for it). hyper handles one request at a time per
+/// connection, so one flag per fact is enough.
+#[derive(Default)]
+pub struct ConnectionState {
+    /// The request being handled had its body read to the end ([`read_body`]).
+    body_read: std::cell::Cell<bool>,
+    /// An answer went out with a request's body unread: the client may still be sending it.
+    answered_unread: std::cell::Cell<bool>,
 }
 
-/// Runs `handle`, then says whether it read the request's body to the end: a body left unread
-/// (refused before reading, or cut off by a 408 or 413) means the connection cannot carry
-/// another request.
-pub async fn tracking_body<F: std::future::Future>(handle: F) -> (F::Output, bool) {
-    BODY_READ
-        .scope(std::cell::Cell::new(false), async {
-            let output = handle.await;
-            (output, BODY_READ.with(std::cell::Cell::get))
-        })
-        .await
+tokio::task_local! {
+    /// The state of the connection whose task this is.
+    pub static CONNECTION: ConnectionState;
+}
+
+/// Before a request is handled: nothing of its body read yet.
+pub fn body_read_starts() {
+    let _ = CONNECTION.try_with(|c| c.body_read.set(false));
+}
+
+/// After a request was handled: whether its handler read its body to the end (true outside a
+/// connection task, where nobody asks).
+pub fn body_was_read() -> bool {
+    CONNECTION.try_with(|c| c.body_read.get()).unwrap_or(true)
+}
+
+/// An answer is going out with its request's body unread.
+pub fn note_answered_unread() {
+    let _ = CONNECTION.try_with(|c| c.answered_unread.set(true));
+}
+
+/// Whether this connection answered a request whose body it did not read.
+pub fn answered_unread() -> bool {
+    CONNECTION
+        .try_with(|c| c.answered_unread.get())
+        .unwrap_or(false)
 }
 
 /// Whether `request` says it carries a body (a `Content-Length` above 0, or chunked).
@@ -80,7 +102,7 @@ pub async fn read_body(request: Request, limit: usize, idle: Duration) -> Result
             buf.extend_from_slice(&data);
         }
     }
-    let _ = BODY_READ.try_with(|read| read.set(true));
+    let _ = CONNECTION.try_with(|c| c.body_read.set(true));
     Ok(buf.freeze())
 }
 

@@ -28,8 +28,6 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -49,9 +47,6 @@ pub struct ApiIo {
     write_timeout: Duration,
     /// Armed when a write starts waiting; gone once one completes.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Set when an answer went out with a request body unread: the client may still be
-    /// sending it, so closing lingers ([`LINGER`]) even if none of it has arrived yet.
-    body_unread: Arc<AtomicBool>,
     /// Armed when the connection closes with bytes from the client unread or still coming.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -64,13 +59,12 @@ struct Rewrite {
 }
 
 impl ApiIo {
-    pub fn new(stream: TcpStream, write_timeout: Duration, body_unread: Arc<AtomicBool>) -> ApiIo {
+    pub fn new(stream: TcpStream, write_timeout: Duration) -> ApiIo {
         ApiIo {
             io: TokioIo::new(stream),
             rewrite: None,
             write_timeout,
             stalled: None,
-            body_unread,
             linger: None,
         }
     }
@@ -212,9 +206,9 @@ impl Write for ApiIo {
         ready!(this.drive(cx))?;
         if this.linger.is_none() {
             ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
-            if !this.body_unread.load(Ordering::Relaxed)
-                && !unread_bytes(this.io.inner().as_raw_fd())
-            {
+            // An answer to a body left unread: the client may still be sending it, even if
+            // none of it has arrived yet.
+            if !crate::http::answered_unread() && !unread_bytes(this.io.inner().as_raw_fd()) {
                 return Poll::Ready(Ok(()));
             }
             this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
@@ -339,7 +333,6 @@ mod tests {
         let mut io = ApiIo::new(
             listener.accept().await.expect("accept").0,
             Duration::from_secs(10),
-            Arc::default(),
         );
         let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
                      content-length: 0\r\n\r\n";

@@ -24,7 +24,6 @@ use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -47,16 +46,18 @@ const ENTITIES: &str = "/api/state/entities";
 /// read to the end (refused before reading it, or cut off) says `Connection: close`, and its
 /// connection drains what the client still sends before it closes (`linger`): the client learns
 /// not to reuse the connection, and reads its answer instead of a reset.
-pub async fn route(api: Arc<Api>, request: Request, linger: &AtomicBool) -> Response {
+pub async fn route(api: Arc<Api>, request: Request) -> Response {
     let has_body = http::declares_body(&request);
-    let (result, body_read) = http::tracking_body(dispatch(&api, request)).await;
-    let mut response = result.unwrap_or_else(ApiError::into_response);
-    if has_body && !body_read {
+    http::body_read_starts();
+    let mut response = dispatch(&api, request)
+        .await
+        .unwrap_or_else(ApiError::into_response);
+    if has_body && !http::body_was_read() {
         response.headers_mut().insert(
             hyper::header::CONNECTION,
             hyper::header::HeaderValue::from_static("close"),
         );
-        linger.store(true, Ordering::Relaxed);
+        http::note_answered_unread();
     }
     add_cors(&mut response);
     response
@@ -236,16 +237,16 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<O
         };
         let _ = stream.set_nodelay(true);
         let fd = stream.as_raw_fd();
-        let linger = Arc::new(AtomicBool::new(false));
-        let io = io::ApiIo::new(stream, api.request_timeout, linger.clone());
+        let io = io::ApiIo::new(stream, api.request_timeout);
         let api = api.clone();
         let service = service_fn(move |request| {
-            let (api, linger) = (api.clone(), linger.clone());
-            async move { Ok::<_, std::convert::Infallible>(route(api, request, &linger).await) }
+            let api = api.clone();
+            async move { Ok::<_, std::convert::Infallible>(route(api, request).await) }
         });
         let connection = builder.serve_connection(io, service).with_upgrades();
         let (alive, mut stopping) = (alive.clone(), stopping.clone());
-        tokio::spawn(async move {
+        let state = http::ConnectionState::default();
+        tokio::spawn(http::CONNECTION.scope(state, async move {
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
@@ -257,7 +258,7 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<O
                 }
             }
             drop(alive);
-        });
+        }));
     }
     drop(listener);
     let _ = stop.send(true);
