@@ -723,7 +723,7 @@ fn sigterm_right_after_the_start_up_line_exits_zero() {
 /// connection closed, as HTTP/1.1 allows.
 #[test]
 fn sigterm_answers_every_request_sent_before_it() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::net::TcpStream;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -755,25 +755,7 @@ fn sigterm_answers_every_request_sent_before_it() {
                         let sent = epoch.elapsed().as_nanos() as u64;
                         let term = term_at.load(Ordering::SeqCst);
                         let before_term = written.is_ok() && (term == 0 || sent < term);
-                        let mut answer = Vec::new();
-                        let mut chunk = [0u8; 4096];
-                        let complete = loop {
-                            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-                                let head = String::from_utf8_lossy(&answer[..end]).to_lowercase();
-                                let length: usize = head
-                                    .split("content-length: ")
-                                    .nth(1)
-                                    .and_then(|v| v.split("\r\n").next()?.trim().parse().ok())
-                                    .unwrap_or(0);
-                                if answer.len() >= end + 4 + length {
-                                    break Some(head);
-                                }
-                            }
-                            match stream.read(&mut chunk) {
-                                Ok(0) | Err(_) => break None,
-                                Ok(k) => answer.extend_from_slice(&chunk[..k]),
-                            }
-                        };
+                        let complete = read_one_answer(&mut stream);
                         match complete {
                             Some(head) if head.starts_with("http/1.1 200") => {
                                 answered += 1;
@@ -1263,6 +1245,31 @@ fn stalled_bodies_and_headers_time_out() {
 /// A client that stops reading a large answer loses its connection after the request
 /// timeout: it cannot hold a socket and the answer's buffers for ever. A client that reads
 /// gets the whole answer.
+/// Reads one whole answer from `stream` (head and `Content-Length` body) and returns its head,
+/// lowercased; `None` if the connection ends or fails first.
+fn read_one_answer(stream: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&answer[..end]).to_lowercase();
+            let length: usize = head
+                .split("content-length: ")
+                .nth(1)
+                .and_then(|v| v.split("\r\n").next()?.trim().parse().ok())
+                .unwrap_or(0);
+            if answer.len() >= end + 4 + length {
+                return Some(head);
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// A keep-alive request (no `Connection: close`) with a `Content-Length` body.
 fn keep_alive_request(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
     let head = format!(
@@ -1280,32 +1287,15 @@ fn write_whole_then_read(
     request: &[u8],
     label: &str,
 ) -> (String, bool) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     stream
         .write_all(request)
         .unwrap_or_else(|e| panic!("{label}: writing the request: {e}"));
-    let mut answer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&answer[..end]).to_lowercase();
-            let length: usize = head
-                .split("content-length: ")
-                .nth(1)
-                .and_then(|v| v.split("\r\n").next()?.trim().parse().ok())
-                .unwrap_or(0);
-            if answer.len() >= end + 4 + length {
-                let closed = head.contains("connection: close")
-                    && matches!(stream.read(&mut chunk), Ok(0) | Err(_));
-                return (head, closed);
-            }
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) => panic!("{label}: the connection ended before the answer: {answer:?}"),
-            Ok(n) => answer.extend_from_slice(&chunk[..n]),
-            Err(e) => panic!("{label}: reading the answer: {e}"),
-        }
-    }
+    let head = read_one_answer(stream)
+        .unwrap_or_else(|| panic!("{label}: the connection ended before a whole answer"));
+    let closed = head.contains("connection: close")
+        && matches!(std::io::Read::read(stream, &mut [0u8; 64]), Ok(0) | Err(_));
+    (head, closed)
 }
 
 /// A request whose body the server answers without reading (no route, a wrong method, a
