@@ -1105,13 +1105,12 @@ fn ctrl_c_ends_the_run_with_what_was_measured() {
     assert!(status.success(), "{status}");
     let result = single_json(&stdout);
     assert_eq!(result["interrupted"], true, "{result}");
+    // Cut short, and its rate taken over the window as it ran, not the 30 s asked for.
     let duration = result["duration_s"].as_f64().expect("duration_s");
-    assert!((0.5..5.0).contains(&duration), "{result}");
+    assert!(duration > 0.0 && duration < 30.0, "{result}");
     let rate = result["throughput_events_per_s"].as_f64().expect("rate");
-    assert!(
-        (200.0..600.0).contains(&rate),
-        "a rate over the window as it ran: {result}"
-    );
+    let events = u64_at(&result, "/events") as f64;
+    assert!((rate - events / duration).abs() < 1.0, "{result}");
     let entities = server.get("/api/state/entities?prefix=loadtest/");
     assert_eq!(
         entities.as_array().expect("entity list").len() as u64,
