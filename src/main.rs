@@ -91,8 +91,8 @@ struct ServeArgs {
     #[arg(long, env = "FLUX_DIRECTORY_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
     directory_interval: Duration,
     /// A client must send its request headers within this time, a request body that sends
-    /// nothing for this long is answered 408, and an answer the client reads nothing of for
-    /// this long ends its connection.
+    /// nothing for this long (or, after this long, averages under 1 KiB/s) is answered 408,
+    /// and an answer the client reads nothing of for this long ends its connection.
     #[arg(long, env = "FLUX_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
     /// Log segment size in bytes before a new segment starts.

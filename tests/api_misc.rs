@@ -1242,6 +1242,62 @@ fn stalled_bodies_and_headers_time_out() {
     assert_eq!(s.get("/api/health").0, 200);
 }
 
+/// A client that trickles its body, each byte well within the request timeout of the last,
+/// still gets a 408 once the body falls below the minimum rate: it cannot hold a request open
+/// for ever by never quite stalling.
+#[test]
+fn a_trickled_body_gets_a_408_while_it_is_still_sending() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+    let s = Server::start_args(&["--request-timeout", "1s"]);
+    let body = br#"{"stream":"s","source":"t","timestamp":1,"payload":{"entity_id":"acme/slow","properties":{"v":1}}}"#;
+    let mut conn = stalled_after(
+        s.addr(),
+        format!(
+            "POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let sent = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writer = conn.stream().try_clone().expect("clone the socket");
+    let trickle = {
+        let (sent, stop) = (sent.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for byte in body.iter() {
+                // Each gap is well under the 1 s request timeout.
+                std::thread::sleep(Duration::from_millis(250));
+                if stop.load(Ordering::Relaxed) || writer.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let r = conn
+        .read_response()
+        .expect("an answer to the trickled body");
+    let sent_before = sent.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().expect("the trickling thread");
+    assert_eq!(r.status, 408, "{}", r.text());
+    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("bytes/s"),
+        "the error names the rate: {error}"
+    );
+    assert!(
+        sent_before < body.len(),
+        "the 408 came while the client was still sending ({sent_before} of {} bytes)",
+        body.len()
+    );
+    assert_eq!(s.get("/api/state/entities/acme/slow").0, 404);
+}
+
 /// A client that stops reading a large answer loses its connection after the request
 /// timeout: it cannot hold a socket and the answer's buffers for ever. A client that reads
 /// gets the whole answer.

@@ -56,6 +56,17 @@ impl ApiError {
         )
     }
 
+    /// 408 for a body that arrives, but too slowly to ever finish in reasonable time.
+    pub fn body_too_slow(min_bytes_per_second: u64, received: usize) -> Self {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body: arriving slower than {min_bytes_per_second} bytes/s \
+                 ({received} bytes so far; request timeout)"
+            ),
+        )
+    }
+
     pub fn payload_too_large() -> Self {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload too large")
     }

@@ -74,9 +74,15 @@ pub fn declares_body(request: &Request) -> bool {
             .is_some_and(|v| v.trim() != "0")
 }
 
+/// The slowest average rate a request body may arrive at once its first `idle` period is
+/// over: a client trickling a byte now and then, each gap just under the timeout, would
+/// otherwise hold its request open for ever.
+pub const MIN_BODY_BYTES_PER_SECOND: u64 = 1024;
+
 /// Reads the whole body of `request`, refusing with 413 once it exceeds `limit` bytes, and
-/// with 408 when no byte of it arrives for `idle` (a stalled client never holds a request
-/// open for longer).
+/// with 408 when no byte of it arrives for `idle`, or when it has taken longer than `idle`
+/// plus its length at [`MIN_BODY_BYTES_PER_SECOND`] (a stalled or trickling client never
+/// holds a request open for longer).
 pub async fn read_body(request: Request, limit: usize, idle: Duration) -> Result<Bytes, ApiError> {
     let declared = request
         .headers()
@@ -88,11 +94,24 @@ pub async fn read_body(request: Request, limit: usize, idle: Duration) -> Result
     }
     let mut body = request.into_body();
     let mut buf = BytesMut::with_capacity(declared.map_or(8 << 10, |n| n as usize));
-    // The timer is only armed when a frame is not already there.
-    while let Some(frame) = tokio::time::timeout(idle, body.frame())
-        .await
-        .map_err(|_| ApiError::request_timeout(idle))?
-    {
+    let started = tokio::time::Instant::now();
+    loop {
+        // The timer is only armed when a frame is not already there.
+        let now = tokio::time::Instant::now();
+        let allowed = started + idle + body_time(buf.len());
+        let deadline = (now + idle).min(allowed);
+        let Some(frame) = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .map_err(|_| {
+                if !buf.is_empty() && allowed < now + idle {
+                    ApiError::body_too_slow(MIN_BODY_BYTES_PER_SECOND, buf.len())
+                } else {
+                    ApiError::request_timeout(idle)
+                }
+            })?
+        else {
+            break;
+        };
         let frame =
             frame.map_err(|e| ApiError::bad_request(format!("reading the body failed: {e}")))?;
         if let Ok(data) = frame.into_data() {
@@ -104,6 +123,11 @@ pub async fn read_body(request: Request, limit: usize, idle: Duration) -> Result
     }
     let _ = CONNECTION.try_with(|c| c.body_read.set(true));
     Ok(buf.freeze())
+}
+
+/// How long `bytes` take at [`MIN_BODY_BYTES_PER_SECOND`].
+fn body_time(bytes: usize) -> Duration {
+    Duration::from_micros(bytes as u64 * 1_000_000 / MIN_BODY_BYTES_PER_SECOND)
 }
 
 /// The body as text, refusing anything but a JSON object (serde would also map an array onto
