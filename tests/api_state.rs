@@ -108,6 +108,17 @@ fn list_namespace_filter() {
     );
     assert_eq!(s.list_ids("?namespace=acme2"), vec!["acme2/x".to_string()]);
     assert!(s.list_ids("?namespace=nope").is_empty());
+    // Both filters give the ids that match both.
+    assert_eq!(
+        s.list_ids("?namespace=acme&prefix=acme/site"),
+        vec!["acme/site-3/y".to_string()]
+    );
+    assert_eq!(
+        s.list_ids("?prefix=ac&namespace=acme"),
+        vec!["acme/site-3/y".to_string(), "acme/x".to_string()]
+    );
+    assert!(s.list_ids("?namespace=acme&prefix=acme2/").is_empty());
+    assert!(s.list_ids("?namespace=acme&prefix=other/").is_empty());
 }
 
 #[test]

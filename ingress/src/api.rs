@@ -259,19 +259,25 @@ impl Api {
     /// `GET /api/state/entities[?prefix=|namespace=][&limit=&after=]`, streamed.
     pub fn list(&self, request: &Request) -> Result<Response, ApiError> {
         let params = query_params(request)?;
-        let prefix = match (param(&params, "prefix"), param(&params, "namespace")) {
-            (Some(_), Some(_)) => {
-                return Err(ApiError::bad_request(
-                    "give either prefix or namespace, not both",
-                ));
-            }
-            (Some(prefix), None) => prefix.to_string(),
-            (None, Some(namespace)) if namespace.is_empty() || namespace.contains('/') => {
+        let namespace = match param(&params, "namespace") {
+            Some(namespace) if namespace.is_empty() || namespace.contains('/') => {
                 return Err(ApiError::bad_request(
                     "namespace must be non-empty and contain no '/'",
                 ));
             }
-            (None, Some(namespace)) => format!("{namespace}/"),
+            Some(namespace) => Some(format!("{namespace}/")),
+            None => None,
+        };
+        // Both filters: the ids that match both, which is the longer prefix when one extends
+        // the other, and none otherwise.
+        let prefix = match (param(&params, "prefix"), namespace) {
+            (Some(prefix), Some(namespace)) if prefix.starts_with(&namespace) => prefix.to_string(),
+            (Some(prefix), Some(namespace)) if namespace.starts_with(prefix) => namespace,
+            (Some(_), Some(_)) => {
+                return Ok(json_response(StatusCode::OK, Bytes::from_static(b"[]")));
+            }
+            (Some(prefix), None) => prefix.to_string(),
+            (None, Some(namespace)) => namespace,
             (None, None) => String::new(),
         };
         let limit = match param(&params, "limit") {
