@@ -79,7 +79,7 @@ struct ServeArgs {
     #[arg(long, env = "FLUX_SNAPSHOT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     snapshot_interval: Duration,
     /// Auth mode: writes need a namespace token (or the admin token).
-    #[arg(long, env = "FLUX_AUTH_ENABLED")]
+    #[arg(long, env = "FLUX_AUTH_ENABLED", value_parser = clap::builder::BoolishValueParser::new())]
     auth: bool,
     /// The admin token: may write anything, register namespaces and change the config.
     #[arg(long, env = "FLUX_ADMIN_TOKEN", hide_env_values = true)]
@@ -99,7 +99,7 @@ struct ServeArgs {
     #[arg(long, env = "FLUX_SEGMENT_BYTES", default_value_t = 64 << 20)]
     segment_bytes: u64,
     /// Pin each shard thread to its own CPU (shard k to the k-th CPU this process may use).
-    #[arg(long, env = "FLUX_PIN")]
+    #[arg(long, env = "FLUX_PIN", value_parser = clap::builder::BoolishValueParser::new())]
     pin: bool,
     /// Microseconds shard and log-writer threads poll for work before they sleep (0: sleep at
     /// once; an idle server never spins longer than this after its last message).

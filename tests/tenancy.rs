@@ -641,13 +641,44 @@ fn deleting_a_namespace_needs_admin_and_revokes_its_token() {
 fn deleting_a_namespace_is_refused_without_a_configured_admin_token() {
     let s = start(AUTH_OPEN, &[], &[]);
     let token = register(&s, "acme", false);
-    for t in [None, Some(token.as_str()), Some("anything")] {
+    // A missing or unknown token is 401, a namespace's 403 (SPEC's errors).
+    for (t, code) in [
+        (None, 401),
+        (Some(token.as_str()), 403),
+        (Some("anything"), 401),
+    ] {
         let r = call(&s, "DELETE", "/api/namespaces/acme", t, None);
-        assert_error(r.status, &r.json(), 403, "");
+        assert_error(r.status, &r.json(), code, "none is configured");
     }
     let (status, body) = s.get("/api/namespaces/acme");
     assert_eq!(status, 200, "{body}");
     publish_ok(&s, Some(&token), "acme/x", json!({"v": 1}));
+}
+
+/// `FLUX_AUTH_ENABLED` takes the usual spellings of a yes or a no (`1`, `TRUE`, `yes`, `off`
+/// …), not only `true` and `false`.
+#[test]
+fn auth_mode_from_the_environment_takes_usual_boolean_spellings() {
+    for (value, on) in [
+        ("1", true),
+        ("TRUE", true),
+        ("yes", true),
+        ("0", false),
+        ("off", false),
+    ] {
+        let s = start(NO_AUTH, &[], &[("FLUX_AUTH_ENABLED", value)]);
+        assert!(
+            s.stdout_text().contains(&format!("auth={on}")),
+            "FLUX_AUTH_ENABLED={value}: {}",
+            s.stdout_text()
+        );
+        let (status, body) = publish(&s, None, "acme/x", json!({"v": 1}));
+        assert_eq!(
+            status,
+            if on { 401 } else { 200 },
+            "FLUX_AUTH_ENABLED={value}: {body}"
+        );
+    }
 }
 
 #[test]
@@ -1328,9 +1359,13 @@ fn admin_config_put_is_refused_in_auth_mode_without_an_admin_token() {
     let s = start(AUTH_OPEN, &[], &[]);
     let token = register(&s, "acme", false);
     let patch = json!({"rate_limit_enabled": false});
-    for t in [None, Some(token.as_str()), Some("anything")] {
+    for (t, code) in [
+        (None, 401),
+        (Some(token.as_str()), 403),
+        (Some("anything"), 401),
+    ] {
         let (status, body) = put_config(&s, t, &patch);
-        assert_error(status, &body, 403, "");
+        assert_error(status, &body, code, "none is configured");
     }
     let r = call(&s, "GET", "/api/admin/config", None, None);
     if r.status == 200 {
@@ -1906,12 +1941,13 @@ fn connector_credentials_need_the_admin_token_in_auth_mode() {
     assert_error(r.status, &r.json(), 403, "");
     assert_eq!(connector_status(&s, "github"), "ready");
 
-    // Auth on without an admin token: nobody may set credentials.
+    // Auth on without an admin token: nobody may set credentials; a missing token is 401
+    // (as anywhere), a namespace's 403, and both say no admin token is configured.
     let s = start(AUTH_OPEN, &[], &[("FLUX_ENCRYPTION_KEY", KEY_HEX)]);
     let acme = register(&s, "acme", false);
-    for t in [None, Some(acme.as_str())] {
+    for (t, code) in [(None, 401), (Some(acme.as_str()), 403)] {
         let (status, reply) = send(&s, "POST", path, t, &body);
-        assert_error(status, &reply, 403, "");
+        assert_error(status, &reply, code, "none is configured");
     }
     assert_eq!(connector_status(&s, "github"), "needs_token");
 }

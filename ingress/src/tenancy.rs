@@ -99,29 +99,33 @@ impl AuthConfig {
     }
 
     /// Gate of admin-only operations: the admin token when one is configured; with none
-    /// configured, open only when `open_without_admin` (auth off). Another token is refused
-    /// with 403 when `known` (by its hash) says it is a namespace's, else 401 (unknown token).
+    /// configured, open only when `open_without_admin` (auth off). A missing or unknown token
+    /// is refused with 401; a token `known` (by its hash) as a namespace's with 403.
     pub fn require_admin(
         &self,
         headers: &HeaderMap,
         open_without_admin: bool,
         known: impl FnOnce(&str) -> bool,
     ) -> Result<(), ApiError> {
+        let none_configured = if self.admin_token.is_none() {
+            if open_without_admin {
+                return Ok(());
+            }
+            ", and none is configured (--admin-token)"
+        } else {
+            ""
+        };
         match (&self.admin_token, bearer(headers)) {
-            (Some(_), None) => Err(ApiError::unauthorized(
-                "missing admin token: send Authorization: Bearer <admin token>",
-            )),
             (Some(admin), Some(token)) if same_secret(admin, token) => Ok(()),
-            (Some(_), Some(token)) if known(&token_hash(token)) => Err(ApiError::forbidden(
-                "this operation needs the admin token; a namespace token cannot do it",
-            )),
-            (Some(_), Some(_)) => Err(ApiError::unauthorized(
-                "unknown token: this operation needs the admin token",
-            )),
-            (None, _) if open_without_admin => Ok(()),
-            (None, _) => Err(ApiError::forbidden(
-                "this operation needs the admin token, and none is configured (--admin-token)",
-            )),
+            (_, None) => Err(ApiError::unauthorized(format!(
+                "missing admin token: this operation needs Authorization: Bearer <admin token>{none_configured}"
+            ))),
+            (_, Some(token)) if known(&token_hash(token)) => Err(ApiError::forbidden(format!(
+                "this operation needs the admin token; a namespace token cannot do it{none_configured}"
+            ))),
+            (_, Some(_)) => Err(ApiError::unauthorized(format!(
+                "unknown token: this operation needs the admin token{none_configured}"
+            ))),
         }
     }
 }
