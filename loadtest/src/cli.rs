@@ -96,6 +96,22 @@ pub enum Scenario {
     FanoutWorker(WorkerArgs),
 }
 
+impl Scenario {
+    /// The scenario's name, as given on the command line and in its result.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::Ingest(_) => "ingest",
+            Scenario::IngestBatch(_) => "ingest-batch",
+            Scenario::Fleet(_) => "fleet",
+            Scenario::E2e(_) => "e2e",
+            Scenario::Fanout(_) => "fanout",
+            Scenario::Connections(_) => "connections",
+            Scenario::Recovery(_) => "recovery",
+            Scenario::FanoutWorker(_) => "fanout-worker",
+        }
+    }
+}
+
 /// Flags every scenario shares.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct CommonArgs {

@@ -69,7 +69,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let mut result = runtime.block_on(async move {
+    let scenario = cli.scenario.name();
+    let outcome = runtime.block_on(async move {
         // Recovery is not cut short: Ctrl-C ends it as it ends any process.
         if !matches!(cli.scenario, Scenario::Recovery(_)) {
             interrupt::install();
@@ -84,7 +85,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Recovery(args) => scenarios::recovery::run(args).await,
             Scenario::FanoutWorker(_) => unreachable!("handled before the runtime starts"),
         }
-    })?;
+    });
+    let mut result = match outcome {
+        Ok(result) => result,
+        // A run that could not be made still gives its one JSON result, saying why; a usage
+        // error is not a run.
+        Err(error) if error.downcast_ref::<UsageError>().is_none() => {
+            report::emit(&serde_json::json!({
+                "scenario": scenario,
+                "error": format!("{error:#}"),
+                "generator": system::generator_json(),
+            }))?;
+            return Err(error);
+        }
+        Err(error) => return Err(error),
+    };
     // Connection tasks still parked in the runtime must not outlive the result.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     if interrupt::stopped_at().is_some() {

@@ -692,10 +692,24 @@ fn a_server_that_is_not_there_fails_the_run_and_says_why() {
         stderr.contains("no event was accepted") && stderr.to_lowercase().contains("refused"),
         "{stderr}"
     );
-    let (status, _, stderr) =
-        run_loadtest(&["connections", "--url", &url, "-c", "3", "--hold", "0.2"]);
-    assert!(!status.success(), "holding no connection succeeded");
-    assert!(stderr.contains("no subscriber could connect"), "{stderr}");
+    // Runs that cannot start still print their one JSON result, saying why.
+    for (scenario, args) in [
+        ("connections", &["-c", "3", "--hold", "0.2"][..]),
+        ("e2e", &["--subscribers", "2", "--duration", "0.5"][..]),
+    ] {
+        let mut all = vec![scenario, "--url", &url];
+        all.extend_from_slice(args);
+        let (status, stdout, stderr) = run_loadtest(&all);
+        assert!(
+            !status.success(),
+            "{scenario} against a closed port succeeded"
+        );
+        assert!(stderr.contains("no subscriber could connect"), "{stderr}");
+        let result = single_json(&stdout);
+        assert_eq!(result["scenario"], scenario, "{result}");
+        let error = result["error"].as_str().unwrap_or_default();
+        assert!(error.contains("no subscriber could connect"), "{result}");
+    }
 }
 
 #[test]
