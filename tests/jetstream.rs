@@ -615,6 +615,37 @@ fn health_reports_a_nats_server_that_answers_nothing() {
     assert_eq!(s.props("acme/probe"), json!({"v": 2}));
 }
 
+/// Once NATS has answered neither the node's probe nor any write since, a new write is
+/// refused with 503 at once instead of waiting out its publish budget on a silent server; it
+/// is applied nowhere, even after NATS answers again, and writes go on after that.
+#[test]
+fn a_write_to_a_silent_nats_is_refused_with_503_and_applied_nowhere() {
+    let nats = NatsServer::start();
+    let s = node(&nats.url(), &[]);
+    s.put("acme/before", json!({"v": 1}));
+    thread::scope(|scope| {
+        scope.spawn(|| nats.stall(Duration::from_secs(8)));
+        wait_for(Duration::from_secs(7), || {
+            (s.get("/api/health").0 == 503).then_some(())
+        })
+        .expect("health said 503 while NATS answered nothing");
+        // Before, this write waited for NATS and was stored once the stall ended (200).
+        let (status, body) = s.post("/api/events", &event("acme/refused", json!({"v": 1})));
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("answered neither")),
+            "{body}"
+        );
+    });
+    wait_for(CONVERGE, || (s.get("/api/health").0 == 200).then_some(()))
+        .expect("health is ok once NATS answers again");
+    s.put("acme/after", json!({"v": 2}));
+    assert_eq!(s.props("acme/after"), json!({"v": 2}));
+    assert_eq!(s.get("/api/state/entities/acme/refused").0, 404);
+}
+
 #[test]
 fn sigterm_while_nats_stalls_exits_0_within_10_s() {
     let nats = NatsServer::start();

@@ -50,7 +50,9 @@
 //!   message, which may never come while writes are refused) and resumes from the sequence
 //!   after the last one it applied. A probe that gets no answer within `PROBE_TIMEOUT` (a
 //!   server holding its connections open and answering nothing) is reported by health until
-//!   one is answered; writes still try.
+//!   one is answered. Writes still try while JetStream acknowledges any write; once neither
+//!   the probe nor a write has been answered since the probe was asked, appends fail at once
+//!   with [`LogError::Unavailable`] (nothing is published) until one is.
 //! - Start-up = newest snapshot + replay of the stream from its first message up to its last
 //!   sequence at open time (records the snapshot covers only rebuild the history index). A
 //!   snapshot's position names the stream sequence it covers, so snapshots are portable between
@@ -241,8 +243,13 @@ struct Shared {
     /// Why the tail cannot read; cleared once its consumer is back (or it reads a message).
     tail_failure: Mutex<Option<String>>,
     /// Why the last probe of the stream failed (a server that holds its connections open and
-    /// answers nothing): health reports it until a probe succeeds. Writes still try.
+    /// answers nothing): health reports it until a probe succeeds.
     probe_failure: Mutex<Option<String>>,
+    /// When (µs after `epoch`) the probe that went unanswered was asked; 0 once one is
+    /// answered. Appends fail at once while no ack came after it ([`Shared::silent`]).
+    unanswered_probe_us: AtomicU64,
+    /// When (µs after `epoch`) the newest ack of a publish arrived.
+    newest_ack_us: AtomicU64,
     closed: AtomicBool,
     /// Reference for the publish start times below.
     epoch: Instant,
@@ -260,6 +267,20 @@ struct Shared {
     publish_retries: prometheus_client::metrics::counter::Counter,
     /// Appends JetStream stored after their deadline, skipped.
     late_skipped: prometheus_client::metrics::counter::Counter,
+}
+
+impl Shared {
+    /// `at` in µs after `epoch`.
+    fn micros_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    /// Whether NATS has answered nothing since a probe it left unanswered: neither that probe
+    /// nor an ack of any write since it was asked.
+    fn silent(&self) -> bool {
+        let asked = self.unanswered_probe_us.load(Ordering::Acquire);
+        asked != 0 && self.newest_ack_us.load(Ordering::Acquire) < asked
+    }
 }
 
 /// Requests that the tail re-create its consumer. Requests are counted: one made before the
@@ -664,7 +685,7 @@ impl Reader {
                 tracing::warn!(
                     sequence,
                     "a write JetStream stored after its deadline is skipped (its writer was \
-                     answered 503)"
+                     answered 503, or 504 if its fate was still open)"
                 );
                 self.shared.late_skipped.inc();
             }
@@ -795,6 +816,8 @@ impl JetStreamLog {
             publish_failure: Mutex::new(None),
             tail_failure: Mutex::new(None),
             probe_failure: Mutex::new(None),
+            unanswered_probe_us: AtomicU64::new(0),
+            newest_ack_us: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             epoch: Instant::now(),
             newest_success_start_us: AtomicU64::new(0),
@@ -1092,6 +1115,9 @@ async fn run_probe(shared: std::sync::Weak<Shared>) {
         {
             let asked = Instant::now();
             let probed = tokio::time::timeout(PROBE_TIMEOUT, shared.stream.get_info()).await;
+            if probed.is_ok() {
+                shared.unanswered_probe_us.store(0, Ordering::Release);
+            }
             match probed {
                 Ok(Ok(info)) => {
                     *lock(&shared.probed) = Some((asked, info.state.last_sequence));
@@ -1129,6 +1155,9 @@ async fn run_probe(shared: std::sync::Weak<Shared>) {
                 }
                 Err(_) => {
                     tracing::warn!("the stream did not answer its probe within {PROBE_TIMEOUT:?}");
+                    shared
+                        .unanswered_probe_us
+                        .store(shared.micros_at(asked).max(1), Ordering::Release);
                     *lock(&shared.probe_failure) = Some(format!(
                         "NATS did not answer a probe of the stream within {PROBE_TIMEOUT:?}"
                     ));
@@ -1325,6 +1354,9 @@ impl Log for JetStreamLog {
                         shared
                             .newest_success_start_us
                             .fetch_max(started_us, Ordering::AcqRel);
+                        shared
+                            .newest_ack_us
+                            .fetch_max(shared.micros_at(Instant::now()), Ordering::AcqRel);
                         if let Some(p) = pending.get_mut(&counter) {
                             p.acked = Some((sequence, Instant::now() + APPLY_TIMEOUT));
                         }
@@ -1430,6 +1462,13 @@ impl Log for JetStreamLog {
         }
         if let Some(reason) = lock(&shared.publish_failure).clone() {
             return Some(reason);
+        }
+        if shared.silent() {
+            return Some(format!(
+                "NATS at {} answered neither a probe of the stream within {PROBE_TIMEOUT:?} nor \
+                 any write since",
+                shared.options.servers.join(",")
+            ));
         }
         lock(&shared.tail_failure).clone()
     }
