@@ -613,3 +613,78 @@ fn record_format_v1_writes_what_earlier_versions_read_and_both_formats_replay() 
     assert_eq!(server.props("acme/a"), json!({"t": 3, "s": "x"}));
     assert_eq!(list.len(), before.0.len());
 }
+
+/// A new log segment that cannot be made (here: every name it could take is held by a
+/// directory; on a real disk, no inodes left) leaves the active segment taking writes: no
+/// write is refused, the log starts new segments again once it can, and every acknowledged
+/// write survives a kill -9.
+#[test]
+fn a_segment_that_cannot_start_leaves_the_log_taking_writes() {
+    let dir = DataDir::temp();
+    let args = ["--snapshot-interval", "1h", "--segment-bytes", "4096"];
+    let mut server = Server::start_with(options(&dir, &args));
+    let log = dir.path().join("log");
+    let first = segments(dir.path());
+    let blockers: Vec<PathBuf> = (1..=400u64)
+        .map(|p| log.join(format!("{p:020}.seg")))
+        .filter(|p| !first.contains(p))
+        .collect();
+    for blocker in &blockers {
+        fs::create_dir(blocker).expect("block a segment name");
+    }
+    for i in 0..60 {
+        let (status, body) = server.post(
+            "/api/events",
+            &event(&format!("roll/e{i}"), json!({"pad": "y".repeat(100)})),
+        );
+        assert_eq!(status, 200, "event {i} while no segment can start: {body}");
+    }
+    assert_eq!(server.get("/api/health").0, 200);
+    let files = |dir: &Path| segments(dir).into_iter().filter(|p| p.is_file()).count();
+    assert_eq!(files(dir.path()), first.len(), "no segment could start");
+    assert!(
+        server
+            .stderr_text()
+            .contains("starting a new log segment failed"),
+        "{}",
+        server.stderr_text()
+    );
+    for blocker in &blockers {
+        fs::remove_dir(blocker).expect("unblock");
+    }
+    for i in 60..120 {
+        server.put(&format!("roll/e{i}"), json!({"pad": "y".repeat(100)}));
+    }
+    assert!(files(dir.path()) > first.len(), "segments start again");
+    server.kill9();
+    server.restart();
+    assert_eq!(server.list_ids("?prefix=roll/").len(), 120);
+    assert_eq!(server.history("roll/e10", "").len(), 1);
+}
+
+/// SIGTERM exits 0 when the final snapshot cannot be written (a full disk): every acknowledged
+/// write is already synced in the log, and the next start replays it.
+#[test]
+fn sigterm_exits_zero_when_the_final_snapshot_cannot_be_written() {
+    let dir = DataDir::temp();
+    let mut server = Server::start_with(options(&dir, &["--snapshot-interval", "1h"]));
+    for i in 0..20 {
+        server.put(&format!("snap/e{i}"), json!({"v": i}));
+    }
+    let snapshots = dir.path().join("snapshots");
+    let aside = dir.path().join("snapshots-aside");
+    fs::rename(&snapshots, &aside).expect("move the snapshots aside");
+    fs::write(&snapshots, b"not a directory").expect("a file in its place");
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "{}", server.stderr_text());
+    assert!(
+        server.stderr_text().contains("final snapshot failed"),
+        "{}",
+        server.stderr_text()
+    );
+    fs::remove_file(&snapshots).expect("remove the file");
+    fs::rename(&aside, &snapshots).expect("put the snapshots back");
+    server.restart();
+    assert_eq!(server.list_ids("?prefix=snap/").len(), 20);
+    assert_eq!(server.props("snap/e7"), json!({"v": 7}));
+}

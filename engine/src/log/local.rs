@@ -539,6 +539,7 @@ impl LocalLog {
             dispatcher,
             buf: Vec::with_capacity(1 << 20),
             last_accept_ms: 0,
+            roll_failing: false,
         });
         let writer = self.writer.clone();
         let queue = self.queue.clone();
@@ -589,6 +590,15 @@ impl LocalLog {
             self.kick();
         }
     }
+}
+
+/// Why a new segment did not start.
+enum RollError {
+    /// Nothing changed: the active segment stays, and a later commit tries again.
+    Undone(std::io::Error),
+    /// A new segment's file is left in place and could not be removed: writing on would give
+    /// two files the same positions.
+    Stuck(String),
 }
 
 /// The writer thread: sleeps until kicked, then commits until the queue is empty, looking
@@ -846,6 +856,9 @@ struct Writer {
     dispatcher: Dispatcher,
     buf: Vec<u8>,
     last_accept_ms: u64,
+    /// The last try to start a new segment failed and was undone (logged once until one
+    /// starts).
+    roll_failing: bool,
 }
 
 impl Writer {
@@ -984,14 +997,31 @@ impl Writer {
         }
         self.commits += 1;
         self.committed_bytes += self.buf.len() as u64;
-        if let Err(error) = self.next_segment(position) {
-            self.set_failure(format!("starting a new log segment failed: {error}"));
+        match self.next_segment(position) {
+            Ok(()) if self.roll_failing => {
+                self.roll_failing = false;
+                tracing::info!("the log starts new segments again");
+            }
+            Ok(()) => {}
+            Err(RollError::Undone(error)) => {
+                if !self.roll_failing {
+                    tracing::warn!(
+                        %error,
+                        "starting a new log segment failed; the current one goes on taking \
+                         writes, and every commit tries again"
+                    );
+                }
+                self.roll_failing = true;
+            }
+            Err(RollError::Stuck(reason)) => {
+                self.set_failure(format!("starting a new log segment failed: {reason}"));
+            }
         }
     }
 
     /// After a commit: rolls when the segment is full, when its spare is full, or early into a
     /// spare when a growing segment is busy; asks for the next spare.
-    fn next_segment(&mut self, next_position: LogPosition) -> std::io::Result<()> {
+    fn next_segment(&mut self, next_position: LogPosition) -> Result<(), RollError> {
         let len = self.segment_len();
         let full = len >= self.options.segment_bytes;
         let Some(spares) = self.spares.clone() else {
@@ -1090,21 +1120,53 @@ impl Writer {
         &mut self,
         next_position: LogPosition,
         spare: Option<(PathBuf, u64)>,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), RollError> {
         let path = segment_path(&self.shared.dir, next_position);
-        let active = match &spare {
-            Some((spare, bytes)) => {
-                fs::rename(spare, &path)?;
-                self.next_spare_bytes = (bytes * 2).min(self.options.segment_bytes);
-                OpenOptions::new().write(true).open(&path)?
+        // Whether the new segment's file is in place (ours to remove if the roll fails).
+        let mut placed = false;
+        let opened = (|| {
+            let active = match &spare {
+                Some((spare, _)) => {
+                    fs::rename(spare, &path)?;
+                    placed = true;
+                    OpenOptions::new().write(true).open(&path)?
+                }
+                None => {
+                    let file = OpenOptions::new()
+                        .create_new(true)
+                        .write(true)
+                        .open(&path)?;
+                    placed = true;
+                    file
+                }
+            };
+            File::open(&self.shared.dir)?.sync_all()?;
+            Ok((active, Arc::new(File::open(&path)?)))
+        })();
+        let (active, file) = match opened {
+            Ok(files) => files,
+            Err(error) => {
+                // The active segment goes on taking commits; a new file left behind would
+                // claim positions that it holds.
+                if placed
+                    && let Err(undo) = fs::remove_file(&path)
+                        .and_then(|()| File::open(&self.shared.dir)?.sync_all())
+                {
+                    return Err(RollError::Stuck(format!(
+                        "{error}, and removing {} failed ({undo})",
+                        path.display()
+                    )));
+                }
+                if let (false, Some((spare, _))) = (placed, &spare) {
+                    // Never renamed: not a segment, and no longer the spare maker's to hand out.
+                    let _ = fs::remove_file(spare);
+                }
+                return Err(RollError::Undone(error));
             }
-            None => OpenOptions::new()
-                .create_new(true)
-                .write(true)
-                .open(&path)?,
         };
-        File::open(&self.shared.dir)?.sync_all()?;
-        let file = Arc::new(File::open(&path)?);
+        if let Some((_, bytes)) = &spare {
+            self.next_spare_bytes = (bytes * 2).min(self.options.segment_bytes);
+        }
         self.active = Active {
             file: active,
             prepared: spare.map_or(0, |(_, bytes)| bytes),
