@@ -688,3 +688,126 @@ fn sigterm_exits_zero_when_the_final_snapshot_cannot_be_written() {
     assert_eq!(server.list_ids("?prefix=snap/").len(), 20);
     assert_eq!(server.props("snap/e7"), json!({"v": 7}));
 }
+
+/// A loop-mounted ext4 filesystem the test can freeze (`fsfreeze`), unmounted on drop (thawed
+/// first). Needs root, a loop device, `mkfs.ext4` and `fsfreeze`.
+struct FreezableDisk {
+    _dir: tempfile::TempDir,
+    mount: PathBuf,
+}
+
+impl FreezableDisk {
+    fn new() -> Result<FreezableDisk, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let image = dir.path().join("disk.img");
+        let mount = dir.path().join("mnt");
+        fs::create_dir(&mount).map_err(|e| e.to_string())?;
+        fs::File::create(&image)
+            .and_then(|f| f.set_len(64 << 20))
+            .map_err(|e| e.to_string())?;
+        run_tool("mkfs.ext4", &["-q".as_ref(), image.as_os_str()])?;
+        run_tool(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                image.as_os_str(),
+                mount.as_os_str(),
+            ],
+        )?;
+        Ok(FreezableDisk { _dir: dir, mount })
+    }
+
+    /// Freezes the filesystem until the guard is dropped. Declare the guard after the server:
+    /// a process blocked on a frozen disk cannot be reaped, so the disk must thaw first.
+    fn freeze(&self) -> Frozen<'_> {
+        run_tool("fsfreeze", &["-f".as_ref(), self.mount.as_os_str()]).expect("freeze");
+        Frozen(self)
+    }
+
+    fn thaw(&self) {
+        let _ = run_tool("fsfreeze", &["-u".as_ref(), self.mount.as_os_str()]);
+    }
+}
+
+/// A frozen [`FreezableDisk`]: thawed on drop.
+struct Frozen<'a>(&'a FreezableDisk);
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0.thaw();
+    }
+}
+
+impl Drop for FreezableDisk {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = run_tool("umount", &["-l".as_ref(), self.mount.as_os_str()]);
+    }
+}
+
+fn run_tool(tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{tool}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{tool}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// A write whose commit blocks on a stalled disk (a frozen filesystem) holds up only itself:
+/// health and state reads on other connections are answered while it waits, it is answered
+/// 200 once the disk is back, and it survives a restart. Before, the worker that blocked in
+/// the commit could be the runtime's only awake thread, and no connection was served until
+/// the disk came back.
+#[test]
+fn a_stalled_disk_holds_up_only_the_writes_waiting_on_it() {
+    let disk = match FreezableDisk::new() {
+        Ok(disk) => disk,
+        Err(why) => {
+            eprintln!(
+                "skipped: no freezable filesystem here ({why}); needs root and a loop device"
+            );
+            return;
+        }
+    };
+    fs::create_dir(disk.mount.join("data")).expect("data dir on the disk");
+    let dir = DataDir::Path(disk.mount.join("data"));
+    let mut server = Server::start_with(options(&dir, &[]));
+    let post = |entity: &str| {
+        let body = event(entity, json!({"v": 1})).to_string();
+        util::keepalive_request(
+            "POST",
+            "/api/events",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+    };
+    let mut writer = util::RawConn::connect(server.addr());
+    assert_eq!(writer.roundtrip(&post("stall/before")).status, 200);
+    let frozen = disk.freeze();
+    writer.send(&post("stall/during"));
+    thread::sleep(Duration::from_millis(300));
+    let mut reader = util::RawConn::connect(server.addr());
+    let health = reader.roundtrip(&util::keepalive_request("GET", "/api/health", &[], b""));
+    assert_eq!(health.status, 200, "{}", health.text());
+    let state = reader.roundtrip(&util::keepalive_request(
+        "GET",
+        "/api/state/entities/stall%2Fbefore",
+        &[],
+        b"",
+    ));
+    assert_eq!(state.status, 200, "{}", state.text());
+    drop(frozen);
+    let during = writer
+        .read_response()
+        .expect("the write is answered once the disk is back");
+    assert_eq!(during.status, 200, "{}", during.text());
+    server.kill9();
+    server.restart();
+    assert_eq!(server.props("stall/during"), json!({"v": 1}));
+    drop(server);
+}

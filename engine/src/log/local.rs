@@ -11,7 +11,11 @@
 //!   thread, so an append on an idle log wakes no other thread); otherwise the writer thread,
 //!   which a leader kicks when it leaves work queued and which also runs every barrier.
 //!   Whoever queues work and finds the lock taken leaves it to the holder, who looks at the
-//!   queue again after letting the lock go: nothing is stranded.
+//!   queue again after letting the lock go: nothing is stranded. A leader's commit that
+//!   stalls (a frozen disk) wakes another worker of its runtime ([`super::watch`]), so the
+//!   other connections are still served.
+//! - A new segment that cannot start is undone (the active segment goes on, every commit tries
+//!   again); only a new file that cannot be removed again stops the log.
 //! - A small group (at most [`IN_PLACE_MAX_RECORDS`] records) is applied in place by the
 //!   committer where a shard is idle ([`Dispatcher::dispatch_in_place`]); larger ones go
 //!   through the shards' inboxes, so shards apply them while the next group is written.
@@ -55,6 +59,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::log::spare::Spares;
+use crate::log::watch::LeaderWatch;
 use crate::log::{Barrier, Log, LogError};
 use crate::metrics::LogMetrics;
 use crate::record::{
@@ -216,6 +221,8 @@ pub struct LocalLog {
     pending: Mutex<Option<(flume::Receiver<()>, Active, LocalLogOptions)>>,
     /// The maker of spare segments, unless [`LocalLogOptions::spare_after_commits`] is `None`.
     spares: Option<Arc<Spares>>,
+    /// The watch over leader commits ([`super::watch`]), from the start while leaders commit.
+    watch: std::sync::OnceLock<Arc<LeaderWatch>>,
 }
 
 /// The segment being written.
@@ -465,6 +472,7 @@ impl LocalLog {
             leaders: options.leader_commits,
             pending: Mutex::new(Some((kicked, active, options))),
             spares,
+            watch: std::sync::OnceLock::new(),
         };
         Ok((log, summary))
     }
@@ -541,6 +549,9 @@ impl LocalLog {
             last_accept_ms: 0,
             roll_failing: false,
         });
+        if self.leaders {
+            let _ = self.watch.set(LeaderWatch::start()?);
+        }
         let writer = self.writer.clone();
         let queue = self.queue.clone();
         let handle = std::thread::Builder::new()
@@ -583,7 +594,14 @@ impl LocalLog {
             Err(std::sync::TryLockError::WouldBlock) => return,
         };
         if let Some(writer) = guard.as_mut() {
+            let watch = self.watch.get();
+            if let Some(watch) = watch {
+                watch.begin();
+            }
             writer.commit_next(&self.queue, true);
+            if let Some(watch) = watch {
+                watch.end();
+            }
         }
         drop(guard);
         if !self.queue.is_empty() {

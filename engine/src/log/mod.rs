@@ -11,6 +11,7 @@ pub mod jetstream;
 pub mod local;
 pub mod peers;
 pub mod spare;
+pub mod watch;
 
 use std::future::Future;
 use std::pin::Pin;
