@@ -689,21 +689,21 @@ fn sigterm_exits_zero_when_the_final_snapshot_cannot_be_written() {
     assert_eq!(server.props("snap/e7"), json!({"v": 7}));
 }
 
-/// A loop-mounted ext4 filesystem the test can freeze (`fsfreeze`), unmounted on drop (thawed
-/// first). Needs root, a loop device, `mkfs.ext4` and `fsfreeze`.
-struct FreezableDisk {
+/// A loop-mounted ext4 filesystem the test can fill or freeze (`fsfreeze`), unmounted on drop
+/// (thawed first). Needs root, a loop device, `mkfs.ext4` and `fsfreeze`.
+struct LoopDisk {
     _dir: tempfile::TempDir,
     mount: PathBuf,
 }
 
-impl FreezableDisk {
-    fn new() -> Result<FreezableDisk, String> {
+impl LoopDisk {
+    fn new(bytes: u64) -> Result<LoopDisk, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let image = dir.path().join("disk.img");
         let mount = dir.path().join("mnt");
         fs::create_dir(&mount).map_err(|e| e.to_string())?;
         fs::File::create(&image)
-            .and_then(|f| f.set_len(64 << 20))
+            .and_then(|f| f.set_len(bytes))
             .map_err(|e| e.to_string())?;
         run_tool("mkfs.ext4", &["-q".as_ref(), image.as_os_str()])?;
         run_tool(
@@ -715,7 +715,7 @@ impl FreezableDisk {
                 mount.as_os_str(),
             ],
         )?;
-        Ok(FreezableDisk { _dir: dir, mount })
+        Ok(LoopDisk { _dir: dir, mount })
     }
 
     /// Freezes the filesystem until the guard is dropped. Declare the guard after the server:
@@ -730,8 +730,8 @@ impl FreezableDisk {
     }
 }
 
-/// A frozen [`FreezableDisk`]: thawed on drop.
-struct Frozen<'a>(&'a FreezableDisk);
+/// A frozen [`LoopDisk`]: thawed on drop.
+struct Frozen<'a>(&'a LoopDisk);
 
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
@@ -739,7 +739,7 @@ impl Drop for Frozen<'_> {
     }
 }
 
-impl Drop for FreezableDisk {
+impl Drop for LoopDisk {
     fn drop(&mut self) {
         self.thaw();
         let _ = run_tool("umount", &["-l".as_ref(), self.mount.as_os_str()]);
@@ -765,7 +765,7 @@ fn run_tool(tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
 /// the disk came back.
 #[test]
 fn a_stalled_disk_holds_up_only_the_writes_waiting_on_it() {
-    let disk = match FreezableDisk::new() {
+    let disk = match LoopDisk::new(64 << 20) {
         Ok(disk) => disk,
         Err(why) => {
             eprintln!(
@@ -809,5 +809,116 @@ fn a_stalled_disk_holds_up_only_the_writes_waiting_on_it() {
     server.kill9();
     server.restart();
     assert_eq!(server.props("stall/during"), json!({"v": 1}));
+    drop(server);
+}
+
+/// A full disk: writes are refused with 503 naming it (nothing half-accepted), health says
+/// so, the error output gets a line per 10 s rather than one per request, failed snapshots
+/// leave nothing behind, and once space is freed writes succeed again without a restart; every
+/// acknowledged write survives a kill -9.
+#[test]
+fn a_full_disk_refuses_writes_and_recovers_once_space_is_freed() {
+    let disk = match LoopDisk::new(32 << 20) {
+        Ok(disk) => disk,
+        Err(why) => {
+            eprintln!(
+                "skipped: no loop-mounted filesystem here ({why}); needs root and a loop device"
+            );
+            return;
+        }
+    };
+    fs::create_dir(disk.mount.join("data")).expect("data dir on the disk");
+    let dir = DataDir::Path(disk.mount.join("data"));
+    let args = ["--segment-bytes", "65536", "--snapshot-interval", "1s"];
+    let mut server = Server::start_with(options(&dir, &args));
+    let pad = "p".repeat(2048);
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        server.put(&format!("full/a{i}"), json!({"pad": pad}));
+        acked.push(format!("full/a{i}"));
+    }
+    // Fill what is left.
+    let filler = disk.mount.join("filler");
+    {
+        use std::io::Write;
+        let mut file = fs::File::create(&filler).expect("filler");
+        let block = vec![0u8; 1 << 20];
+        while file
+            .write_all(&block)
+            .and_then(|()| file.sync_data())
+            .is_ok()
+        {}
+    }
+    // Preallocated room may take a few more; then every write is refused.
+    let mut refused = None;
+    for i in 0..3000 {
+        let id = format!("full/b{i}");
+        let (status, body) = server.post("/api/events", &event(&id, json!({"pad": pad})));
+        if status == 200 {
+            acked.push(id);
+        } else {
+            refused = Some((status, body));
+            break;
+        }
+    }
+    let (status, body) = refused.expect("a write was refused once the disk was full");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left")),
+        "{body}"
+    );
+    // Writes that still fit in blocks the log holds may be taken; the rest are refused.
+    let mut refused = vec![];
+    for i in 0..30 {
+        let id = format!("full/c{i}");
+        let (status, body) = server.post("/api/events", &event(&id, json!({"pad": pad})));
+        match status {
+            200 => acked.push(id),
+            503 => refused.push(id),
+            _ => panic!("a write on a full disk got {status}: {body}"),
+        }
+    }
+    assert!(refused.len() >= 20, "refused {refused:?}");
+    assert_eq!(server.get("/api/health").0, 503);
+    // Two snapshot intervals on a full disk.
+    thread::sleep(Duration::from_millis(2500));
+    let leftovers: Vec<_> = fs::read_dir(disk.mount.join("data/snapshots"))
+        .expect("snapshots dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "failed snapshots left {leftovers:?}");
+    let errors = server.stderr_text().matches("log write failed").count();
+    assert!(
+        (1..=3).contains(&errors),
+        "{errors} error lines for {} refused writes in ~3 s",
+        refused.len() + 1
+    );
+    fs::remove_file(&filler).expect("free the space");
+    let recovered = util::wait_for(Duration::from_secs(10), || {
+        let (status, _) = server.post("/api/events", &event("full/d", json!({"v": 1})));
+        (status == 200).then_some(())
+    });
+    assert!(
+        recovered.is_some(),
+        "writes succeed again once space is freed"
+    );
+    acked.push("full/d".to_string());
+    util::wait_for(Duration::from_secs(10), || {
+        (server.get("/api/health").0 == 200).then_some(())
+    })
+    .expect("health is ok again");
+    server.kill9();
+    server.restart();
+    let ids: std::collections::BTreeSet<String> =
+        server.list_ids("?prefix=full/").into_iter().collect();
+    for id in &acked {
+        assert!(ids.contains(id), "acknowledged {id} is missing");
+    }
+    for id in &refused {
+        assert!(!ids.contains(id), "refused {id} was applied");
+    }
     drop(server);
 }

@@ -59,16 +59,23 @@ impl SnapshotJob {
         let final_dir = snapshots.join(format!("{position:020}"));
         let tmp_dir = snapshots.join(format!("{position:020}.tmp"));
         let _ = fs::remove_dir_all(&tmp_dir);
-        fs::create_dir_all(&tmp_dir)?;
-        let json = serde_json::to_vec(control).map_err(std::io::Error::other)?;
-        let mut bytes = Vec::with_capacity(json.len() + 20);
-        bytes.extend_from_slice(CONTROL_MAGIC);
-        bytes.extend_from_slice(&position.to_le_bytes());
-        bytes.extend_from_slice(&json);
-        bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
-        let mut file = File::create(tmp_dir.join("control"))?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
+        let written = (|| {
+            fs::create_dir_all(&tmp_dir)?;
+            let json = serde_json::to_vec(control).map_err(std::io::Error::other)?;
+            let mut bytes = Vec::with_capacity(json.len() + 20);
+            bytes.extend_from_slice(CONTROL_MAGIC);
+            bytes.extend_from_slice(&position.to_le_bytes());
+            bytes.extend_from_slice(&json);
+            bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+            let mut file = File::create(tmp_dir.join("control"))?;
+            file.write_all(&bytes)?;
+            file.sync_all()
+        })();
+        if let Err(error) = written {
+            // A full disk fails every try: none may leave a directory behind.
+            let _ = fs::remove_dir_all(&tmp_dir);
+            return Err(error);
+        }
         let (tx, rx) = oneshot::channel();
         let job = SnapshotJob {
             tmp_dir,

@@ -548,6 +548,8 @@ impl LocalLog {
             buf: Vec::with_capacity(1 << 20),
             last_accept_ms: 0,
             roll_failing: false,
+            failed_writes_unlogged: 0,
+            write_error_logged: None,
         });
         if self.leaders {
             let _ = self.watch.set(LeaderWatch::start()?);
@@ -609,6 +611,9 @@ impl LocalLog {
         }
     }
 }
+
+/// While commits keep failing, at most one error line per this period.
+const WRITE_ERROR_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why a new segment did not start.
 enum RollError {
@@ -877,6 +882,9 @@ struct Writer {
     /// The last try to start a new segment failed and was undone (logged once until one
     /// starts).
     roll_failing: bool,
+    /// Failed commits not yet in the log's error output, and when the last one was logged.
+    failed_writes_unlogged: u64,
+    write_error_logged: Option<std::time::Instant>,
 }
 
 impl Writer {
@@ -965,7 +973,19 @@ impl Writer {
         }
         if let Err(error) = self.write_and_sync(base) {
             let reason = format!("log write failed: {error}");
-            tracing::error!(%reason);
+            // Once when writes start failing, then at most every WRITE_ERROR_LOG_EVERY: a full
+            // disk fails every commit, and the log must not fill what is left of it.
+            self.failed_writes_unlogged += 1;
+            let starts = !self.shared.write_failing.load(Ordering::Acquire);
+            if starts
+                || self
+                    .write_error_logged
+                    .is_none_or(|at| at.elapsed() >= WRITE_ERROR_LOG_EVERY)
+            {
+                tracing::error!(%reason, failed_commits = self.failed_writes_unlogged);
+                self.failed_writes_unlogged = 0;
+                self.write_error_logged = Some(std::time::Instant::now());
+            }
             *self
                 .shared
                 .write_error
@@ -978,6 +998,9 @@ impl Writer {
             return;
         }
         if self.shared.write_failing.swap(false, Ordering::AcqRel) {
+            tracing::info!("log writes succeed again");
+            self.failed_writes_unlogged = 0;
+            self.write_error_logged = None;
             *self
                 .shared
                 .write_error
