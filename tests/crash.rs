@@ -801,6 +801,14 @@ fn a_stalled_disk_holds_up_only_the_writes_waiting_on_it() {
         b"",
     ));
     assert_eq!(state.status, 200, "{}", state.text());
+    let metrics = reader.roundtrip(&util::keepalive_request("GET", "/metrics", &[], b""));
+    assert!(
+        metrics
+            .text()
+            .contains("flux_log_stalled_leader_commits_total 1"),
+        "{}",
+        metrics.text()
+    );
     drop(frozen);
     let during = writer
         .read_response()

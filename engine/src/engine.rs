@@ -85,10 +85,12 @@ pub enum EngineError {
     OutcomeUnknown(String),
     #[error(transparent)]
     Log(#[from] LogError),
-    #[error("{context}: {source}")]
+    /// The message holds the cause; it is not a `source`, so a report that walks the chain
+    /// does not say it twice.
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -104,7 +106,7 @@ impl EngineError {
 
 fn io_context(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
     let context = context.into();
-    move |source| EngineError::Io { context, source }
+    move |cause| EngineError::Io { context, cause }
 }
 
 /// What start-up found, for the start-up line and logs.
@@ -603,7 +605,7 @@ impl Engine {
                     .map_err(|_| EngineError::Unavailable("shards stopped".into()))?
                     .map_err(|reason| EngineError::Io {
                         context: "writing a snapshot".into(),
-                        source: std::io::Error::other(reason),
+                        cause: std::io::Error::other(reason),
                     })?;
                 inner.last_snapshot.store(position, Ordering::Release);
                 Some(position)

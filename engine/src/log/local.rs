@@ -223,6 +223,8 @@ pub struct LocalLog {
     spares: Option<Arc<Spares>>,
     /// The watch over leader commits ([`super::watch`]), from the start while leaders commit.
     watch: std::sync::OnceLock<Arc<LeaderWatch>>,
+    /// Leader commits the watch found stalled.
+    stalled_commits: prometheus_client::metrics::counter::Counter,
 }
 
 /// The segment being written.
@@ -473,6 +475,7 @@ impl LocalLog {
             pending: Mutex::new(Some((kicked, active, options))),
             spares,
             watch: std::sync::OnceLock::new(),
+            stalled_commits: Default::default(),
         };
         Ok((log, summary))
     }
@@ -552,7 +555,9 @@ impl LocalLog {
             write_error_logged: None,
         });
         if self.leaders {
-            let _ = self.watch.set(LeaderWatch::start()?);
+            let _ = self
+                .watch
+                .set(LeaderWatch::start(self.stalled_commits.clone())?);
         }
         let writer = self.writer.clone();
         let queue = self.queue.clone();
@@ -844,6 +849,12 @@ impl Log for LocalLog {
 
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.shared.metrics.register(registry);
+        registry.register(
+            "flux_log_stalled_leader_commits",
+            "Commits on an HTTP worker that ran past 20 ms (a slow or stalled disk); each woke \
+             another worker to serve the sockets",
+            self.stalled_commits.clone(),
+        );
     }
 
     fn close(&self) {

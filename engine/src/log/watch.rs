@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
+
 /// How often the watch looks.
 pub const CHECK_PERIOD: Duration = Duration::from_millis(20);
 /// A leader commit running this long wakes a sleeping worker of its runtime. A healthy sync
@@ -34,18 +36,18 @@ pub struct LeaderWatch {
     started: AtomicU64,
     /// The runtime of the first leader on a multi-thread runtime: the one to wake.
     runtime: OnceLock<tokio::runtime::Handle>,
-    /// Stalled commits that woke a worker (for tests and metrics).
-    nudges: AtomicU64,
+    /// Stalled commits that woke a worker.
+    stalls: Counter,
 }
 
 impl LeaderWatch {
-    /// A watch and its thread (`flux-log-watch`).
-    pub fn start() -> std::io::Result<Arc<LeaderWatch>> {
+    /// A watch and its thread (`flux-log-watch`), counting stalled commits in `stalls`.
+    pub fn start(stalls: Counter) -> std::io::Result<Arc<LeaderWatch>> {
         let watch = Arc::new(LeaderWatch {
             epoch: Instant::now(),
             started: AtomicU64::new(0),
             runtime: OnceLock::new(),
-            nudges: AtomicU64::new(0),
+            stalls,
         });
         let weak = Arc::downgrade(&watch);
         std::thread::Builder::new()
@@ -68,11 +70,6 @@ impl LeaderWatch {
     /// The leader commit is done.
     pub fn end(&self) {
         self.started.store(0, Ordering::Relaxed);
-    }
-
-    /// Stalled commits that woke a worker so far.
-    pub fn nudges(&self) -> u64 {
-        self.nudges.load(Ordering::Relaxed)
     }
 
     fn micros(&self) -> u64 {
@@ -98,7 +95,7 @@ fn run(watch: Weak<LeaderWatch>) {
             // Spawned from outside the runtime, the task wakes a sleeping worker; once it
             // has run, that worker parks polling the sockets.
             drop(runtime.spawn(async {}));
-            watch.nudges.fetch_add(1, Ordering::Relaxed);
+            watch.stalls.inc();
             if warned.is_some_and(|at| at.elapsed() < WARN_EVERY) {
                 continue;
             }
