@@ -697,6 +697,23 @@ struct LoopDisk {
 }
 
 impl LoopDisk {
+    /// A disk of `bytes` with an empty data dir on it; `None` (saying why the test is
+    /// skipped) where no loop-mounted filesystem can be made.
+    fn with_data_dir(bytes: u64) -> Option<(LoopDisk, DataDir)> {
+        let disk = match LoopDisk::new(bytes) {
+            Ok(disk) => disk,
+            Err(why) => {
+                eprintln!(
+                    "skipped: no loop-mounted filesystem here ({why}); needs root and a loop device"
+                );
+                return None;
+            }
+        };
+        fs::create_dir(disk.mount.join("data")).expect("data dir on the disk");
+        let dir = DataDir::Path(disk.mount.join("data"));
+        Some((disk, dir))
+    }
+
     fn new(bytes: u64) -> Result<LoopDisk, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let image = dir.path().join("disk.img");
@@ -765,17 +782,9 @@ fn run_tool(tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
 /// the disk came back.
 #[test]
 fn a_stalled_disk_holds_up_only_the_writes_waiting_on_it() {
-    let disk = match LoopDisk::new(64 << 20) {
-        Ok(disk) => disk,
-        Err(why) => {
-            eprintln!(
-                "skipped: no freezable filesystem here ({why}); needs root and a loop device"
-            );
-            return;
-        }
+    let Some((disk, dir)) = LoopDisk::with_data_dir(64 << 20) else {
+        return;
     };
-    fs::create_dir(disk.mount.join("data")).expect("data dir on the disk");
-    let dir = DataDir::Path(disk.mount.join("data"));
     let mut server = Server::start_with(options(&dir, &[]));
     let post = |entity: &str| {
         let body = event(entity, json!({"v": 1})).to_string();
@@ -826,17 +835,9 @@ fn a_stalled_disk_holds_up_only_the_writes_waiting_on_it() {
 /// acknowledged write survives a kill -9.
 #[test]
 fn a_full_disk_refuses_writes_and_recovers_once_space_is_freed() {
-    let disk = match LoopDisk::new(32 << 20) {
-        Ok(disk) => disk,
-        Err(why) => {
-            eprintln!(
-                "skipped: no loop-mounted filesystem here ({why}); needs root and a loop device"
-            );
-            return;
-        }
+    let Some((disk, dir)) = LoopDisk::with_data_dir(32 << 20) else {
+        return;
     };
-    fs::create_dir(disk.mount.join("data")).expect("data dir on the disk");
-    let dir = DataDir::Path(disk.mount.join("data"));
     let args = ["--segment-bytes", "65536", "--snapshot-interval", "1s"];
     let mut server = Server::start_with(options(&dir, &args));
     let pad = "p".repeat(2048);
