@@ -94,11 +94,11 @@ pub async fn read_body(request: Request, limit: usize, idle: Duration) -> Result
     }
     let mut body = request.into_body();
     let mut buf = BytesMut::with_capacity(declared.map_or(8 << 10, |n| n as usize));
-    let started = tokio::time::Instant::now();
+    let mut started = None;
     loop {
         // The timer is only armed when a frame is not already there.
         let now = tokio::time::Instant::now();
-        let allowed = started + idle + body_time(buf.len());
+        let allowed = *started.get_or_insert(now) + idle + body_time(buf.len());
         let deadline = (now + idle).min(allowed);
         let Some(frame) = tokio::time::timeout_at(deadline, body.frame())
             .await

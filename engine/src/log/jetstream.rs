@@ -1341,7 +1341,7 @@ impl Log for JetStreamLog {
             );
             self.handle.spawn(async move {
                 let started = Instant::now();
-                let started_us = started.duration_since(shared.epoch).as_micros() as u64;
+                let started_us = shared.micros_at(started);
                 // The deadline JetStream's clock must not pass before storing the append, and
                 // the moment (this clock) from which a probe shows whether it did.
                 let skip_after_ms = now_ms() + (PUBLISH_BUDGET + SKIP_MARGIN).as_millis() as u64;
