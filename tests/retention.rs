@@ -124,3 +124,60 @@ fn a_torn_tail_kept_at_start_goes_with_its_segment() {
     assert!(gone.is_some(), "left behind: {:?}", torn_tails(&server));
     assert_eq!(server.props("torn/dev-9")["i"], 119);
 }
+
+/// The `flux_deleted_entity_ids` gauge from `/metrics`.
+fn deleted_ids_held(server: &Server) -> u64 {
+    let (status, text) = server.get_text("/metrics");
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("flux_deleted_entity_ids "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no flux_deleted_entity_ids in:\n{text}"))
+}
+
+/// Deleted entities are held (id and history) only while the log holds their records: once
+/// retention drops those segments they are forgotten, even when nothing is written after (a
+/// churn of short-lived ids must not keep its memory for good).
+#[test]
+fn deleted_ids_are_forgotten_once_retention_drops_their_records() {
+    let args = [
+        "--retention",
+        "1s",
+        "--segment-bytes",
+        "4096",
+        "--snapshot-interval",
+        "200ms",
+        // No directory refresh writes after the churn: nothing but the timers runs.
+        "--directory-interval",
+        "1h",
+    ];
+    let server = Server::start_with(Options {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..Options::local_only()
+    });
+    for batch in 0..4 {
+        let events: Vec<_> = (0..500)
+            .map(|i| util::event(&format!("churn/{batch}-{i}"), json!({"v": i})))
+            .collect();
+        let (status, body) = server.post("/api/events/batch", &json!(events));
+        assert_eq!((status, &body["failed"]), (200, &json!(0)), "{body}");
+    }
+    let (status, body) = server.post("/api/state/entities/delete", &json!({"prefix": "churn/"}));
+    assert_eq!((status, &body["deleted"]), (200, &json!(2000)), "{body}");
+    // Their delete records are younger than the 1 s retention: still held.
+    assert_eq!(deleted_ids_held(&server), 2000);
+    // Roll past the segment holding the deletes, so retention can drop it too.
+    for i in 0..40 {
+        server.put("kept/a", json!({"i": i, "pad": "x".repeat(100)}));
+    }
+    let forgotten = wait_for(Duration::from_secs(15), || {
+        (deleted_ids_held(&server) == 0).then_some(())
+    });
+    assert!(
+        forgotten.is_some(),
+        "{} deleted ids still held after retention",
+        deleted_ids_held(&server)
+    );
+    assert_eq!(server.list_ids("?prefix=churn/").len(), 0);
+    assert_eq!(server.props("kept/a")["i"], 39);
+}

@@ -170,6 +170,8 @@ struct Inner {
     dispatcher: Dispatcher,
     /// Position of the newest snapshot written or loaded (0: none).
     last_snapshot: AtomicU64,
+    /// The log's first position when the shards were last told to forget history before it.
+    history_forgotten_before: AtomicU64,
     /// Serializes snapshots (timer and shutdown).
     snapshot_lock: Mutex<()>,
     /// Dropping the sender stops the snapshot timer.
@@ -250,6 +252,7 @@ impl Engine {
                 log,
                 dispatcher,
                 last_snapshot: AtomicU64::new(covered),
+                history_forgotten_before: AtomicU64::new(0),
                 snapshot_lock: Mutex::new(()),
                 timer_stop: Mutex::new(None),
                 _lock: lock,
@@ -532,6 +535,7 @@ impl Engine {
             self.inner.dispatcher.send_async(shard, work).await;
             if let Ok(s) = rx.await {
                 stats.entities += s.entities;
+                stats.deleted_ids += s.deleted_ids;
                 stats.events_total = stats.events_total.saturating_sub(s.builtin_events);
                 sources.extend(s.active_sources);
             }
@@ -563,7 +567,6 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let dir = inner.config.data_dir.join("snapshots");
-        let forget_before = inner.log.first_position();
         let since = inner.last_snapshot.load(Ordering::Acquire);
         let (tx, rx) = std::sync::mpsc::channel();
         inner
@@ -582,13 +585,7 @@ impl Engine {
                 let result =
                     SnapshotJob::create(&dir, last, shards, &control).map(|(job, done)| {
                         for shard in 0..shards {
-                            dispatcher.send(
-                                shard,
-                                ShardWork::Snapshot {
-                                    job: job.clone(),
-                                    forget_before,
-                                },
-                            );
+                            dispatcher.send(shard, ShardWork::Snapshot(job.clone()));
                         }
                         Some(done)
                     });
@@ -612,7 +609,27 @@ impl Engine {
             }
         };
         self.compact()?;
+        self.forget_dropped_history();
         Ok(written)
+    }
+
+    /// Tells the shards to forget history the log no longer holds, once per advance of its
+    /// first position (retention here, or the stream's own `max_age` in JetStream mode): a
+    /// deleted entity's id is kept only while its history is.
+    fn forget_dropped_history(&self) {
+        let inner = &self.inner;
+        let first_kept = inner.log.first_position();
+        if inner
+            .history_forgotten_before
+            .fetch_max(first_kept, Ordering::AcqRel)
+            < first_kept
+        {
+            for shard in 0..inner.dispatcher.shard_count() {
+                inner
+                    .dispatcher
+                    .send(shard, ShardWork::ForgetHistoryBefore { first_kept });
+            }
+        }
     }
 
     /// Drops snapshots beyond the newest two, then log segments the older of those covers and
@@ -730,6 +747,8 @@ fn lock_data_dir(dir: &Path) -> Result<File, EngineError> {
 pub struct EngineStats {
     /// Entities, without the built-in ones (`flux-core/...`).
     pub entities: usize,
+    /// Deleted entities whose ids (and history) are held until the log drops their records.
+    pub deleted_ids: usize,
     pub next_position: LogPosition,
     /// Event records in the log (replayed at start-up plus applied since), without those of
     /// built-in entities.

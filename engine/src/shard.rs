@@ -19,7 +19,10 @@
 //!   when a listing needs it or the shard is idle; creates since then are kept in a small
 //!   ordered set beside it and deleted ids are skipped on read (`Order`), so a listing never
 //!   names a missing entity nor misses an existing one. Anything that moves or frees buckets
-//!   (growth, rehash, `retain`) drops the order first.
+//!   (growth, rehash, `retain`, shrinking) drops the order first.
+//! - A deleted entity's slot is kept while its history is, and freed once the log drops the
+//!   last of its records ([`ShardWork::ForgetHistoryBefore`]); the table shrinks when most of
+//!   it was freed, so a churn of short-lived ids leaves no memory behind.
 //! - After applying a live record (not one a snapshot already covered) the shard tells its
 //!   [`ChangeObserver`], on the applying thread and under the shard's lock, in log order.
 
@@ -195,6 +198,8 @@ pub struct ListQuery {
 pub struct ShardStats {
     /// Entities, the built-in ones left out.
     pub entities: usize,
+    /// Deleted entities whose ids are still held, with their history, until the log drops it.
+    pub deleted_ids: usize,
     /// Event records of built-in entities applied (replay included), to leave out of totals.
     pub builtin_events: u64,
     /// Event sources seen since the time the stats were asked for.
@@ -257,11 +262,11 @@ pub enum ShardWork {
         limit: usize,
         reply: oneshot::Sender<Vec<LogPosition>>,
     },
-    /// Write this shard's part of a snapshot; history below `forget_before` is dropped.
-    Snapshot {
-        job: Arc<SnapshotJob>,
-        forget_before: LogPosition,
-    },
+    /// Write this shard's part of a snapshot.
+    Snapshot(Arc<SnapshotJob>),
+    /// The log no longer holds positions below `first_kept` (retention dropped them): forget
+    /// them, and the ids of deleted entities that only they kept.
+    ForgetHistoryBefore { first_kept: LogPosition },
     /// Counters; sources last seen before `active_since_ms` are forgotten.
     Stats {
         active_since_ms: u64,
@@ -579,8 +584,8 @@ impl History {
 /// (4 bytes each, no copy of the ids): a listing reads each entity straight from its bucket.
 ///
 /// Valid only while no bucket moves. The table moves buckets when it grows or rehashes (only
-/// ever inside an insert made with no room left) and frees them in `retain`; the shard drops
-/// its [`Order`] before either ([`slot_in`], [`Shard::forget_history_before`]).
+/// ever inside an insert made with no room left) and frees or moves them when history is
+/// forgotten (`retain`, then maybe a shrink); the shard drops its [`Order`] before either ([`slot_in`], [`Shard::forget_history_before`]).
 struct SortedIds {
     buckets: Vec<u32>,
 }
@@ -751,6 +756,8 @@ struct Shard {
     observer: Option<Arc<dyn ChangeObserver>>,
     /// Event sources and the accept time of their latest record (for "active publishers").
     sources: HashMap<Arc<str>, u64>,
+    /// Slots were freed since the thread was last idle: its heap has pages to give back.
+    freed_slots: bool,
 }
 
 /// A shard thread: handles its inbox in order, each message under the shard's lock. After
@@ -768,14 +775,16 @@ fn run_shard(
             Ok(work) => cell.handle(work),
             Err(flume::RecvTimeoutError::Timeout) => {
                 let mut shard = cell.lock();
-                if shard.order.is_none() && shard.entities > 0 {
+                let sort = shard.order.is_none() && shard.entities > 0;
+                if sort {
                     // Quiet: sort now so the next listing need not (after a start-up, a
                     // snapshot load, or many creates).
                     shard.sort_ids();
-                    drop(shard);
-                    if let Some(hook) = after_idle_work {
-                        hook();
-                    }
+                }
+                let freed = std::mem::take(&mut shard.freed_slots);
+                drop(shard);
+                if let Some(hook) = after_idle_work.filter(|_| sort || freed) {
+                    hook();
                 }
             }
             Err(flume::RecvTimeoutError::Disconnected) => return,
@@ -917,8 +926,10 @@ impl Shard {
                     .unwrap_or_default();
                 let _ = reply.send(positions);
             }
-            ShardWork::Snapshot { job, forget_before } => {
-                self.forget_history_before(forget_before);
+            ShardWork::ForgetHistoryBefore { first_kept } => {
+                self.forget_history_before(first_kept);
+            }
+            ShardWork::Snapshot(job) => {
                 let entities = self.slots.iter().filter(|s| s.exists()).map(|s| &s.entity);
                 job.write_part(self.index, entities);
             }
@@ -929,6 +940,7 @@ impl Shard {
                 self.sources.retain(|_, seen| *seen >= active_since_ms);
                 let stats = ShardStats {
                     entities: self.entities - self.builtin_entities,
+                    deleted_ids: self.slots.len() - self.entities,
                     builtin_events: self.builtin_events,
                     active_sources: self.sources.keys().cloned().collect(),
                 };
@@ -1016,6 +1028,13 @@ impl Shard {
         if self.slots.len() != before {
             // Freed buckets may be reused by other ids: the sorted buckets no longer hold.
             self.order = None;
+            self.freed_slots = true;
+            // The table never shrinks by itself: after a churn of short-lived ids it would
+            // keep their buckets for good.
+            if self.slots.len() < self.slots.capacity() / 4 {
+                let hasher = &self.hasher;
+                self.slots.shrink_to(0, |s| hasher.hash_one(s.entity.id()));
+            }
         }
     }
 }
@@ -1211,6 +1230,37 @@ mod tests {
         } else {
             oracle.remove(&id);
         }
+    }
+
+    /// Once the log drops the history of a churn of deleted ids, the shard forgets them and
+    /// its table gives their buckets back; listings stay exact.
+    #[test]
+    fn forgetting_deleted_ids_shrinks_the_table() {
+        let mut shard = Shard::default();
+        for i in 0..10_000 {
+            set_exists(&mut shard, &format!("gone/{i}"), true, i + 1);
+            set_exists(&mut shard, &format!("gone/{i}"), false, 10_000 + i + 1);
+        }
+        set_exists(&mut shard, "kept", true, 30_000);
+        assert_eq!(ids(&mut shard, &query("", None, 10)), ["kept"]);
+        let grown = shard.slots.capacity();
+        shard.forget_history_before(19_001);
+        assert_eq!(
+            shard.slots.len(),
+            1001,
+            "those deleted at 19,001..=20,000 keep history"
+        );
+        shard.forget_history_before(25_000);
+        assert_eq!(shard.slots.len(), 1);
+        assert!(
+            shard.slots.capacity() < grown / 100,
+            "{grown} -> {}",
+            shard.slots.capacity()
+        );
+        assert!(shard.freed_slots);
+        assert_eq!(ids(&mut shard, &query("", None, 10)), ["kept"]);
+        set_exists(&mut shard, "new", true, 30_001);
+        assert_eq!(ids(&mut shard, &query("", None, 10)), ["kept", "new"]);
     }
 
     #[test]

@@ -348,6 +348,9 @@ impl Api {
         let stats = self.engine.stats().await;
         self.metrics.entities.set(stats.entities as i64);
         self.metrics
+            .deleted_entity_ids
+            .set(stats.deleted_ids as i64);
+        self.metrics
             .log_position
             .set(stats.next_position.saturating_sub(1) as i64);
         let text = crate::metrics::render(&self.registry);

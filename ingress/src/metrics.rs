@@ -30,6 +30,7 @@ pub struct IngressMetrics {
     pub ingest_latency_seconds: Histogram,
     /// Refreshed at scrape time from the engine.
     pub entities: Gauge,
+    pub deleted_entity_ids: Gauge,
     pub log_position: Gauge,
 }
 
@@ -43,6 +44,7 @@ impl IngressMetrics {
             // 20 µs .. ~5 s
             ingest_latency_seconds: Histogram::new(exponential_buckets(0.00002, 2.0, 18)),
             entities: Gauge::default(),
+            deleted_entity_ids: Gauge::default(),
             log_position: Gauge::default(),
         };
         registry.register(
@@ -69,6 +71,11 @@ impl IngressMetrics {
             "flux_entities",
             "Entities in state",
             metrics.entities.clone(),
+        );
+        registry.register(
+            "flux_deleted_entity_ids",
+            "Deleted entities whose ids and history are held until retention drops their log records",
+            metrics.deleted_entity_ids.clone(),
         );
         registry.register(
             "flux_log_position",
