@@ -1,7 +1,8 @@
 //! The Flux engine: everything between "a validated event" and "durable, applied state".
 //!
 //! It owns the record format ([`record`]), the durable log ([`log`]) and its embedded backend,
-//! the shard workers that alone own entity state ([`shard`]), snapshots ([`snapshot`]) and the
+//! the shard workers that alone own entity state ([`shard`]) and each entity's history index
+//! ([`history`]), snapshots ([`snapshot`]) and the
 //! [`Engine`] handle that ingress and egress call. The engine knows nothing of HTTP or WebSocket.
 //!
 //! Invariants kept here (see `ARCHITECTURE.md`):
@@ -14,6 +15,7 @@ pub mod alloc;
 pub mod control;
 pub mod engine;
 pub mod entity;
+pub mod history;
 pub mod json;
 pub mod log;
 pub mod metrics;

@@ -37,14 +37,12 @@ use tokio::sync::oneshot;
 
 use crate::control::{ControlChange, ControlState};
 use crate::entity::Entity;
+use crate::history::History;
 use crate::record::{CONTROL_OWNER, Frame, LogPosition, PropertyIter, is_tombstone_property};
 use crate::snapshot::SnapshotJob;
 use crate::threads::{ThreadPolicy, recv_spinning_timeout};
 
-/// Event positions remembered per entity: a history query returns at most this many (newest
-/// first), so older positions could never be asked for. Bounds the index to this many per id
-/// however long the retention.
-pub const HISTORY_KEPT_PER_ENTITY: usize = 500;
+pub use crate::history::HISTORY_KEPT_PER_ENTITY;
 
 /// Streams of records Flux writes itself (API deletes, the directory).
 pub const INTERNAL_STREAM_PREFIX: &str = "flux.";
@@ -517,69 +515,6 @@ impl Slot {
     }
 }
 
-/// Positions of an id's events still in the log, oldest first; at most
-/// 2 × [`HISTORY_KEPT_PER_ENTITY`], of which the newest [`HISTORY_KEPT_PER_ENTITY`] are always
-/// present. Most ids have one event, kept inline (no allocation).
-#[derive(Default)]
-enum History {
-    #[default]
-    Empty,
-    One(LogPosition),
-    // Boxed so the enum (one per id) stays 16 bytes; the extra hop is only for ids with more
-    // than one event.
-    #[allow(clippy::box_collection)]
-    Many(Box<Vec<LogPosition>>),
-}
-
-impl History {
-    fn push(&mut self, position: LogPosition) {
-        match self {
-            History::Empty => *self = History::One(position),
-            History::One(first) => *self = History::Many(Box::new(vec![*first, position])),
-            History::Many(positions) => {
-                if positions.len() >= 2 * HISTORY_KEPT_PER_ENTITY {
-                    // Only the newest HISTORY_KEPT_PER_ENTITY can ever be asked for.
-                    positions.drain(..positions.len() - HISTORY_KEPT_PER_ENTITY);
-                }
-                positions.push(position);
-            }
-        }
-    }
-
-    fn as_slice(&self) -> &[LogPosition] {
-        match self {
-            History::Empty => &[],
-            History::One(position) => std::slice::from_ref(position),
-            History::Many(positions) => positions,
-        }
-    }
-
-    fn forget_before(&mut self, first_kept: LogPosition) {
-        match self {
-            History::Empty => {}
-            History::One(position) => {
-                if *position < first_kept {
-                    *self = History::Empty;
-                }
-            }
-            History::Many(positions) => {
-                let cut = positions.partition_point(|&p| p < first_kept);
-                positions.drain(..cut);
-                match positions.len() {
-                    0 => *self = History::Empty,
-                    1 => *self = History::One(positions[0]),
-                    n if positions.capacity() > 2 * n + 4 => positions.shrink_to_fit(),
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        matches!(self, History::Empty)
-    }
-}
-
 /// The existing entities in id order, as indexes of their buckets in the shard's table
 /// (4 bytes each, no copy of the ids): a listing reads each entity straight from its bucket.
 ///
@@ -914,15 +849,7 @@ impl Shard {
             ShardWork::History { id, limit, reply } => {
                 let positions = self
                     .find(&id)
-                    .map(|s| {
-                        s.history
-                            .as_slice()
-                            .iter()
-                            .rev()
-                            .take(limit)
-                            .copied()
-                            .collect()
-                    })
+                    .map(|s| s.history.newest(limit))
                     .unwrap_or_default();
                 let _ = reply.send(positions);
             }
@@ -1080,24 +1007,6 @@ mod tests {
     #[test]
     fn a_slot_stays_40_bytes() {
         assert_eq!(std::mem::size_of::<Slot>(), 40);
-        assert_eq!(std::mem::size_of::<History>(), 16);
-    }
-
-    #[test]
-    fn history_keeps_one_inline_and_the_newest_when_long() {
-        let mut history = History::default();
-        history.push(7);
-        assert!(matches!(history, History::One(7)));
-        for p in 8..8 + 2 * HISTORY_KEPT_PER_ENTITY as u64 {
-            history.push(p);
-        }
-        let kept = history.as_slice();
-        assert!(kept.len() <= 2 * HISTORY_KEPT_PER_ENTITY);
-        assert_eq!(kept.last(), Some(&(7 + 2 * HISTORY_KEPT_PER_ENTITY as u64)));
-        history.forget_before(7 + 2 * HISTORY_KEPT_PER_ENTITY as u64);
-        assert!(matches!(history, History::One(_)));
-        history.forget_before(u64::MAX);
-        assert!(history.is_empty());
     }
 
     fn query(prefix: &str, after: Option<&str>, limit: usize) -> ListQuery {
