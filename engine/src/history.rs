@@ -97,8 +97,7 @@ impl History {
                 if packed.newest < first_kept {
                     *self = History::Empty;
                 } else if packed.oldest < first_kept {
-                    let below = packed.positions().partition_point(|&p| p < first_kept);
-                    packed.drop_oldest(below);
+                    packed.drop_oldest(packed.count_below(first_kept));
                     if packed.len == 1 {
                         *self = History::One(packed.newest);
                     } else if packed.deltas.capacity() > 2 * packed.deltas.len() + 16 {
@@ -135,6 +134,21 @@ impl Packed {
             out.push(position);
         }
         out
+    }
+
+    /// How many positions are below `first_kept`.
+    fn count_below(&self, first_kept: LogPosition) -> usize {
+        let mut below = 0;
+        let mut position = self.oldest;
+        let mut bytes = &self.deltas[..];
+        while position < first_kept {
+            below += 1;
+            if bytes.is_empty() {
+                break;
+            }
+            position = position.wrapping_add(read_varint(&mut bytes));
+        }
+        below
     }
 
     /// Drops the oldest `n` positions (fewer than `len`).
@@ -235,6 +249,18 @@ mod tests {
             }
             let held = history.len();
             assert!(held >= HISTORY_KEPT_PER_ENTITY);
+            // Forget below cut points between or at positions.
+            for back in [300, 120, 11] {
+                let first_kept = all[all.len() - back] - 1;
+                history.forget_before(first_kept);
+                let want: Vec<LogPosition> = all
+                    .iter()
+                    .rev()
+                    .take_while(|&&p| p >= first_kept)
+                    .copied()
+                    .collect();
+                assert_eq!(history.newest(usize::MAX), want, "gap {gap}, back {back}");
+            }
             // Forget below the 10th newest: exactly 10 remain.
             let first_kept = all[all.len() - 10];
             history.forget_before(first_kept);
