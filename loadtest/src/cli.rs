@@ -110,6 +110,20 @@ impl Scenario {
             Scenario::FanoutWorker(_) => "fanout-worker",
         }
     }
+
+    /// The flags as given (defaults included), for the result of a run that fails before it
+    /// has one of its own. A scenario may settle some (e2e's pattern) in its own `params`.
+    pub fn params(&self) -> serde_json::Value {
+        let params = match self {
+            Scenario::Ingest(args) | Scenario::IngestBatch(args) => serde_json::to_value(args),
+            Scenario::Fleet(args) => serde_json::to_value(args),
+            Scenario::E2e(args) | Scenario::Fanout(args) => serde_json::to_value(args),
+            Scenario::Connections(args) => serde_json::to_value(args),
+            Scenario::Recovery(args) => serde_json::to_value(args),
+            Scenario::FanoutWorker(args) => serde_json::to_value(args),
+        };
+        params.unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// Flags every scenario shares.
@@ -127,7 +141,7 @@ pub struct CommonArgs {
     #[arg(long)]
     pub server_pid: Option<u32>,
     /// Worker threads of the generator's runtime (default: available cores).
-    #[arg(long)]
+    #[arg(long, value_parser = count_usize)]
     pub threads: Option<usize>,
     /// PEM certificates to trust for an `https://` URL, besides the system's roots (a private
     /// CA or a self-signed certificate).
@@ -157,7 +171,7 @@ pub struct LoadArgs {
     #[arg(long, value_parser = rate)]
     pub rate: Option<f64>,
     /// Open loop: requests due but not yet started beyond this many are dropped.
-    #[arg(long)]
+    #[arg(long, value_parser = count)]
     pub max_in_flight: Option<u64>,
     /// Open loop: a request this far behind schedule is dropped instead of sent.
     #[arg(long, default_value_t = 1000)]
@@ -275,7 +289,7 @@ pub struct DeliveryArgs {
     #[arg(long, default_value_t = 8000, value_parser = count_usize)]
     pub subscribers_per_process: usize,
     /// Subscriber threads per process (default: available cores).
-    #[arg(long)]
+    #[arg(long, value_parser = count_usize)]
     pub subscriber_threads: Option<usize>,
     /// After publishing stops, how long to wait for the last frames.
     #[arg(long, default_value_t = 3000)]
@@ -304,7 +318,7 @@ pub struct ConnectionsArgs {
     #[arg(long, default_value_t = 8000, value_parser = count_usize)]
     pub subscribers_per_process: usize,
     /// Subscriber threads per process (default: available cores).
-    #[arg(long)]
+    #[arg(long, value_parser = count_usize)]
     pub subscriber_threads: Option<usize>,
 }
 

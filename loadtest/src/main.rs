@@ -70,6 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     let scenario = cli.scenario.name();
+    let params = cli.scenario.params();
     let outcome = runtime.block_on(async move {
         // Recovery is not cut short: Ctrl-C ends it as it ends any process.
         if !matches!(cli.scenario, Scenario::Recovery(_)) {
@@ -93,6 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Err(error) if error.downcast_ref::<UsageError>().is_none() => {
             report::emit(&serde_json::json!({
                 "scenario": scenario,
+                "params": params,
                 "error": format!("{error:#}"),
                 "generator": system::generator_json(),
             }))?;

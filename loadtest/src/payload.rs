@@ -123,13 +123,26 @@ impl IngestEvents {
         out.put_slice(self.prefix.as_bytes());
         put_u64(out, sequence % self.entities.max(1));
         open_properties(out);
+        self.write_properties(out, sequence);
+        close_event(out);
+    }
+
+    fn write_properties(&self, out: &mut BytesMut, sequence: u64) {
         for k in 0..self.props {
             if k > 0 {
                 out.put_u8(b',');
             }
             write_generated_property(out, k, sequence);
         }
-        close_event(out);
+    }
+
+    /// The `properties` object event `sequence` carries, as sent (to check what a server holds).
+    pub fn properties_of(&self, sequence: u64) -> serde_json::Value {
+        let mut out = BytesMut::with_capacity(32 * self.props + 2);
+        out.put_u8(b'{');
+        self.write_properties(&mut out, sequence);
+        out.put_u8(b'}');
+        serde_json::from_slice(&out).expect("generated properties are valid JSON")
     }
 }
 
@@ -416,6 +429,29 @@ mod tests {
         let mut out = BytesMut::new();
         source.write_body(ticket, unix_ns(), &mut out);
         serde_json::from_slice(&out).expect("valid JSON")
+    }
+
+    #[test]
+    fn properties_of_matches_the_sent_event() {
+        let source = IngestEvents {
+            prefix: IngestEvents::prefix_in("ns"),
+            batch: 3,
+            props: 6,
+            entities: 4,
+            total: None,
+        };
+        let sent = body(&source, 2);
+        for (i, event) in sent.as_array().expect("a batch").iter().enumerate() {
+            let sequence = 6 + i as u64;
+            assert_eq!(
+                event["payload"]["properties"],
+                source.properties_of(sequence)
+            );
+            assert_eq!(
+                event["payload"]["entity_id"],
+                format!("ns/dev-{}", sequence % 4)
+            );
+        }
     }
 
     #[test]

@@ -135,6 +135,14 @@ pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// Rounds to 6 significant digits, for ratios: a small one stays non-zero (`3.33333e-7`).
+pub fn round_significant6(x: f64) -> f64 {
+    if !x.is_finite() || x == 0.0 {
+        return x;
+    }
+    format!("{x:.5e}").parse().unwrap_or(x)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +170,15 @@ mod tests {
         let line = render(&result).unwrap();
         assert_eq!(line, r#"{"scenario":"x","events":2,"alpha":[3],"zeta":1}"#);
         assert_eq!(serde_json::from_str::<Value>(&line).unwrap(), result);
+    }
+
+    #[test]
+    fn ratios_keep_six_significant_digits() {
+        assert_eq!(round_significant6(1.0 / 3.0), 0.333333);
+        assert_eq!(round_significant6(2.0 / 3.0e7), 6.66667e-8);
+        assert_eq!(round_significant6(0.0), 0.0);
+        assert_eq!(round_significant6(1.0), 1.0);
+        assert_eq!(json!(round_significant6(1.0 / 7.0)).to_string(), "0.142857");
     }
 
     #[test]

@@ -3,13 +3,21 @@
 //! one [`SubscriberGroup`].
 //!
 //! Per frame a subscriber does one byte search for `"sent_ns"` and reads the digits of the
-//! value that follows; nothing is parsed as JSON. It reads the clock once per socket read, not
-//! per frame. Counters live in one [`Slot`] per subscriber, written only by that subscriber's
-//! task and read by the coordinator; latency histograms are per thread (no locks).
+//! value that follows, and a prefix check for `state_update`; nothing is parsed as JSON. It
+//! reads the clock once per socket read, not per frame. Counters live in one [`Slot`] per
+//! subscriber, written only by that subscriber's task and read by the coordinator; latency
+//! histograms are per thread (no locks).
+//!
+//! Two counts per subscriber: *events* (frames carrying `sent_ns`, one per published event:
+//! latency and loss are per event) and *frames* (every `state_update` frame, one per property
+//! of each event: what the server delivers). A frame without `sent_ns` belongs to the measured
+//! window when the last `sent_ns` frame before it on the same socket did: the server sends a
+//! change's frames together in the event's property order, and `sent_ns` is written first.
 //!
 //! Worker protocol (lines): parent → worker stdin `measure <unix_ns>`, `finish <expected>
 //! <drain_ms>`; worker → parent stdout `connected <ok> <failed>`, `synced`, `received <n>`
-//! (once a second), `result <json>` (last line). A worker whose stdin closes finishes at once.
+//! (once a second), `result <json>` (last line). A worker whose stdin closes finishes at once;
+//! one whose stdout is closed (the parent is gone) ends without a word.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -30,7 +38,7 @@ use serde_json::{Value, json};
 use crate::cli::WorkerArgs;
 use crate::http::Target;
 use crate::payload::unix_ns;
-use crate::report::{Buckets, latency_json, new_histogram, record};
+use crate::report::{Buckets, latency_json, new_histogram, record, round_significant6};
 use crate::ws::{ReadState, WsClient};
 
 /// Concurrent connection attempts per subscriber thread.
@@ -50,6 +58,16 @@ const CLOSED_ON_PURPOSE: u8 = 5;
 static SENT_NS_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"sent_ns\""));
 static VALUE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"value\":"));
 static SYNC_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"sync_probe\""));
+static STATE_UPDATE_KEY: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"type\":\"state_update\""));
+/// How Flux opens every `state_update` frame: checked first, so the usual frame costs no search.
+const STATE_UPDATE_PREFIX: &[u8] = b"{\"type\":\"state_update\"";
+
+/// Whether `message` is a `state_update` frame (any key order; Flux's own by its prefix).
+pub fn is_state_update(message: &[u8]) -> bool {
+    message.starts_with(STATE_UPDATE_PREFIX)
+        || (!message.starts_with(b"{\"type\":") && STATE_UPDATE_KEY.find(message).is_some())
+}
 
 /// The `sent_ns` value of a `state_update` frame for that property, found by byte search:
 /// `(sent, due)` from `[sent, due]`, or `(n, n)` from a plain number.
@@ -108,8 +126,11 @@ impl Latencies {
 /// One subscriber's counters; written by its own task only.
 #[derive(Default)]
 struct Slot {
+    /// `sent_ns` frames: events received.
     received: AtomicU64,
     received_measured: AtomicU64,
+    /// Every `state_update` frame of the measured window (one per property of each event).
+    frames_measured: AtomicU64,
     max_latency_us: AtomicU64,
     state: AtomicU8,
 }
@@ -302,6 +323,7 @@ impl LocalPool {
             result.connected += 1;
             result.received += received;
             result.received_measured += slot.received_measured.load(Ordering::Relaxed);
+            result.frames_measured += slot.frames_measured.load(Ordering::Relaxed);
             result.lost += expected.saturating_sub(received);
             result.extra += received.saturating_sub(expected);
             result.subscribers_with_loss += u64::from(received < expected);
@@ -397,6 +419,10 @@ async fn subscriber(
     };
     let mut synced = config.idle;
     let (mut received, mut measured, mut worst) = (0u64, 0u64, 0u64);
+    let mut frames_measured = 0u64;
+    // Whether the last `sent_ns` frame was due in the measured window: the frames of its
+    // other properties, which follow it, count (or not) with it.
+    let mut in_window = false;
     loop {
         let mut now_ns = 0u64;
         let state = client
@@ -405,8 +431,10 @@ async fn subscriber(
                     received += 1;
                     // Read once frames are here: a read that began before the measured window
                     // opened must still count the frames due inside it.
-                    if due_ns >= control.measure_from_ns.load(Ordering::Relaxed) {
+                    in_window = due_ns >= control.measure_from_ns.load(Ordering::Relaxed);
+                    if in_window {
                         measured += 1;
+                        frames_measured += 1;
                         if now_ns == 0 {
                             now_ns = unix_ns();
                         }
@@ -419,13 +447,20 @@ async fn subscriber(
                             now_ns.saturating_sub(due_ns) / 1000,
                         );
                     }
-                } else if !synced && SYNC_KEY.find(message).is_some() {
-                    synced = true;
+                } else {
+                    if in_window && is_state_update(message) {
+                        frames_measured += 1;
+                    }
+                    if !synced && SYNC_KEY.find(message).is_some() {
+                        synced = true;
+                    }
                 }
             })
             .await;
         slot.received.store(received, Ordering::Relaxed);
         slot.received_measured.store(measured, Ordering::Relaxed);
+        slot.frames_measured
+            .store(frames_measured, Ordering::Relaxed);
         slot.max_latency_us.store(worst, Ordering::Relaxed);
         if synced && slot.state.load(Ordering::Relaxed) == SUBSCRIBED && !config.idle {
             slot.state.store(SYNCED, Ordering::Relaxed);
@@ -463,6 +498,10 @@ pub struct PoolResult {
     pub received: u64,
     /// Of those, frames sent inside the measured window.
     pub received_measured: u64,
+    /// Every `state_update` frame of the measured window, one per property of each event
+    /// (`delivered_frames`).
+    #[serde(default)]
+    pub frames_measured: u64,
     pub lost: u64,
     /// Frames beyond the expected count (events applied whose acknowledgement was lost).
     pub extra: u64,
@@ -490,6 +529,7 @@ impl PoolResult {
         self.expected_per_subscriber = other.expected_per_subscriber;
         self.received += other.received;
         self.received_measured += other.received_measured;
+        self.frames_measured += other.frames_measured;
         self.lost += other.lost;
         self.extra += other.extra;
         self.subscribers_with_loss += other.subscribers_with_loss;
@@ -547,7 +587,11 @@ impl PoolResult {
             "received": self.received,
             "lost": self.lost,
             "extra": self.extra,
-            "loss_ratio": if expected > 0 { self.lost as f64 / expected as f64 } else { 0.0 },
+            "loss_ratio": if expected > 0 {
+                round_significant6(self.lost as f64 / expected as f64)
+            } else {
+                0.0
+            },
             "expected_per_subscriber": self.expected_per_subscriber,
             "subscribers_with_loss": self.subscribers_with_loss,
             "min_received_per_subscriber": self.min_received,
@@ -788,7 +832,21 @@ fn read_worker_lines(stdout: std::process::ChildStdout, report: &WorkerReport) {
 }
 
 /// The hidden `fanout-worker` subcommand: one pool, driven by the parent over stdin/stdout.
+/// A parent gone (its end of stdout closed) ends the worker quietly: it has no one to report to.
 pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    match serve_parent(args) {
+        Err(error)
+            if error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        outcome => outcome,
+    }
+}
+
+fn serve_parent(args: WorkerArgs) -> anyhow::Result<()> {
     let target = Target::parse_with(&args.url, args.ca_cert.as_deref())?;
     let pool = LocalPool::start(PoolConfig {
         target,
@@ -850,6 +908,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let result = pool.finish(0, Duration::ZERO);
                 writeln!(stdout, "result {}", serde_json::to_string(&result)?)?;
+                stdout.flush()?;
                 return Ok(());
             }
         }
@@ -879,5 +938,21 @@ mod tests {
             Some((1_732_000_000_123_456_789, 1_732_000_000_003_456_789))
         );
         assert_eq!(find_stamps(br#"{"property":"sent_ns","value":[1,]}"#), None);
+    }
+
+    #[test]
+    fn tells_state_updates_from_other_frames() {
+        let flux = br#"{"type":"state_update","entity_id":"loadtest/e2e-1","property":"p1","value":7,"timestamp":"2026-02-23T10:30:45.123Z"}"#;
+        assert!(is_state_update(flux));
+        assert!(is_state_update(
+            br#"{"entity_id":"x/y","type":"state_update","property":"p1","value":7}"#
+        ));
+        for other in [
+            &br#"{"type":"metrics_update","timestamp":1,"events":{"total":5}}"#[..],
+            br#"{"type":"entity_deleted","entity_id":"x/y","timestamp":"t"}"#,
+            br#"{"type":"error","message":"bad"}"#,
+        ] {
+            assert!(!is_state_update(other));
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! Every wait is bounded.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -164,9 +164,20 @@ fn single_json(stdout: &str) -> Value {
     serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
+/// The generator under test: this build's, or `FLUX_LOADTEST_BIN` (to check that a test fails
+/// against an older build).
+fn loadtest_binary() -> PathBuf {
+    std::env::var_os("FLUX_LOADTEST_BIN")
+        .filter(|path| !path.is_empty())
+        .map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_flux-loadtest")),
+            PathBuf::from,
+        )
+}
+
 /// Runs `flux-loadtest <args>` to its end (bounded): exit status, stdout, stderr.
 fn run_loadtest(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flux-loadtest"))
+    let mut child = Command::new(loadtest_binary())
         .env_remove("FLUX_TOKEN")
         .env_remove("FLUX_URL")
         .args(args)
@@ -402,6 +413,11 @@ fn e2e_detects_loss_when_a_subscriber_goes_away() {
         "{result}"
     );
     assert_eq!(u64_at(&result, "/subscribers/closed_on_purpose"), 1);
+    // The ratio as printed: 6 significant digits, not every digit of the division.
+    let ratio = result["loss"]["loss_ratio"].as_f64().expect("loss_ratio");
+    let exact = u64_at(&result, "/loss/lost") as f64 / u64_at(&result, "/loss/expected") as f64;
+    let six: f64 = format!("{exact:.5e}").parse().unwrap();
+    assert_eq!(ratio, six, "{result}");
 }
 
 #[test]
@@ -470,25 +486,30 @@ impl Drop for RestartedServer {
     }
 }
 
+/// A `--restart-cmd` that kills `server`, waits until it is gone (a zombie until the test
+/// reaps it, but its sockets and lock are released) and starts it again on the same port with
+/// data directory `dir` (its pid into `restarted`'s file), then runs `then`.
+fn restart_command(server: &Server, restarted: &RestartedServer, dir: &Path, then: &str) -> String {
+    format!(
+        "kill -9 {pid}; i=0; while [ $i -lt 500 ] && [ -e /proc/{pid} ] && \
+         ! grep -q '^State:[[:space:]]*Z' /proc/{pid}/status 2>/dev/null; do \
+         sleep 0.01; i=$((i+1)); done; \
+         nohup {bin} serve --listen 127.0.0.1:{port} --data-dir {dir} >/dev/null 2>&1 & \
+         echo $! > {pidfile}; {then}",
+        pid = server.pid(),
+        port = server.port,
+        bin = server_binary().display(),
+        dir = dir.display(),
+        pidfile = restarted.0.display(),
+    )
+}
+
 #[test]
 fn recovery_times_a_kill_9_restart() {
     let mut server = Server::start();
     let restarted = RestartedServer(server.dir.path().join("restarted.pid"));
     let pid = server.pid().to_string();
-    // Kill the server, wait until it is gone (a zombie until this test reaps it, but its
-    // sockets and lock are released), start it again on the same port and data directory.
-    let restart = format!(
-        "kill -9 {pid}; i=0; while [ $i -lt 500 ] && [ -e /proc/{pid} ] && \
-         ! grep -q '^State:[[:space:]]*Z' /proc/{pid}/status 2>/dev/null; do \
-         sleep 0.01; i=$((i+1)); done; \
-         nohup {bin} serve --listen 127.0.0.1:{port} --data-dir {dir} >/dev/null 2>&1 & \
-         echo $! > {pidfile}",
-        pid = server.pid(),
-        port = server.port,
-        bin = server_binary().display(),
-        dir = server.dir.path().display(),
-        pidfile = restarted.0.display(),
-    );
+    let restart = restart_command(&server, &restarted, server.dir.path(), "true");
     let result = loadtest(&[
         "recovery",
         "--url",
@@ -518,7 +539,107 @@ fn recovery_times_a_kill_9_restart() {
         .as_f64()
         .expect("recovery seconds");
     assert!(seconds > 0.0, "{result}");
+    // 2000 events over the default 10,000 ids: 2000 entities, all back, a sample compared.
+    assert_eq!(
+        u64_at(&result, "/recovery/entities_checked"),
+        2000,
+        "{result}"
+    );
+    assert!(
+        u64_at(&result, "/recovery/properties_checked") > 0,
+        "{result}"
+    );
     drop(restarted);
+}
+
+/// A restart onto an empty data directory with only the marker written again is not a
+/// recovery: the run fails, its result says the populated entities are missing.
+#[test]
+fn recovery_fails_when_only_the_marker_came_back() {
+    let mut server = Server::start();
+    let restarted = RestartedServer(server.dir.path().join("restarted.pid"));
+    let empty = tempfile::tempdir().expect("an empty data dir");
+    let marker_url = format!("{}/api/state/entities/loadtest/recovery-marker", server.url);
+    let repost = format!(
+        "i=0; until curl -sf {url}/api/health >/dev/null || [ $i -ge 1000 ]; do \
+         sleep 0.01; i=$((i+1)); done; \
+         curl -s -X POST {url}/api/events -H 'Content-Type: application/json' -d \
+         '{{\"stream\":\"t\",\"source\":\"t\",\"timestamp\":1,\"payload\":\
+         {{\"entity_id\":\"loadtest/recovery-marker\",\"properties\":{{\"marker\":\"'$m'\"}}}}}}' \
+         >/dev/null",
+        url = server.url,
+    );
+    let restart = format!(
+        "m=$(curl -s {marker_url} | sed -n 's/.*\"marker\":\"\\([^\"]*\\)\".*/\\1/p'); {}",
+        restart_command(&server, &restarted, empty.path(), &repost)
+    );
+    let (status, stdout, stderr) = run_loadtest(&[
+        "recovery",
+        "--url",
+        &server.url,
+        "--events",
+        "400",
+        "--batch",
+        "100",
+        "--entities",
+        "200",
+        "--restart-cmd",
+        &restart,
+        "--restart-timeout",
+        "20",
+    ]);
+    let _ = server.child.wait();
+    assert_eq!(status.code(), Some(1), "{stdout} {stderr}");
+    let result = single_json(&stdout);
+    let error = result["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the populated data did not")
+            && error.contains("holds 0 of the 200 entities loadtest/dev-*"),
+        "{result}"
+    );
+    assert_eq!(result["params"]["events"], 400, "{result}");
+}
+
+/// A recovery that fails tells a server that never came back from one that came back
+/// without the marker (and what it answered).
+#[test]
+fn a_failed_recovery_says_what_the_server_answered() {
+    for came_back in [false, true] {
+        let mut server = Server::start();
+        let restarted = RestartedServer(server.dir.path().join("restarted.pid"));
+        let empty = tempfile::tempdir().expect("an empty data dir");
+        let restart = if came_back {
+            restart_command(&server, &restarted, empty.path(), "true")
+        } else {
+            format!("kill -9 {}", server.pid())
+        };
+        let (status, stdout, _) = run_loadtest(&[
+            "recovery",
+            "--url",
+            &server.url,
+            "--events",
+            "100",
+            "--batch",
+            "50",
+            "--restart-cmd",
+            &restart,
+            "--restart-timeout",
+            "1.5",
+        ]);
+        let _ = server.child.wait();
+        assert_eq!(status.code(), Some(1), "{stdout}");
+        let result = single_json(&stdout);
+        let error = result["error"].as_str().unwrap_or_default();
+        if came_back {
+            assert!(
+                error.contains("came back") && error.contains("404"),
+                "{result}"
+            );
+        } else {
+            assert!(error.contains("never answered"), "{result}");
+        }
+        assert!(result["params"].is_object(), "{result}");
+    }
 }
 
 #[test]
@@ -709,6 +830,7 @@ fn a_server_that_is_not_there_fails_the_run_and_says_why() {
         assert_eq!(result["scenario"], scenario, "{result}");
         let error = result["error"].as_str().unwrap_or_default();
         assert!(error.contains("no subscriber could connect"), "{result}");
+        assert_eq!(result["params"]["url"], url, "{result}");
     }
 }
 
@@ -809,6 +931,10 @@ fn bad_values_are_refused_before_anything_runs() {
         &["fleet", "--namespace", ""],
         &["recovery", "--namespace", "a\"b"],
         &["e2e", "--namespace", "a b"],
+        &["ingest", "--threads", "0"],
+        &["e2e", "--threads", "0"],
+        &["ingest", "--rate", "100", "--max-in-flight", "0"],
+        &["fanout", "--subscriber-threads", "0"],
     ] {
         let (status, stdout, stderr) = run_loadtest(args);
         assert_eq!(status.code(), Some(2), "{args:?}: a usage error");
@@ -1029,7 +1155,7 @@ fn e2e_without_warmup_measures_every_frame() {
 #[test]
 fn a_fanout_worker_killed_mid_run_counts_as_loss() {
     let server = Server::start();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flux-loadtest"))
+    let mut child = Command::new(loadtest_binary())
         .args(["fanout", "--url", &server.url, "--subscribers", "6"])
         .args([
             "--subscribers-per-process",
@@ -1091,7 +1217,7 @@ fn a_fanout_worker_killed_mid_run_counts_as_loss() {
 #[test]
 fn ctrl_c_ends_the_run_with_what_was_measured() {
     let server = Server::start();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flux-loadtest"))
+    let mut child = Command::new(loadtest_binary())
         .args(["ingest", "--url", &server.url, "-c", "2", "--rate", "400"])
         .args([
             "--duration",
@@ -1131,4 +1257,165 @@ fn ctrl_c_ends_the_run_with_what_was_measured() {
         u64_at(&result, "/total/events"),
         "{result}"
     );
+}
+
+/// Every `state_update` frame counts as delivered, not only the `sent_ns` one: with `--props
+/// 4` an event is four frames per subscriber, while latency and loss stay per event. In this
+/// process and across worker processes alike.
+#[test]
+fn delivered_frames_count_every_property_frame() {
+    let server = Server::start();
+    for per_process in ["8000", "1"] {
+        let result = loadtest(&[
+            "e2e",
+            "--url",
+            &server.url,
+            "-s",
+            "2",
+            "--subscribers-per-process",
+            per_process,
+            "--subscriber-threads",
+            "1",
+            "--rate",
+            "200",
+            "--props",
+            "4",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+        ]);
+        let received = u64_at(&result, "/loss/received");
+        assert!(received > 0, "{result}");
+        assert_eq!(u64_at(&result, "/loss/lost"), 0, "{result}");
+        assert_eq!(u64_at(&result, "/latency_us/count"), received, "{result}");
+        assert_eq!(
+            u64_at(&result, "/delivered_frames"),
+            4 * received,
+            "{result}"
+        );
+    }
+}
+
+/// Two SIGINTs back to back, as coreutils `timeout` sends them (to the child, then to its
+/// process group), are one Ctrl-C: the run still ends with its one result.
+#[test]
+fn a_sigint_repeated_at_once_still_gives_the_result() {
+    let server = Server::start();
+    let mut child = Command::new(loadtest_binary())
+        .args(["ingest", "--url", &server.url, "-c", "1", "--rate", "200"])
+        .args(["--duration", "30", "--warmup", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start flux-loadtest");
+    std::thread::sleep(Duration::from_millis(1000));
+    // The server paused: a request stays in flight, so the run is still finishing (not gone
+    // already) when the second signal comes.
+    let server_pid = server.pid() as i32;
+    // SAFETY: `server_pid` is our own running child; SIGSTOP/SIGCONT only pause and resume it.
+    assert_eq!(unsafe { libc::kill(server_pid, libc::SIGSTOP) }, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..2 {
+        // SAFETY: our own child, still running (its run lasts 30 s).
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(server_pid, libc::SIGCONT) }, 0);
+    let status = wait_with_deadline(&mut child, Duration::from_secs(15)).expect("the run ends");
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("read stdout");
+    assert!(status.success(), "{status}");
+    let result = single_json(&stdout);
+    assert_eq!(result["interrupted"], true, "{result}");
+}
+
+/// SIGTERM (what `timeout` and supervisors send) ends a run as Ctrl-C does: one result, exit
+/// 0. `timeout` signals the whole process group: the fanout workers leave it to their parent,
+/// which still collects their counts, and nothing complains of a broken pipe.
+#[test]
+fn sigterm_from_timeout_ends_the_run_with_its_result() {
+    let server = Server::start();
+    let output = Command::new("timeout")
+        .args(["--preserve-status", "-s", "TERM", "2"])
+        .arg(loadtest_binary())
+        .args(["fanout", "--url", &server.url, "-s", "4"])
+        .args([
+            "--subscribers-per-process",
+            "2",
+            "--subscriber-threads",
+            "1",
+        ])
+        .args(["--rate", "100", "--duration", "30", "--warmup", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run timeout flux-loadtest");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{}: {stderr}", output.status);
+    let result = single_json(&stdout);
+    assert_eq!(result["interrupted"], true, "{result}");
+    assert_eq!(u64_at(&result, "/processes"), 2, "{result}");
+    assert_eq!(u64_at(&result, "/subscribers/connected"), 4, "{result}");
+    assert_eq!(
+        result["subscribers"]["close_codes"],
+        serde_json::json!({}),
+        "{result}"
+    );
+    assert_eq!(u64_at(&result, "/loss/lost"), 0, "{result}");
+    assert!(!stderr.to_lowercase().contains("broken pipe"), "{stderr}");
+}
+
+/// Fanout workers whose parent is gone (killed outright) end quietly: no "Broken pipe" errors
+/// from their reports to nobody.
+#[test]
+fn fanout_workers_end_quietly_when_their_parent_is_killed() {
+    let server = Server::start();
+    let mut child = Command::new(loadtest_binary())
+        .args(["fanout", "--url", &server.url, "-s", "4"])
+        .args([
+            "--subscribers-per-process",
+            "2",
+            "--subscriber-threads",
+            "1",
+        ])
+        .args(["--rate", "100", "--duration", "30", "--warmup", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start flux-loadtest");
+    let mut stderr = child.stderr.take().expect("stderr");
+    // Workers inherit stderr: it ends when the last of them has exited.
+    let (done, ended) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        let _ = done.send(text);
+    });
+    let children = format!("/proc/{}/task/{}/children", child.id(), child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&children)
+        .unwrap_or_default()
+        .split_whitespace()
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the workers never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Past the workers' first once-a-second report.
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr = ended
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the workers exit once their parent is gone");
+    assert!(!stderr.to_lowercase().contains("broken pipe"), "{stderr}");
 }

@@ -83,7 +83,8 @@ pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> 
                 live.errors.load(Ordering::Relaxed),
             )
         });
-        Progress::start("frames", counters)
+        // `received` counts events (`sent_ns` frames), not every frame.
+        Progress::start("events delivered", counters)
     };
     let warmup = seconds(args.timing.warmup);
     let duration = seconds(args.timing.duration);
@@ -135,9 +136,10 @@ pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> 
     result["publish_latency_us"] = crate::report::latency_json(&tally.latency);
     result["late"] = json!(tally.late);
     result["dropped"] = json!(tally.dropped);
-    result["delivered_frames"] = json!(outcome.received_measured);
+    // Every `state_update` frame (one per property of each event), not only the `sent_ns` ones.
+    result["delivered_frames"] = json!(outcome.frames_measured);
     result["delivered_frames_per_s"] = json!(if seconds > 0.0 {
-        round3(outcome.received_measured as f64 / seconds)
+        round3(outcome.frames_measured as f64 / seconds)
     } else {
         0.0
     });
@@ -145,7 +147,7 @@ pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> 
     result["subscribers"] = outcome.subscribers_json();
     // Warmup included: `loss.expected` counts frames for these events.
     result["total"] = json!({"requests": tally.total_requests, "events": tally.total_events});
-    if let Some(server) = probe.finish(outcome.received_measured, "frame") {
+    if let Some(server) = probe.finish(outcome.frames_measured, "frame") {
         result["server"] = server;
     }
     Ok(result)
