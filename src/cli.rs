@@ -5,7 +5,8 @@
 //! Owns the client subcommands' arguments, building each request (ids percent-encoded, missing
 //! timestamps filled with the current time), printing the reply, and the exit code.
 //! Invariants: on success the server's reply goes to stdout unchanged (one JSON document; for
-//! `watch`, one message a line); on failure the server's `{"error": ...}` body, or what went
+//! `watch`, each message as sent, one a line; `batch-delete` repeated past the server's
+//! 10,000 a call prints the sum of its replies); on failure the server's `{"error": ...}` body, or what went
 //! wrong locally, goes to stderr, and the exit code says which kind of failure it was
 //! ([`EXIT_CODES_HELP`]). Nothing derived from input is unwrapped.
 //! Called only by `main`, through [`run`].
@@ -61,7 +62,7 @@ pub struct ServerArgs {
     /// Bearer token sent with writes (a namespace token, or the admin token).
     #[arg(long, env = "FLUX_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Admin token, sent by `namespaces register` and `admin-config`.
+    /// Admin token, sent by `namespaces register`, `namespaces delete` and `admin-config`.
     #[arg(long, env = "FLUX_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
 }
@@ -143,6 +144,9 @@ pub enum Command {
         server: ServerArgs,
     },
     /// Delete many entities: a whole namespace, every id with a prefix, or a list of ids.
+    ///
+    /// The server deletes at most 10,000 a call; while more match, the call is repeated, and
+    /// the counts and errors printed are those of all calls.
     #[command(
         after_help = EXIT_CODES_HELP,
         group(ArgGroup::new("selector").required(true).args(["filter", "namespace", "prefix", "ids"]))
@@ -231,12 +235,24 @@ pub enum NamespacesCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Delete a namespace and its token (admin token; its entities stay). Prints nothing.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Delete {
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 /// Why a command failed; each kind has its own exit code.
 enum Failure {
-    /// The server answered with a non-2xx status; `body` is its reply.
-    Http { status: u16, body: String },
+    /// The server answered with a non-2xx status; `body` is its reply, `retry_after` its
+    /// `Retry-After` (a 429's seconds to wait).
+    Http {
+        status: u16,
+        body: String,
+        retry_after: Option<String>,
+    },
     /// The arguments do not make a request.
     Usage(String),
     /// The server could not be reached, or the connection broke.
@@ -256,7 +272,7 @@ impl Failure {
 
     fn report(&self) {
         let message = match self {
-            Failure::Http { status, body } if body.trim().is_empty() => {
+            Failure::Http { status, body, .. } if body.trim().is_empty() => {
                 format!("flux: the server answered HTTP {status}")
             }
             Failure::Http { body, .. } => body.trim_end().to_string(),
@@ -265,6 +281,13 @@ impl Failure {
             Failure::Connection(reason) => format!("flux: {reason}"),
         };
         let _ = writeln!(std::io::stderr(), "{message}");
+        if let Failure::Http {
+            retry_after: Some(seconds),
+            ..
+        } = self
+        {
+            let _ = writeln!(std::io::stderr(), "flux: retry after {seconds} s");
+        }
     }
 }
 
@@ -366,13 +389,7 @@ fn execute(command: Command) -> Result<(), Failure> {
                     ));
                 }
             };
-            let client = Client::new(&server)?;
-            client.print(
-                "POST",
-                "/api/state/entities/delete",
-                Auth::Token,
-                Some(&body.to_string()),
-            )
+            batch_delete(&Client::new(&server)?, &body.to_string())
         }
         Command::History {
             entity_id,
@@ -408,6 +425,10 @@ fn execute(command: Command) -> Result<(), Failure> {
             let path = format!("/api/namespaces/{}", encode(&name));
             Client::new(&server)?.print("GET", &path, Auth::None, None)
         }
+        Command::Namespaces(NamespacesCommand::Delete { name, server }) => {
+            let path = format!("/api/namespaces/{}", encode(&name));
+            Client::new(&server)?.print("DELETE", &path, Auth::Admin, None)
+        }
         Command::AdminConfig { json, server } => {
             let client = Client::new(&server)?;
             match json {
@@ -434,6 +455,46 @@ fn execute(command: Command) -> Result<(), Failure> {
             Client::new(&server)?.print("GET", "/api/health", Auth::None, None)
         }
     }
+}
+
+/// `POST /api/state/entities/delete` with `body`, repeated while the reply says more entities
+/// match (`remaining`) and the last call deleted some. One call's reply is printed as it came;
+/// several calls print their summed `deleted` and `failed`, their `errors` in order, and the
+/// last `remaining` if entities still match.
+fn batch_delete(client: &Client<'_>, body: &str) -> Result<(), Failure> {
+    let path = "/api/state/entities/delete";
+    let first = client.send("POST", path, Auth::Token, Some(body))?;
+    let remaining = |reply: &Value| reply.get("remaining").and_then(Value::as_u64);
+    let deleted = |reply: &Value| reply.get("deleted").and_then(Value::as_u64).unwrap_or(0);
+    let mut reply: Value = match serde_json::from_str(&first) {
+        Ok(reply) if remaining(&reply).is_some_and(|n| n > 0) && deleted(&reply) > 0 => reply,
+        _ => return print_reply(&first),
+    };
+    let mut total = json!({"deleted": 0, "failed": 0, "errors": []});
+    loop {
+        total["deleted"] = json!(deleted(&total) + deleted(&reply));
+        let failed = |r: &Value| r.get("failed").and_then(Value::as_u64).unwrap_or(0);
+        total["failed"] = json!(failed(&total) + failed(&reply));
+        if let (Some(all), Some(more)) = (
+            total["errors"].as_array_mut(),
+            reply.get("errors").and_then(Value::as_array),
+        ) {
+            all.extend(more.iter().cloned());
+        }
+        match remaining(&reply) {
+            Some(left) if left > 0 && deleted(&reply) > 0 => {}
+            Some(left) if left > 0 => {
+                total["remaining"] = json!(left);
+                break;
+            }
+            _ => break,
+        }
+        let text = client.send("POST", path, Auth::Token, Some(body))?;
+        reply = serde_json::from_str(&text).map_err(|e| {
+            Failure::Connection(format!("the server's reply is not JSON ({e}): {text}"))
+        })?;
+    }
+    print_reply(&total.to_string())
 }
 
 /// Which token a request carries.
@@ -484,19 +545,7 @@ impl<'a> Client<'a> {
         auth: Auth,
         body: Option<&str>,
     ) -> Result<(), Failure> {
-        let reply = self.send(method, path, auth, body)?;
-        let mut stdout = std::io::stdout().lock();
-        let written = if reply.ends_with('\n') || reply.is_empty() {
-            stdout.write_all(reply.as_bytes())
-        } else {
-            writeln!(stdout, "{reply}")
-        };
-        match written.and_then(|()| stdout.flush()) {
-            Err(error) if error.kind() != ErrorKind::BrokenPipe => Err(Failure::Connection(
-                format!("writing the reply to stdout: {error}"),
-            )),
-            _ => Ok(()),
-        }
+        print_reply(&self.send(method, path, auth, body)?)
     }
 
     /// Sends one request; the reply body on 2xx.
@@ -526,8 +575,13 @@ impl<'a> Client<'a> {
         match result {
             Ok(response) => read_body(response, &url),
             Err(ureq::Error::Status(status, response)) => {
+                let retry_after = response.header("Retry-After").map(str::to_string);
                 let body = read_body(response, &url)?;
-                Err(Failure::Http { status, body })
+                Err(Failure::Http {
+                    status,
+                    body,
+                    retry_after,
+                })
             }
             Err(ureq::Error::Transport(transport)) => Err(match transport.kind() {
                 ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => {
@@ -536,6 +590,22 @@ impl<'a> Client<'a> {
                 _ => unreachable(self.base, &transport),
             }),
         }
+    }
+}
+
+/// Writes a reply to stdout, ending it with a line break (a closed stdout is no failure).
+fn print_reply(reply: &str) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    let written = if reply.ends_with('\n') || reply.is_empty() {
+        stdout.write_all(reply.as_bytes())
+    } else {
+        writeln!(stdout, "{reply}")
+    };
+    match written.and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() != ErrorKind::BrokenPipe => Err(Failure::Connection(format!(
+            "writing the reply to stdout: {error}"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -624,14 +694,26 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
             }
             _ => continue,
         };
-        let Ok(message) = serde_json::from_str::<Value>(text.as_str()) else {
-            continue;
+        // Only the type is read; the message is printed as the server sent it, so values keep
+        // their exact text (numbers beyond a double, `1.10`, `1e400`).
+        let kind = match serde_json::from_str::<MessageKind<'_>>(text.as_str()) {
+            Ok(kind) => kind.kind,
+            Err(error) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "flux: a message that is not JSON ({error}): {}",
+                    text.as_str()
+                );
+                continue;
+            }
         };
-        match message.get("type").and_then(Value::as_str) {
+        match kind.as_deref() {
             Some("state_update" | "entity_deleted") => {
                 seen += 1;
-                // One message a line, whatever whitespace the server used.
-                if let Err(error) = writeln!(stdout, "{message}").and_then(|()| stdout.flush()) {
+                // One message a line: a JSON text holds raw line breaks only between tokens
+                // (inside strings they are escaped), so they can become spaces.
+                let line = text.as_str().trim().replace(['\n', '\r'], " ");
+                if let Err(error) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
                     if error.kind() == ErrorKind::BrokenPipe {
                         return Ok(());
                     }
@@ -648,6 +730,13 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
     let _ = socket.close(None);
     let _ = socket.flush();
     Ok(())
+}
+
+/// The `type` of a server message, read without parsing (or altering) anything else.
+#[derive(serde::Deserialize)]
+struct MessageKind<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// The WebSocket of the server at `base`, for `websocket_url`. Reaching the server and the
@@ -678,6 +767,7 @@ fn open_websocket(base: &str, websocket_url: &str) -> Result<WebSocket<TcpStream
                 .as_deref()
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default(),
+            retry_after: None,
         }),
         Err(HandshakeError::Failure(error)) => Err(unreachable(base, &error)),
         // A blocking socket is interrupted only by its read or write timeout.

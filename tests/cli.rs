@@ -522,6 +522,15 @@ fn auth_mode_tokens() {
         .env("FLUX_ADMIN_TOKEN", "adm")
         .run()
         .ok_json();
+
+    // Deleting a namespace takes the admin token, prints nothing, and the name is gone.
+    let message = flux(&server, &["namespaces", "delete", "other"]).http_error();
+    assert!(message.contains("admin token"), "{message}");
+    let run = Cli::new(url, &["namespaces", "delete", "other"])
+        .env("FLUX_ADMIN_TOKEN", "adm")
+        .run();
+    assert_eq!((run.code, run.stdout.as_str()), (Some(0), ""), "{run:?}");
+    flux(&server, &["namespaces", "get", "other"]).http_error();
 }
 
 #[test]
@@ -558,6 +567,38 @@ fn watch_prints_updates_published_meanwhile() {
     }
 }
 
+/// The server's messages are printed as they came: numbers beyond a double, trailing zeros and
+/// exponents keep their exact text (a parse and re-print would change or drop them).
+#[test]
+fn watch_prints_values_exactly_as_sent() {
+    let server = Server::start();
+    let args = ["watch", "exact/*", "--count", "3"];
+    let mut watcher = Cli::new(server.url(), &args).spawn();
+    let body = br#"{"stream":"s","source":"a","timestamp":1764000000000,
+        "payload":{"entity_id":"exact/x","properties":
+        {"big":123456789012345678901234567890,"f":1.10,"e":1e400}}}"#;
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    while Instant::now() < deadline && matches!(watcher.try_wait(), Ok(None)) {
+        let reply = server.post_raw("/api/events", body);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let run = finish(watcher, Duration::from_secs(5), &[]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{run:?}");
+    for line in lines {
+        let wanted = if line.contains(r#""property":"big""#) {
+            r#""value":123456789012345678901234567890"#
+        } else if line.contains(r#""property":"f""#) {
+            r#""value":1.10"#
+        } else {
+            r#""value":1e400"#
+        };
+        assert!(line.contains(wanted), "{line} lacks {wanted}");
+    }
+}
+
 #[test]
 fn watch_prints_deletes() {
     let server = Server::start();
@@ -588,6 +629,60 @@ fn watch_prints_deletes() {
     assert_eq!(kinds.len(), 4, "{run:?}");
     assert!(kinds.iter().any(|k| k == "entity_deleted"), "{kinds:?}");
     assert!(kinds.iter().any(|k| k == "state_update"), "{kinds:?}");
+}
+
+/// The server deletes at most 10,000 entities a call; the CLI calls again while more match and
+/// prints the sum.
+#[test]
+fn batch_delete_goes_on_past_10000_matches() {
+    let server = Server::start();
+    let events: Vec<Value> = (0..10_050)
+        .map(|i| event(&format!("bulk/e{i}"), json!({"i": i})))
+        .collect();
+    let (status, reply) = server.post("/api/events/batch", &json!(events));
+    assert_eq!((status, &reply["failed"]), (200, &json!(0)), "{reply}");
+    let reply = flux(&server, &["batch-delete", "--prefix", "bulk/"]).ok_json();
+    assert_eq!(reply["deleted"], 10_050, "{reply}");
+    assert_eq!(reply["failed"], 0, "{reply}");
+    assert!(reply.get("remaining").is_none(), "{reply}");
+    assert!(server.list_ids("?prefix=bulk/").is_empty());
+}
+
+/// A rate-limited write says on stderr how long to wait (the server's `Retry-After`).
+#[test]
+fn a_rate_limited_write_says_when_to_retry() {
+    let server = Server::start_args(&["--auth", "--admin-token", "adm"]);
+    let url = server.url();
+    let acme = Cli::new(url, &["namespaces", "register", "acme"])
+        .env("FLUX_ADMIN_TOKEN", "adm")
+        .run()
+        .ok_json();
+    let token = acme["token"].as_str().expect("a token").to_string();
+    Cli::new(
+        url,
+        &[
+            "admin-config",
+            r#"{"rate_limit_per_namespace_per_minute": 1}"#,
+        ],
+    )
+    .env("FLUX_ADMIN_TOKEN", "adm")
+    .run()
+    .ok_json();
+    let publish = ["publish", "s", "a", "acme/x", r#"{"n":1}"#];
+    Cli::new(url, &publish)
+        .env("FLUX_TOKEN", &token)
+        .run()
+        .ok_json();
+    let run = Cli::new(url, &publish).env("FLUX_TOKEN", &token).run();
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let mut lines = run.stderr.lines();
+    let body: Value = serde_json::from_str(lines.next().unwrap_or_default()).expect("JSON body");
+    assert!(error_message(&body).contains("rate"), "{run:?}");
+    let retry = lines.next().unwrap_or_default();
+    assert!(
+        retry.starts_with("flux: retry after ") && retry.ends_with(" s"),
+        "{run:?}"
+    );
 }
 
 #[test]
