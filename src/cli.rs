@@ -5,10 +5,10 @@
 //! Owns the client subcommands' arguments, building each request (ids percent-encoded, missing
 //! timestamps filled with the current time), printing the reply, and the exit code.
 //! Invariants: on success the server's reply goes to stdout unchanged (one JSON document; for
-//! `watch`, each message as sent, one a line; `batch-delete` repeated past the server's
-//! 10,000 a call prints the sum of its replies); on failure the server's `{"error": ...}` body, or what went
-//! wrong locally, goes to stderr, and the exit code says which kind of failure it was
-//! ([`EXIT_CODES_HELP`]). Nothing derived from input is unwrapped.
+//! `watch`, each message as sent, one a line; `batch-delete` repeated past the server's 10,000
+//! a call prints the sum of its replies); on failure the server's `{"error": ...}` body, or
+//! what went wrong locally, goes to stderr, and the exit code says which kind of failure it
+//! was ([`EXIT_CODES_HELP`]). Nothing derived from input is unwrapped.
 //! Called only by `main`, through [`run`].
 
 use std::io::{ErrorKind, Read, Write};
