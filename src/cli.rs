@@ -89,7 +89,8 @@ pub enum Command {
         source: String,
         /// The entity, e.g. `acme/sensor-01`.
         entity_id: String,
-        /// Properties to merge into the entity: a JSON object, e.g. '{"temperature":22.5}'.
+        /// Properties to merge into the entity: a JSON object, e.g. '{"temperature":22.5}';
+        /// `-` reads it from stdin (for objects too large for an argument).
         properties_json: String,
         /// Event id [default: assigned by the server].
         #[arg(long)]
@@ -315,7 +316,12 @@ fn execute(command: Command) -> Result<(), Failure> {
             server,
         } => {
             // Kept as raw JSON so values travel exactly as typed (numbers beyond 64 bits too).
-            let properties: Box<RawValue> = serde_json::from_str(&properties_json)
+            let properties_json = if properties_json == "-" {
+                read_stdin()?
+            } else {
+                properties_json
+            };
+            let properties: Box<RawValue> = serde_json::from_str(properties_json.trim())
                 .map_err(|e| Failure::Usage(format!("properties_json is not JSON: {e}")))?;
             if !properties.get().starts_with('{') {
                 return Err(Failure::Usage(

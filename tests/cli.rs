@@ -685,6 +685,21 @@ fn a_rate_limited_write_says_when_to_retry() {
     );
 }
 
+/// Properties too large for an argument come from stdin with `-`.
+#[test]
+fn publish_reads_large_properties_from_stdin() {
+    let server = Server::start();
+    let big = "x".repeat(300_000);
+    let properties = json!({"blob": big, "n": 12345678901234567890u64}).to_string();
+    Cli::new(server.url(), &["publish", "s", "a", "stdin/x", "-"])
+        .stdin(&format!("{properties}\n"))
+        .run()
+        .ok_json();
+    let props = server.props("stdin/x");
+    assert_eq!(props["blob"].as_str().map(str::len), Some(300_000));
+    assert_eq!(props["n"], json!(12345678901234567890u64));
+}
+
 #[test]
 fn connection_refused_exits_3() {
     let url = format!("http://127.0.0.1:{}", free_port());
