@@ -200,8 +200,9 @@ pub struct ShardStats {
     pub deleted_ids: usize,
     /// Event records of built-in entities applied (replay included), to leave out of totals.
     pub builtin_events: u64,
-    /// Event sources seen since the time the stats were asked for.
-    pub active_sources: Vec<Arc<str>>,
+    /// Event sources seen since the time the stats were asked for, as 64-bit hashes of their
+    /// names (by one hasher every shard shares, so the shards' sets can be joined).
+    pub active_sources: Vec<u64>,
 }
 
 /// Told about every applied change by the shard that owns the entity, on the thread applying
@@ -462,12 +463,14 @@ pub fn start_observed_shards(
     let mut inboxes = Vec::with_capacity(count);
     let mut cells = Vec::with_capacity(count);
     let mut threads = Vec::with_capacity(count);
+    let source_hasher = DefaultHashBuilder::default();
     for index in 0..count {
         let (tx, rx) = flume::bounded(SHARD_INBOX_CAPACITY);
         inboxes.push(tx);
         let cell = ShardCell::new(Shard {
             index,
             observer: observer.clone(),
+            sources: ActiveSources::new(source_hasher.clone()),
             ..Shard::default()
         });
         cells.push(cell.clone());
@@ -690,9 +693,66 @@ struct Shard {
     covered: LogPosition,
     observer: Option<Arc<dyn ChangeObserver>>,
     /// Event sources and the accept time of their latest record (for "active publishers").
-    sources: HashMap<Arc<str>, u64>,
+    sources: ActiveSources,
     /// Slots were freed since the thread was last idle: its heap has pages to give back.
     freed_slots: bool,
+}
+
+/// Most event sources one shard tracks for "active publishers": ~16 MiB of table at most. Past
+/// it, sources not yet tracked are not counted until tracked ones go quiet, so the count is a
+/// lower bound there (a publisher id per event would otherwise grow memory without bound).
+const ACTIVE_SOURCES_TRACKED: usize = 1 << 20;
+
+/// The event sources a shard has seen lately, by a 64-bit hash of the name (16 bytes each,
+/// no copy of the name), with the accept time of each one's latest record.
+#[derive(Default)]
+struct ActiveSources {
+    /// `(hash, accept_ms)`, found by the hash itself.
+    seen: HashTable<(u64, u64)>,
+    hasher: DefaultHashBuilder,
+    /// Accept time of the record that last found the table full and pruned it.
+    pruned_full_at_ms: u64,
+}
+
+impl ActiveSources {
+    /// Tracking by `hasher`, which every shard shares.
+    fn new(hasher: DefaultHashBuilder) -> Self {
+        ActiveSources {
+            hasher,
+            ..ActiveSources::default()
+        }
+    }
+
+    fn saw(&mut self, source: &str, accept_ms: u64) {
+        let hash = self.hasher.hash_one(source);
+        if let Some(entry) = self.seen.find_mut(hash, |e| e.0 == hash) {
+            entry.1 = accept_ms;
+            return;
+        }
+        // Full: drop the sources gone quiet (stats may not have been asked for lately), at
+        // most once a second, so a full table of live sources does not cost a sweep per record.
+        if self.seen.len() >= ACTIVE_SOURCES_TRACKED
+            && accept_ms >= self.pruned_full_at_ms.saturating_add(1000)
+        {
+            self.pruned_full_at_ms = accept_ms;
+            let window = crate::engine::ACTIVE_PUBLISHER_WINDOW.as_millis() as u64;
+            let since_ms = accept_ms.saturating_sub(window);
+            self.seen.retain(|e| e.1 >= since_ms);
+        }
+        if self.seen.len() < ACTIVE_SOURCES_TRACKED {
+            self.seen.insert_unique(hash, (hash, accept_ms), |e| e.0);
+        }
+    }
+
+    /// Forgets sources quiet since before `since_ms` (giving the table's room back once
+    /// mostly empty) and returns the others' hashes.
+    fn seen_since(&mut self, since_ms: u64) -> Vec<u64> {
+        self.seen.retain(|e| e.1 >= since_ms);
+        if self.seen.len() < self.seen.capacity() / 4 {
+            self.seen.shrink_to(0, |e| e.0);
+        }
+        self.seen.iter().map(|e| e.0).collect()
+    }
 }
 
 /// A shard thread: handles its inbox in order, each message under the shard's lock. After
@@ -864,12 +924,11 @@ impl Shard {
                 active_since_ms,
                 reply,
             } => {
-                self.sources.retain(|_, seen| *seen >= active_since_ms);
                 let stats = ShardStats {
                     entities: self.entities - self.builtin_entities,
                     deleted_ids: self.slots.len() - self.entities,
                     builtin_events: self.builtin_events,
-                    active_sources: self.sources.keys().cloned().collect(),
+                    active_sources: self.sources.seen_since(active_since_ms),
                 };
                 let _ = reply.send(stats);
             }
@@ -928,13 +987,7 @@ impl Shard {
             };
             // Flux's own writes (`flux.*` streams: deletes, the directory) are not publishers.
             if !record.fields.stream.starts_with(INTERNAL_STREAM_PREFIX) {
-                let source = record.fields.source;
-                match self.sources.get_mut(source) {
-                    Some(seen) => *seen = accept_ms,
-                    None => {
-                        self.sources.insert(Arc::from(source), accept_ms);
-                    }
-                }
+                self.sources.saw(record.fields.source, accept_ms);
             }
             if let Some(observer) = &self.observer {
                 match change {
@@ -1170,6 +1223,40 @@ mod tests {
         assert_eq!(ids(&mut shard, &query("", None, 10)), ["kept"]);
         set_exists(&mut shard, "new", true, 30_001);
         assert_eq!(ids(&mut shard, &query("", None, 10)), ["kept", "new"]);
+    }
+
+    /// Sources are counted once per name across shards (one shared hasher), forgotten once
+    /// quiet, and never tracked past the cap: a table full of live sources stays full, and one
+    /// of quiet ones is pruned for the newcomer.
+    #[test]
+    fn active_sources_are_joined_across_shards_and_bounded() {
+        let hasher = DefaultHashBuilder::default();
+        let (mut one, mut two) = (
+            ActiveSources::new(hasher.clone()),
+            ActiveSources::new(hasher),
+        );
+        one.saw("agent-a", 1_000);
+        one.saw("agent-b", 2_000);
+        two.saw("agent-a", 3_000);
+        one.saw("agent-a", 4_000);
+        let mut all: BTreeSet<u64> = one.seen_since(0).into_iter().collect();
+        all.extend(two.seen_since(0));
+        assert_eq!(all.len(), 2);
+        assert_eq!(one.seen_since(3_000).len(), 1, "agent-b went quiet");
+
+        let mut full = ActiveSources::new(DefaultHashBuilder::default());
+        for i in 0..ACTIVE_SOURCES_TRACKED {
+            full.saw(&i.to_string(), 10_000);
+        }
+        full.saw("one more", 10_500);
+        assert_eq!(
+            full.seen.len(),
+            ACTIVE_SOURCES_TRACKED,
+            "all live: the newcomer waits"
+        );
+        let later = 10_000 + crate::engine::ACTIVE_PUBLISHER_WINDOW.as_millis() as u64 + 1;
+        full.saw("one more", later);
+        assert_eq!(full.seen_since(0).len(), 1, "the quiet ones pruned for it");
     }
 
     #[test]
