@@ -191,10 +191,19 @@ struct Window {
     events: u64,
 }
 
-/// Fixed-window event counters per namespace, of the events this node admits.
+/// Fixed-window event counters per namespace, of the events this node admits. A namespace's
+/// counter is dropped once its window has passed (at most one sweep per window), so deleted or
+/// quiet namespaces leave nothing behind.
 #[derive(Default)]
 pub struct RateLimiter {
-    windows: std::sync::Mutex<HashMap<String, Window>>,
+    windows: std::sync::Mutex<Windows>,
+}
+
+#[derive(Default)]
+struct Windows {
+    by_namespace: HashMap<String, Window>,
+    /// When the counters of passed windows were last dropped.
+    swept: Option<Instant>,
 }
 
 impl RateLimiter {
@@ -210,7 +219,18 @@ impl RateLimiter {
     ) -> Result<(), ApiError> {
         let now = Instant::now();
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let window = windows.entry_ref(namespace).or_insert(Window {
+        if windows
+            .swept
+            .is_none_or(|at| now.duration_since(at) >= RATE_WINDOW)
+        {
+            windows.swept = Some(now);
+            let windows = &mut windows.by_namespace;
+            windows.retain(|_, w| now.duration_since(w.started) < RATE_WINDOW);
+            if windows.len() < windows.capacity() / 4 {
+                windows.shrink_to(0);
+            }
+        }
+        let window = windows.by_namespace.entry_ref(namespace).or_insert(Window {
             started: now,
             events: 0,
         });
@@ -333,6 +353,31 @@ mod tests {
             "the caller skips built-ins"
         );
         assert!(crate::directory::DIRECTORY_ID.starts_with(BUILTIN_ID_PREFIX));
+    }
+
+    /// Counters of passed windows are dropped: namespaces written once and never again (or
+    /// deleted) leave nothing behind.
+    #[test]
+    fn passed_windows_are_dropped() {
+        let limiter = RateLimiter::default();
+        let long_ago = Instant::now()
+            .checked_sub(RATE_WINDOW * 2)
+            .expect("the clock started long enough ago");
+        {
+            let mut windows = limiter.windows.lock().expect("lock");
+            for i in 0..1000 {
+                let window = Window {
+                    started: long_ago,
+                    events: 1,
+                };
+                windows.by_namespace.insert(format!("gone-{i}"), window);
+            }
+            windows.swept = Some(long_ago);
+        }
+        limiter.admit("live", 1, 10, &[]).expect("admitted");
+        let windows = limiter.windows.lock().expect("lock");
+        assert_eq!(windows.by_namespace.len(), 1);
+        assert!(windows.by_namespace.contains_key("live"));
     }
 
     #[test]
