@@ -32,6 +32,11 @@ fn segment_count(server: &Server) -> usize {
 /// A server that rolls its log every 4 KiB, snapshots every 200 ms and keeps 1 s of history:
 /// segments go soon after they are written.
 fn compacting_server(options: Options) -> Server {
+    compacting_server_with(options, &[])
+}
+
+/// [`compacting_server`] with more flags.
+fn compacting_server_with(options: Options, more: &[&str]) -> Server {
     let args = [
         "--retention",
         "1s",
@@ -41,7 +46,7 @@ fn compacting_server(options: Options) -> Server {
         "200ms",
     ];
     Server::start_with(Options {
-        args: args.iter().map(|s| s.to_string()).collect(),
+        args: args.iter().chain(more).map(|s| s.to_string()).collect(),
         ..options
     })
 }
@@ -140,21 +145,8 @@ fn deleted_ids_held(server: &Server) -> u64 {
 /// churn of short-lived ids must not keep its memory for good).
 #[test]
 fn deleted_ids_are_forgotten_once_retention_drops_their_records() {
-    let args = [
-        "--retention",
-        "1s",
-        "--segment-bytes",
-        "4096",
-        "--snapshot-interval",
-        "200ms",
-        // No directory refresh writes after the churn: nothing but the timers runs.
-        "--directory-interval",
-        "1h",
-    ];
-    let server = Server::start_with(Options {
-        args: args.iter().map(|s| s.to_string()).collect(),
-        ..Options::local_only()
-    });
+    // No directory refresh writes after the churn: nothing but the timers runs.
+    let server = compacting_server_with(Options::local_only(), &["--directory-interval", "1h"]);
     for batch in 0..4 {
         let events: Vec<_> = (0..500)
             .map(|i| util::event(&format!("churn/{batch}-{i}"), json!({"v": i})))

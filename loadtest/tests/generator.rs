@@ -1149,46 +1149,9 @@ fn e2e_without_warmup_measures_every_frame() {
     );
 }
 
-/// A fanout worker process killed mid-run costs its subscribers, not the run: the result is
-/// still printed, with the dead worker's subscribers closed as `worker_exited` and the frames
-/// they missed counted as lost.
-#[test]
-fn a_fanout_worker_killed_mid_run_counts_as_loss() {
-    let server = Server::start();
-    let mut child = Command::new(loadtest_binary())
-        .args(["fanout", "--url", &server.url, "--subscribers", "6"])
-        .args([
-            "--subscribers-per-process",
-            "2",
-            "--subscriber-threads",
-            "1",
-        ])
-        .args(["--rate", "100", "--duration", "2.5", "--warmup", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start flux-loadtest");
-    let children = format!("/proc/{}/task/{}/children", child.id(), child.id());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let worker = loop {
-        let listed = std::fs::read_to_string(&children).unwrap_or_default();
-        let pids: Vec<i32> = listed
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        if pids.len() == 3 {
-            break pids[1];
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the workers never started: {listed:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::thread::sleep(Duration::from_millis(1200));
-    // SAFETY: `worker` is a child of our own child, still running (the run lasts 2.5 s).
-    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
-    let status = wait_with_deadline(&mut child, Duration::from_secs(60)).expect("run ends");
+/// Waits (at most `limit`) for `child` to exit 0 and returns its one JSON result from stdout.
+fn successful_result(child: &mut Child, limit: Duration) -> Value {
+    let status = wait_with_deadline(child, limit).expect("the run ends");
     let mut stdout = String::new();
     child
         .stdout
@@ -1197,7 +1160,60 @@ fn a_fanout_worker_killed_mid_run_counts_as_loss() {
         .read_to_string(&mut stdout)
         .expect("read stdout");
     assert!(status.success(), "{status}");
-    let result = single_json(&stdout);
+    single_json(&stdout)
+}
+
+/// `fanout` of `subscribers` at 100 events/s for `duration` seconds, two subscribers per worker
+/// process (one thread each), stderr piped.
+fn fanout_in_workers(url: &str, subscribers: usize, duration: &str, stdout: Stdio) -> Child {
+    Command::new(loadtest_binary())
+        .args(["fanout", "--url", url, "-s", &subscribers.to_string()])
+        .args([
+            "--subscribers-per-process",
+            "2",
+            "--subscriber-threads",
+            "1",
+        ])
+        .args(["--rate", "100", "--duration", duration, "--warmup", "0"])
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start flux-loadtest")
+}
+
+/// The pids of `child`'s child processes once there are `count` of them (at most 10 s).
+fn worker_pids(child: &Child, count: usize) -> Vec<i32> {
+    let children = format!("/proc/{}/task/{}/children", child.id(), child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = std::fs::read_to_string(&children).unwrap_or_default();
+        let pids: Vec<i32> = listed
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if pids.len() >= count {
+            return pids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workers never started: {listed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A fanout worker process killed mid-run costs its subscribers, not the run: the result is
+/// still printed, with the dead worker's subscribers closed as `worker_exited` and the frames
+/// they missed counted as lost.
+#[test]
+fn a_fanout_worker_killed_mid_run_counts_as_loss() {
+    let server = Server::start();
+    let mut child = fanout_in_workers(&server.url, 6, "2.5", Stdio::piped());
+    let worker = worker_pids(&child, 3)[1];
+    std::thread::sleep(Duration::from_millis(1200));
+    // SAFETY: `worker` is a child of our own child, still running (the run lasts 2.5 s).
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    let result = successful_result(&mut child, Duration::from_secs(60));
     assert_eq!(u64_at(&result, "/subscribers/connected"), 6, "{result}");
     assert_eq!(
         u64_at(&result, "/subscribers/close_codes/worker_exited"),
@@ -1234,16 +1250,7 @@ fn ctrl_c_ends_the_run_with_what_was_measured() {
     std::thread::sleep(Duration::from_millis(1500));
     // SAFETY: our own child, still running (its run lasts 30 s).
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let status = wait_with_deadline(&mut child, Duration::from_secs(15)).expect("the run ends");
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut stdout)
-        .expect("read stdout");
-    assert!(status.success(), "{status}");
-    let result = single_json(&stdout);
+    let result = successful_result(&mut child, Duration::from_secs(15));
     assert_eq!(result["interrupted"], true, "{result}");
     // Cut short, and its rate taken over the window as it ran, not the 30 s asked for.
     let duration = result["duration_s"].as_f64().expect("duration_s");
@@ -1324,16 +1331,7 @@ fn a_sigint_repeated_at_once_still_gives_the_result() {
     std::thread::sleep(Duration::from_millis(100));
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(server_pid, libc::SIGCONT) }, 0);
-    let status = wait_with_deadline(&mut child, Duration::from_secs(15)).expect("the run ends");
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut stdout)
-        .expect("read stdout");
-    assert!(status.success(), "{status}");
-    let result = single_json(&stdout);
+    let result = successful_result(&mut child, Duration::from_secs(15));
     assert_eq!(result["interrupted"], true, "{result}");
 }
 
@@ -1378,19 +1376,7 @@ fn sigterm_from_timeout_ends_the_run_with_its_result() {
 #[test]
 fn fanout_workers_end_quietly_when_their_parent_is_killed() {
     let server = Server::start();
-    let mut child = Command::new(loadtest_binary())
-        .args(["fanout", "--url", &server.url, "-s", "4"])
-        .args([
-            "--subscribers-per-process",
-            "2",
-            "--subscriber-threads",
-            "1",
-        ])
-        .args(["--rate", "100", "--duration", "30", "--warmup", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start flux-loadtest");
+    let mut child = fanout_in_workers(&server.url, 4, "30", Stdio::null());
     let mut stderr = child.stderr.take().expect("stderr");
     // Workers inherit stderr: it ends when the last of them has exited.
     let (done, ended) = mpsc::channel();
@@ -1399,17 +1385,7 @@ fn fanout_workers_end_quietly_when_their_parent_is_killed() {
         let _ = stderr.read_to_string(&mut text);
         let _ = done.send(text);
     });
-    let children = format!("/proc/{}/task/{}/children", child.id(), child.id());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&children)
-        .unwrap_or_default()
-        .split_whitespace()
-        .count()
-        < 2
-    {
-        assert!(Instant::now() < deadline, "the workers never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    worker_pids(&child, 2);
     // Past the workers' first once-a-second report.
     std::thread::sleep(Duration::from_millis(1500));
     let _ = child.kill();
