@@ -162,7 +162,7 @@ pub enum Command {
         /// Every entity whose id starts with this.
         #[arg(long)]
         prefix: Option<String>,
-        /// These ids, comma-separated.
+        /// These ids, comma-separated (an id holding a comma: give the filter JSON instead).
         #[arg(long, value_delimiter = ',')]
         ids: Option<Vec<String>>,
         #[command(flatten)]
