@@ -156,8 +156,10 @@ fn deleted_ids_are_forgotten_once_retention_drops_their_records() {
     }
     let (status, body) = server.post("/api/state/entities/delete", &json!({"prefix": "churn/"}));
     assert_eq!((status, &body["deleted"]), (200, &json!(2000)), "{body}");
-    // Their delete records are younger than the 1 s retention: still held.
-    assert_eq!(deleted_ids_held(&server), 2000);
+    // Their delete records are younger than the 1 s retention: held (all of them unless this
+    // machine paused for a second right here).
+    let held = deleted_ids_held(&server);
+    assert!((1..=2000).contains(&held), "{held} deleted ids held");
     // Roll past the segment holding the deletes, so retention can drop it too.
     for i in 0..40 {
         server.put("kept/a", json!({"i": i, "pad": "x".repeat(100)}));
