@@ -403,6 +403,9 @@ fn execute(command: Command) -> Result<(), Failure> {
             limit,
             server,
         } => {
+            if entity_id.is_empty() {
+                return Err(Failure::Usage("entity_id must not be empty".into()));
+            }
             let limit = limit.map(|n| n.to_string());
             let query = query_string(&[
                 ("entity", Some(&entity_id)),
