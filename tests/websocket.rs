@@ -1581,6 +1581,31 @@ fn an_array_with_many_refused_ids_gets_one_error() {
     assert_eq!(state_update(&text).entity_id, "many/7");
 }
 
+/// A subscription no entity id could match (longer than an id, or holding control characters)
+/// is refused: public readers cannot pile up megabytes of patterns per connection.
+#[test]
+fn subscriptions_no_id_could_match_are_refused() {
+    let s = Server::start();
+    let mut ws = Ws::connect(s.addr());
+    for (id, why) in [
+        (format!("long/{}", "x".repeat(600)), "512 bytes"),
+        (format!("{}*", "y/".repeat(257)), "512 bytes"),
+        ("ctl/a\u{1}b".to_string(), "control characters"),
+    ] {
+        ws.send_json(&json!({"type": "subscribe", "entity_id": id}));
+        let (text, _) = ws.next_change(Instant::now() + READ_TIMEOUT, "the refusal");
+        let message = error_reply(&text, why);
+        assert!(message.contains(why), "{message}");
+    }
+    // The longest id and the longest prefix pattern are taken, and the connection goes on.
+    let longest = format!("ok/{}", "z".repeat(509));
+    ws.subscribe(&longest);
+    ws.subscribe(&format!("{}*", &longest[..512]));
+    s.put(&longest, json!({"v": 1}));
+    let (text, _) = ws.next_change(Instant::now() + READ_TIMEOUT, "an update of the longest id");
+    assert_eq!(state_update(&text).entity_id, longest);
+}
+
 #[test]
 fn sigterm_closes_connected_clients_with_1001() {
     let mut s = Server::start();

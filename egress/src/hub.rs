@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use flux_engine::Engine;
+use flux_engine::entity::MAX_ENTITY_ID_BYTES;
 use flux_engine::json;
 use flux_engine::record::PropertyIter;
 use flux_engine::shard::ChangeObserver;
@@ -116,6 +117,23 @@ fn send_batched<'a>(
 
 /// Subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 1024;
+/// Longest subscription: an entity id, or an id prefix and its `*`. Longer ones could match
+/// nothing, and would let a client hold ~64 MiB of patterns per connection.
+pub const MAX_SUBSCRIPTION_BYTES: usize = MAX_ENTITY_ID_BYTES + 1;
+
+/// Why `entity_id` cannot be a subscription: one that no entity id could ever match.
+fn check_subscription(entity_id: &str) -> Result<(), String> {
+    if entity_id.len() > MAX_SUBSCRIPTION_BYTES {
+        return Err(format!(
+            "entity_id must be at most {MAX_ENTITY_ID_BYTES} bytes (a prefix pattern: \
+             {MAX_SUBSCRIPTION_BYTES} with its *)"
+        ));
+    }
+    if entity_id.chars().any(char::is_control) {
+        return Err("entity_id must not contain control characters".into());
+    }
+    Ok(())
+}
 /// How long shutdown waits for connections to send their close frames.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
@@ -641,6 +659,9 @@ impl Hub {
         subscribe: bool,
         entity_id: &str,
     ) -> Result<(), String> {
+        if subscribe {
+            check_subscription(entity_id)?;
+        }
         let pattern = Pattern::parse(entity_id);
         let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
         if subscribe {

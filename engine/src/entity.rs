@@ -21,6 +21,9 @@ use hashbrown::{HashMap, HashSet};
 use crate::json;
 use crate::record::LogPosition;
 
+/// Longest entity id, in bytes (SPEC "Events": `entity_id` at most 512 bytes).
+pub const MAX_ENTITY_ID_BYTES: usize = 512;
+
 /// Above this many properties in one event, merging switches from linear search to hash maps.
 const SMALL_EVENT_PROPERTIES: usize = 8;
 

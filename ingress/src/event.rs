@@ -18,7 +18,7 @@ use crate::scan;
 /// Limits of the contract (SPEC "Events").
 pub const MAX_STREAM_CHARS: usize = 128;
 pub const MAX_SOURCE_BYTES: usize = 256;
-pub const MAX_ENTITY_ID_BYTES: usize = 512;
+pub const MAX_ENTITY_ID_BYTES: usize = flux_engine::entity::MAX_ENTITY_ID_BYTES;
 pub const MAX_EVENT_ID_BYTES: usize = 256;
 /// Deepest nesting of arrays/objects a property value may have: deeper values are refused, as
 /// common JSON clients (serde_json, Python) cannot read them back.
