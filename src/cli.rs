@@ -676,10 +676,12 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
         .send(Message::text(subscribe))
         .map_err(|error| unreachable(base, &error))?;
     // Subscribed: from here on waiting for updates is the job, however long the server is
-    // quiet, so the handshake's timeouts end.
+    // quiet, so the handshake's timeouts end. Reads wake every STDOUT_CHECK to see whether
+    // stdout's reader went away (`flux watch … | head -1`), which a quiet server would
+    // otherwise leave unnoticed until the next message.
     let stream = socket.get_ref();
     stream
-        .set_read_timeout(None)
+        .set_read_timeout(Some(STDOUT_CHECK))
         .and_then(|()| stream.set_write_timeout(None))
         .map_err(|error| unreachable(base, &error))?;
     let _ = writeln!(
@@ -690,9 +692,24 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
     let mut seen = 0;
     let mut stdout = std::io::stdout().lock();
     while count.is_none_or(|limit| seen < limit) {
-        let message = socket.read().map_err(|error| {
-            Failure::Connection(format!("connection to {base} lost: {}", cause(&error)))
-        })?;
+        let message = match socket.read() {
+            Ok(message) => message,
+            // The read timed out (STDOUT_CHECK): tungstenite keeps what it had read so far.
+            Err(tungstenite::Error::Io(error))
+                if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                if stdout_reader_gone() {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(error) => {
+                return Err(Failure::Connection(format!(
+                    "connection to {base} lost: {}",
+                    cause(&error)
+                )));
+            }
+        };
         let text = match message {
             Message::Text(text) => text,
             Message::Close(frame) => {
@@ -739,6 +756,21 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
     let _ = socket.close(None);
     let _ = socket.flush();
     Ok(())
+}
+
+/// How often a quiet `watch` checks that stdout still has a reader.
+const STDOUT_CHECK: Duration = Duration::from_millis(500);
+
+/// Whether stdout is a pipe whose reader has gone (writing would fail with a broken pipe).
+fn stdout_reader_gone() -> bool {
+    let mut poll = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout; poll only reports on the descriptor.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0 && poll.revents & libc::POLLERR != 0
 }
 
 /// The `type` of a server message, read without parsing (or altering) anything else.

@@ -611,6 +611,41 @@ fn watch_prints_values_exactly_as_sent() {
     }
 }
 
+/// `flux watch … | head -1`: once stdout's reader is gone, watch ends without waiting for the
+/// next message (the server stays quiet after the one update read).
+#[test]
+fn watch_ends_when_its_reader_goes_away() {
+    let server = Server::start();
+    let mut watcher = Cli::new(server.url(), &["watch", "gone/*"]).spawn();
+    let mut stderr = BufReader::new(watcher.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    stderr.read_line(&mut said).expect("stderr");
+    assert!(said.contains("watching"), "{said}");
+    thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let mut stdout = BufReader::new(watcher.stdout.take().expect("stdout"));
+    let (lines, line) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_line(&mut text);
+        let _ = lines.send(text);
+        // `stdout`, the pipe's only reader, is dropped here, as `head -1` exits.
+    });
+    // The subscribe is on its way once watch says so; one update, published again only if the
+    // first came before the server took the subscription.
+    let mut published = 0;
+    let text = loop {
+        published += 1;
+        server.put("gone/a", json!({"n": published}));
+        if let Ok(text) = line.recv_timeout(Duration::from_secs(2)) {
+            break text;
+        }
+        assert!(published < 5, "watch printed nothing");
+    };
+    assert!(text.contains("gone/a"), "{text}");
+    let run = finish(watcher, Duration::from_secs(10), &[]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+}
+
 #[test]
 fn watch_prints_deletes() {
     let server = Server::start();
