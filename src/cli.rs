@@ -473,37 +473,48 @@ fn execute(command: Command) -> Result<(), Failure> {
 fn batch_delete(client: &Client<'_>, body: &str) -> Result<(), Failure> {
     let path = "/api/state/entities/delete";
     let first = client.send("POST", path, Auth::Token, Some(body))?;
-    let remaining = |reply: &Value| reply.get("remaining").and_then(Value::as_u64);
-    let deleted = |reply: &Value| reply.get("deleted").and_then(Value::as_u64).unwrap_or(0);
-    let mut reply: Value = match serde_json::from_str(&first) {
-        Ok(reply) if remaining(&reply).is_some_and(|n| n > 0) && deleted(&reply) > 0 => reply,
+    let mut reply = match serde_json::from_str::<DeleteReply>(&first) {
+        Ok(reply) if reply.more_to_do() => reply,
         _ => return print_reply(&first),
     };
-    let mut total = json!({"deleted": 0, "failed": 0, "errors": []});
+    let mut total = DeleteReply::default();
     loop {
-        total["deleted"] = json!(deleted(&total) + deleted(&reply));
-        let failed = |r: &Value| r.get("failed").and_then(Value::as_u64).unwrap_or(0);
-        total["failed"] = json!(failed(&total) + failed(&reply));
-        if let (Some(all), Some(more)) = (
-            total["errors"].as_array_mut(),
-            reply.get("errors").and_then(Value::as_array),
-        ) {
-            all.extend(more.iter().cloned());
-        }
-        match remaining(&reply) {
-            Some(left) if left > 0 && deleted(&reply) > 0 => {}
-            Some(left) if left > 0 => {
-                total["remaining"] = json!(left);
-                break;
-            }
-            _ => break,
+        total.deleted += reply.deleted;
+        total.failed += reply.failed;
+        total.errors.append(&mut reply.errors);
+        total.remaining = reply.remaining.filter(|&left| left > 0);
+        if !reply.more_to_do() {
+            break;
         }
         let text = client.send("POST", path, Auth::Token, Some(body))?;
         reply = serde_json::from_str(&text).map_err(|e| {
-            Failure::Connection(format!("the server's reply is not JSON ({e}): {text}"))
+            Failure::Connection(format!(
+                "the server's reply is not as expected ({e}): {text}"
+            ))
         })?;
     }
-    print_reply(&total.to_string())
+    let text = serde_json::to_string(&total)
+        .map_err(|e| Failure::Connection(format!("encoding the totals: {e}")))?;
+    print_reply(&text)
+}
+
+/// A batch delete's reply, or the sum of several.
+#[derive(Default, serde::Deserialize, serde::Serialize)]
+struct DeleteReply {
+    deleted: u64,
+    failed: u64,
+    #[serde(default)]
+    errors: Vec<Value>,
+    /// Entities that still match (the server deletes at most 10,000 a call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remaining: Option<u64>,
+}
+
+impl DeleteReply {
+    /// More entities match, and this call got somewhere: calling again will too.
+    fn more_to_do(&self) -> bool {
+        self.remaining.is_some_and(|left| left > 0) && self.deleted > 0
+    }
 }
 
 /// Which token a request carries.
