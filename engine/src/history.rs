@@ -113,6 +113,7 @@ impl History {
     }
 
     /// How many positions are held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         match self {
             History::Empty => 0,

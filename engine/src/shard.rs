@@ -523,7 +523,8 @@ impl Slot {
 ///
 /// Valid only while no bucket moves. The table moves buckets when it grows or rehashes (only
 /// ever inside an insert made with no room left) and frees or moves them when history is
-/// forgotten (`retain`, then maybe a shrink); the shard drops its [`Order`] before either ([`slot_in`], [`Shard::forget_history_before`]).
+/// forgotten (`retain`, then maybe a shrink); the shard drops its [`Order`] before either
+/// ([`slot_in`], [`Shard::forget_history_before`]).
 struct SortedIds {
     buckets: Vec<u32>,
 }
@@ -698,7 +699,8 @@ struct Shard {
     freed_slots: bool,
 }
 
-/// Most event sources one shard tracks for "active publishers": ~16 MiB of table at most. Past
+/// Most event sources one shard tracks for "active publishers": ~34 MiB of table at most (2^21
+/// buckets of 17 bytes). Past
 /// it, sources not yet tracked are not counted until tracked ones go quiet, so the count is a
 /// lower bound there (a publisher id per event would otherwise grow memory without bound).
 const ACTIVE_SOURCES_TRACKED: usize = 1 << 20;
