@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use flux_engine::Engine;
-use flux_engine::entity::MAX_ENTITY_ID_BYTES;
+use flux_engine::entity::check_entity_id;
 use flux_engine::json;
 use flux_engine::record::PropertyIter;
 use flux_engine::shard::ChangeObserver;
@@ -117,23 +117,17 @@ fn send_batched<'a>(
 
 /// Subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 1024;
-/// Longest subscription: an entity id, or an id prefix and its `*`. Longer ones could match
-/// nothing, and would let a client hold ~64 MiB of patterns per connection.
-pub const MAX_SUBSCRIPTION_BYTES: usize = MAX_ENTITY_ID_BYTES + 1;
 
-/// Why `entity_id` cannot be a subscription: one that no entity id could ever match.
+/// Why `entity_id` cannot be a subscription: `*`, or an entity id ([`check_entity_id`]) or
+/// id prefix followed by `*`, as no other could ever match.
 fn check_subscription(entity_id: &str) -> Result<(), String> {
-    if entity_id.len() > MAX_SUBSCRIPTION_BYTES {
-        return Err(format!(
-            "entity_id must be at most {MAX_ENTITY_ID_BYTES} bytes (a prefix pattern: \
-             {MAX_SUBSCRIPTION_BYTES} with its *)"
-        ));
+    match entity_id.strip_suffix('*') {
+        Some("") => Ok(()),
+        Some(prefix) => check_entity_id(prefix, "entity_id (before its *)"),
+        None => check_entity_id(entity_id, "entity_id"),
     }
-    if entity_id.chars().any(char::is_control) {
-        return Err("entity_id must not contain control characters".into());
-    }
-    Ok(())
 }
+
 /// How long shutdown waits for connections to send their close frames.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 

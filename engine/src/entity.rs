@@ -1,4 +1,5 @@
-//! Entity state as a shard stores it, and property merging.
+//! Entity state as a shard stores it, property merging, and the rule an entity id follows
+//! ([`check_entity_id`], shared by event validation and WebSocket subscriptions).
 //!
 //! One entity is one heap block holding its accept time, its id and its properties, in
 //! first-set order:
@@ -23,6 +24,24 @@ use crate::record::LogPosition;
 
 /// Longest entity id, in bytes (SPEC "Events": `entity_id` at most 512 bytes).
 pub const MAX_ENTITY_ID_BYTES: usize = 512;
+
+/// Checks an entity id: non-empty, at most 512 bytes, no control characters.
+pub fn check_entity_id(id: &str, field: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(format!("{field} must not be empty"));
+    }
+    if id.len() > MAX_ENTITY_ID_BYTES {
+        return Err(format!(
+            "{field} must be at most {MAX_ENTITY_ID_BYTES} bytes"
+        ));
+    }
+    // Printable ASCII, the usual id, is checked by bytes; anything else by characters.
+    let printable_ascii = id.bytes().all(|b| (0x20..0x7F).contains(&b));
+    if !printable_ascii && id.chars().any(char::is_control) {
+        return Err(format!("{field} must not contain control characters"));
+    }
+    Ok(())
+}
 
 /// Above this many properties in one event, merging switches from linear search to hash maps.
 const SMALL_EVENT_PROPERTIES: usize = 8;

@@ -18,7 +18,7 @@ use crate::scan;
 /// Limits of the contract (SPEC "Events").
 pub const MAX_STREAM_CHARS: usize = 128;
 pub const MAX_SOURCE_BYTES: usize = 256;
-pub const MAX_ENTITY_ID_BYTES: usize = flux_engine::entity::MAX_ENTITY_ID_BYTES;
+pub use flux_engine::entity::{MAX_ENTITY_ID_BYTES, check_entity_id};
 pub const MAX_EVENT_ID_BYTES: usize = 256;
 /// Deepest nesting of arrays/objects a property value may have: deeper values are refused, as
 /// common JSON clients (serde_json, Python) cannot read them back.
@@ -130,24 +130,6 @@ pub fn check_stream(stream: &str) -> Result<(), String> {
     }
     if stream.starts_with('.') || stream.ends_with('.') || stream.contains("..") {
         return Err("stream must not start or end with a dot or contain two dots in a row".into());
-    }
-    Ok(())
-}
-
-/// Checks an entity id: non-empty, at most 512 bytes, no control characters.
-pub fn check_entity_id(id: &str, field: &str) -> Result<(), String> {
-    if id.is_empty() {
-        return Err(format!("{field} must not be empty"));
-    }
-    if id.len() > MAX_ENTITY_ID_BYTES {
-        return Err(format!(
-            "{field} must be at most {MAX_ENTITY_ID_BYTES} bytes"
-        ));
-    }
-    // Printable ASCII, the usual id, is checked by bytes; anything else by characters.
-    let printable_ascii = id.bytes().all(|b| (0x20..0x7F).contains(&b));
-    if !printable_ascii && id.chars().any(char::is_control) {
-        return Err(format!("{field} must not contain control characters"));
     }
     Ok(())
 }
