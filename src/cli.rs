@@ -4,6 +4,11 @@
 //!
 //! Owns the client subcommands' arguments, building each request (ids percent-encoded, missing
 //! timestamps filled with the current time), printing the reply, and the exit code.
+//! An `https://` URL (a TLS terminator in front of the plain-HTTP server) is reached over TLS,
+//! `watch` over `wss://`, with `flux_tls`'s policy, the load generator's: the server's
+//! certificate is checked against the system's roots plus `--ca-cert` (`FLUX_CA_CERT`), and
+//! against the URL's host, always; a certificate not trusted is a connection failure that says
+//! so and points to `--ca-cert`.
 //! Invariants: on success the server's reply goes to stdout unchanged (one JSON document; for
 //! `watch`, each message as sent, one a line; `batch-delete` repeated past the server's 10,000
 //! a call prints the sum of its replies); on failure the server's `{"error": ...}` body, or
@@ -13,9 +18,12 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{ArgGroup, Args, Subcommand};
+use flux_tls::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -30,7 +38,8 @@ Exit codes of the client commands:
   1  the server answered with an error status (its {\"error\": ...} body is on stderr),
      or refused watch's subscription (its {\"type\":\"error\",...} message is on stderr)
   2  usage error: bad arguments, or a JSON argument that does not parse
-  3  could not reach the server: connection refused, name lookup, timeout, connection lost";
+  3  could not reach the server: connection refused, name lookup, timeout, connection lost,
+     TLS certificate not trusted (for https://: give it or its CA with --ca-cert)";
 
 /// Everything but RFC 3986 unreserved characters is encoded, as `flux.sh` does: an id's `/`
 /// travels as `%2F`.
@@ -50,15 +59,21 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// any live server answers at once.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where the server is and how to authenticate (every client command takes these). An empty
-/// value counts as unset, as `flux.sh`'s `${FLUX_URL:-…}` has it: clap takes a variable set
-/// to "" as a value and has no setting to ignore it, so [`ServerArgs::url`] and
-/// [`Client::send`] skip empty values.
+/// Where the server is, which certificates to trust there, and how to authenticate (every
+/// client command takes these). An empty value counts as unset, as `flux.sh`'s
+/// `${FLUX_URL:-…}` has it: clap takes a variable set to "" as a value and has no setting to
+/// ignore it, so [`ServerArgs::url`], [`ServerArgs::tls_config`] and [`Client::send`] skip
+/// empty values.
 #[derive(Args)]
 pub struct ServerArgs {
-    /// Base URL of the Flux server [default: http://127.0.0.1:3000].
+    /// Base URL of the Flux server, http:// or https:// [default: http://127.0.0.1:3000].
     #[arg(long, env = "FLUX_URL")]
     url: Option<String>,
+    /// For an https:// URL: PEM file of certificates to trust besides the system's (a private
+    /// CA, or the server's self-signed certificate). The server's certificate and host name
+    /// are always checked.
+    #[arg(long, env = "FLUX_CA_CERT", value_name = "PATH")]
+    ca_cert: Option<PathBuf>,
     /// Bearer token sent with writes (a namespace token, or the admin token).
     #[arg(long, env = "FLUX_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -74,6 +89,19 @@ impl ServerArgs {
             .as_deref()
             .filter(|url| !url.is_empty())
             .unwrap_or(DEFAULT_URL)
+    }
+
+    /// The TLS client configuration for an `https://` URL: the system's roots plus
+    /// `--ca-cert` (`flux_tls`'s policy, shared with `flux-loadtest`). A `--ca-cert` that
+    /// cannot be read or holds no certificate is a usage error.
+    fn tls_config(&self) -> Result<Arc<ClientConfig>, Failure> {
+        let ca_cert = self
+            .ca_cert
+            .as_deref()
+            .filter(|path| !path.as_os_str().is_empty());
+        flux_tls::client_config(ca_cert)
+            .map(Arc::new)
+            .map_err(|error| Failure::Usage(format!("{error:#}")))
     }
 }
 
@@ -545,11 +573,14 @@ impl<'a> Client<'a> {
                 server.url()
             )));
         }
-        let agent = ureq::AgentBuilder::new()
+        let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(CONNECT_TIMEOUT)
             .timeout_read(IO_TIMEOUT)
-            .timeout_write(IO_TIMEOUT)
-            .build();
+            .timeout_write(IO_TIMEOUT);
+        if base.starts_with("https://") {
+            agent = agent.tls_config(server.tls_config()?);
+        }
+        let agent = agent.build();
         Ok(Client {
             server,
             base,
@@ -640,9 +671,37 @@ fn read_body(response: ureq::Response, url: &str) -> Result<String, Failure> {
     Ok(body)
 }
 
-/// The server at `url` could not be reached, for the innermost cause of `error`.
+/// The server at `url` could not be reached, for the innermost cause of `error`; a
+/// certificate that is not trusted says so, and how to trust it.
 fn unreachable(url: &str, error: &(dyn std::error::Error + 'static)) -> Failure {
+    if let Some(refused) = certificate_error(error) {
+        return Failure::Connection(format!(
+            "cannot reach {url}: its TLS certificate is not trusted ({refused}); \
+             give the certificate or its CA with --ca-cert"
+        ));
+    }
     Failure::Connection(format!("cannot reach {url}: {}", cause(error)))
+}
+
+/// The certificate check that refused the server, found anywhere in `error`'s chain: rustls
+/// reports it as the payload of an I/O error, which ureq and tungstenite wrap again.
+fn certificate_error<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls @ rustls::Error::InvalidCertificate(_)) = tls {
+            return Some(tls);
+        }
+        next = error.source();
+    }
+    None
 }
 
 /// What went wrong, said once: ureq and tungstenite wrap the I/O error, each layer adding its
@@ -669,19 +728,17 @@ fn cause(error: &(dyn std::error::Error + 'static)) -> String {
 /// (or forever).
 fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), Failure> {
     let base = server.url().trim_end_matches('/');
-    let websocket_url = if let Some(rest) = base.strip_prefix("http://") {
-        format!("ws://{rest}/api/ws")
-    } else if base.starts_with("https://") {
-        return Err(Failure::Usage(
-            "watch speaks plain ws:// only; this build has no TLS for WebSocket".into(),
-        ));
+    let (websocket_url, tls) = if let Some(rest) = base.strip_prefix("http://") {
+        (format!("ws://{rest}/api/ws"), None)
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        (format!("wss://{rest}/api/ws"), Some(server.tls_config()?))
     } else {
         return Err(Failure::Usage(format!(
-            "--url {:?} must start with http://",
+            "--url {:?} must start with http:// or https://",
             server.url()
         )));
     };
-    let mut socket = open_websocket(base, &websocket_url)?;
+    let mut socket = open_websocket(base, &websocket_url, tls)?;
     let subscribe = json!({"type": "subscribe", "entity_id": pattern}).to_string();
     socket
         .send(Message::text(subscribe))
@@ -690,7 +747,7 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
     // quiet, so the handshake's timeouts end. Reads wake every STDOUT_CHECK to see whether
     // stdout's reader went away (`flux watch … | head -1`), which a quiet server would
     // otherwise leave unnoticed until the next message.
-    let stream = socket.get_ref();
+    let stream = socket.get_ref().tcp();
     stream
         .set_read_timeout(Some(STDOUT_CHECK))
         .and_then(|()| stream.set_write_timeout(None))
@@ -705,7 +762,8 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
     while count.is_none_or(|limit| seen < limit) {
         let message = match socket.read() {
             Ok(message) => message,
-            // The read timed out (STDOUT_CHECK): tungstenite keeps what it had read so far.
+            // The read timed out (STDOUT_CHECK): tungstenite keeps what it had read so far,
+            // and rustls what it had of a TLS record.
             Err(tungstenite::Error::Io(error))
                 if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
             {
@@ -791,11 +849,57 @@ struct MessageKind<'a> {
     kind: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// The WebSocket of the server at `base`, for `websocket_url`. Reaching the server and the
-/// handshake are bounded ([`CONNECT_TIMEOUT`], then [`HANDSHAKE_TIMEOUT`] for
-/// each read or write): a server that accepts connections but never answers is reported as
-/// unreachable instead of waited for forever. The timeouts stay set; the caller ends them.
-fn open_websocket(base: &str, websocket_url: &str) -> Result<WebSocket<TcpStream>, Failure> {
+/// `watch`'s connection: a plain socket (`ws://`), or a TLS session on one (`wss://`).
+enum WsStream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl WsStream {
+    /// The TCP socket underneath, whose timeouts bound every read and write.
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            WsStream::Plain(stream) => stream,
+            WsStream::Tls(stream) => stream.get_ref(),
+        }
+    }
+}
+
+impl Read for WsStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            WsStream::Plain(stream) => stream.read(buf),
+            WsStream::Tls(stream) => stream.read(buf),
+        }
+    }
+}
+
+impl Write for WsStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            WsStream::Plain(stream) => stream.write(buf),
+            WsStream::Tls(stream) => stream.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            WsStream::Plain(stream) => stream.flush(),
+            WsStream::Tls(stream) => stream.flush(),
+        }
+    }
+}
+
+/// The WebSocket of the server at `base`, for `websocket_url`; over TLS with `tls` (a
+/// `wss://` URL), the certificate checked for the URL's host. Reaching the server and the
+/// TLS and WebSocket handshakes are bounded ([`CONNECT_TIMEOUT`], then [`HANDSHAKE_TIMEOUT`]
+/// for each read or write): a server that accepts connections but never answers is reported
+/// as unreachable instead of waited for forever. The timeouts stay set; the caller ends them.
+fn open_websocket(
+    base: &str,
+    websocket_url: &str,
+    tls: Option<Arc<ClientConfig>>,
+) -> Result<WebSocket<WsStream>, Failure> {
     let request = websocket_url
         .into_client_request()
         .map_err(|reason| Failure::Usage(format!("{websocket_url}: {reason}")))?;
@@ -804,12 +908,30 @@ fn open_websocket(base: &str, websocket_url: &str) -> Result<WebSocket<TcpStream
     };
     // An IPv6 address comes in brackets (`[::1]`); the resolver wants it bare.
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = request.uri().port_u16().unwrap_or(80);
-    let stream = connect(host, port).map_err(|error| unreachable(base, &error))?;
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
+    let default_port = if tls.is_some() { 443 } else { 80 };
+    let port = request.uri().port_u16().unwrap_or(default_port);
+    let mut tcp = connect(host, port).map_err(|error| unreachable(base, &error))?;
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .and_then(|()| tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
         .map_err(|error| unreachable(base, &error))?;
+    let stream = match tls {
+        None => WsStream::Plain(tcp),
+        Some(config) => {
+            let name = flux_tls::server_name(host)
+                .map_err(|error| Failure::Usage(format!("{websocket_url}: {error:#}")))?;
+            let mut session = ClientConnection::new(config, name).map_err(|error| {
+                Failure::Connection(format!("cannot reach {base}: TLS: {error}"))
+            })?;
+            // The TLS handshake first, so that its failures (a certificate not trusted) are
+            // told as such rather than as a failed WebSocket handshake.
+            while session.is_handshaking() {
+                session
+                    .complete_io(&mut tcp)
+                    .map_err(|error| tls_handshake_failure(base, &error))?;
+            }
+            WsStream::Tls(Box::new(StreamOwned::new(session, tcp)))
+        }
+    };
     match tungstenite::client(request, stream) {
         Ok((socket, _)) => Ok(socket),
         Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => Err(Failure::Http {
@@ -827,6 +949,17 @@ fn open_websocket(base: &str, websocket_url: &str) -> Result<WebSocket<TcpStream
             "cannot reach {base}: no answer to the WebSocket handshake within {HANDSHAKE_TIMEOUT:?}"
         ))),
     }
+}
+
+/// The TLS handshake with the server at `base` failed with `error`; a read or write timeout
+/// (WouldBlock on Unix) is a server that does not answer.
+fn tls_handshake_failure(base: &str, error: &std::io::Error) -> Failure {
+    if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+        return Failure::Connection(format!(
+            "cannot reach {base}: no answer to the TLS handshake within {HANDSHAKE_TIMEOUT:?}"
+        ));
+    }
+    unreachable(base, error)
 }
 
 /// A TCP connection to the first address of `host` that answers within [`CONNECT_TIMEOUT`];

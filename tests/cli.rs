@@ -4,8 +4,13 @@
 //! real server started by the harness, and checks stdout, stderr and the exit code
 //! (0 success, 1 HTTP error, 2 usage error, 3 connection failure).
 //!
+//! `https://` URLs (`--ca-cert`, `watch` over `wss://`) are tested through the load
+//! generator's TLS terminator (`loadtest/tests/support/`) in front of the plain-HTTP server.
+//!
 //! Every run of the CLI has a deadline; a run that overruns is killed and the test fails.
 
+#[path = "../loadtest/tests/support/tls_terminator.rs"]
+mod tls_terminator;
 mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,6 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tls_terminator::TlsTerminator;
 use util::*;
 
 /// Longest a CLI run may take.
@@ -585,18 +591,11 @@ fn watch_prints_updates_published_meanwhile() {
 fn watch_prints_values_exactly_as_sent() {
     let server = Server::start();
     let args = ["watch", "exact/*", "--count", "3"];
-    let mut watcher = Cli::new(server.url(), &args).spawn();
+    let watcher = Cli::new(server.url(), &args).spawn();
     let body = br#"{"stream":"s","source":"a","timestamp":1764000000000,
         "payload":{"entity_id":"exact/x","properties":
         {"big":123456789012345678901234567890,"f":1.10,"e":1e400}}}"#;
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    while Instant::now() < deadline && matches!(watcher.try_wait(), Ok(None)) {
-        let reply = server.post_raw("/api/events", body);
-        assert_eq!(reply.status, 200, "{reply:?}");
-        thread::sleep(Duration::from_millis(100));
-    }
-    let run = finish(watcher, Duration::from_secs(5), &[]);
-    assert_eq!(run.code, Some(0), "{run:?}");
+    let run = publish_until_it_exits(&server, watcher, body);
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{run:?}");
     for line in lines {
@@ -611,12 +610,43 @@ fn watch_prints_values_exactly_as_sent() {
     }
 }
 
+/// Publishes the event `body` every 100 ms (a subscribe has no reply, so an event may come
+/// before the server took it) until `watcher` exits, which it must do with exit 0.
+fn publish_until_it_exits(server: &Server, mut watcher: Child, body: &[u8]) -> Run {
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    while Instant::now() < deadline && matches!(watcher.try_wait(), Ok(None)) {
+        let reply = server.post_raw("/api/events", body);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let run = finish(watcher, Duration::from_secs(5), &[]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    run
+}
+
 /// `flux watch … | head -1`: once stdout's reader is gone, watch ends without waiting for the
 /// next message (the server stays quiet after the one update read).
 #[test]
 fn watch_ends_when_its_reader_goes_away() {
     let server = Server::start();
-    let mut watcher = Cli::new(server.url(), &["watch", "gone/*"]).spawn();
+    watch_until_the_reader_goes_away(&server, Cli::new(server.url(), &["watch", "gone/*"]));
+}
+
+/// As [`watch_ends_when_its_reader_goes_away`], over `wss://`: the read timeouts that let watch
+/// look at stdout are on the socket under the TLS session.
+#[test]
+fn watch_over_wss_ends_when_its_reader_goes_away() {
+    let server = Server::start();
+    let tls = TlsTerminator::start(server.port());
+    let cert = tls.cert.to_str().expect("UTF-8 path");
+    let args = ["watch", "gone/*", "--ca-cert", cert];
+    watch_until_the_reader_goes_away(&server, Cli::new(&tls.url, &args));
+}
+
+/// Runs `watcher` (a `watch "gone/*"`), reads one line of its stdout, drops the pipe as
+/// `head -1` does, and checks that watch then ends by itself with exit 0.
+fn watch_until_the_reader_goes_away(server: &Server, watcher: Cli) {
+    let mut watcher = watcher.spawn();
     let mut stderr = BufReader::new(watcher.stderr.take().expect("stderr"));
     let mut said = String::new();
     stderr.read_line(&mut said).expect("stderr");
@@ -925,5 +955,126 @@ fn publish_and_batch_keep_numbers_beyond_64_bits_exactly() {
     assert!(
         text.contains("\"f\":1.50"),
         "values travel as typed: {text}"
+    );
+}
+
+/// Through a TLS terminator whose self-signed certificate is given with `--ca-cert` (or
+/// `FLUX_CA_CERT`), the HTTP commands work as over plain HTTP.
+#[test]
+fn https_commands_trust_the_ca_cert_given() {
+    let server = Server::start();
+    let tls = TlsTerminator::start(server.port());
+    let cert = tls.cert.to_str().expect("UTF-8 path");
+    let reply = Cli::new(
+        &tls.url,
+        &[
+            "publish",
+            "s",
+            "cli",
+            "tls/one",
+            r#"{"n":1.50}"#,
+            "--ca-cert",
+            cert,
+        ],
+    )
+    .run()
+    .ok_json();
+    assert!(reply["eventId"].as_str().is_some_and(is_uuid_v7), "{reply}");
+    let url = tls.url.as_str();
+    let entity = Cli::new("", &["get", "tls/one", "--url", url, "--ca-cert", cert])
+        .run()
+        .ok_json();
+    assert_eq!(entity["properties"], json!({"n": 1.50}), "{entity}");
+    // The variable, as `FLUX_URL` / `FLUX_TOKEN` are given.
+    let run = Cli::new(url, &["list", "--prefix", "tls/"])
+        .env("FLUX_CA_CERT", cert)
+        .run();
+    assert_eq!(ids(&run.ok_json()), ["tls/one"], "{run:?}");
+    // What the terminator forwarded is what the server holds.
+    assert_eq!(server.props("tls/one"), json!({"n": 1.50}));
+}
+
+/// A certificate that is not trusted (none given, another one given, or one that does not name
+/// the host of `--url`, even the exact certificate given) ends every command, `watch` too, with exit 3 and one line that says so.
+#[test]
+fn an_untrusted_certificate_is_refused_with_one_clear_line() {
+    let server = Server::start();
+    let tls = TlsTerminator::start(server.port());
+    let other = TlsTerminator::start(server.port());
+    let other_cert = other.cert.to_str().expect("UTF-8 path");
+    let cert = tls.cert.to_str().expect("UTF-8 path");
+    // Same port and certificate, but a host name the certificate (for 127.0.0.1) does not name.
+    let by_name = tls.url.replace("127.0.0.1", "localhost");
+    // `openssl req -x509`'s default certificate, marked as a CA's: trusted as that exact
+    // certificate when given, but the host name is still checked.
+    let pinned = TlsTerminator::start_with(server.port(), &[]);
+    let pinned_cert = pinned.cert.to_str().expect("UTF-8 path");
+    let pinned_by_name = pinned.url.replace("127.0.0.1", "localhost");
+    let cases = [
+        (tls.url.as_str(), None, "UnknownIssuer"),
+        // Both certificates have the same subject: the other one is taken for the issuer,
+        // whose signature then does not match.
+        (tls.url.as_str(), Some(other_cert), "BadSignature"),
+        (by_name.as_str(), Some(cert), "not valid for name"),
+        (
+            pinned_by_name.as_str(),
+            Some(pinned_cert),
+            "not valid for name",
+        ),
+    ];
+    for (url, ca_cert, why) in cases {
+        for command in [
+            vec!["health"],
+            vec!["get", "acme/x"],
+            vec!["publish", "s", "a", "acme/x", "{}"],
+            vec!["watch", "*", "--count", "1"],
+        ] {
+            let mut args = command.clone();
+            if let Some(path) = ca_cert {
+                args.extend(["--ca-cert", path]);
+            }
+            let run = Cli::new(url, &args).run();
+            assert_eq!(run.code, Some(3), "{args:?} at {url}: {run:?}");
+            assert!(run.stdout.is_empty(), "{run:?}");
+            assert_eq!(run.stderr.lines().count(), 1, "{args:?}: {run:?}");
+            let line = run.stderr.trim_end();
+            assert!(
+                line.starts_with(&format!("flux: cannot reach {url}: ")),
+                "{args:?}: {line}"
+            );
+            for needle in ["certificate is not trusted", "--ca-cert", why] {
+                assert!(line.contains(needle), "{args:?} lacks {needle:?}: {line}");
+            }
+        }
+    }
+    assert_eq!(server.list("?prefix=acme/").len(), 0, "a write got through");
+}
+
+/// `watch` over `wss://` (from an `https://` URL): an update published after the subscription
+/// is printed exactly as the server sent it.
+#[test]
+fn watch_over_wss_prints_updates_exactly_as_sent() {
+    let server = Server::start();
+    let tls = TlsTerminator::start(server.port());
+    let cert = tls.cert.to_str().expect("UTF-8 path");
+    let args = ["watch", "exact/*", "--count", "1", "--ca-cert", cert];
+    let mut watcher = Cli::new(&tls.url, &args).spawn();
+    let mut stderr = BufReader::new(watcher.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    stderr.read_line(&mut said).expect("stderr");
+    let wss = format!("{}/api/ws", tls.url.replace("https://", "wss://"));
+    assert!(said.contains("watching") && said.contains(&wss), "{said}");
+    let body = br#"{"stream":"s","source":"a","timestamp":1764000000000,
+        "payload":{"entity_id":"exact/x","properties":{"big":123456789012345678901234567890}}}"#;
+    let run = publish_until_it_exits(&server, watcher, body);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{run:?}");
+    let message: Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    assert_eq!(message["type"], "state_update", "{message}");
+    assert_eq!(message["entity_id"], "exact/x", "{message}");
+    assert!(
+        lines[0].contains(r#""value":123456789012345678901234567890"#),
+        "{}",
+        lines[0]
     );
 }

@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+#[path = "support/tls_terminator.rs"]
+mod tls_terminator;
+
+use tls_terminator::TlsTerminator;
+
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -943,75 +948,6 @@ fn bad_values_are_refused_before_anything_runs() {
             "{args:?} printed a result: {stdout}"
         );
         assert!(!stderr.trim().is_empty(), "{args:?} failed without a word");
-    }
-}
-
-/// A TLS terminator (`tests/support/tls_terminator.py`) in front of a plain-HTTP server, with
-/// a self-signed certificate for 127.0.0.1 made by `openssl`; it stops by itself.
-struct TlsTerminator {
-    child: Child,
-    url: String,
-    cert: PathBuf,
-    _dir: TempDir,
-}
-
-impl TlsTerminator {
-    fn start(upstream_port: u16) -> TlsTerminator {
-        TlsTerminator::start_with(
-            upstream_port,
-            &["-addext", "basicConstraints=critical,CA:FALSE"],
-        )
-    }
-
-    /// With `openssl req -x509`'s own defaults for the rest: OpenSSL 3 marks the certificate
-    /// as a CA's (`CA:TRUE`), which chain checks refuse as a server's own.
-    fn start_with(upstream_port: u16, extra: &[&str]) -> TlsTerminator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        let made = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-            .args(["-subj", "/CN=flux-loadtest-test"])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-            .args(extra)
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("run openssl");
-        assert!(made.success(), "openssl could not make a certificate");
-        let script = workspace_root().join("loadtest/tests/support/tls_terminator.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(&cert)
-            .arg(&key)
-            .args([&upstream_port.to_string(), "90"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the TLS terminator");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("terminator stdout"))
-            .read_line(&mut line)
-            .expect("the terminator's port");
-        let port: u16 = line.trim().parse().expect("a port number");
-        TlsTerminator {
-            child,
-            url: format!("https://127.0.0.1:{port}"),
-            cert,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for TlsTerminator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -1,5 +1,6 @@
 """A TLS terminator in front of a plain-HTTP Flux, as a deployment would put one: the
-generator's https:// test talks TLS to it, and it forwards the bytes to Flux unchanged.
+generator's and the CLI's https:// tests talk TLS to it (through tls_terminator.rs, which runs
+it as `python3 -c`), and it forwards the bytes to Flux unchanged.
 
 usage: tls_terminator.py CERT KEY UPSTREAM_PORT SECONDS
 Prints the port it listens on (127.0.0.1), then serves until SECONDS have passed.
