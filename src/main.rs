@@ -110,6 +110,17 @@ struct ServeArgs {
     /// every upgraded node with `v1` until none runs an older version (decision 0009).
     #[arg(long, env = "FLUX_RECORD_FORMAT", value_enum, default_value_t = RecordFormatArg::Compact)]
     record_format: RecordFormatArg,
+    /// How the local log makes a commit durable: `auto` syncs a commit into a spare segment's
+    /// zeros as an overwrite (its pages, then a flush of the disk's cache) on ext4 without
+    /// `data=journal`, and uses `fdatasync` everywhere else; `fdatasync` always uses it.
+    #[arg(long, env = "FLUX_LOG_SYNC", value_enum, default_value_t = LogSyncArg::Auto)]
+    log_sync: LogSyncArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogSyncArg {
+    Auto,
+    Fdatasync,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -275,6 +286,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         // A leading worker blocks for one fdatasync; with one worker nothing would serve.
         leader_commits: http_workers >= 2,
+        overwrite_sync: matches!(args.log_sync, LogSyncArg::Auto),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(http_workers)

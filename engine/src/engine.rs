@@ -56,6 +56,9 @@ pub struct EngineConfig {
     /// Local log: an appending task that finds the log idle commits small groups itself
     /// ([`LocalLogOptions::leader_commits`]). Needs another HTTP worker to serve meanwhile.
     pub leader_commits: bool,
+    /// Local log: commits into a spare's zeros may be synced as overwrites
+    /// ([`LocalLogOptions::overwrite_sync`]).
+    pub overwrite_sync: bool,
 }
 
 /// The durable log backend.
@@ -130,6 +133,7 @@ fn open_local(
         segment_bytes: config.segment_bytes,
         spin: config.threads.spin,
         leader_commits: config.leader_commits,
+        overwrite_sync: config.overwrite_sync,
         ..LocalLogOptions::default()
     };
     let shards = dispatcher.shard_count();

@@ -46,6 +46,9 @@
 //!   frame never starts with zeros (its length is at least
 //!   [`crate::record::FRAME_HEADER_BYTES`]), so zeros at a frame boundary that run to the end
 //!   of the file are the unused part of a spare, not damage.
+//! - A commit wholly inside a spare's zeros is synced as an overwrite where the filesystem is
+//!   known to overwrite in place ([`super::overwrite`]): its pages, then a flush of the disk's
+//!   cache, without the segment's inode. Every other commit is synced with `fdatasync`.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -58,6 +61,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::log::overwrite::Flusher;
 use crate::log::spare::Spares;
 use crate::log::watch::LeaderWatch;
 use crate::log::{Barrier, Log, LogError};
@@ -100,6 +104,12 @@ pub struct LocalLogOptions {
     pub spare_after_commits: Option<u64>,
     /// Size of the first spare; each next one is twice the last, up to `segment_bytes`.
     pub first_spare_bytes: u64,
+    /// Whether a commit that lies wholly inside a spare's zeros is synced as an overwrite
+    /// (its pages with `sync_file_range`, then a flush of the disk's cache) where the
+    /// filesystem is known to overwrite in place, instead of with `fdatasync` of the segment
+    /// ([`super::overwrite`]). That skips the inode write ext4 without a journal makes for
+    /// the segment's mtime. `false`: always `fdatasync`.
+    pub overwrite_sync: bool,
 }
 
 impl Default for LocalLogOptions {
@@ -110,6 +120,7 @@ impl Default for LocalLogOptions {
             leader_commits: true,
             spare_after_commits: Some(SPARE_AFTER_COMMITS),
             first_spare_bytes: FIRST_SPARE_BYTES,
+            overwrite_sync: true,
         }
     }
 }
@@ -234,6 +245,25 @@ struct Active {
     /// It was a spare of this many bytes (its blocks past the frames are written zeros);
     /// 0 for a segment that grows as it is written.
     prepared: u64,
+    /// Its file's flags allow commits inside `prepared` to be synced as overwrites
+    /// ([`super::overwrite::file_allows`]).
+    overwritable: bool,
+}
+
+impl Active {
+    /// The segment `file`, a spare of `prepared` bytes (0: none); commits into the spare are
+    /// synced as overwrites if `flusher` is given and both the file's flags and its inode
+    /// allow it.
+    fn new(file: File, prepared: u64, flusher: Option<&mut Flusher>) -> Active {
+        let overwritable = prepared > 0
+            && super::overwrite::file_allows(&file)
+            && flusher.is_some_and(|flusher| flusher.keep_apart_from(&file));
+        Active {
+            file,
+            prepared,
+            overwritable,
+        }
+    }
 }
 
 /// Whether every byte of `file` from `from` to `end` is zero.
@@ -444,10 +474,7 @@ impl LocalLog {
         } else {
             0
         };
-        let active = Active {
-            file: active,
-            prepared,
-        };
+        let active = Active::new(active, prepared, None);
         let spares = match options.spare_after_commits {
             Some(_) => Some(Arc::new(Spares::start(dir)?)),
             None => None,
@@ -490,10 +517,7 @@ impl LocalLog {
         File::create(&path)?;
         File::open(&self.shared.dir)?.sync_all()?;
         let file = Arc::new(File::open(&path)?);
-        let active = Active {
-            file: OpenOptions::new().write(true).open(&path)?,
-            prepared: 0,
-        };
+        let active = Active::new(OpenOptions::new().write(true).open(&path)?, 0, None);
         self.shared
             .segments
             .write()
@@ -539,9 +563,22 @@ impl LocalLog {
             return Ok(());
         };
         let spin = options.spin;
+        let mut flush = options
+            .overwrite_sync
+            .then(|| super::overwrite::flusher(&self.shared.dir))
+            .flatten();
+        // The segment opened last may be a spare with commits to come.
+        let active = Active::new(active.file, active.prepared, flush.as_mut());
+        if flush.is_some() {
+            tracing::info!(
+                "commits into spare segments are synced as overwrites (the filesystem is ext4 \
+                 without data=journal; --log-sync fdatasync turns this off)"
+            );
+        }
         *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Writer {
             shared: self.shared.clone(),
             active,
+            flush,
             commits: 0,
             committed_bytes: 0,
             spares: self.spares.clone(),
@@ -879,6 +916,9 @@ impl Log for LocalLog {
 struct Writer {
     shared: Arc<Shared>,
     active: Active,
+    /// The log's flush file (`overwrite::FLUSH_FILE`), to flush the disk's cache with after an overwrite's pages are
+    /// written; `None` where commits are always synced with `fdatasync`.
+    flush: Option<Flusher>,
     /// Group commits into the active segment (since it started or the log opened), and the
     /// bytes they wrote.
     commits: u64,
@@ -1141,7 +1181,14 @@ impl Writer {
             return Err(error);
         }
         let written = std::time::Instant::now();
-        if let Err(error) = self.active.file.sync_data() {
+        let len = self.buf.len() as u64;
+        let synced = match &self.flush {
+            Some(flush) if self.active.overwritable && base + len <= self.active.prepared => {
+                flush.sync(&self.active.file, base, len)
+            }
+            _ => self.active.file.sync_data(),
+        };
+        if let Err(error) = synced {
             // After a failed fsync the page cache may have dropped the data: stop writing.
             self.set_failure(format!("fdatasync failed: {error}"));
             return Err(error);
@@ -1219,10 +1266,11 @@ impl Writer {
         if let Some((_, bytes)) = &spare {
             self.next_spare_bytes = (bytes * 2).min(self.options.segment_bytes);
         }
-        self.active = Active {
-            file: active,
-            prepared: spare.map_or(0, |(_, bytes)| bytes),
-        };
+        self.active = Active::new(
+            active,
+            spare.map_or(0, |(_, bytes)| bytes),
+            self.flush.as_mut(),
+        );
         self.commits = 0;
         self.committed_bytes = 0;
         self.shared

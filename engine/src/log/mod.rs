@@ -9,6 +9,7 @@
 
 pub mod jetstream;
 pub mod local;
+pub mod overwrite;
 pub mod peers;
 pub mod spare;
 pub mod watch;
