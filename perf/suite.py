@@ -980,13 +980,35 @@ def cpu_split_rows(suite: Suite) -> list[list[str]]:
 
 
 def window_ns_per_frame_rate() -> float | None:
-    """The writers' coalescing window per delivered frame/s, read from the egress source."""
+    """The writers' coalescing window per delivered frame/s (below the knee), read from the
+    egress source."""
     try:
         text = (ROOT / "egress" / "src" / "connection.rs").read_text()
     except OSError:
         return None
     m = re.search(r"WINDOW_PER_FRAME_RATE: Duration = Duration::from_nanos\((\d+)\)", text)
     return float(m.group(1)) if m else None
+
+
+def window_ms_at(frames_s: float) -> float | None:
+    """The writers' coalescing window at `frames_s` delivered frames/s, as `Pace::update` in
+    egress/src/connection.rs computes it (a slope up to the knee, a steeper one past it, a
+    50 ms cap)."""
+    try:
+        text = (ROOT / "egress" / "src" / "connection.rs").read_text()
+    except OSError:
+        return None
+    low = re.search(r"WINDOW_PER_FRAME_RATE: Duration = Duration::from_nanos\((\d+)\)", text)
+    knee = re.search(r"WINDOW_KNEE_FRAME_RATE: f64 = ([\d_.]+);", text)
+    high = re.search(r"WINDOW_PER_FRAME_RATE_PAST_KNEE: Duration = Duration::from_nanos\((\d+)\)",
+                     text)
+    if not low:
+        return None
+    ns = float(low.group(1)) * (min(frames_s, float(knee.group(1).replace("_", ""))) if knee
+                                else frames_s)
+    if knee and high:
+        ns += float(high.group(1)) * max(0.0, frames_s - float(knee.group(1).replace("_", "")))
+    return min(50.0, ns / 1e6)
 
 
 def profile_text(runs, key: str) -> str | None:
@@ -1061,11 +1083,11 @@ def bounds_section(suite: Suite, meta: dict, goals: list[Goal], raw_rel: str) ->
             fpw = med([g(r, "metrics", "flux_websocket_frames_queued_total")
                        / g(r, "metrics", "flux_websocket_writes_total")
                        for r in runs if g(r, "metrics", "flux_websocket_writes_total")])
-            if frames_s and ns and p99:
-                window_ms = min(50.0, frames_s * ns / 1e6)
+            window_ms = window_ms_at(frames_s) if frames_s else None
+            if frames_s and ns and p99 and window_ms is not None:
                 text = (f"A frame waits for its connection's next write. Writers write at most once "
                         f"per coalescing window, {window_ms:.1f} ms at {frames_s:,.0f} frames/s "
-                        f"({ns:.0f} ns per frame/s, `egress/src/connection.rs`), so frames wait 0–"
+                        f"({ns:.0f} ns per frame/s up to a knee, more past it, 50 ms at most; `egress/src/connection.rs`), so frames wait 0–"
                         f"{window_ms:.1f} ms and p99 ({p99 / 1000:.1f} ms) is about the window plus "
                         "the publish and the machine's delays.")
                 if fpw and s_frame and gen_frame:

@@ -958,11 +958,20 @@ pub(crate) fn writev_now<'a>(socket: RawFd, frames: impl IntoIterator<Item = &'a
     written.max(0) as usize
 }
 
-/// Coalescing window per frame/s the hub delivers: 200,000 frames/s (1,000 subscribers at
-/// 200 events/s) → 12 ms, 20,000 → 1.2 ms, 200 → 12 µs; 1,000,000 → the 50 ms cap.
-/// Measured with `flux-loadtest fanout --subscribers 1000 --rate 200`: 40 ns gave ~2 frames per
-/// send and a saturated machine (p99 28–42 ms), 60 ns p99 16 ms, 100 ns p99 23 ms.
-const WINDOW_PER_FRAME_RATE: Duration = Duration::from_nanos(60);
+/// Coalescing window per frame/s the hub delivers, up to [`WINDOW_KNEE_FRAME_RATE`]:
+/// 200,000 frames/s (1,000 subscribers at 200 events/s) → 6 ms, 20,000 → 0.6 ms, 200 → 6 µs.
+/// Measured with `flux-loadtest fanout --subscribers 1000 --rate 200` (perf/README, session
+/// 20): 60 ns gave p99 13.7–14.2 ms, 45 ns 11.2–11.4, 35 ns 9.5–9.8, 30 ns 8.3–8.8 ms, every
+/// frame delivered in each, for ~10 % more server CPU per event at 30 ns than at 35. (In
+/// session 12, before the sweeper's batched sends, 40 ns saturated the machine.)
+const WINDOW_PER_FRAME_RATE: Duration = Duration::from_nanos(30);
+/// Past this rate the window grows by [`WINDOW_PER_FRAME_RATE_PAST_KNEE`] per frame/s, so
+/// heavy fan-out keeps its few large sends: 1,000,000 frames/s (1,000 subscribers at 1,000
+/// events/s) → 12 + 36 = 48 ms, near the 50 ms it had before the knee. 35 ns all the way (a
+/// 35 ms window there) cost 0.224–0.254 µs of server CPU per frame against 0.196 with 50 ms.
+const WINDOW_KNEE_FRAME_RATE: f64 = 400_000.0;
+/// The window's growth per frame/s past [`WINDOW_KNEE_FRAME_RATE`].
+const WINDOW_PER_FRAME_RATE_PAST_KNEE: Duration = Duration::from_nanos(60);
 /// The longest a frame waits for company.
 const WINDOW_MAX: Duration = Duration::from_millis(50);
 /// From this window on, the sweeper writes the `*` connections (the window is then twice its
@@ -1009,7 +1018,10 @@ impl Pace {
 
     /// Sets the window for a hub delivering `frames_per_second`.
     pub fn update(&self, frames_per_second: f64) {
-        let nanos = (frames_per_second.max(0.0) * WINDOW_PER_FRAME_RATE.as_nanos() as f64)
+        let rate = frames_per_second.max(0.0);
+        let nanos = (rate.min(WINDOW_KNEE_FRAME_RATE) * WINDOW_PER_FRAME_RATE.as_nanos() as f64
+            + (rate - WINDOW_KNEE_FRAME_RATE).max(0.0)
+                * WINDOW_PER_FRAME_RATE_PAST_KNEE.as_nanos() as f64)
             .min(WINDOW_MAX.as_nanos() as f64);
         self.window_ns.store(nanos as u64, Ordering::Relaxed);
     }
@@ -1076,7 +1088,13 @@ mod tests {
         let pace = Pace::default();
         assert_eq!(pace.window(), Duration::ZERO);
         pace.update(200_000.0);
+        assert_eq!(pace.window(), Duration::from_millis(6));
+        pace.update(400_000.0);
         assert_eq!(pace.window(), Duration::from_millis(12));
+        pace.update(1_000_000.0);
+        assert_eq!(pace.window(), Duration::from_millis(48));
+        pace.update(1_100_000.0);
+        assert_eq!(pace.window(), WINDOW_MAX);
         pace.update(1e9);
         assert_eq!(pace.window(), WINDOW_MAX);
         pace.update(0.0);

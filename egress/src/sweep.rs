@@ -2,7 +2,7 @@
 //! instead of each connection's writer task on its own timer.
 //!
 //! The hub hands a change's `*` connections to the sweeper when fan-out is heavy (a coalescing
-//! window of `SWEEP_MIN_WINDOW` or more, about 33,000 delivered frames/s and up;
+//! window of `SWEEP_MIN_WINDOW` or more, about 67,000 delivered frames/s and up;
 //! `Pace::swept`) and there are more of them than a change writes directly (128). Every tick
 //! ([`tick`]: a sixteenth of the window, 1–4 ms) the sweeper takes the `*` connections whose
 //! window has passed (a lock-free check) and sends each what it has not sent of the stream,
