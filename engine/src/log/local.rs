@@ -916,8 +916,8 @@ impl Log for LocalLog {
 struct Writer {
     shared: Arc<Shared>,
     active: Active,
-    /// The log's flush file (`overwrite::FLUSH_FILE`), to flush the disk's cache with after an overwrite's pages are
-    /// written; `None` where commits are always synced with `fdatasync`.
+    /// The log's flush file (`overwrite::FLUSH_FILE`), to flush the disk's cache with once an
+    /// overwrite's pages are written; `None` where commits are always synced with `fdatasync`.
     flush: Option<Flusher>,
     /// Group commits into the active segment (since it started or the log opened), and the
     /// bytes they wrote.

@@ -124,7 +124,10 @@ impl Flusher {
         match self.remake(segment) {
             Ok(()) => true,
             Err(error) => {
-                tracing::warn!(%error, "remaking the log's flush file failed; this segment is synced with fdatasync");
+                tracing::warn!(
+                    %error,
+                    "remaking the log's flush file failed; this segment is synced with fdatasync"
+                );
                 false
             }
         }
