@@ -447,7 +447,15 @@ fn execute(command: Command) -> Result<(), Failure> {
             pattern,
             count,
             server,
-        } => watch(&server, &pattern, count),
+        } => {
+            if pattern.is_empty() {
+                return Err(Failure::Usage(
+                    "pattern must not be empty: give an entity id, a prefix followed by *, or *"
+                        .into(),
+                ));
+            }
+            watch(&server, &pattern, count)
+        }
         Command::Namespaces(NamespacesCommand::Register { name, server }) => {
             let body = json!({"name": name});
             let client = Client::new(&server)?;

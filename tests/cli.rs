@@ -246,12 +246,17 @@ fn publish_options_are_stored() {
     assert_eq!(events[0]["schema"], "reading.v1");
 }
 
-/// An empty entity id is a usage error (exit 2) for every command that takes one. (`watch`
-/// sends its pattern as it is: the server refuses an empty one, exit 1.)
+/// An empty entity id is a usage error (exit 2) for every command that takes one, and so is an
+/// empty `watch` pattern.
 #[test]
 fn empty_entity_ids_are_usage_errors() {
     let server = Server::start();
-    for args in [&["get", ""][..], &["delete", ""], &["history", ""]] {
+    for args in [
+        &["get", ""][..],
+        &["delete", ""],
+        &["history", ""],
+        &["watch", ""],
+    ] {
         let run = flux(&server, args);
         assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
         assert!(run.stderr.contains("empty"), "{args:?}: {run:?}");
