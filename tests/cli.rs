@@ -824,10 +824,11 @@ fn a_connection_reset_is_said_once() {
     }
 }
 
+/// A pattern the CLI passes on and the server refuses (no id holds a control character).
 #[test]
 fn watch_exits_1_when_the_server_refuses_the_subscription() {
     let server = Server::start();
-    let run = flux(&server, &["watch", ""]);
+    let run = flux(&server, &["watch", "a\tb"]);
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stdout.is_empty(), "{run:?}");
     let last = run.stderr.lines().last().unwrap_or_default();
