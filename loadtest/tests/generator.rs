@@ -180,17 +180,23 @@ fn loadtest_binary() -> PathBuf {
         )
 }
 
-/// Runs `flux-loadtest <args>` to its end (bounded): exit status, stdout, stderr.
-fn run_loadtest(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let mut child = Command::new(loadtest_binary())
+/// Starts `flux-loadtest <args>` (no `FLUX_TOKEN`/`FLUX_URL` from our environment, stdin
+/// closed, stderr piped), its stdout to `stdout`.
+fn spawn_loadtest(args: &[&str], stdout: Stdio) -> Child {
+    Command::new(loadtest_binary())
         .env_remove("FLUX_TOKEN")
         .env_remove("FLUX_URL")
         .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start flux-loadtest");
+        .expect("start flux-loadtest")
+}
+
+/// Runs `flux-loadtest <args>` to its end (bounded): exit status, stdout, stderr.
+fn run_loadtest(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let mut child = spawn_loadtest(args, Stdio::piped());
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let out = std::thread::spawn(move || {
@@ -1102,19 +1108,27 @@ fn successful_result(child: &mut Child, limit: Duration) -> Value {
 /// `fanout` of `subscribers` at 100 events/s for `duration` seconds, two subscribers per worker
 /// process (one thread each), stderr piped.
 fn fanout_in_workers(url: &str, subscribers: usize, duration: &str, stdout: Stdio) -> Child {
-    Command::new(loadtest_binary())
-        .args(["fanout", "--url", url, "-s", &subscribers.to_string()])
-        .args([
+    let subscribers = subscribers.to_string();
+    spawn_loadtest(
+        &[
+            "fanout",
+            "--url",
+            url,
+            "-s",
+            &subscribers,
             "--subscribers-per-process",
             "2",
             "--subscriber-threads",
             "1",
-        ])
-        .args(["--rate", "100", "--duration", duration, "--warmup", "0"])
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start flux-loadtest")
+            "--rate",
+            "100",
+            "--duration",
+            duration,
+            "--warmup",
+            "0",
+        ],
+        stdout,
+    )
 }
 
 /// The pids of `child`'s child processes once there are `count` of them (at most 10 s).
@@ -1169,20 +1183,24 @@ fn a_fanout_worker_killed_mid_run_counts_as_loss() {
 #[test]
 fn ctrl_c_ends_the_run_with_what_was_measured() {
     let server = Server::start();
-    let mut child = Command::new(loadtest_binary())
-        .args(["ingest", "--url", &server.url, "-c", "2", "--rate", "400"])
-        .args([
+    let mut child = spawn_loadtest(
+        &[
+            "ingest",
+            "--url",
+            &server.url,
+            "-c",
+            "2",
+            "--rate",
+            "400",
             "--duration",
             "30",
             "--warmup",
             "0.2",
             "--entities",
             "1000000000",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start flux-loadtest");
+        ],
+        Stdio::piped(),
+    );
     std::thread::sleep(Duration::from_millis(1500));
     // SAFETY: our own child, still running (its run lasts 30 s).
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
@@ -1245,13 +1263,22 @@ fn delivered_frames_count_every_property_frame() {
 #[test]
 fn a_sigint_repeated_at_once_still_gives_the_result() {
     let server = Server::start();
-    let mut child = Command::new(loadtest_binary())
-        .args(["ingest", "--url", &server.url, "-c", "1", "--rate", "200"])
-        .args(["--duration", "30", "--warmup", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start flux-loadtest");
+    let mut child = spawn_loadtest(
+        &[
+            "ingest",
+            "--url",
+            &server.url,
+            "-c",
+            "1",
+            "--rate",
+            "200",
+            "--duration",
+            "30",
+            "--warmup",
+            "0",
+        ],
+        Stdio::piped(),
+    );
     std::thread::sleep(Duration::from_millis(1000));
     // The server paused: a request stays in flight, so the run is still finishing (not gone
     // already) when the second signal comes.

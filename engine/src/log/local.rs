@@ -256,8 +256,9 @@ impl Active {
     /// allow it.
     fn new(file: File, prepared: u64, flusher: Option<&mut Flusher>) -> Active {
         let overwritable = prepared > 0
-            && super::overwrite::file_allows(&file)
-            && flusher.is_some_and(|flusher| flusher.keep_apart_from(&file));
+            && flusher.is_some_and(|flusher| {
+                super::overwrite::file_allows(&file) && flusher.keep_apart_from(&file)
+            });
         Active {
             file,
             prepared,
@@ -1182,15 +1183,16 @@ impl Writer {
         }
         let written = std::time::Instant::now();
         let len = self.buf.len() as u64;
-        let synced = match &self.flush {
-            Some(flush) if self.active.overwritable && base + len <= self.active.prepared => {
-                flush.sync(&self.active.file, base, len)
-            }
-            _ => self.active.file.sync_data(),
+        let (synced, how) = match &self.flush {
+            Some(flush) if self.active.overwritable && base + len <= self.active.prepared => (
+                flush.sync(&self.active.file, base, len),
+                "sync_file_range + cache flush",
+            ),
+            _ => (self.active.file.sync_data(), "fdatasync"),
         };
         if let Err(error) = synced {
             // After a failed fsync the page cache may have dropped the data: stop writing.
-            self.set_failure(format!("fdatasync failed: {error}"));
+            self.set_failure(format!("{how} failed: {error}"));
             return Err(error);
         }
         let metrics = &self.shared.metrics;
