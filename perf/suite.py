@@ -979,21 +979,9 @@ def cpu_split_rows(suite: Suite) -> list[list[str]]:
     return rows
 
 
-def window_ns_per_frame_rate() -> float | None:
-    """The writers' coalescing window per delivered frame/s (below the knee), read from the
-    egress source."""
-    try:
-        text = (ROOT / "egress" / "src" / "connection.rs").read_text()
-    except OSError:
-        return None
-    m = re.search(r"WINDOW_PER_FRAME_RATE: Duration = Duration::from_nanos\((\d+)\)", text)
-    return float(m.group(1)) if m else None
-
-
-def window_ms_at(frames_s: float) -> float | None:
-    """The writers' coalescing window at `frames_s` delivered frames/s, as `Pace::update` in
-    egress/src/connection.rs computes it (a slope up to the knee, a steeper one past it, a
-    50 ms cap)."""
+def window_slopes() -> tuple[float, float, float] | None:
+    """The writers' coalescing window as `Pace::update` in egress/src/connection.rs sets it:
+    (ns per frame/s up to the knee, the knee in frames/s, ns per frame/s past it)."""
     try:
         text = (ROOT / "egress" / "src" / "connection.rs").read_text()
     except OSError:
@@ -1002,13 +990,18 @@ def window_ms_at(frames_s: float) -> float | None:
     knee = re.search(r"WINDOW_KNEE_FRAME_RATE: f64 = ([\d_.]+);", text)
     high = re.search(r"WINDOW_PER_FRAME_RATE_PAST_KNEE: Duration = Duration::from_nanos\((\d+)\)",
                      text)
-    if not low:
+    if not (low and knee and high):
         return None
-    ns = float(low.group(1)) * (min(frames_s, float(knee.group(1).replace("_", ""))) if knee
-                                else frames_s)
-    if knee and high:
-        ns += float(high.group(1)) * max(0.0, frames_s - float(knee.group(1).replace("_", "")))
-    return min(50.0, ns / 1e6)
+    return float(low.group(1)), float(knee.group(1).replace("_", "")), float(high.group(1))
+
+
+def window_ms_at(frames_s: float) -> float | None:
+    """The writers' coalescing window at `frames_s` delivered frames/s (50 ms at most)."""
+    slopes = window_slopes()
+    if slopes is None:
+        return None
+    low, knee, high = slopes
+    return min(50.0, (low * min(frames_s, knee) + high * max(0.0, frames_s - knee)) / 1e6)
 
 
 def profile_text(runs, key: str) -> str | None:
@@ -1077,7 +1070,7 @@ def bounds_section(suite: Suite, meta: dict, goals: list[Goal], raw_rel: str) ->
         elif gl.run_key.startswith("fanout"):
             frames_s = res("delivered_frames_per_s")
             p99 = res("latency_us", "p99")
-            ns = window_ns_per_frame_rate()
+            ns = (window_slopes() or (None,))[0]
             s_frame = res("server", "cpu_us_per_frame")
             gen_frame = med([gen_cpu_per_frame(r) for r in runs])
             fpw = med([g(r, "metrics", "flux_websocket_frames_queued_total")
