@@ -326,7 +326,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
          request_timeout={}, directory_interval={}, record_format={}; \
          recovered snapshot={} with {} entities, {} log records, {} torn bytes dropped)",
         match &engine.config().log {
-            LogConfig::Local => engine.log_kind().to_string(),
+            LogConfig::Local => match engine.log_sync_method() {
+                Some(sync) => format!("{}, log_sync={sync}", engine.log_kind()),
+                None => engine.log_kind().to_string(),
+            },
             LogConfig::JetStream(o) => format!(
                 "{} nats://{} stream={} replicas={}",
                 engine.log_kind(),

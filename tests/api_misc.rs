@@ -686,11 +686,18 @@ fn garbage_request_lines_do_not_kill_the_server() {
 fn startup_line_names_the_address() {
     let s = Server::start();
     let out = s.stdout_text();
-    let line = out
-        .lines()
-        .find(|l| l.contains("listening on http://"))
-        .expect("start-up line");
+    // One line (SPEC "Running"); anything else a start logs goes to stderr.
+    let [line] = out.lines().collect::<Vec<_>>()[..] else {
+        panic!("stdout at start is not one line: {out:?}");
+    };
+    assert!(line.contains("listening on http://"), "{line}");
     assert!(line.contains(&format!("127.0.0.1:{}", s.port())), "{line}");
+    // How commits reach the disk is part of the effective settings.
+    assert!(
+        line.contains("log=local, log_sync=overwrite,")
+            || line.contains("log=local, log_sync=fdatasync,"),
+        "{line}"
+    );
     // The effective settings include the data directory.
     let dir = s.data_dir().display().to_string();
     assert!(

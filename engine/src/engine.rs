@@ -328,6 +328,11 @@ impl Engine {
         self.inner.log.kind()
     }
 
+    /// How the log makes commits durable on this node's disk ([`Log::sync_method`]).
+    pub fn log_sync_method(&self) -> Option<&'static str> {
+        self.inner.log.sync_method()
+    }
+
     /// `None` when the log takes writes, else why not.
     pub fn unavailable_reason(&self) -> Option<String> {
         self.inner.log.unavailable_reason()

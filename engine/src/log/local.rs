@@ -188,6 +188,8 @@ struct Shared {
     /// reports it until a commit succeeds. `write_failing` says whether it is set.
     write_error: Mutex<Option<String>>,
     write_failing: AtomicBool,
+    /// Commits into spares are synced as overwrites ([`super::overwrite`]); set once at start.
+    overwrite_sync: AtomicBool,
     metrics: LogMetrics,
 }
 
@@ -490,6 +492,7 @@ impl LocalLog {
                 failure: Mutex::new(None),
                 write_error: Mutex::new(None),
                 write_failing: AtomicBool::new(false),
+                overwrite_sync: AtomicBool::new(false),
                 metrics: LogMetrics::default(),
             }),
             queue: Arc::new(Queue {
@@ -571,10 +574,12 @@ impl LocalLog {
         // The segment opened last may be a spare with commits to come.
         let active = Active::new(active.file, active.prepared, flush.as_mut());
         if flush.is_some() {
-            tracing::info!(
+            // The start-up line says `log_sync=overwrite`.
+            tracing::debug!(
                 "commits into spare segments are synced as overwrites (the filesystem is ext4 \
                  without data=journal; --log-sync fdatasync turns this off)"
             );
+            self.shared.overwrite_sync.store(true, Ordering::Release);
         }
         *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Writer {
             shared: self.shared.clone(),
@@ -883,6 +888,14 @@ impl Log for LocalLog {
 
     fn kind(&self) -> &'static str {
         "local"
+    }
+
+    fn sync_method(&self) -> Option<&'static str> {
+        Some(if self.shared.overwrite_sync.load(Ordering::Acquire) {
+            "overwrite"
+        } else {
+            "fdatasync"
+        })
     }
 
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {

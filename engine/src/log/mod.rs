@@ -90,6 +90,12 @@ pub trait Log: Send + Sync + 'static {
     /// The backend's name: `local`, `jetstream`.
     fn kind(&self) -> &'static str;
 
+    /// How commits are made durable on this node's disk, for the start-up line: `overwrite`
+    /// or `fdatasync` (local log, once started); `None` where durability is elsewhere.
+    fn sync_method(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Registers the backend's metrics.
     fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry);
 }
