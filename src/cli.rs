@@ -77,7 +77,8 @@ pub struct ServerArgs {
     /// Bearer token sent with writes (a namespace token, or the admin token).
     #[arg(long, env = "FLUX_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Admin token, sent by `namespaces register`, `namespaces delete` and `admin-config`.
+    /// Admin token, sent by `namespaces register`, `namespaces delete` and `admin-config`
+    /// (which reads the config with `--token` when no admin token is given).
     #[arg(long, env = "FLUX_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
 }
@@ -477,7 +478,7 @@ fn execute(command: Command) -> Result<(), Failure> {
         Command::AdminConfig { json, server } => {
             let client = Client::new(&server)?;
             match json {
-                None => client.print("GET", "/api/admin/config", Auth::Admin, None),
+                None => client.print("GET", "/api/admin/config", Auth::AdminOrToken, None),
                 Some(text) => {
                     let changes = parse_json("the config", &text)?;
                     client.print(
@@ -562,6 +563,9 @@ enum Auth {
     Token,
     /// Admin operations carry `--admin-token` / `FLUX_ADMIN_TOKEN` when set.
     Admin,
+    /// Reading the config: the admin token when set, else `--token` (a namespace's token
+    /// may read it in auth mode).
+    AdminOrToken,
 }
 
 /// A blocking HTTP client bound to one server.
@@ -621,6 +625,12 @@ impl<'a> Client<'a> {
             Auth::None => None,
             Auth::Token => self.server.token.as_deref(),
             Auth::Admin => self.server.admin_token.as_deref(),
+            Auth::AdminOrToken => self
+                .server
+                .admin_token
+                .as_deref()
+                .filter(|t| !t.is_empty())
+                .or(self.server.token.as_deref()),
         };
         if let Some(token) = token.filter(|t| !t.is_empty()) {
             request = request.set("Authorization", &format!("Bearer {token}"));

@@ -538,9 +538,23 @@ fn auth_mode_tokens() {
         .http_error();
     assert!(message.contains("unknown token"), "{message}");
 
-    // Reads stay open; admin config needs the admin token.
+    // Reads stay open. The config is read with a namespace's token (as the skill script
+    // does with FLUX_TOKEN) or the admin's; changing it needs the admin's.
     flux(&server, &["get", "acme/sensor-01"]).ok_json();
     flux(&server, &["admin-config"]).http_error();
+    Cli::new(url, &["admin-config"])
+        .env("FLUX_TOKEN", &acme_token)
+        .run()
+        .ok_json();
+    let change = [
+        "admin-config",
+        r#"{"rate_limit_per_namespace_per_minute":5000}"#,
+    ];
+    let message = Cli::new(url, &change)
+        .env("FLUX_TOKEN", &acme_token)
+        .run()
+        .http_error();
+    assert!(message.contains("admin token"), "{message}");
     Cli::new(url, &["admin-config"])
         .env("FLUX_ADMIN_TOKEN", "adm")
         .run()

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::api::Api;
 use crate::error::{ApiError, json_response};
 use crate::http::{Request, Response, object_body, read_body};
-use crate::tenancy::{new_token, random_id, token_hash};
+use crate::tenancy::{Caller, new_token, random_id, token_hash};
 
 /// Connectors this build knows. They hold credentials; pulling data comes later.
 pub const CONNECTORS: &[(&str, &str)] = &[(
@@ -54,7 +54,8 @@ fn config_json(config: &RuntimeConfig) -> Vec<u8> {
 }
 
 impl Api {
-    fn namespaces_enabled(&self) -> Result<(), ApiError> {
+    /// With auth off the namespace routes do not exist: 404 whatever the method.
+    pub(crate) fn namespaces_enabled(&self) -> Result<(), ApiError> {
         if self.auth.enabled {
             Ok(())
         } else {
@@ -171,9 +172,15 @@ impl Api {
         Ok(response)
     }
 
-    /// `GET /api/admin/config`
+    /// `GET /api/admin/config`: the admin token, or in auth mode any namespace's token (the
+    /// skill script reads the config with its namespace token; only changing it needs the
+    /// admin's), or nothing when no admin token is configured.
     pub fn get_config(&self, request: &Request) -> Result<Response, ApiError> {
-        self.require_admin(request, true)?;
+        let namespace_reader =
+            self.auth.enabled && matches!(self.writer(request), Ok(Caller::Namespace(_)));
+        if !namespace_reader {
+            self.require_admin(request, true)?;
+        }
         let config = self.engine.with_control(|c| c.config);
         Ok(json_response(StatusCode::OK, config_json(&config)))
     }
@@ -239,13 +246,24 @@ impl Api {
     }
 
     fn connector_json(&self, out: &mut Vec<u8>, name: &str, description: &str) {
-        let stored = self
+        let sealed = self
             .engine
-            .with_control(|c| c.connector_credentials.contains_key(name));
-        let status = match (&self.sealer, stored) {
-            (None, _) => "not_configured",
-            (Some(_), false) => "needs_token",
-            (Some(_), true) => "ready",
+            .with_control(|c| c.connector_credentials.get(name).cloned());
+        // A stored credential is ready only if this server's key opens it: after the key
+        // changed it is there but unusable, and says so.
+        let (status, error) = match (&self.sealer, &sealed) {
+            (None, _) => ("not_configured", None),
+            (Some(_), None) => ("needs_token", None),
+            (Some(sealer), Some(sealed)) => match sealer.open(sealed) {
+                Ok(_) => ("ready", None),
+                Err(reason) => (
+                    "error",
+                    Some(format!(
+                        "the stored token cannot be opened with this server's \
+                         FLUX_ENCRYPTION_KEY ({reason}); store the token again"
+                    )),
+                ),
+            },
         };
         out.extend_from_slice(b"{\"name\":");
         json::write_str(out, name);
@@ -254,7 +272,11 @@ impl Api {
         out.extend_from_slice(b",\"status\":");
         json::write_str(out, status);
         out.extend_from_slice(b",\"token_stored\":");
-        out.extend_from_slice(if stored { b"true" } else { b"false" });
+        out.extend_from_slice(if sealed.is_some() { b"true" } else { b"false" });
+        if let Some(error) = error {
+            out.extend_from_slice(b",\"error\":");
+            json::write_str(out, &error);
+        }
         out.push(b'}');
     }
 

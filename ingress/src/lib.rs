@@ -109,10 +109,13 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
             }
             _ => Err(ApiError::method_not_allowed("GET, HEAD")),
         },
-        "/api/namespaces" => match method {
-            Method::POST => api.register_namespace(request).await,
-            _ => Err(ApiError::method_not_allowed("POST")),
-        },
+        "/api/namespaces" => {
+            api.namespaces_enabled()?;
+            match method {
+                Method::POST => api.register_namespace(request).await,
+                _ => Err(ApiError::method_not_allowed("POST")),
+            }
+        }
         "/api/admin/config" => match method {
             Method::GET => api.get_config(&request),
             Method::PUT => api.put_config(request).await,
@@ -139,6 +142,7 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
                 };
             }
             if let Some(raw) = path.strip_prefix("/api/namespaces/") {
+                api.namespaces_enabled()?;
                 let name = decode_path(raw, "namespace name")?;
                 return match method {
                     Method::GET => api.get_namespace(&name).await,

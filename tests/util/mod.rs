@@ -459,8 +459,15 @@ impl Server {
     /// Starts a new process on the same data dir with the same options (SIGKILLs the old one
     /// first if it is still running).
     pub fn restart(&mut self) {
+        self.restart_changed(|_| {});
+    }
+
+    /// [`Server::restart`] with its options changed by `change` first (another key, flag…).
+    pub fn restart_changed(&mut self, change: impl FnOnce(&mut Options)) {
         self.kill9();
-        let fresh = Server::start_with(self.opts.clone());
+        let mut opts = self.opts.clone();
+        change(&mut opts);
+        let fresh = Server::start_with(opts);
         *self = fresh;
     }
 
