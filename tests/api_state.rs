@@ -491,6 +491,29 @@ fn batch_delete_by_ids_with_unknown() {
     );
     assert_eq!(s.list_ids(""), vec!["acme/b".to_string()]);
     assert_eq!(s.entity("acme/a").0, 404);
+
+    // Errors of several kinds come in the order their ids were given, each id once.
+    let (status, body) = batch_delete(
+        &s,
+        &json!({"entity_ids": ["acme/ghost-2", "flux-core/directory", "acme/b", "acme/ghost-1", "acme/ghost-2"]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["deleted"], &body["failed"]),
+        (&json!(1), &json!(3)),
+        "{body}"
+    );
+    let named: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("errors array: {body}"))
+        .iter()
+        .map(|e| e["entity_id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        named,
+        ["acme/ghost-2", "flux-core/directory", "acme/ghost-1"],
+        "{body}"
+    );
 }
 
 #[test]

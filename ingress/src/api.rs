@@ -414,12 +414,13 @@ impl Api {
                 )));
             }
             let mut seen = std::collections::HashSet::with_capacity(ids.len());
-            let ids: Vec<String> = ids
+            let seen_order: Vec<String> = ids
                 .into_iter()
                 .filter(|id| seen.insert(id.clone()))
                 .collect();
-            let (ids, forbidden): (Vec<String>, Vec<String>) = ids
-                .into_iter()
+            let (ids, forbidden): (Vec<String>, Vec<String>) = seen_order
+                .iter()
+                .cloned()
                 .partition(|id| caller.may_write(id, "entity id").is_ok());
             for id in forbidden {
                 let message = caller.may_write(&id, "entity id").err().map(|e| e.message);
@@ -435,6 +436,13 @@ impl Api {
                     errors.push((id, "Entity not found".to_string()));
                 }
             }
+            // Errors in the order their ids were given (each id once).
+            let order: std::collections::HashMap<&str, usize> = seen_order
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.as_str(), i))
+                .collect();
+            errors.sort_by_key(|(id, _)| order.get(id.as_str()).copied());
             targets
         } else {
             let (prefix, field, value) = match (filter.namespace, filter.prefix) {
@@ -538,28 +546,64 @@ impl Api {
     }
 }
 
-/// Parses an ISO-8601 time to epoch milliseconds: RFC 3339 (`2026-02-23T10:30:45.123Z`,
-/// `...+01:00`), a date and time without a zone (read as UTC), a date alone (its midnight,
-/// UTC), or integer epoch milliseconds. A `+` of an offset that arrived unencoded in a query
-/// string (and so decoded to a space) is read as `+`.
+/// Parses an ISO-8601 time to epoch milliseconds: extended or basic format
+/// (`2026-02-23T10:30:45.123Z`, `20260223T103045Z`), seconds and fraction optional, a zone of
+/// `Z`, `±hh:mm`, `±hhmm` or `±hh` (none: UTC), `T` or a space between date and time; a date
+/// alone (its midnight, UTC); or integer epoch milliseconds. A `+` of an offset that arrived
+/// unencoded in a query string (and so decoded to a space) is read as `+`.
 fn parse_time_ms(raw: &str) -> Option<u64> {
-    use chrono::{NaiveDate, NaiveDateTime};
+    use chrono::{DateTime, NaiveDate, NaiveDateTime};
     if let Ok(ms) = raw.parse::<u64>() {
         return Some(ms);
     }
-    let millis = if let Ok(time) = chrono::DateTime::parse_from_rfc3339(raw) {
-        time.timestamp_millis()
-    } else if let Some((head, offset)) = raw.rsplit_once(' ').filter(|(h, _)| h.contains('T')) {
-        chrono::DateTime::parse_from_rfc3339(&format!("{head}+{offset}"))
-            .ok()?
-            .timestamp_millis()
-    } else if let Ok(time) = NaiveDateTime::parse_from_str(raw, "%Y-%m-%dT%H:%M:%S%.f") {
-        time.and_utc().timestamp_millis()
-    } else {
+    if let Ok(time) = DateTime::parse_from_rfc3339(raw) {
+        return u64::try_from(time.timestamp_millis()).ok();
+    }
+    // The time part starts at the `T` (or the first space, between date and time).
+    let Some(split) = raw.find(['T', 't', ' ']) else {
         let date = NaiveDate::parse_from_str(raw, "%Y-%m-%d").ok()?;
-        date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis()
+        return u64::try_from(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis()).ok();
     };
-    u64::try_from(millis).ok()
+    let (date, time) = raw.split_at(split);
+    let mut time = time[1..].to_string();
+    // A zone: `Z`, or a sign after the clock (a space there was a decoded `+`).
+    let zone = if let Some(clock) = time.strip_suffix(['Z', 'z']) {
+        time = clock.to_string();
+        Some("+00:00".to_string())
+    } else if let Some(at) = time.rfind(['+', '-', ' ']) {
+        let zone = time.split_off(at).replacen(' ', "+", 1);
+        Some(zone)
+    } else {
+        None
+    };
+    let date = NaiveDate::parse_from_str(date, "%Y-%m-%d")
+        .or_else(|_| NaiveDate::parse_from_str(date, "%Y%m%d"))
+        .ok()?;
+    let clock = ["%H:%M:%S%.f", "%H:%M", "%H%M%S%.f", "%H%M"]
+        .iter()
+        .find_map(|format| chrono::NaiveTime::parse_from_str(&time, format).ok())?;
+    let local = NaiveDateTime::new(date, clock).and_utc().timestamp_millis();
+    let offset_s = match zone {
+        None => 0,
+        Some(zone) => {
+            let (sign, digits) = zone.split_at(1);
+            let digits = digits.replace(':', "");
+            let (h, m) = match digits.len() {
+                2 => (digits.parse::<i64>().ok()?, 0),
+                4 => (
+                    digits[..2].parse::<i64>().ok()?,
+                    digits[2..].parse::<i64>().ok()?,
+                ),
+                _ => return None,
+            };
+            if !digits.bytes().all(|b| b.is_ascii_digit()) || h > 23 || m > 59 {
+                return None;
+            }
+            let seconds = h * 3600 + m * 60;
+            if sign == "-" { -seconds } else { seconds }
+        }
+    };
+    u64::try_from(local - offset_s * 1000).ok()
 }
 
 #[cfg(test)]
@@ -623,9 +667,36 @@ mod tests {
         );
         // A date alone: its midnight, UTC.
         assert_eq!(parse_time_ms("2026-02-23"), Some(1_771_804_800_000));
-        assert_eq!(parse_time_ms("yesterday"), None);
-        assert_eq!(parse_time_ms("2026-02-30"), None);
-        assert_eq!(parse_time_ms("2026-02-23 10:30"), None);
-        assert_eq!(parse_time_ms("1969-12-31"), None);
+        // Without seconds, basic format, offsets without a colon or minutes, a space for `T`.
+        let minute = Some(1_771_842_600_000);
+        for text in [
+            "2026-02-23T10:30Z",
+            "2026-02-23T10:30",
+            "2026-02-23 10:30",
+            "20260223T1030Z",
+            "20260223T103000Z",
+            "2026-02-23T11:30+0100",
+            "2026-02-23T11:30:00+01",
+            "2026-02-23T11:30 01",
+            "2026-02-23T09:00:00.000-01:30",
+            "2026-02-23t10:30:00z",
+        ] {
+            assert_eq!(parse_time_ms(text), minute, "{text}");
+        }
+        for text in [
+            "yesterday",
+            "2026-02-30",
+            "1969-12-31",
+            "2026-02-23T",
+            "2026-02-23T25:00Z",
+            "2026-02-23T10:30+1",
+            "2026-02-23T10:30+24:00",
+            "2026-02-23T10:30+01:60",
+            "2026-02-23T10:30+ab",
+            "2026-02-23T10:30:00Zjunk",
+            "T10:30Z",
+        ] {
+            assert_eq!(parse_time_ms(text), None, "{text}");
+        }
     }
 }
