@@ -1541,6 +1541,11 @@ fn a_bad_opening_handshake_is_refused() {
     let r = s.raw_ok(b"GET /api/ws HTTP/1.1\r\nHost: flux\r\nConnection: close\r\n\r\n");
     assert_eq!(r.status, 426, "{}", r.text());
     assert_eq!(r.header("upgrade"), Some("websocket"));
+    let connection = r
+        .header("connection")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(connection.contains("upgrade"), "{connection}");
     // And a good handshake still works.
     let mut ws = Ws::connect(s.addr());
     ws.subscribe("hs/*");

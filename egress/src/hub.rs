@@ -806,12 +806,14 @@ fn refuse_handshake(request: &hyper::Request<Incoming>) -> Option<hyper::Respons
     None
 }
 
-/// 426 with the upgrade a client must ask for (RFC 9110 §15.5.22, RFC 6455 §4.2.2).
+/// 426 with the upgrade a client must ask for (RFC 9110 §15.5.22, RFC 6455 §4.2.2); a sender
+/// of `Upgrade` also lists it in `Connection` (RFC 9110 §7.8).
 fn upgrade_required(message: &str) -> hyper::Response<Full<Bytes>> {
-    use hyper::header::{HeaderValue, SEC_WEBSOCKET_VERSION, UPGRADE};
+    use hyper::header::{CONNECTION, HeaderValue, SEC_WEBSOCKET_VERSION, UPGRADE};
     let mut response = plain_response(hyper::StatusCode::UPGRADE_REQUIRED, message);
     let headers = response.headers_mut();
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
     response
 }
