@@ -860,6 +860,37 @@ fn metrics_update_arrives_with_sensible_counts() {
     }
 }
 
+/// "Active publishers" are the sources that published within the last minute; a restart
+/// (whose snapshot covers those events) does not forget them.
+#[test]
+fn active_publishers_survive_a_restart() {
+    let mut s = Server::start();
+    let client = s.client();
+    let events: Vec<Value> = ["sensor-a", "sensor-b", "sensor-c"]
+        .iter()
+        .map(|source| {
+            let mut e = event("pubs/e", json!({"v": 1}));
+            e["source"] = json!(source);
+            e
+        })
+        .collect();
+    publish_batch(&client, &events);
+    let active = |s: &Server| -> u64 {
+        let mut ws = Ws::connect(s.addr());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (text, m) = ws.next_json(deadline, "a metrics_update within 5 s");
+        assert_eq!(m["type"], "metrics_update", "{text}");
+        m.pointer("/publishers/active")
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| panic!("publishers.active is not a count: {text}"))
+    };
+    assert_eq!(active(&s), 3);
+    let status = s.terminate();
+    assert!(status.success(), "SIGTERM: {status:?}");
+    s.restart();
+    assert_eq!(active(&s), 3, "after a restart from the final snapshot");
+}
+
 // ------------------------------------------------------------------ order
 
 #[test]

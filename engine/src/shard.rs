@@ -11,7 +11,8 @@
 //!   earlier record, snapshot request or read. `last_updated_ms` is the record's accept time,
 //!   `revision` its position.
 //! - Records at or below `covered` (the snapshot the shard was loaded from) only feed the
-//!   history index; their effect on state is already in the snapshot.
+//!   history index, and the active publishers when accepted within their window; their effect
+//!   on state is already in the snapshot.
 //! - Inboxes are bounded ([`SHARD_INBOX_CAPACITY`]); a full inbox makes the sender wait.
 //! - Per id a shard keeps one `Slot` (the entity block and its history) in a `HashTable` keyed
 //!   by the id inside the block; an entity exists iff its revision is not 0 (log positions
@@ -941,6 +942,8 @@ impl Shard {
         // A record's properties, taken from the decoding walk for the tombstone check and the
         // merge (each would otherwise walk the record again); one buffer for the whole frame.
         let mut properties: Vec<(&str, &str)> = Vec::new();
+        // Accept times from here on count as recent publishing (read once, if needed).
+        let mut recent_since: Option<u64> = None;
         for &index in indexes {
             let position = frame.first_position + u64::from(index);
             let record = match frame.record_into(index as usize, &mut properties) {
@@ -958,7 +961,17 @@ impl Shard {
             let accept_ms = frame.accept_time_ms;
             let slot = slot_in(&mut self.slots, &self.hasher, &mut self.order, id);
             slot.history.push(position);
+            let publisher = !record.fields.stream.starts_with(INTERNAL_STREAM_PREFIX);
             if covered {
+                // A restart still knows who published within the window: a covered record
+                // that recent counts its source as a live one does.
+                let recent_since = *recent_since.get_or_insert_with(|| {
+                    let window = crate::engine::ACTIVE_PUBLISHER_WINDOW.as_millis() as u64;
+                    crate::engine::now_ms().saturating_sub(window)
+                });
+                if publisher && accept_ms >= recent_since {
+                    self.sources.saw(record.fields.source, accept_ms);
+                }
                 continue;
             }
             let tombstone = properties
@@ -988,7 +1001,7 @@ impl Shard {
                 Some(true)
             };
             // Flux's own writes (`flux.*` streams: deletes, the directory) are not publishers.
-            if !record.fields.stream.starts_with(INTERNAL_STREAM_PREFIX) {
+            if publisher {
                 self.sources.saw(record.fields.source, accept_ms);
             }
             if let Some(observer) = &self.observer {
