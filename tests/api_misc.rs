@@ -300,6 +300,8 @@ fn head_is_answered_like_get_without_a_body() {
         "/api/state/entities/acme/missing",
         "/api/events?entity=acme/h1",
         "/metrics",
+        // A plain GET here is refused with 426 (no upgrade asked for); so is HEAD.
+        "/api/ws",
     ] {
         let get = s.request("GET", path, &[], None);
         // Everything the server sends until it closes: the head, and no body after it.
@@ -353,9 +355,15 @@ fn head_is_answered_like_get_without_a_body() {
             assert_eq!(length, get.text.len().to_string(), "HEAD {path}");
         }
     }
-    // No WebSocket upgrade by HEAD.
-    let r = s.request("HEAD", "/api/ws", &[], None);
-    assert_eq!(r.status, 405);
+    // No WebSocket upgrade by HEAD, even when one is asked for.
+    let upgrade = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+    ];
+    let r = s.request("HEAD", "/api/ws", &upgrade, None);
+    assert_eq!(r.status, 426);
 }
 
 // ------------------------------------------------------------------ hostile input

@@ -91,6 +91,12 @@ async fn dispatch(api: &Api, request: Request) -> Result<Response, ApiError> {
         "/api/state/entities/delete" if method == Method::POST => api.batch_delete(request).await,
         "/api/ws" => match (&method, &api.websocket) {
             (&Method::GET, Some(upgrade)) if !head => Ok(upgrade(request)),
+            // HEAD gets the head of GET's answer to a plain request (426), never an upgrade.
+            (&Method::GET, Some(upgrade)) => {
+                let mut request = request;
+                request.headers_mut().remove(hyper::header::UPGRADE);
+                Ok(upgrade(request))
+            }
             (&Method::GET, None) => Err(ApiError::not_found("WebSocket is not enabled")),
             _ => Err(ApiError::method_not_allowed("GET")),
         },
