@@ -700,9 +700,10 @@ fn startup_line_names_the_address() {
     };
     assert!(line.contains("listening on http://"), "{line}");
     assert!(line.contains(&format!("127.0.0.1:{}", s.port())), "{line}");
-    // How commits reach the disk is part of the effective settings.
+    // How the local log's commits reach the disk is part of the effective settings.
     assert!(
-        line.contains("log=local, log_sync=overwrite,")
+        line.contains("log=jetstream ")
+            || line.contains("log=local, log_sync=overwrite,")
             || line.contains("log=local, log_sync=fdatasync,"),
         "{line}"
     );
