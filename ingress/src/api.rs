@@ -588,6 +588,10 @@ fn parse_time_ms(raw: &str) -> Option<u64> {
         Some(zone) => {
             let (sign, digits) = zone.split_at(1);
             let digits = digits.replace(':', "");
+            // Digits only (checked before slicing: other characters may be several bytes).
+            if !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
             let (h, m) = match digits.len() {
                 2 => (digits.parse::<i64>().ok()?, 0),
                 4 => (
@@ -596,7 +600,7 @@ fn parse_time_ms(raw: &str) -> Option<u64> {
                 ),
                 _ => return None,
             };
-            if !digits.bytes().all(|b| b.is_ascii_digit()) || h > 23 || m > 59 {
+            if h > 23 || m > 59 {
                 return None;
             }
             let seconds = h * 3600 + m * 60;
@@ -638,6 +642,34 @@ mod tests {
         assert_eq!(fresh.get_variant(), uuid::Variant::RFC4122);
         assert_eq!(fresh.get_version_num(), 7);
         assert_ne!(fresh.to_string(), last);
+    }
+
+    /// Every string of up to three characters of an alphabet that reaches each branch, after
+    /// prefixes that reach the zone, the clock and the date: parsing answers, never panics.
+    #[test]
+    fn time_parsing_never_panics() {
+        let alphabet = ['+', '-', ':', ' ', 'Z', 'T', '.', '0', '1', '9', 'a', 'é'];
+        let mut tails = vec![String::new()];
+        for _ in 0..3 {
+            let longer: Vec<String> = tails
+                .iter()
+                .flat_map(|t| alphabet.iter().map(move |c| format!("{t}{c}")))
+                .collect();
+            tails.extend(longer);
+        }
+        tails.sort();
+        tails.dedup();
+        for prefix in [
+            "",
+            "2026-02-23",
+            "2026-02-23T",
+            "2026-02-23T10:30",
+            "20260223T1030+",
+        ] {
+            for tail in &tails {
+                let _ = parse_time_ms(&format!("{prefix}{tail}"));
+            }
+        }
     }
 
     #[test]
@@ -693,6 +725,9 @@ mod tests {
             "2026-02-23T10:30+24:00",
             "2026-02-23T10:30+01:60",
             "2026-02-23T10:30+ab",
+            "2026-02-23T10:30+aé1",
+            "2026-02-23T10:30-é",
+            "2026-02-23Té",
             "2026-02-23T10:30:00Zjunk",
             "T10:30Z",
         ] {
