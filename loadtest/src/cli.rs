@@ -111,6 +111,18 @@ impl Scenario {
         }
     }
 
+    /// The flags every scenario shares; none for the hidden worker.
+    pub fn common(&self) -> Option<&CommonArgs> {
+        match self {
+            Scenario::Ingest(args) | Scenario::IngestBatch(args) => Some(&args.common),
+            Scenario::Fleet(args) => Some(&args.common),
+            Scenario::E2e(args) | Scenario::Fanout(args) => Some(&args.common),
+            Scenario::Connections(args) => Some(&args.common),
+            Scenario::Recovery(args) => Some(&args.common),
+            Scenario::FanoutWorker(_) => None,
+        }
+    }
+
     /// The flags as given (defaults included), for the result of a run that fails before it
     /// has one of its own. A scenario may settle some (e2e's pattern) in its own `params`.
     pub fn params(&self) -> serde_json::Value {
@@ -137,7 +149,8 @@ pub struct CommonArgs {
     #[arg(long, env = "FLUX_TOKEN", hide_env_values = true)]
     #[serde(skip)]
     pub token: Option<String>,
-    /// Server process id: sample its CPU time and RSS from /proc before and after.
+    /// Server process id: sample its CPU time and RSS from /proc before and after (a process
+    /// not named `flux` is warned about).
     #[arg(long)]
     pub server_pid: Option<u32>,
     /// Worker threads of the generator's runtime (default: available cores).
@@ -170,18 +183,51 @@ pub struct LoadArgs {
     /// Open loop: requests are due at this many events per second. Without it: closed loop.
     #[arg(long, value_parser = rate)]
     pub rate: Option<f64>,
-    /// Open loop: requests due but not yet started beyond this many are dropped.
+    /// Open loop only (with --rate): requests due but not yet started beyond this many are
+    /// dropped.
     #[arg(long, value_parser = count)]
     pub max_in_flight: Option<u64>,
-    /// Open loop: a request this far behind schedule is dropped instead of sent.
-    #[arg(long, default_value_t = 1000)]
-    pub drop_after_ms: u64,
-    /// Open loop: a request started this far behind schedule is counted as late.
-    #[arg(long, default_value_t = 10)]
-    pub late_ms: u64,
+    /// Open loop only (with --rate): a request this far behind schedule is dropped instead of
+    /// sent [default: 1000].
+    #[arg(long)]
+    pub drop_after_ms: Option<u64>,
+    /// Open loop only (with --rate): a request started this far behind schedule is counted as
+    /// late [default: 10].
+    #[arg(long)]
+    pub late_ms: Option<u64>,
     /// A request without a response after this long is a `timeout` error.
     #[arg(long, default_value_t = 10_000, value_parser = count)]
     pub timeout_ms: u64,
+}
+
+impl LoadArgs {
+    /// Refuses the open-loop flags without `--rate` (a closed loop has no schedule to be
+    /// behind), and fills in their defaults with it, so that `params` echoes what ran.
+    pub fn settle_open_loop(&mut self) -> Result<(), crate::UsageError> {
+        if self.rate.is_none() {
+            let open_loop_only = [
+                (
+                    self.max_in_flight.is_some(),
+                    "--max-in-flight is for an open loop: give --rate too",
+                ),
+                (
+                    self.drop_after_ms.is_some(),
+                    "--drop-after-ms is for an open loop: give --rate too",
+                ),
+                (
+                    self.late_ms.is_some(),
+                    "--late-ms is for an open loop: give --rate too",
+                ),
+            ];
+            return match open_loop_only.into_iter().find(|(given, _)| *given) {
+                Some((_, why)) => Err(crate::UsageError(why)),
+                None => Ok(()),
+            };
+        }
+        self.drop_after_ms.get_or_insert(1000);
+        self.late_ms.get_or_insert(10);
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Args, Serialize)]

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
@@ -104,7 +104,10 @@ impl Target {
         let tls = if parts.https {
             Some(TlsTarget::new(&parts.host, ca_cert)?)
         } else if ca_cert.is_some() {
-            bail!("--ca-cert is for https:// URLs (got {url:?})");
+            // Flags that do not go together, as clap's own usage errors.
+            return Err(
+                crate::UsageError("--ca-cert is for https:// URLs; --url is http://").into(),
+            );
         } else {
             None
         };
@@ -354,7 +357,13 @@ mod tests {
             (443, "https://127.0.0.1")
         );
         assert!(tls.tls.is_some());
-        assert!(Target::parse_with("http://127.0.0.1", Some(Path::new("ca.pem"))).is_err());
+        let plain_with_ca = Target::parse_with("http://127.0.0.1", Some(Path::new("ca.pem")));
+        assert!(
+            plain_with_ca
+                .expect_err("--ca-cert with http://")
+                .downcast_ref::<crate::UsageError>()
+                .is_some()
+        );
         assert_eq!(
             Target::parse_with("http://127.0.0.1", None)
                 .unwrap()

@@ -50,19 +50,24 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let threads = match &cli.scenario {
-        Scenario::FanoutWorker(args) => {
-            interrupt::ignore_in_worker();
-            return subscribers::run_worker(args.clone());
-        }
-        Scenario::Ingest(a) | Scenario::IngestBatch(a) => a.common.threads,
-        Scenario::Fleet(a) => a.common.threads,
-        Scenario::E2e(a) | Scenario::Fanout(a) => a.common.threads,
-        Scenario::Connections(a) => a.common.threads,
-        Scenario::Recovery(a) => a.common.threads,
+    if let Scenario::FanoutWorker(args) = &cli.scenario {
+        interrupt::ignore_in_worker();
+        return subscribers::run_worker(args.clone());
+    }
+    let Some(common) = cli.scenario.common() else {
+        unreachable!("every scenario but the worker has the common flags");
     };
-    let threads =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    if let Some(pid) = common.server_pid
+        && let Some(name) = system::not_a_flux_process(pid)
+    {
+        eprintln!(
+            "flux-loadtest: warning: --server-pid {pid} is {name:?}, not flux: the `server` \
+             figures will be that process's (a wrapper's pid, such as timeout's?)"
+        );
+    }
+    let threads = common
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .thread_name("loadtest")
@@ -109,29 +114,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     result["generator"] = system::generator_json();
     report::emit(&result)?;
-    nothing_succeeded(&result)
+    judge(&result)
 }
 
-/// A write scenario that got no event accepted printed its result (the errors are in it), but
-/// it is not a successful run: say why on stderr, with the server's first refusal, and exit
-/// non-zero.
-fn nothing_succeeded(result: &serde_json::Value) -> anyhow::Result<()> {
-    let writes = ["ingest", "ingest-batch", "fleet"];
+/// Whether a run that printed its result worked, judged on its measured window: a write
+/// scenario (`ingest`, `ingest-batch`, `fleet`) whose window had errors and no event accepted,
+/// an `e2e`/`fanout` whose window had failed publishes and none accepted, or whose every
+/// subscriber the server closed, is not a successful run: say why on stderr (with the server's
+/// first refusal) and exit non-zero. Loss in a working run is a measurement, not a failure: one
+/// stderr line says how much.
+fn judge(result: &serde_json::Value) -> anyhow::Result<()> {
     let scenario = result["scenario"].as_str().unwrap_or_default();
-    let accepted = result["total"]["events"].as_u64().unwrap_or(0);
-    let failed = &result["errors_by_status"];
-    if !writes.contains(&scenario)
-        || accepted > 0
-        || failed.as_object().is_none_or(|f| f.is_empty())
-    {
+    let (writes, delivery) = (
+        ["ingest", "ingest-batch", "fleet"].contains(&scenario),
+        ["e2e", "fanout"].contains(&scenario),
+    );
+    if !writes && !delivery {
         return Ok(());
     }
-    let mut why = String::new();
-    if let Some(refusal) = http::first_refusal() {
-        why += &format!("; the server's first refusal: {refusal}");
+    let accepted = result["events"].as_u64().unwrap_or(0);
+    let failed = &result["errors_by_status"];
+    if accepted == 0 && failed.as_object().is_some_and(|f| !f.is_empty()) {
+        let mut why = String::new();
+        if let Some(refusal) = http::first_refusal() {
+            why += &format!("; the server's first refusal: {refusal}");
+        }
+        if let Some(error) = http::first_connect_error() {
+            why += &format!("; {error}");
+        }
+        let what = if writes { "event" } else { "publish" };
+        anyhow::bail!(
+            "no {what} was accepted in the measured window (errors by status: {failed}{why})"
+        );
     }
-    if let Some(error) = http::first_connect_error() {
-        why += &format!("; {error}");
+    if delivery {
+        let subscribers = &result["subscribers"];
+        let connected = subscribers["connected"].as_u64().unwrap_or(0);
+        if connected > 0 && subscribers["closed_by_server"].as_u64() == Some(connected) {
+            anyhow::bail!(
+                "the server closed every subscriber ({connected}; close codes: {})",
+                subscribers["close_codes"]
+            );
+        }
+        let lost = result["loss"]["lost"].as_u64().unwrap_or(0);
+        if lost > 0 {
+            eprintln!(
+                "flux-loadtest: {lost} of {} expected frames were lost (one `sent_ns` frame per \
+                 event per subscriber; {} subscribers with loss)",
+                result["loss"]["expected"], result["loss"]["subscribers_with_loss"]
+            );
+        }
     }
-    anyhow::bail!("no event was accepted (errors by status: {failed}{why})")
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! Process accounting: the server's CPU time and RSS from `/proc/<pid>`, and the generator's
-//! own CPU time from `getrusage` (children included once they have been waited for).
+//! own CPU time from `getrusage` (children included once they have been waited for). A
+//! `--server-pid` whose process is not named `flux` is warned about, not refused.
 
 use std::time::Instant;
 
@@ -51,6 +52,15 @@ pub fn sample(pid: u32) -> anyhow::Result<ProcessSample> {
         rss_bytes: rss_kib * 1024,
         at: Instant::now(),
     })
+}
+
+/// The name of `--server-pid`'s process when it is not `flux` (`/proc/<pid>/comm`), e.g. a
+/// `timeout` or shell wrapper's pid given instead of the server's; `None` when it is `flux` or
+/// cannot be read (sampling says why then).
+pub fn not_a_flux_process(pid: u32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let name = comm.trim_end_matches('\n');
+    (name != "flux").then(|| name.to_string())
 }
 
 fn clock_ticks_per_second() -> f64 {

@@ -6,6 +6,10 @@
 //! one the `flux` CLI follows too: the system's roots plus any `--ca-cert` PEM file, or one of
 //! that file's certificates exactly; there is no way to skip the check.
 //!
+//! A handshake refused over the server's certificate (not trusted, or not naming the host)
+//! fails with an error that says so and what `--ca-cert` takes, the rustls reason in
+//! parentheses.
+//!
 //! Invariants: a TLS stream is always checked against the host name (or IP address) of
 //! `--url`; `Nodelay` is set on the socket before the handshake, as for plain streams.
 
@@ -16,6 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use flux_tls::rustls::pki_types::ServerName;
+use flux_tls::rustls::{CertificateError, Error as TlsError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -65,11 +70,49 @@ impl Stream {
         match tls {
             None => Ok(Stream::Plain(socket)),
             Some(tls) => {
-                let session = tls.connector.connect(tls.name.clone(), socket).await?;
+                let session = tls
+                    .connector
+                    .connect(tls.name.clone(), socket)
+                    .await
+                    .map_err(|error| explain_certificate_error(error, &tls.name))?;
                 Ok(Stream::Tls(Box::new(session)))
             }
         }
     }
+}
+
+/// A handshake error over the server's certificate, in words a user can act on; any other
+/// error as it was.
+fn explain_certificate_error(error: io::Error, name: &ServerName<'_>) -> io::Error {
+    let Some(TlsError::InvalidCertificate(reason)) =
+        error.get_ref().and_then(|e| e.downcast_ref::<TlsError>())
+    else {
+        return error;
+    };
+    let problem = match reason {
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            format!(
+                "does not name {} ({reason}): give --url a host the certificate names",
+                name.to_str()
+            )
+        }
+        CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+            format!("is not trusted ({reason})")
+        }
+        // webpki's refusal of a CA's certificate as a server's own (the default of `openssl
+        // req -x509`) reaches rustls as an opaque error.
+        CertificateError::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => {
+            format!("is not trusted ({other}: it is marked as a CA's)")
+        }
+        _ => return error,
+    };
+    io::Error::new(
+        error.kind(),
+        format!(
+            "the server's certificate {problem}; --ca-cert takes a PEM file with the server's \
+             certificate or the CA's that issued it"
+        ),
+    )
 }
 
 impl AsyncRead for Stream {

@@ -273,6 +273,9 @@ fn ingest_reports_the_documented_fields_and_server_usage() {
         "{result}"
     );
     assert_eq!(result["params"]["connections"], 2);
+    // A closed loop has no schedule to be late on.
+    assert_eq!(result["loop"], "closed");
+    assert!(result["params"]["late_ms"].is_null(), "{result}");
     let cpu = result["server"]["cpu_s"].as_f64().expect("server cpu_s");
     let sys = result["server"]["cpu_sys_s"]
         .as_f64()
@@ -331,9 +334,17 @@ fn open_loop_holds_the_target_rate() {
         "4",
         "--rate",
         "200",
+        "--drop-after-ms",
+        "1000",
+        "--max-in-flight",
+        "100",
     ]);
     assert_core_fields(&result, "ingest");
     assert_eq!(result["loop"], "open");
+    // Given or not, the open-loop flags are echoed as they ran.
+    assert_eq!(result["params"]["drop_after_ms"], 1000, "{result}");
+    assert_eq!(result["params"]["max_in_flight"], 100, "{result}");
+    assert_eq!(result["params"]["late_ms"], 10, "{result}");
     let events = u64_at(&result, "/events") + u64_at(&result, "/dropped");
     assert!(
         (150..=210).contains(&events),
@@ -374,7 +385,7 @@ fn fleet_reports_every_device() {
 #[test]
 fn e2e_with_three_subscribers_loses_nothing() {
     let server = Server::start();
-    let result = loadtest(&[
+    let (status, stdout, stderr) = run_loadtest(&[
         "e2e",
         "--url",
         &server.url,
@@ -387,6 +398,9 @@ fn e2e_with_three_subscribers_loses_nothing() {
         "--warmup",
         "0.2",
     ]);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains("lost"), "{stderr}");
+    let result = single_json(&stdout);
     assert_core_fields(&result, "e2e");
     let published = u64_at(&result, "/loss/expected_per_subscriber");
     assert!(published > 0, "{result}");
@@ -400,7 +414,7 @@ fn e2e_with_three_subscribers_loses_nothing() {
 #[test]
 fn e2e_detects_loss_when_a_subscriber_goes_away() {
     let server = Server::start();
-    let result = loadtest(&[
+    let (status, stdout, stderr) = run_loadtest(&[
         "e2e",
         "--url",
         &server.url,
@@ -417,7 +431,16 @@ fn e2e_detects_loss_when_a_subscriber_goes_away() {
         "--drop-subscriber-after",
         "20",
     ]);
+    // Loss is a measurement: the run still succeeds, and says how much on stderr.
+    assert!(status.success(), "{status}: {stderr}");
+    let result = single_json(&stdout);
     assert!(u64_at(&result, "/loss/lost") > 0, "{result}");
+    let said = format!(
+        "{} of {} expected frames were lost",
+        u64_at(&result, "/loss/lost"),
+        u64_at(&result, "/loss/expected")
+    );
+    assert_eq!(stderr.matches(&said).count(), 1, "{stderr}");
     assert_eq!(
         u64_at(&result, "/loss/subscribers_with_loss"),
         1,
@@ -557,7 +580,7 @@ fn recovery_times_a_kill_9_restart() {
         "{result}"
     );
     assert!(
-        u64_at(&result, "/recovery/properties_checked") > 0,
+        u64_at(&result, "/recovery/entities_sampled") > 0,
         "{result}"
     );
     drop(restarted);
@@ -807,23 +830,32 @@ fn a_server_that_is_not_there_fails_the_run_and_says_why() {
         .expect("a free port")
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    let (status, stdout, stderr) = run_loadtest(&[
-        "ingest",
-        "--url",
-        &url,
-        "--duration",
-        "0.5",
-        "--warmup",
-        "0",
-        "-c",
-        "1",
-    ]);
-    assert!(!status.success(), "a run against a closed port succeeded");
-    assert!(u64_at(&single_json(&stdout), "/errors_by_status/transport") > 0);
-    assert!(
-        stderr.contains("no event was accepted") && stderr.to_lowercase().contains("refused"),
-        "{stderr}"
-    );
+    // The write scenarios probe the server once and fail at once, not after a whole run of
+    // failed requests (the long duration would make one that did fail the run's time bound).
+    for scenario in ["ingest", "ingest-batch", "fleet"] {
+        let (status, stdout, stderr) = run_loadtest(&[
+            scenario,
+            "--url",
+            &url,
+            "--duration",
+            "20",
+            "--warmup",
+            "0",
+            "-c",
+            "1",
+        ]);
+        assert_eq!(status.code(), Some(1), "{scenario}: {stdout} {stderr}");
+        let result = single_json(&stdout);
+        assert_eq!(result["scenario"], scenario, "{result}");
+        assert_eq!(result["params"]["url"], url, "{result}");
+        assert!(result["generator"]["cpu_s"].as_f64().is_some(), "{result}");
+        let error = result["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("cannot reach the server") && error.to_lowercase().contains("refused"),
+            "{result}"
+        );
+        assert!(stderr.contains("cannot reach the server"), "{stderr}");
+    }
     // Runs that cannot start still print their one JSON result, saying why.
     for (scenario, args) in [
         ("connections", &["-c", "3", "--hold", "0.2"][..]),
@@ -946,6 +978,24 @@ fn bad_values_are_refused_before_anything_runs() {
         &["e2e", "--threads", "0"],
         &["ingest", "--rate", "100", "--max-in-flight", "0"],
         &["fanout", "--subscriber-threads", "0"],
+        &["ingest", "--late-ms", "5"],
+        &["ingest-batch", "--drop-after-ms", "5"],
+        &["ingest", "--max-in-flight", "5"],
+        &[
+            "ingest",
+            "--url",
+            "http://127.0.0.1:1",
+            "--ca-cert",
+            "ca.pem",
+        ],
+        &["e2e", "--url", "http://127.0.0.1:1", "--ca-cert", "ca.pem"],
+        &[
+            "recovery",
+            "--url",
+            "http://127.0.0.1:1",
+            "--ca-cert",
+            "ca.pem",
+        ],
     ] {
         let (status, stdout, stderr) = run_loadtest(args);
         assert_eq!(status.code(), Some(2), "{args:?}: a usage error");
@@ -1007,8 +1057,13 @@ fn https_urls_reach_a_server_behind_a_tls_terminator() {
     // The certificate is checked: without --ca-cert nothing trusts it.
     let (status, stdout, stderr) =
         run_loadtest(&[&["ingest", "-c", "1", "--url", &tls.url][..], &short].concat());
-    assert!(!status.success(), "an untrusted certificate was accepted");
-    assert!(u64_at(&single_json(&stdout), "/errors_by_status/transport") > 0);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an untrusted certificate was accepted"
+    );
+    let error = single_json(&stdout)["error"].to_string();
+    assert!(error.contains("certificate is not trusted"), "{error}");
     assert!(stderr.contains("certificate"), "{stderr}");
 }
 
@@ -1052,8 +1107,13 @@ fn the_default_openssl_self_signed_certificate_is_trusted_when_given() {
     let other_cert = other.cert.to_str().expect("UTF-8 path");
     let (status, stdout, stderr) =
         run_loadtest(&[&run[..], &["--ca-cert", other_cert], &short].concat());
-    assert!(!status.success(), "a certificate nobody gave was accepted");
-    assert!(u64_at(&single_json(&stdout), "/errors_by_status/transport") > 0);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a certificate nobody gave was accepted"
+    );
+    let error = single_json(&stdout)["error"].to_string();
+    assert!(error.contains("certificate is not trusted"), "{error}");
     assert!(stderr.contains("certificate"), "{stderr}");
 }
 
@@ -1357,4 +1417,236 @@ fn fanout_workers_end_quietly_when_their_parent_is_killed() {
         .recv_timeout(Duration::from_secs(20))
         .expect("the workers exit once their parent is gone");
     assert!(!stderr.to_lowercase().contains("broken pipe"), "{stderr}");
+}
+
+/// A run is judged on its measured window: a rate limit the warmup used up leaves the window
+/// nothing but 429s, and the run fails (exit 1, its result still printed) although the warmup
+/// got events accepted. For a write scenario and for e2e's publisher alike.
+#[test]
+fn a_window_with_nothing_accepted_fails_even_after_a_good_warmup() {
+    let server = Server::start_with(&["--auth", "--admin-token", "admin-secret"]);
+    // 20 events a minute per namespace: the warmup (50 due at 100/s) uses them all.
+    ureq::put(&format!("{}/api/admin/config", server.url))
+        .set("Authorization", "Bearer admin-secret")
+        .timeout(Duration::from_secs(10))
+        .send_string(r#"{"rate_limit_enabled":true,"rate_limit_per_namespace_per_minute":20}"#)
+        .expect("set the rate limit");
+    let timing = ["--rate", "100", "--warmup", "0.5", "--duration", "0.5"];
+    for (scenario, namespace) in [("ingest", "acme"), ("e2e", "beta")] {
+        let token = register(&server, namespace);
+        let mut args = vec![scenario, "--url", &server.url, "--token", &token];
+        args.extend(["--namespace", namespace]);
+        args.extend(if scenario == "e2e" {
+            ["-s", "2"]
+        } else {
+            ["-c", "1"]
+        });
+        args.extend(timing);
+        let (status, stdout, stderr) = run_loadtest(&args);
+        assert_eq!(status.code(), Some(1), "{scenario}: {stdout} {stderr}");
+        let result = single_json(&stdout);
+        assert!(u64_at(&result, "/total/events") > 0, "{result}");
+        assert_eq!(u64_at(&result, "/events"), 0, "{result}");
+        assert!(u64_at(&result, "/errors_by_status/429") > 0, "{result}");
+        let what = if scenario == "e2e" {
+            "publish"
+        } else {
+            "event"
+        };
+        assert!(
+            stderr.contains(&format!("no {what} was accepted in the measured window"))
+                && stderr.contains("rate limit exceeded"),
+            "{stderr}"
+        );
+    }
+}
+
+/// An e2e whose every subscriber the server closed measured nothing worth a success: exit 1,
+/// its result still printed.
+#[test]
+fn e2e_fails_when_the_server_closes_every_subscriber() {
+    let mut server = Server::start();
+    let mut child = spawn_loadtest(
+        &[
+            "e2e",
+            "--url",
+            &server.url,
+            "-s",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "20",
+            "--warmup",
+            "0",
+            "--drain-ms",
+            "500",
+        ],
+        Stdio::piped(),
+    );
+    // Publishing has begun (the sync probes write `e2e-0` only): the window has accepted
+    // events. Then the server goes, and every subscriber's socket with it.
+    let published = format!("{}/api/state/entities/loadtest/e2e-1", server.url);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ureq::get(&published)
+        .timeout(Duration::from_secs(2))
+        .call()
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the publisher never published");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let mut stderr = child.stderr.take().expect("stderr");
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut stdout = child.stdout.take().expect("stdout");
+    let status = wait_with_deadline(&mut child, RUN_TIMEOUT).expect("the run ends");
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).expect("read stdout");
+    let stderr = err.join().expect("stderr reader");
+    assert_eq!(status.code(), Some(1), "{out} {stderr}");
+    let result = single_json(&out);
+    assert!(u64_at(&result, "/events") > 0, "{result}");
+    assert_eq!(u64_at(&result, "/subscribers/connected"), 2, "{result}");
+    assert_eq!(
+        u64_at(&result, "/subscribers/closed_by_server"),
+        2,
+        "{result}"
+    );
+    assert!(
+        stderr.contains("the server closed every subscriber"),
+        "{stderr}"
+    );
+}
+
+/// The open-loop flags mean nothing without `--rate`: refused, naming the flag.
+#[test]
+fn open_loop_flags_without_a_rate_are_usage_errors() {
+    for (scenario, flag) in [
+        ("ingest", "--max-in-flight"),
+        ("ingest", "--drop-after-ms"),
+        ("ingest-batch", "--late-ms"),
+    ] {
+        let (status, stdout, stderr) = run_loadtest(&[scenario, flag, "5"]);
+        assert_eq!(status.code(), Some(2), "{scenario} {flag}: {stderr}");
+        assert!(stdout.trim().is_empty(), "{stdout}");
+        assert!(
+            stderr.contains(&format!("{flag} is for an open loop: give --rate too")),
+            "{stderr}"
+        );
+    }
+    let (status, _, stderr) = run_loadtest(&["ingest", "--ca-cert", "ca.pem"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--ca-cert is for https:// URLs"),
+        "{stderr}"
+    );
+}
+
+/// A `--server-pid` that is not the server (here a `sleep`, as a `timeout` wrapper's would be)
+/// is warned about once; the run goes on. The server's own pid is not.
+#[test]
+fn a_server_pid_that_is_not_flux_is_warned_about() {
+    let server = Server::start();
+    let mut sleeper = Command::new("sleep")
+        .arg("30")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start sleep");
+    let run = |pid: u32| {
+        let pid = pid.to_string();
+        run_loadtest(&[
+            "ingest",
+            "--url",
+            &server.url,
+            "-c",
+            "1",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--server-pid",
+            &pid,
+        ])
+    };
+    let (status, stdout, stderr) = run(sleeper.id());
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(stderr.matches("warning").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("--server-pid {} is \"sleep\"", sleeper.id())),
+        "{stderr}"
+    );
+    assert_eq!(
+        u64_at(&single_json(&stdout), "/server/pid"),
+        u64::from(sleeper.id())
+    );
+    let (status, _, stderr) = run(server.pid());
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+/// A refused server certificate is explained: not trusted (a certificate no root vouches for,
+/// or one marked as a CA's), or not naming the URL's host; and what `--ca-cert` takes. For the
+/// HTTP and the WebSocket clients alike.
+#[test]
+fn an_untrusted_certificate_says_what_to_give() {
+    let server = Server::start();
+    let tls = TlsTerminator::start(server.port);
+    let marked_ca = TlsTerminator::start_with(server.port, &[]);
+    let cert = tls.cert.to_str().expect("UTF-8 path");
+    let by_name = tls.url.replace("127.0.0.1", "localhost");
+    let short = ["--duration", "0.5", "--warmup", "0", "-c", "1"];
+    for (url, ca_cert, wanted) in [
+        (
+            &tls.url,
+            None,
+            "the server's certificate is not trusted (UnknownIssuer)",
+        ),
+        (
+            &marked_ca.url,
+            None,
+            "CaUsedAsEndEntity: it is marked as a CA's",
+        ),
+        (
+            &by_name,
+            Some(cert),
+            "the server's certificate does not name localhost",
+        ),
+    ] {
+        let mut args = vec!["ingest", "--url", url];
+        args.extend(ca_cert.map(|cert| ["--ca-cert", cert]).iter().flatten());
+        args.extend(short);
+        let (status, stdout, stderr) = run_loadtest(&args);
+        assert_eq!(status.code(), Some(1), "{args:?}: {stdout} {stderr}");
+        let error = single_json(&stdout)["error"].to_string();
+        assert!(
+            error.contains(wanted)
+                && error.contains("--ca-cert takes a PEM file with the server's certificate"),
+            "{error}"
+        );
+    }
+    let (status, _, stderr) = run_loadtest(&[
+        "e2e",
+        "--url",
+        &tls.url,
+        "-s",
+        "1",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+    ]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the server's certificate is not trusted")
+            && stderr.contains("--ca-cert takes"),
+        "{stderr}"
+    );
 }

@@ -83,8 +83,8 @@ pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> 
                 live.errors.load(Ordering::Relaxed),
             )
         });
-        // `received` counts events (`sent_ns` frames), not every frame.
-        Progress::start("events delivered", counters)
+        // `received` counts `sent_ns` frames (one per event per subscriber), not every frame.
+        Progress::start("sent_ns frames delivered", counters)
     };
     let warmup = seconds(args.timing.warmup);
     let duration = seconds(args.timing.duration);
@@ -136,7 +136,8 @@ pub async fn run(mut args: DeliveryArgs, fanout: bool) -> anyhow::Result<Value> 
     result["publish_latency_us"] = crate::report::latency_json(&tally.latency);
     result["late"] = json!(tally.late);
     result["dropped"] = json!(tally.dropped);
-    // Every `state_update` frame (one per property of each event), not only the `sent_ns` ones.
+    // Every `state_update` frame (one per property of each event), not only the `sent_ns` ones;
+    // with `*`, the server's own `flux-core/directory` updates too.
     result["delivered_frames"] = json!(outcome.frames_measured);
     result["delivered_frames_per_s"] = json!(if seconds > 0.0 {
         round3(outcome.frames_measured as f64 / seconds)

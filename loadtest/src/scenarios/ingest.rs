@@ -1,5 +1,6 @@
 //! `ingest`, `ingest-batch` and `fleet`: HTTP write load through the driver, measured over
-//! `--duration` after `--warmup`, with the server sampled over the same window.
+//! `--duration` after `--warmup`, with the server sampled over the same window. A server that
+//! does not answer its health check first fails the run before any load is sent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,9 +26,12 @@ pub async fn ingest(mut args: IngestArgs, batched: bool) -> anyhow::Result<Value
             );
         }
     };
+    args.load.settle_open_loop()?;
     // Echo what ran.
     args.batch = Some(batch);
     let target = Target::from_common(&args.common)?;
+    let timeout = Duration::from_millis(args.load.timeout_ms);
+    super::check_server(&target, &args.common.url, timeout, "loading").await?;
     let source = Arc::new(IngestEvents {
         prefix: IngestEvents::prefix_in(&args.namespace),
         batch,
@@ -54,6 +58,8 @@ pub async fn ingest(mut args: IngestArgs, batched: bool) -> anyhow::Result<Value
 
 pub async fn fleet(args: FleetArgs) -> anyhow::Result<Value> {
     let target = Target::from_common(&args.common)?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    super::check_server(&target, &args.common.url, timeout, "loading").await?;
     let rate = args.devices as f64 * 1000.0 / args.interval_ms as f64;
     let source = Arc::new(Fleet::new(
         &args.namespace,
@@ -92,8 +98,10 @@ pub fn plan_for(load: &LoadArgs, request_rate: Option<f64>) -> Plan {
         connections: load.connections,
         request_rate: request_rate.filter(|rate| *rate > 0.0),
         request_limit: None,
-        drop_after: Duration::from_millis(load.drop_after_ms),
-        late_after: Duration::from_millis(load.late_ms),
+        // Filled in by `LoadArgs::settle_open_loop` for an open loop; a closed loop has none
+        // and does not use them (nothing is due).
+        drop_after: Duration::from_millis(load.drop_after_ms.unwrap_or_default()),
+        late_after: Duration::from_millis(load.late_ms.unwrap_or_default()),
         max_backlog: load.max_in_flight,
         timeout: Duration::from_millis(load.timeout_ms),
     }

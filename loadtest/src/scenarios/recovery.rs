@@ -41,19 +41,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
     let target = Target::from_common(&args.common)?;
     // A server that is not there would otherwise cost every populating request a failure.
-    match health(&target).await {
-        Ok(reply) if reply.status == StatusCode::OK => {}
-        Ok(reply) => bail!(
-            "the server's health check answered {} before populating",
-            reply.status
-        ),
-        Err(error) => bail!(
-            "cannot reach the server at {} ({}{})",
-            args.common.url,
-            error.key(),
-            crate::http::first_connect_error().map_or(String::new(), |e| format!(": {e}"))
-        ),
-    }
+    super::check_server(&target, &args.common.url, POLL_TIMEOUT, "populating").await?;
     let batch = args.batch.max(1);
     // The entity whose marker value proves the populated log is back.
     let marker_entity = format!("{}/recovery-marker", args.namespace);
@@ -238,7 +226,7 @@ pub async fn run(args: RecoveryArgs) -> anyhow::Result<Value> {
         "events_before_restart": tally.total_events + 1,
         "marker_entity": marker_entity,
         "entities_checked": checked.entities,
-        "properties_checked": checked.sampled,
+        "entities_sampled": checked.sampled,
     });
     Ok(result)
 }
@@ -447,23 +435,11 @@ fn excerpt(body: &[u8]) -> String {
     }
 }
 
-/// One `GET /api/health` on a fresh connection.
-async fn health(target: &Target) -> Result<crate::http::Reply, crate::http::TransportError> {
-    request_once(
-        target,
-        Method::GET,
-        "/api/health",
-        Bytes::new(),
-        POLL_TIMEOUT,
-    )
-    .await
-}
-
 /// Polls health until the server stops answering; returns when that was first seen.
 async fn wait_until_down(target: &Target, timeout: Duration) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + timeout;
     loop {
-        let reply = health(target).await;
+        let reply = super::health(target, POLL_TIMEOUT).await;
         let now = Instant::now();
         match reply {
             Ok(reply) if reply.status == StatusCode::OK => {}
