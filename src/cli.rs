@@ -226,7 +226,8 @@ pub enum Command {
     /// Register or look up namespaces (auth mode).
     #[command(subcommand)]
     Namespaces(NamespacesCommand),
-    /// Read the runtime config, or change the fields given in JSON (admin token).
+    /// Read the runtime config (admin or namespace token), or change the fields given in JSON
+    /// (admin token).
     #[command(after_help = EXIT_CODES_HELP)]
     AdminConfig {
         /// Fields to change, e.g. '{"rate_limit_per_namespace_per_minute":5000}'.
