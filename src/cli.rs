@@ -55,6 +55,9 @@ const DEFAULT_URL: &str = "http://127.0.0.1:3000";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for each read or write of a request (a large list can take a while).
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a whole request may take, reply included: a server that trickles its reply a
+/// byte at a time is given up on too.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest wait for each read or write of `watch`'s WebSocket handshake: a few hundred bytes
 /// any live server answers at once.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,11 +77,11 @@ pub struct ServerArgs {
     /// are always checked.
     #[arg(long, env = "FLUX_CA_CERT", value_name = "PATH")]
     ca_cert: Option<PathBuf>,
-    /// Bearer token sent with writes (a namespace token, or the admin token).
+    /// Bearer token sent with writes (a namespace token, or the admin token), and with the
+    /// admin commands when no admin token is given.
     #[arg(long, env = "FLUX_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Admin token, sent by `namespaces register`, `namespaces delete` and `admin-config`
-    /// (which reads the config with `--token` when no admin token is given).
+    /// Admin token, sent by `namespaces register`, `namespaces delete` and `admin-config`.
     #[arg(long, env = "FLUX_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
 }
@@ -479,7 +482,7 @@ fn execute(command: Command) -> Result<(), Failure> {
         Command::AdminConfig { json, server } => {
             let client = Client::new(&server)?;
             match json {
-                None => client.print("GET", "/api/admin/config", Auth::AdminOrToken, None),
+                None => client.print("GET", "/api/admin/config", Auth::Admin, None),
                 Some(text) => {
                     let changes = parse_json("the config", &text)?;
                     client.print(
@@ -562,11 +565,9 @@ enum Auth {
     None,
     /// Writes carry `--token` / `FLUX_TOKEN` when set.
     Token,
-    /// Admin operations carry `--admin-token` / `FLUX_ADMIN_TOKEN` when set.
+    /// Admin operations carry `--admin-token` / `FLUX_ADMIN_TOKEN` when set, else `--token`
+    /// (which may hold the admin token; a namespace's token reads the config).
     Admin,
-    /// Reading the config: the admin token when set, else `--token` (a namespace's token
-    /// may read it in auth mode).
-    AdminOrToken,
 }
 
 /// A blocking HTTP client bound to one server.
@@ -586,10 +587,14 @@ impl<'a> Client<'a> {
                 server.url()
             )));
         }
+        // Redirects are not followed: ureq would turn a redirected POST or DELETE into a GET
+        // (or return a 307's reply as if it were the answer). A 3xx is reported instead.
         let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(CONNECT_TIMEOUT)
             .timeout_read(IO_TIMEOUT)
-            .timeout_write(IO_TIMEOUT);
+            .timeout_write(IO_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .redirects(0);
         if base.starts_with("https://") {
             agent = agent.tls_config(server.tls_config()?);
         }
@@ -622,19 +627,22 @@ impl<'a> Client<'a> {
     ) -> Result<String, Failure> {
         let url = format!("{}{path}", self.base);
         let mut request = self.agent.request(method, &url);
+        fn given(token: &Option<String>) -> Option<&str> {
+            token.as_deref().filter(|t| !t.is_empty())
+        }
         let token = match auth {
             Auth::None => None,
-            Auth::Token => self.server.token.as_deref(),
-            Auth::Admin => self.server.admin_token.as_deref(),
-            Auth::AdminOrToken => self
-                .server
-                .admin_token
-                .as_deref()
-                .filter(|t| !t.is_empty())
-                .or(self.server.token.as_deref()),
+            Auth::Token => given(&self.server.token).map(|t| (t, "--token (FLUX_TOKEN)")),
+            // The admin token may come as `--token` too (its help says so).
+            Auth::Admin => given(&self.server.admin_token)
+                .map(|t| (t, "--admin-token (FLUX_ADMIN_TOKEN)"))
+                .or_else(|| given(&self.server.token).map(|t| (t, "--token (FLUX_TOKEN)"))),
         };
-        if let Some(token) = token.filter(|t| !t.is_empty()) {
-            request = request.set("Authorization", &format!("Bearer {token}"));
+        if let Some((token, source)) = token {
+            request = request.set(
+                "Authorization",
+                &format!("Bearer {}", header_safe(token, source)?),
+            );
         }
         let result = match body {
             Some(body) => request
@@ -643,6 +651,19 @@ impl<'a> Client<'a> {
             None => request.call(),
         };
         match result {
+            Ok(response) if (300..400).contains(&response.status()) => {
+                let status = response.status();
+                let location = response.header("Location").unwrap_or("elsewhere");
+                let error = format!(
+                    "the server redirected the request (HTTP {status}) to {location}; nothing \
+                     was done: give that URL as --url (FLUX_URL)"
+                );
+                Err(Failure::Http {
+                    status,
+                    body: json!({ "error": error }).to_string(),
+                    retry_after: None,
+                })
+            }
             Ok(response) => read_body(response, &url),
             Err(ureq::Error::Status(status, response)) => {
                 let retry_after = response.header("Retry-After").map(str::to_string);
@@ -660,6 +681,21 @@ impl<'a> Client<'a> {
                 _ => unreachable(self.base, &transport),
             }),
         }
+    }
+}
+
+/// A token trimmed of surrounding whitespace (a token file's line break), refused as a usage
+/// error when an HTTP header cannot carry it; the message names where it came from, never
+/// the token.
+fn header_safe<'t>(token: &'t str, source: &str) -> Result<&'t str, Failure> {
+    let token = token.trim();
+    if token.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(token)
+    } else {
+        Err(Failure::Usage(format!(
+            "{source} holds a character an HTTP header cannot carry (a line break, a space or a \
+             non-ASCII character inside the token)"
+        )))
     }
 }
 
@@ -928,7 +964,21 @@ fn open_websocket(
     // An IPv6 address comes in brackets (`[::1]`); the resolver wants it bare.
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let default_port = if tls.is_some() { 443 } else { 80 };
-    let port = request.uri().port_u16().unwrap_or(default_port);
+    // `Uri::port` is `None` for a port that does not fit in 16 bits, as for none at all:
+    // read what follows the host instead, so that such a port is refused, not replaced.
+    let authority = request.uri().authority().map_or("", |a| a.as_str());
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, rest)| rest);
+    let after_host = host_port
+        .rsplit_once(']')
+        .map_or(host_port, |(_, rest)| rest);
+    let port = match after_host.rsplit_once(':') {
+        None => default_port,
+        Some((_, port)) => port
+            .parse()
+            .map_err(|_| Failure::Usage(format!("{websocket_url}: invalid port {port:?}")))?,
+    };
     let mut tcp = connect(host, port).map_err(|error| unreachable(base, &error))?;
     tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .and_then(|()| tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
@@ -1040,7 +1090,11 @@ fn fill_timestamps(text: &str) -> Result<String, Failure> {
         let object: Option<std::collections::BTreeMap<String, Box<RawValue>>> =
             serde_json::from_str(event.get()).ok();
         match object {
-            Some(mut fields) if !fields.contains_key("timestamp") => {
+            Some(mut fields)
+                if fields
+                    .get("timestamp")
+                    .is_none_or(|t| t.get().trim() == "null") =>
+            {
                 fields.insert("timestamp".to_string(), now.clone());
                 let text = serde_json::to_string(&fields)
                     .map_err(|e| Failure::Usage(format!("encoding an event: {e}")))?;

@@ -16,6 +16,8 @@ mod util;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -307,8 +309,9 @@ fn list_with_prefix_namespace_and_pages() {
 #[test]
 fn batch_from_argument_and_stdin() {
     let server = Server::start();
+    // A `null` timestamp counts as none: it is filled in too.
     let array = json!([
-        {"stream": "sensors", "source": "agent-01",
+        {"stream": "sensors", "source": "agent-01", "timestamp": null,
          "payload": {"entity_id": "acme/sensor-01", "properties": {"temp": 22}}},
         {"stream": "sensors", "source": "agent-01", "timestamp": TS,
          "payload": {"entity_id": "acme/sensor-02", "properties": {"temp": 23}}},
@@ -836,6 +839,114 @@ fn a_connection_reset_is_said_once() {
             "{args:?}"
         );
     }
+}
+
+/// A server that answers every request with `status` and a `Location` to `to` (as a
+/// deployment redirecting http:// to https:// does); counts the requests it gets.
+fn redirecting(status: &str, to: &str) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("local_addr"));
+    let (status, to) = (status.to_string(), to.to_string());
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    (url, seen)
+}
+
+/// A redirect is reported, never followed: a followed redirect turns a POST or DELETE into a
+/// GET, which "succeeded" without writing anything.
+#[test]
+fn redirects_are_reported_not_followed() {
+    let server = Server::start();
+    server.put("acme/kept", json!({"v": 1}));
+    for status in [
+        "301 Moved Permanently",
+        "302 Found",
+        "307 Temporary Redirect",
+    ] {
+        let (url, seen) = redirecting(status, server.url());
+        for args in [
+            vec!["publish", "s", "a", "acme/new", r#"{"v":2}"#],
+            vec!["delete", "acme/kept"],
+            vec!["get", "acme/kept"],
+        ] {
+            let run = Cli::new(&url, &args).run();
+            let message = run.http_error();
+            assert!(
+                message.contains("redirected") && message.contains(server.url()),
+                "{status} {args:?}: {message}"
+            );
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 3, "{status}: one request each");
+    }
+    assert_eq!(server.props("acme/kept"), json!({"v": 1}));
+    assert_eq!(server.entity("acme/new").0, 404);
+}
+
+/// A token an HTTP header cannot carry is a usage error that does not print the token; the
+/// line break a token file ends with is trimmed.
+#[test]
+fn tokens_are_checked_before_they_are_sent() {
+    let server = Server::start_args(&["--auth", "--admin-token", "adm"]);
+    let url = server.url();
+    let acme = Cli::new(url, &["namespaces", "register", "acme"])
+        .env("FLUX_ADMIN_TOKEN", "adm")
+        .run()
+        .ok_json();
+    let token = acme["token"].as_str().expect("a token").to_string();
+    let publish = ["publish", "s", "a", "acme/t", r#"{"v":1}"#];
+    Cli::new(url, &publish)
+        .env("FLUX_TOKEN", &format!("{token}\r\n"))
+        .run()
+        .ok_json();
+    for bad in [
+        format!("{token}\nx"),
+        format!("tö{token}"),
+        format!("a {token}"),
+    ] {
+        let run = Cli::new(url, &publish).env("FLUX_TOKEN", &bad).run();
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(run.stderr.contains("FLUX_TOKEN"), "{run:?}");
+        assert!(
+            !run.stderr.contains(&token),
+            "the token is printed: {run:?}"
+        );
+    }
+    // The admin token may come as FLUX_TOKEN too, for admin operations.
+    let change = [
+        "admin-config",
+        r#"{"rate_limit_per_namespace_per_minute":5000}"#,
+    ];
+    let config = Cli::new(url, &change)
+        .env("FLUX_TOKEN", "adm")
+        .run()
+        .ok_json();
+    assert_eq!(
+        config["rate_limit_per_namespace_per_minute"], 5000,
+        "{config}"
+    );
+}
+
+/// `watch` refuses a port that does not fit, as the other commands do, instead of
+/// connecting somewhere else.
+#[test]
+fn watch_refuses_an_invalid_port() {
+    let run = Cli::new("http://127.0.0.1:99999", &["watch", "*"]).run();
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("port"), "{run:?}");
 }
 
 /// A pattern the CLI passes on and the server refuses (no id holds a control character).
