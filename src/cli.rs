@@ -95,6 +95,25 @@ impl ServerArgs {
             .unwrap_or(DEFAULT_URL)
     }
 
+    /// The URL paths are added to: without a trailing `/`; `http://` or `https://`, and no
+    /// query or fragment (the paths would land inside them).
+    fn base_url(&self) -> Result<&str, Failure> {
+        let base = self.url().trim_end_matches('/');
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(Failure::Usage(format!(
+                "--url {:?} must start with http:// or https://",
+                self.url()
+            )));
+        }
+        if base.contains(['?', '#']) {
+            return Err(Failure::Usage(format!(
+                "--url {:?} must not carry a query or a fragment: paths are added to it",
+                self.url()
+            )));
+        }
+        Ok(base)
+    }
+
     /// The TLS client configuration for an `https://` URL: the system's roots plus
     /// `--ca-cert` (`flux_tls`'s policy, shared with `flux-loadtest`). A `--ca-cert` that
     /// cannot be read or holds no certificate is a usage error.
@@ -580,13 +599,7 @@ struct Client<'a> {
 
 impl<'a> Client<'a> {
     fn new(server: &'a ServerArgs) -> Result<Client<'a>, Failure> {
-        let base = server.url().trim_end_matches('/');
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(Failure::Usage(format!(
-                "--url {:?} must start with http:// or https://",
-                server.url()
-            )));
-        }
+        let base = server.base_url()?;
         // Redirects are not followed: ureq would turn a redirected POST or DELETE into a GET
         // (or return a 307's reply as if it were the answer). A 3xx is reported instead.
         let mut agent = ureq::AgentBuilder::new()
@@ -664,7 +677,10 @@ impl<'a> Client<'a> {
                     retry_after: None,
                 })
             }
-            Ok(response) => read_body(response, &url),
+            Ok(response) => {
+                let status = response.status();
+                json_reply(status, read_body(response, &url)?)
+            }
             Err(ureq::Error::Status(status, response)) => {
                 let retry_after = response.header("Retry-After").map(str::to_string);
                 let body = read_body(response, &url)?;
@@ -715,15 +731,34 @@ fn print_reply(reply: &str) -> Result<(), Failure> {
     }
 }
 
+/// The whole reply body (bytes that are not UTF-8 shown as U+FFFD: an error page's body is
+/// still the server's answer).
 fn read_body(response: ureq::Response, url: &str) -> Result<String, Failure> {
-    let mut body = String::new();
+    let mut body = Vec::new();
     response
         .into_reader()
-        .read_to_string(&mut body)
+        .read_to_end(&mut body)
         .map_err(|error| {
             Failure::Connection(format!("reading the reply of {url}: {}", cause(&error)))
         })?;
-    Ok(body)
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A 2xx reply is Flux's JSON (or empty, as a 204's): anything else, such as a proxy's HTML
+/// page, is no success.
+fn json_reply(status: u16, body: String) -> Result<String, Failure> {
+    if body.trim().is_empty() || serde_json::from_str::<serde::de::IgnoredAny>(&body).is_ok() {
+        return Ok(body);
+    }
+    let excerpt: String = body.chars().take(200).collect();
+    Err(Failure::Http {
+        status,
+        body: json!({
+            "error": format!("the reply (HTTP {status}) is not JSON, so not Flux's: {excerpt}")
+        })
+        .to_string(),
+        retry_after: None,
+    })
 }
 
 /// The server at `url` could not be reached, for the innermost cause of `error`; a
@@ -782,16 +817,13 @@ fn cause(error: &(dyn std::error::Error + 'static)) -> String {
 /// Subscribes to `pattern` and prints update messages, one a line, until `count` of them
 /// (or forever).
 fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), Failure> {
-    let base = server.url().trim_end_matches('/');
-    let (websocket_url, tls) = if let Some(rest) = base.strip_prefix("http://") {
-        (format!("ws://{rest}/api/ws"), None)
-    } else if let Some(rest) = base.strip_prefix("https://") {
-        (format!("wss://{rest}/api/ws"), Some(server.tls_config()?))
-    } else {
-        return Err(Failure::Usage(format!(
-            "--url {:?} must start with http:// or https://",
-            server.url()
-        )));
+    let base = server.base_url()?;
+    let (websocket_url, tls) = match base.strip_prefix("http://") {
+        Some(rest) => (format!("ws://{rest}/api/ws"), None),
+        None => {
+            let rest = base.trim_start_matches("https://");
+            (format!("wss://{rest}/api/ws"), Some(server.tls_config()?))
+        }
     };
     let mut socket = open_websocket(base, &websocket_url, tls)?;
     let subscribe = json!({"type": "subscribe", "entity_id": pattern}).to_string();

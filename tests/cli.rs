@@ -841,12 +841,12 @@ fn a_connection_reset_is_said_once() {
     }
 }
 
-/// A server that answers every request with `status` and a `Location` to `to` (as a
-/// deployment redirecting http:// to https:// does); counts the requests it gets.
-fn redirecting(status: &str, to: &str) -> (String, Arc<AtomicUsize>) {
+/// A server that answers every request with `reply` (after reading its head) and closes;
+/// counts the requests it gets. Stands for what may sit at a URL instead of Flux: a
+/// redirecting front, a proxy's error page.
+fn answering(reply: Vec<u8>) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("local_addr"));
-    let (status, to) = (status.to_string(), to.to_string());
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
     thread::spawn(move || {
@@ -857,13 +857,60 @@ fn redirecting(status: &str, to: &str) -> (String, Arc<AtomicUsize>) {
             while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
                 head.push(byte[0]);
             }
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-            let _ = stream.write_all(reply.as_bytes());
+            let _ = stream.write_all(&reply);
         }
     });
     (url, seen)
+}
+
+/// [`answering`] with `status` and a `Location` to `to`, as a deployment redirecting
+/// http:// to https:// does.
+fn redirecting(status: &str, to: &str) -> (String, Arc<AtomicUsize>) {
+    answering(
+        format!(
+            "HTTP/1.1 {status}\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes(),
+    )
+}
+
+/// What is not Flux's answer is no success: a 2xx that is not JSON (a proxy's or captive
+/// portal's page) exits 1, and an error page that is not UTF-8 is still the server's answer
+/// (exit 1, not "unreachable").
+#[test]
+fn replies_that_are_not_flux_fail() {
+    let page = "<html>sign in first</html>";
+    let (url, _) = answering(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{page}",
+            page.len()
+        )
+        .into_bytes(),
+    );
+    let message = Cli::new(&url, &["health"]).run().http_error();
+    assert!(
+        message.contains("not JSON") && message.contains(page),
+        "{message}"
+    );
+    let mut reply =
+        b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 3\r\nConnection: close\r\n\r\n".to_vec();
+    reply.extend_from_slice(&[0xff, 0xfe, b'!']);
+    let (url, _) = answering(reply);
+    let run = Cli::new(&url, &["health"]).run();
+    assert_eq!(run.code, Some(1), "{run:?}");
+}
+
+/// A URL with a query or fragment would take the paths into them: a usage error.
+#[test]
+fn a_url_with_a_query_is_a_usage_error() {
+    for url in ["http://127.0.0.1:1/?x=1", "http://127.0.0.1:1/#top"] {
+        for args in [vec!["health"], vec!["watch", "*"]] {
+            let run = Cli::new(url, &args).run();
+            assert_eq!(run.code, Some(2), "{url} {args:?}: {run:?}");
+            assert!(run.stderr.contains("query"), "{run:?}");
+        }
+    }
 }
 
 /// A redirect is reported, never followed: a followed redirect turns a POST or DELETE into a
