@@ -747,16 +747,23 @@ fn batch_delete_goes_on_past_10000_matches() {
     assert!(server.list_ids("?prefix=bulk/").is_empty());
 }
 
-/// A rate-limited write says on stderr how long to wait (the server's `Retry-After`).
-#[test]
-fn a_rate_limited_write_says_when_to_retry() {
+/// A server in auth mode (admin token `adm`) with `namespace` registered through the CLI,
+/// and that namespace's token.
+fn auth_server_with(namespace: &str) -> (Server, String) {
     let server = Server::start_args(&["--auth", "--admin-token", "adm"]);
-    let url = server.url();
-    let acme = Cli::new(url, &["namespaces", "register", "acme"])
+    let registered = Cli::new(server.url(), &["namespaces", "register", namespace])
         .env("FLUX_ADMIN_TOKEN", "adm")
         .run()
         .ok_json();
-    let token = acme["token"].as_str().expect("a token").to_string();
+    let token = registered["token"].as_str().expect("a token").to_string();
+    (server, token)
+}
+
+/// A rate-limited write says on stderr how long to wait (the server's `Retry-After`).
+#[test]
+fn a_rate_limited_write_says_when_to_retry() {
+    let (server, token) = auth_server_with("acme");
+    let url = server.url();
     Cli::new(
         url,
         &[
@@ -947,13 +954,8 @@ fn redirects_are_reported_not_followed() {
 /// line break a token file ends with is trimmed.
 #[test]
 fn tokens_are_checked_before_they_are_sent() {
-    let server = Server::start_args(&["--auth", "--admin-token", "adm"]);
+    let (server, token) = auth_server_with("acme");
     let url = server.url();
-    let acme = Cli::new(url, &["namespaces", "register", "acme"])
-        .env("FLUX_ADMIN_TOKEN", "adm")
-        .run()
-        .ok_json();
-    let token = acme["token"].as_str().expect("a token").to_string();
     let publish = ["publish", "s", "a", "acme/t", r#"{"v":1}"#];
     Cli::new(url, &publish)
         .env("FLUX_TOKEN", &format!("{token}\r\n"))
