@@ -839,10 +839,20 @@ fn watch(server: &ServerArgs, pattern: &str, count: Option<u64>) -> Result<(), F
         .set_read_timeout(Some(STDOUT_CHECK))
         .and_then(|()| stream.set_write_timeout(None))
         .map_err(|error| unreachable(base, &error))?;
-    let _ = writeln!(
-        std::io::stderr(),
-        "flux: watching {pattern:?} on {websocket_url}"
-    );
+    // Credentials a URL may carry (`user:password@`) are not echoed to a terminal or log.
+    let shown = match websocket_url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('/') {
+            Some((authority, path)) if authority.contains('@') => {
+                let host = authority
+                    .rsplit_once('@')
+                    .map_or(authority, |(_, host)| host);
+                format!("{scheme}://…@{host}/{path}")
+            }
+            _ => websocket_url.clone(),
+        },
+        None => websocket_url.clone(),
+    };
+    let _ = writeln!(std::io::stderr(), "flux: watching {pattern:?} on {shown}");
 
     let mut seen = 0;
     let mut stdout = std::io::stdout().lock();

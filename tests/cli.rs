@@ -665,6 +665,26 @@ fn watch_over_wss_ends_when_its_reader_goes_away() {
     watch_until_the_reader_goes_away(&server, Cli::new(&tls.url, &args));
 }
 
+/// The line `watch` prints when subscribed does not echo credentials the URL carries.
+#[test]
+fn watch_does_not_print_the_url_credentials() {
+    let server = Server::start();
+    let url = format!("http://user:s3cret@127.0.0.1:{}", server.port());
+    let mut watcher = Cli::new(&url, &["watch", "creds/*"]).spawn();
+    let mut stderr = BufReader::new(watcher.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    let read = stderr.read_line(&mut said);
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    read.expect("stderr");
+    assert!(said.contains("watching"), "{said}");
+    assert!(!said.contains("s3cret") && !said.contains("user"), "{said}");
+    assert!(
+        said.contains(&format!("127.0.0.1:{}", server.port())),
+        "{said}"
+    );
+}
+
 /// Runs `watcher` (a `watch "gone/*"`), reads one line of its stdout, drops the pipe as
 /// `head -1` does, and checks that watch then ends by itself with exit 0.
 fn watch_until_the_reader_goes_away(server: &Server, watcher: Cli) {
