@@ -14,3 +14,13 @@ wait_healthy() {
     done
     return 1
 }
+
+# Starts `$1 serve` on a free loopback port with its data dir in $2/data and its output in
+# $2/server.log, and waits until it answers; sets `port` and `pid` (the caller's EXIT trap
+# stops it).
+start_server() {
+    port=$(free_port)
+    "$1" serve --listen "127.0.0.1:$port" --data-dir "$2/data" >"$2/server.log" 2>&1 &
+    pid=$!
+    wait_healthy "$port" 30 0.1
+}

@@ -20,10 +20,7 @@ mkdir -p target/tmp
 work=$(mktemp -d target/tmp/e2e-device.XXXXXX)
 pid=
 trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; rm -rf "$work"' EXIT
-port=$(free_port)
-"$binary" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
-pid=$!
-wait_healthy "$port" 30 0.1
+start_server "$binary" "$work"
 url="http://127.0.0.1:$port"
 commits() { curl -s "$url/metrics" | awk '/^flux_log_fsync_seconds_count/ {print $2}'; }
 timeout 60 target/release/flux-loadtest e2e --subscribers 1 --rate 200 --duration 2 --warmup 1 \

@@ -21,10 +21,7 @@ shift 2
 work=$(mktemp -d "$parent/ingest-idle.XXXXXX")
 pid=
 trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; rm -rf "$work"' EXIT
-port=$(free_port)
-"$binary" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
-pid=$!
-wait_healthy "$port" 30 0.1
+start_server "$binary" "$work"
 (sleep 3; head -1 /proc/stat >"$work/stat1"; sleep 4; head -1 /proc/stat >"$work/stat2") &
 sampler=$!
 timeout 60 target/release/flux-loadtest ingest -c 32 --duration 8 --warmup 1 --server-pid "$pid" \
