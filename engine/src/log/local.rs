@@ -188,8 +188,6 @@ struct Shared {
     /// reports it until a commit succeeds. `write_failing` says whether it is set.
     write_error: Mutex<Option<String>>,
     write_failing: AtomicBool,
-    /// Commits into spares are synced as overwrites ([`super::overwrite`]); set once at start.
-    overwrite_sync: AtomicBool,
     metrics: LogMetrics,
 }
 
@@ -492,7 +490,6 @@ impl LocalLog {
                 failure: Mutex::new(None),
                 write_error: Mutex::new(None),
                 write_failing: AtomicBool::new(false),
-                overwrite_sync: AtomicBool::new(false),
                 metrics: LogMetrics::default(),
             }),
             queue: Arc::new(Queue {
@@ -579,7 +576,6 @@ impl LocalLog {
                 "commits into spare segments are synced as overwrites (the filesystem is ext4 \
                  without data=journal; --log-sync fdatasync turns this off)"
             );
-            self.shared.overwrite_sync.store(true, Ordering::Release);
         }
         *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Writer {
             shared: self.shared.clone(),
@@ -891,10 +887,11 @@ impl Log for LocalLog {
     }
 
     fn sync_method(&self) -> Option<&'static str> {
-        Some(if self.shared.overwrite_sync.load(Ordering::Acquire) {
-            "overwrite"
-        } else {
-            "fdatasync"
+        // The writer has a flusher iff commits into spares are synced as overwrites.
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        Some(match writer.as_ref().map(|w| w.flush.is_some()) {
+            Some(true) => "overwrite",
+            _ => "fdatasync",
         })
     }
 
