@@ -54,7 +54,8 @@ fn config_json(config: &RuntimeConfig) -> Vec<u8> {
 }
 
 impl Api {
-    /// With auth off the namespace routes do not exist: 404 whatever the method.
+    /// With auth off the namespace routes do not exist: 404 whatever the method. The router
+    /// checks it before any namespace handler runs.
     pub(crate) fn namespaces_enabled(&self) -> Result<(), ApiError> {
         if self.auth.enabled {
             Ok(())
@@ -67,7 +68,6 @@ impl Api {
 
     /// `POST /api/namespaces {"name"}`
     pub async fn register_namespace(&self, request: Request) -> Result<Response, ApiError> {
-        self.namespaces_enabled()?;
         if self.auth.admin_token.is_some() {
             self.require_admin(&request, true)?;
         }
@@ -127,7 +127,6 @@ impl Api {
 
     /// `GET /api/namespaces/<name>`
     pub async fn get_namespace(&self, name: &str) -> Result<Response, ApiError> {
-        self.namespaces_enabled()?;
         let Some(namespace) = self
             .engine
             .with_control(|c| c.namespaces.get(name).cloned())
@@ -154,7 +153,6 @@ impl Api {
         request: &Request,
         name: &str,
     ) -> Result<Response, ApiError> {
-        self.namespaces_enabled()?;
         self.require_admin(request, false)?;
         if !self
             .engine
