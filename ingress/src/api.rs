@@ -414,35 +414,28 @@ impl Api {
                 )));
             }
             let mut seen = std::collections::HashSet::with_capacity(ids.len());
-            let seen_order: Vec<String> = ids
-                .into_iter()
-                .filter(|id| seen.insert(id.clone()))
-                .collect();
-            let (ids, forbidden): (Vec<String>, Vec<String>) = seen_order
-                .iter()
-                .cloned()
-                .partition(|id| caller.may_write(id, "entity id").is_ok());
-            for id in forbidden {
-                let message = caller.may_write(&id, "entity id").err().map(|e| e.message);
-                errors.push((id, message.unwrap_or_default()));
+            let ids = ids.into_iter().filter(|id| seen.insert(id.clone()));
+            // Each refusal keeps its id's place in the request, to be listed in that order.
+            let mut refused: Vec<(usize, String, String)> = Vec::new();
+            let mut allowed: Vec<(usize, String)> = Vec::new();
+            for (place, id) in ids.enumerate() {
+                match caller.may_write(&id, "entity id") {
+                    Ok(()) => allowed.push((place, id)),
+                    Err(error) => refused.push((place, id, error.message)),
+                }
             }
-            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let refs: Vec<&str> = allowed.iter().map(|(_, id)| id.as_str()).collect();
             let exists = self.engine.contains(&refs).await;
-            let mut targets = Vec::with_capacity(ids.len());
-            for (id, exists) in ids.into_iter().zip(exists) {
+            let mut targets = Vec::with_capacity(allowed.len());
+            for ((place, id), exists) in allowed.into_iter().zip(exists) {
                 if exists {
                     targets.push(id);
                 } else {
-                    errors.push((id, "Entity not found".to_string()));
+                    refused.push((place, id, "Entity not found".to_string()));
                 }
             }
-            // Errors in the order their ids were given (each id once).
-            let order: std::collections::HashMap<&str, usize> = seen_order
-                .iter()
-                .enumerate()
-                .map(|(i, id)| (id.as_str(), i))
-                .collect();
-            errors.sort_by_key(|(id, _)| order.get(id.as_str()).copied());
+            refused.sort_unstable_by_key(|(place, ..)| *place);
+            errors.extend(refused.into_iter().map(|(_, id, message)| (id, message)));
             targets
         } else {
             let (prefix, field, value) = match (filter.namespace, filter.prefix) {
