@@ -764,13 +764,25 @@ fn json_reply(status: u16, body: String) -> Result<String, Failure> {
 /// The server at `url` could not be reached, for the innermost cause of `error`; a
 /// certificate that is not trusted says so, and how to trust it.
 fn unreachable(url: &str, error: &(dyn std::error::Error + 'static)) -> Failure {
-    if let Some(refused) = certificate_error(error) {
-        return Failure::Connection(format!(
-            "cannot reach {url}: its TLS certificate is not trusted ({refused}); \
-             give the certificate or its CA with --ca-cert"
-        ));
+    if let Some(explained) =
+        certificate_error(error).and_then(|tls| flux_tls::explain_refusal(tls, url_host(url)))
+    {
+        return Failure::Connection(format!("cannot reach {url}: {explained}"));
     }
     Failure::Connection(format!("cannot reach {url}: {}", cause(error)))
+}
+
+/// The host of `url` (`scheme://[user@]host[:port][/path]`), brackets of an IPv6 address kept.
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    match host_port.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => host,
+        _ => host_port,
+    }
 }
 
 /// The certificate check that refused the server, found anywhere in `error`'s chain: rustls
@@ -1205,4 +1217,22 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_host;
+
+    #[test]
+    fn url_host_is_the_host_alone() {
+        for (url, host) in [
+            ("https://example.com", "example.com"),
+            ("https://127.0.0.1:8443", "127.0.0.1"),
+            ("https://user:pw@localhost:1/prefix", "localhost"),
+            ("https://[::1]:443", "[::1]"),
+            ("https://[::1]", "[::1]"),
+        ] {
+            assert_eq!(url_host(url), host, "{url}");
+        }
+    }
 }

@@ -19,8 +19,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use flux_tls::rustls::Error as TlsError;
 use flux_tls::rustls::pki_types::ServerName;
-use flux_tls::rustls::{CertificateError, Error as TlsError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -81,38 +81,17 @@ impl Stream {
     }
 }
 
-/// A handshake error over the server's certificate, in words a user can act on; any other
-/// error as it was.
+/// A handshake error over the server's certificate, told as [`flux_tls::explain_refusal`]
+/// does; any other error as it was.
 fn explain_certificate_error(error: io::Error, name: &ServerName<'_>) -> io::Error {
-    let Some(TlsError::InvalidCertificate(reason)) =
-        error.get_ref().and_then(|e| e.downcast_ref::<TlsError>())
-    else {
-        return error;
-    };
-    let problem = match reason {
-        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-            format!(
-                "does not name {} ({reason}): give --url a host the certificate names",
-                name.to_str()
-            )
-        }
-        CertificateError::UnknownIssuer | CertificateError::BadSignature => {
-            format!("is not trusted ({reason})")
-        }
-        // webpki's refusal of a CA's certificate as a server's own (the default of `openssl
-        // req -x509`) reaches rustls as an opaque error.
-        CertificateError::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => {
-            format!("is not trusted ({other}: it is marked as a CA's)")
-        }
-        _ => return error,
-    };
-    io::Error::new(
-        error.kind(),
-        format!(
-            "the server's certificate {problem}; --ca-cert takes a PEM file with the server's \
-             certificate or the CA's that issued it"
-        ),
-    )
+    let explained = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<TlsError>())
+        .and_then(|tls| flux_tls::explain_refusal(tls, &name.to_str()));
+    match explained {
+        Some(message) => io::Error::new(error.kind(), message),
+        None => error,
+    }
 }
 
 impl AsyncRead for Stream {

@@ -6,7 +6,8 @@
 //! file (a private CA, a self-signed certificate), or is one of that file's certificates
 //! exactly (`ChainOrPinned`); there is no way to skip the check. rustls runs on the `ring`
 //! provider the workspace already builds for the NATS client; [`rustls`] is re-exported so
-//! callers build sessions with the very version the configuration is made for.
+//! callers build sessions with the very version the configuration is made for. A handshake
+//! refused over the certificate is told the same way by both ([`explain_refusal`]).
 //!
 //! Invariants: a certificate, chained or pinned, is always checked against the
 //! [`server_name`] of the URL's host (a name or an IP address); handshake signatures are always
@@ -59,6 +60,34 @@ pub fn client_config(ca_cert: Option<&Path>) -> anyhow::Result<rustls::ClientCon
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ChainOrPinned { chains, pinned }))
         .with_no_client_auth())
+}
+
+/// A handshake refused over the server's certificate, in words a user can act on: why (the
+/// rustls reason in parentheses) and what `--ca-cert` takes. `host` is the URL's host. `None`
+/// for a TLS error that is not about the certificate.
+pub fn explain_refusal(error: &rustls::Error, host: &str) -> Option<String> {
+    use rustls::CertificateError;
+    let rustls::Error::InvalidCertificate(reason) = error else {
+        return None;
+    };
+    let problem = match reason {
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            format!(
+                "does not name {host}, so the certificate is not trusted for it ({reason}): give \
+                 the URL a host the certificate names"
+            )
+        }
+        // webpki's refusal of a CA's certificate as a server's own (the default of `openssl
+        // req -x509`) reaches rustls as an opaque error.
+        CertificateError::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => {
+            format!("is not trusted ({other}: it is marked as a CA's)")
+        }
+        _ => format!("is not trusted ({reason})"),
+    };
+    Some(format!(
+        "the server's certificate {problem}; --ca-cert takes a PEM file with the server's \
+         certificate or the CA's that issued it"
+    ))
 }
 
 /// The name certificates are checked against for `host`, a URL's host without its port: a DNS
